@@ -1,0 +1,3 @@
+from tl_cli.cli import main
+
+main()

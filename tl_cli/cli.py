@@ -1,0 +1,86 @@
+"""`tl <command> [overrides]`: dispatch to a Hydra app. No logic lives here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from tl_cli import __version__
+
+COMMANDS = {
+    "train": ("train", "train a head (and optionally the backbone) on your images"),
+    "finetune": ("finetune", "tl train with strategy=finetune: the whole network trains"),
+    "eval": ("eval", "score a checkpoint: tl eval checkpoint=RUN/checkpoints/best.ckpt"),
+}
+
+USAGE = f"""tl {__version__}: transfer learning for image classifiers (Hydra + Lightning)
+
+usage: tl <command> [hydra overrides...]
+
+commands:
+""" + "\n".join(f"  {k:<9} {v[1]}" for k, v in COMMANDS.items()) + """
+
+Every word after the command is a Hydra override (group=option, key=value); Hydra's flags work
+too: --help (config groups and options), --cfg job, -m/--multirun, hydra.run.dir=DIR.
+
+examples:
+  tl train                                    # efficientnet_lite0 + built-in sample, offline
+  tl train dataset=imagefolder dataset.root=~/data/flowers backbone=resnet50
+  tl finetune dataset.root=~/data/flowers dataset=imagefolder trainer.max_epochs=5
+  tl eval checkpoint=outputs/train/<run>/checkpoints/best.ckpt
+  tl train -m optimizer.lr=1e-3,3e-4 strategy=feature_extraction,finetune
+"""
+
+
+def config_dir() -> str:
+    """configs/ ships in the wheel as tl_cli/configs; a source checkout uses the top-level one."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "configs", here.parent / "configs"):
+        if (cand / "train.yaml").is_file():
+            return str(cand)
+    raise SystemExit("tl: error: configs not found (broken install?)")
+
+
+def _task(command: str):
+    from tl_cli.errors import report_errors
+
+    @report_errors
+    def task(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
+        if command == "eval":
+            from tl_cli.evaluate import run
+        else:
+            from tl_cli.train import run
+        run(cfg)
+
+    return task
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = sys.argv[0]
+    if args and args[0] in COMMANDS:
+        command = args.pop(0)
+        os.environ["TL_COMMAND"] = command  # Lightning's DDP launcher re-runs argv[0] + overrides
+    elif os.environ.get("TL_COMMAND") in COMMANDS and "LOCAL_RANK" in os.environ:
+        command = os.environ["TL_COMMAND"]
+    elif not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    elif args[0] in ("-V", "--version"):
+        print(f"tl {__version__}")
+        return
+    else:
+        print(f"tl: error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)} (tl --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    import hydra
+
+    sys.argv = [prog, *args]
+    config_name = COMMANDS[command][0]
+    app = hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(_task(command))
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""`tl eval checkpoint=PATH`: score a checkpoint on its own dataset or any image folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from tl_cli.console import console, fmt, progress, summary_table
+from tl_cli.errors import TLError
+from tl_cli.module import load_module
+
+EVAL_SCHEMA_VERSION = 1
+IMAGEFOLDER = "tl_cli.data.ImageFolderDataModule"
+
+
+def dataset_for(meta: dict[str, Any], cfg: DictConfig) -> tuple[Any, bool]:
+    """The checkpoint's dataset config with the user's overrides; True if root was overridden."""
+    dcfg = dict(meta.get("dataset") or {})
+    over = {k: v for k, v in (OmegaConf.to_container(cfg.dataset) or {}).items() if v is not None}
+    new_root = "root" in over
+    if new_root:
+        keep = ("batch_size", "num_workers", "val_fraction", "split_seed")
+        dcfg = {"_target_": IMAGEFOLDER, **{k: dcfg[k] for k in keep if k in dcfg}}
+    if not dcfg:
+        raise TLError("the checkpoint records no dataset; pass dataset.root=DIR")
+    dcfg.update(over)
+    dcfg["augment"] = "none"
+    try:
+        dm = instantiate(dcfg, _convert_="all")
+    except Exception as e:  # noqa: BLE001
+        cause = e.__cause__ or e
+        if isinstance(cause, TLError):
+            raise cause from None
+        raise TLError(f"dataset: {str(cause).splitlines()[0]}") from None
+    dm.prepare()
+    return dm, new_root
+
+
+def check_classes(expected: list[str], got: list[str], where: str) -> None:
+    if list(expected) != list(got):
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        parts = [f"missing {', '.join(missing)}" if missing else "", f"unknown to the model {', '.join(extra)}" if extra else ""]
+        detail = "; ".join(p for p in parts if p) or "same names in another order"
+        raise TLError(f"{where}: classes differ from the checkpoint's ({detail})")
+
+
+def pick_split(dm: Any, split: str, new_root: bool) -> str:
+    if split != "auto":
+        if not dm.has_split(split):
+            raise TLError(f"split={split}: the dataset has {', '.join(dm.splits)}")
+        return split
+    if dm.has_split("test"):
+        return "test"
+    if new_root and dm.layout.startswith("class folders"):
+        # a plain folder of class folders given for evaluation: score all of it
+        dm.splits["all"] = dm.splits["train"] + dm.splits["val"]
+        return "all"
+    return "val"
+
+
+@torch.inference_mode()
+def predict_logits(module: torch.nn.Module, loader: Any, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    module.to(device).eval()
+    outs, ys = [], []
+    with progress(desc, total=len(loader)) as advance:
+        for x, y in loader:
+            outs.append(module(x.to(device)).float().cpu())
+            ys.append(torch.as_tensor(y))
+            advance()
+    return torch.cat(outs), torch.cat(ys)
+
+
+def score(logits: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    n = len(class_names)
+    m: dict[str, Any] = {
+        "acc": float(multiclass_accuracy(logits, y, n, average="micro")),
+        "macro_f1": float(multiclass_f1_score(logits, y, n, average="macro")),
+        "loss": float(F.cross_entropy(logits, y)),
+        "num_samples": int(y.numel()),
+    }
+    if n >= 5:
+        m["top5_acc"] = float(multiclass_accuracy(logits, y, n, average="micro", top_k=5))
+    prec = multiclass_precision(logits, y, n, average="none")
+    rec = multiclass_recall(logits, y, n, average="none")
+    f1 = multiclass_f1_score(logits, y, n, average="none")
+    support = torch.bincount(y, minlength=n)
+    m["per_class"] = {
+        c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(support[i])}
+        for i, c in enumerate(class_names)
+    }
+    m["confusion_matrix"] = multiclass_confusion_matrix(logits, y, n).tolist()
+    return m
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    if not cfg.get("checkpoint"):
+        raise TLError("checkpoint is required: tl eval checkpoint=RUN/checkpoints/best.ckpt")
+    module, ckpt = load_module(cfg.checkpoint)
+    meta = ckpt["tl"]
+    class_names = list(meta["class_names"])
+    dm, new_root = dataset_for(meta, cfg)
+    check_classes(class_names, dm.class_names, f"dataset {getattr(dm, 'root', dm.name)}")
+    dm.set_preprocessing(meta["preprocessing"])
+    split = pick_split(dm, str(cfg.get("split", "auto")), new_root)
+    loader = dm.make_loader(dm.dataset(split, train_aug=False), shuffle=False)
+    want = str(cfg.get("device", "auto"))
+    device = torch.device("cuda" if want in ("auto", "cuda", "gpu") and torch.cuda.is_available() else "cpu")
+    logits, y = predict_logits(module, loader, device, f"evaluating {split}")
+    metrics = score(logits, y, class_names)
+    result = {
+        "schema_version": EVAL_SCHEMA_VERSION,
+        "checkpoint": str(Path(str(cfg.checkpoint)).resolve()),
+        "dataset": str(getattr(dm, "root", dm.name)),
+        "split": split,
+        "class_names": class_names,
+        **metrics,
+    }
+    out = Path(str(cfg.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    t = Table(title=f"per class ({split}, {metrics['num_samples']} images)", header_style="bold")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for c, r in metrics["per_class"].items():
+        t.add_row(c, fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]), str(r["support"]))
+    console.print(t)
+    summary_table(f"tl eval: {out / 'eval.json'}", result, ["acc", "top5_acc", "macro_f1", "loss", "num_samples"])
+    return result

@@ -1,0 +1,165 @@
+"""`tl train` / `tl finetune`: compose the run, fit, test the best checkpoint, write metrics.json."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tl_cli.backbones import count_params
+from tl_cli.console import EpochLines, History, interactive, say, summary_table
+from tl_cli.errors import TLError
+from tl_cli.module import TransferModule, read_checkpoint
+
+METRICS_SCHEMA_VERSION = 1
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def quiet_lightning() -> None:
+    """Keep the console to what a user needs; everything still goes to the run's log file."""
+    import logging
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pat in (".*does not have many workers.*", ".*The number of training batches.*", ".*LeafSpec.*",
+                ".*`isinstance\\(treespec, LeafSpec\\)`.*", ".*Checkpoint directory .* exists and is not empty.*",
+                ".*module\\(s\\) in eval mode at the start of training.*"):
+        warnings.filterwarnings("ignore", message=pat)
+
+
+def _guard_output(out: Path, cfg: DictConfig) -> None:
+    best = out / "checkpoints" / "best.ckpt"
+    if best.exists() and not cfg.get("overwrite", False):
+        resuming_here = cfg.get("ckpt_path") and Path(str(cfg.ckpt_path)).resolve().parent == best.parent.resolve()
+        if not resuming_here:
+            raise TLError(f"{best} already exists: choose another hydra.run.dir, or pass overwrite=true to replace it")
+
+
+def build(cfg: DictConfig) -> tuple[TransferModule, Any]:
+    """The data module (scanned) and the model, from a composed config."""
+    try:
+        dm = instantiate(cfg.dataset, _convert_="all")
+    except Exception as e:  # noqa: BLE001 - surface the constructor's own message
+        cause = e.__cause__ or e
+        if isinstance(cause, TLError):
+            raise cause from None
+        raise TLError(f"dataset: {str(cause).splitlines()[0]}") from None
+    dm.prepare()
+    module = TransferModule(
+        backbone=_plain(cfg.backbone),
+        head=_plain(cfg.head),
+        strategy=_plain(cfg.strategy),
+        optimizer=_plain(cfg.optimizer),
+        scheduler=_plain(cfg.scheduler),
+        class_names=dm.class_names,
+        image_size=cfg.dataset.get("image_size"),
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+    )
+    module.dataset_config = _plain(cfg.dataset)
+    dm.set_preprocessing(module.preprocessing)
+    return module, dm
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train from a composed config; returns the metrics written to metrics.json."""
+    quiet_lightning()
+    out = Path(str(cfg.output_dir))
+    _guard_output(out, cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        read_checkpoint(ckpt_path)  # clear error for a missing/corrupt/untrusted file before any work
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    module, dm = build(cfg)
+    say(
+        f"[bold]data[/] {dm.describe()}\n"
+        f"[bold]model[/] {module.backbone.name} ({module.backbone.source}, {count_params(module.backbone) / 1e6:.1f}M params, "
+        f"{module.backbone.num_features} features) + {cfg.head.get('_target_', '').rsplit('.', 1)[-1]} head, "
+        f"strategy {module.strategy.name}, input {module.preprocessing['input_size']}px"
+    )
+
+    data: Any = dm
+    t_fit = time.time()
+    if getattr(module.strategy, "cache_features", False) and not module.strategy.backbone_ever_trains:
+        from tl_cli.features import FeatureDataModule
+
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda") else "cpu")
+        module.backbone.to(device)
+        data = FeatureDataModule.from_images(module.backbone, dm, device)
+        module.backbone.cpu()
+
+    history = History()
+    ckpt_dir = out / "checkpoints"
+    checkpoint_cb = pl.callbacks.ModelCheckpoint(
+        dirpath=str(ckpt_dir), filename="best", monitor="val/acc", mode="max",
+        save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    callbacks: list[pl.Callback] = [history, checkpoint_cb]
+    if interactive():
+        callbacks.append(pl.callbacks.RichProgressBar(leave=False))
+    else:
+        callbacks.append(EpochLines(history))
+    logger = pl.loggers.CSVLogger(save_dir=str(out), name="csv", version="")
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out),
+        enable_progress_bar=interactive(), _convert_="all",
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path or None, weights_only=True if ckpt_path else None)
+    fit_seconds = time.time() - t_fit
+    if trainer.interrupted:
+        raise TLError(f"training interrupted; resume with ckpt_path={ckpt_dir / 'last.ckpt'}", exit_code=130)
+
+    metrics = collect_metrics(history, checkpoint_cb, trainer, fit_seconds)
+    if dm.has_split("test"):
+        res = trainer.test(module, datamodule=data, ckpt_path=checkpoint_cb.best_model_path or None, verbose=False, weights_only=True)
+        if res:
+            metrics.update({k: float(v) for k, v in res[0].items()})
+    metrics.update(
+        {
+            "schema_version": METRICS_SCHEMA_VERSION,
+            "backbone": module.backbone.name,
+            "strategy": module.strategy.name,
+            "num_classes": dm.num_classes,
+            "class_names": dm.class_names,
+            "train_size": len(dm.splits["train"]),
+            "val_size": len(dm.splits["val"]),
+            "test_size": len(dm.splits.get("test", [])),
+            "best_checkpoint": str(ckpt_dir / "best.ckpt"),
+        }
+    )
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        summary_table(
+            f"tl {cfg.get('command', 'train')}: {out}",
+            metrics,
+            ["val/acc", "val/loss", "test/acc", "test/macro_f1", "test/loss", "best_epoch", "epochs", "fit_seconds"],
+        )
+        say(f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}")
+    return metrics
+
+
+def collect_metrics(history: History, ckpt: pl.callbacks.ModelCheckpoint, trainer: pl.Trainer, fit_seconds: float) -> dict[str, Any]:
+    rows = [r for r in history.epochs if "val/acc" in r]
+    if not rows:
+        raise TLError("no validation epoch ran (check trainer.max_epochs and trainer.limit_val_batches)")
+    # ModelCheckpoint keeps the first epoch that reached the maximum; match it.
+    best = max(rows, key=lambda r: (r["val/acc"], -r["epoch"]))
+    return {
+        "val/acc": best["val/acc"],
+        "val/loss": best["val/loss"],
+        "best_epoch": int(best["epoch"]) + 1,  # 1-based, as printed
+        "epochs": len(history.epochs),
+        "fit_seconds": round(fit_seconds, 2),
+        "history": history.epochs,
+    }
