@@ -111,6 +111,8 @@ class TransferModule(pl.LightningModule):
                 ps = list(m.parameters(recurse=False))
                 if (ps and not any(p.requires_grad for p in ps)) or (not ps and not live):
                     frozen.append(m)
+                else:
+                    m.train(self.training)  # an unfrozen BN follows the module's mode again
         self._frozen_bn = frozen
         self._fix_bn()
 

@@ -70,8 +70,13 @@ def build(cfg: DictConfig) -> tuple[TransferModule, Any]:
     return module, dm
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train from a composed config; returns the metrics written to metrics.json."""
+def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
+    """Train from a composed config; returns the metrics written to metrics.json.
+
+    Args:
+        cfg: the composed train config.
+        callbacks: extra Lightning callbacks (for programmatic use and tests).
+    """
     quiet_lightning()
     out = Path(str(cfg.output_dir))
     _guard_output(out, cfg)
@@ -104,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dirpath=str(ckpt_dir), filename="best", monitor="val/acc", mode="max",
         save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
     )
-    callbacks: list[pl.Callback] = [history, checkpoint_cb]
+    callbacks = [history, checkpoint_cb, *(callbacks or [])]
     if interactive():
         callbacks.append(pl.callbacks.RichProgressBar(leave=False))
     else:

@@ -1,0 +1,120 @@
+"""Strategy behaviour, observed during real (tiny) training: grads, LRs per group, BatchNorm."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from tl_cli.train import run
+
+
+class Spy(pl.Callback):
+    """Records, at every training batch: LR per param group, which params train, BN modes."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        bns = [m for m in pl_module.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch,
+                "lr": {g["name"]: g["lr"] for g in opt.param_groups},
+                "backbone_grad": {p.requires_grad for p in pl_module.backbone.parameters()},
+                "head_grad": {p.requires_grad for p in pl_module.head.parameters()},
+                "bn_training": {m.training for m in bns},
+                "features_batch": batch[0].ndim == 2,
+            }
+        )
+
+
+def bn_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_feature_extraction_freezes_backbone_and_bn_stats(tiny_cfg, cache):
+    cfg = tiny_cfg("strategy=feature_extraction", f"strategy.cache_features={str(cache).lower()}", "scheduler=none")
+    spy = Spy()
+    from tl_cli import train as train_mod
+
+    built = {}
+    orig_build = train_mod.build
+
+    def capture(c):
+        module, dm = orig_build(c)
+        built["bn"] = bn_state(module.backbone)
+        built["weights"] = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+        built["head"] = {k: v.clone() for k, v in module.head.state_dict().items()}
+        built["module"] = module
+        return module, dm
+
+    train_mod.build = capture
+    try:
+        run(cfg, callbacks=[spy])
+    finally:
+        train_mod.build = orig_build
+    module = built["module"]
+    assert built["bn"], "the tiny backbone must have BatchNorm for this test to mean anything"
+    for k, v in bn_state(module.backbone).items():
+        assert torch.equal(v, built["bn"][k]), f"BN buffer {k} moved"
+    for k, v in module.backbone.state_dict().items():
+        assert torch.equal(v, built["weights"][k]), f"backbone weight {k} changed"
+    assert any(not torch.equal(v, built["head"][k]) for k, v in module.head.state_dict().items())
+    assert spy.rows and all(r["backbone_grad"] == {False} and r["head_grad"] == {True} for r in spy.rows)
+    assert all(set(r["lr"]) == {"head", "head/no_decay"} for r in spy.rows)  # frozen params are not in the optimizer
+    if cache:
+        assert all(r["features_batch"] for r in spy.rows)
+    else:
+        assert all(r["bn_training"] == {False} and not r["features_batch"] for r in spy.rows)
+
+
+def test_finetune_trains_everything_with_lower_backbone_lr(tiny_cfg):
+    spy = Spy()
+    run(tiny_cfg("strategy=finetune", "strategy.backbone_lr_mult=0.1", "optimizer.lr=0.01", "scheduler=none"), callbacks=[spy])
+    for r in spy.rows:
+        assert r["backbone_grad"] == {True} and r["bn_training"] == {True}
+        assert r["lr"]["head"] == pytest.approx(0.01)
+        assert r["lr"]["backbone"] == pytest.approx(0.001)
+        assert r["lr"]["backbone/no_decay"] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("scheduler", ["none", "cosine"])
+def test_freeze_unfreeze_schedule_per_epoch(tiny_cfg, scheduler):
+    spy = Spy()
+    run(
+        tiny_cfg("strategy=freeze_unfreeze", "strategy.unfreeze_at_epoch=1", "strategy.backbone_lr_mult=0.05",
+                 "optimizer.lr=0.02", f"scheduler={scheduler}", "trainer.max_epochs=3"),
+        callbacks=[spy],
+    )
+    epochs = {r["epoch"] for r in spy.rows}
+    assert epochs == {0, 1, 2}
+    for r in spy.rows:
+        head, bb = r["lr"]["head"], r["lr"]["backbone"]
+        assert head > 0
+        if r["epoch"] == 0:
+            assert r["backbone_grad"] == {False} and bb == 0.0
+            assert r["bn_training"] == {False}  # frozen BN normalises with its running stats
+        else:
+            assert r["backbone_grad"] == {True} and r["bn_training"] == {True}
+            assert bb == pytest.approx(head * 0.05)  # the ratio holds at every step of any schedule
+    if scheduler == "none":
+        assert all(r["lr"]["head"] == pytest.approx(0.02) for r in spy.rows)
+    else:
+        heads = [r["lr"]["head"] for r in spy.rows]
+        assert max(heads) <= 0.02 + 1e-12 and heads[-1] < heads[len(heads) // 2]
+
+
+def test_layer_decay_scales_deeper_to_shallower_groups(tiny_cfg):
+    spy = Spy()
+    run(tiny_cfg("strategy=finetune", "strategy.layer_decay=0.5", "strategy.backbone_lr_mult=1.0",
+                 "optimizer.lr=0.01", "scheduler=none", "trainer.max_epochs=1"), callbacks=[spy])
+    lrs = spy.rows[0]["lr"]
+    bb = sorted((int(k.split(".")[1].split("/")[0]), v) for k, v in lrs.items() if k.startswith("backbone.") and "/" not in k)
+    assert len(bb) >= 3
+    top = bb[-1][0]
+    for gi, lr in bb:
+        assert lr == pytest.approx(0.01 * 0.5 ** (top - gi))
