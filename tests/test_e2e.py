@@ -12,8 +12,19 @@ from tl_cli import evaluate, train
 
 from .conftest import TINY, cifar_slice, compose_cfg, make_image_folder, run_tl
 
-METRICS_KEYS = {"val/acc", "val/loss", "test/acc", "test/loss", "test/macro_f1", "best_epoch", "epochs",
-                "fit_seconds", "history", "class_names", "schema_version"}
+METRICS_KEYS = {
+    "val/acc",
+    "val/loss",
+    "test/acc",
+    "test/loss",
+    "test/macro_f1",
+    "best_epoch",
+    "epochs",
+    "fit_seconds",
+    "history",
+    "class_names",
+    "schema_version",
+}
 
 
 def eval_cfg(ckpt: Path, out: Path, *extra: str):
@@ -25,13 +36,22 @@ def eval_cfg(ckpt: Path, out: Path, *extra: str):
 
 @pytest.mark.parametrize("strategy", ["feature_extraction", "finetune", "freeze_unfreeze"])
 def test_train_then_eval_in_process(tiny_cfg, tmp_path, strategy):
-    cfg = tiny_cfg(f"strategy={strategy}", "strategy.cache_features=false" if strategy == "feature_extraction" else "seed=1")
+    cfg = tiny_cfg(
+        f"strategy={strategy}",
+        "strategy.cache_features=false" if strategy == "feature_extraction" else "seed=1",
+    )
     m = train.run(cfg)
     run_dir = Path(cfg.output_dir)
     assert METRICS_KEYS <= set(m)
     on_disk = json.loads((run_dir / "metrics.json").read_text())
-    assert on_disk["val/acc"] == m["val/acc"] and on_disk["epochs"] == 2 and 1 <= on_disk["best_epoch"] <= 2
-    assert (run_dir / "checkpoints/best.ckpt").is_file() and (run_dir / "checkpoints/last.ckpt").is_file()
+    assert (
+        on_disk["val/acc"] == m["val/acc"]
+        and on_disk["epochs"] == 2
+        and 1 <= on_disk["best_epoch"] <= 2
+    )
+    assert (run_dir / "checkpoints/best.ckpt").is_file() and (
+        run_dir / "checkpoints/last.ckpt"
+    ).is_file()
     assert (run_dir / "csv/metrics.csv").is_file()
     # best epoch's val/acc is the max over the history
     assert m["val/acc"] == max(r["val/acc"] for r in m["history"])
@@ -50,7 +70,9 @@ def test_eval_on_another_root_and_class_mismatch(tiny_cfg, tmp_path):
     cfg = tiny_cfg("trainer.max_epochs=1")
     train.run(cfg)
     ckpt = Path(cfg.output_dir) / "checkpoints/best.ckpt"
-    other = make_image_folder(tmp_path / "other", {"": 3}, seed=5)  # bare class folders: score all of it
+    other = make_image_folder(
+        tmp_path / "other", {"": 3}, seed=5
+    )  # bare class folders: score all of it
     res = evaluate.run(eval_cfg(ckpt, tmp_path / "e1", f"dataset.root={other}"))
     assert res["split"] == "all" and res["num_samples"] == 9
     (other / "cat").rename(other / "lynx")
@@ -62,11 +84,20 @@ def test_eval_on_another_root_and_class_mismatch(tiny_cfg, tmp_path):
 
 def test_real_tl_executable_train_and_eval(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    r = run_tl("train", *TINY, f"dataset.root={tiny_data}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    r = run_tl(
+        "train", *TINY, f"dataset.root={tiny_data}", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "val/acc" in r.stdout and "epoch 2/2" in r.stdout  # one plain line per epoch when not a TTY
+    assert (
+        "val/acc" in r.stdout and "epoch 2/2" in r.stdout
+    )  # one plain line per epoch when not a TTY
     assert (run_dir / "metrics.json").is_file() and (run_dir / ".hydra/config.yaml").is_file()
-    r = run_tl("eval", f"checkpoint={run_dir}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    r = run_tl(
+        "eval",
+        f"checkpoint={run_dir}/checkpoints/best.ckpt",
+        f"hydra.run.dir={tmp_path / 'ev'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "ev/eval.json").read_text())["num_samples"] == 12
     assert "macro_f1" in r.stdout
@@ -76,7 +107,12 @@ def test_cli_help_and_cfg(tmp_path):
     r = run_tl("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("train", "finetune", "eval"))
     r = run_tl("train", "--help")
-    assert r.returncode == 0 and "backbone: " in r.stdout and "efficientnet_lite0" in r.stdout and "strategy: " in r.stdout
+    assert (
+        r.returncode == 0
+        and "backbone: " in r.stdout
+        and "efficientnet_lite0" in r.stdout
+        and "strategy: " in r.stdout
+    )
     r = run_tl("finetune", "--cfg", "job")
     assert r.returncode == 0 and "tl_cli.strategies.Finetune" in r.stdout
     r = run_tl("bogus")
@@ -91,7 +127,9 @@ def _one_line_error(r, code: int, *needles: str) -> None:
 
 
 def test_bad_input_exits_with_one_line(tmp_path):
-    r = run_tl("train", *TINY, f"dataset.root={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'r'}")
+    r = run_tl(
+        "train", *TINY, f"dataset.root={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'r'}"
+    )
     _one_line_error(r, 2, "does not exist", str(tmp_path / "nope"))
     root = make_image_folder(tmp_path / "one", {"": 3})
     for cls in ("dog", "fox"):
@@ -107,8 +145,13 @@ def test_bad_input_exits_with_one_line(tmp_path):
 
 
 def test_full_traceback_with_hydra_full_error(tmp_path):
-    r = run_tl("train", *TINY, f"dataset.root={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'r'}",
-               env={"HYDRA_FULL_ERROR": "1"})
+    r = run_tl(
+        "train",
+        *TINY,
+        f"dataset.root={tmp_path / 'nope'}",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        env={"HYDRA_FULL_ERROR": "1"},
+    )
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
@@ -120,8 +163,17 @@ def test_real_weights_feature_extraction_on_cifar(tmp_path):
     features. Measured test/acc 0.68 (chance 0.10); the threshold leaves a margin for seeds.
     """
     root = cifar_slice(tmp_path / "cifar", 30, 20)
-    cfg = compose_cfg(["dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=96", "dataset.num_workers=0",
-                       "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=15"])
+    cfg = compose_cfg(
+        [
+            "dataset=imagefolder",
+            f"dataset.root={root}",
+            "dataset.image_size=96",
+            "dataset.num_workers=0",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.max_epochs=15",
+        ]
+    )
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "run")
     m = train.run(cfg)

@@ -22,6 +22,8 @@ class Spy(pl.Callback):
         self.rows.append(
             {
                 "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "n_groups": len(opt.param_groups),
                 "lr": {g["name"]: g["lr"] for g in opt.param_groups},
                 "backbone_grad": {p.requires_grad for p in pl_module.backbone.parameters()},
                 "head_grad": {p.requires_grad for p in pl_module.head.parameters()},
@@ -32,12 +34,20 @@ class Spy(pl.Callback):
 
 
 def bn_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
+    return {
+        k: v.clone()
+        for k, v in module.state_dict().items()
+        if "running_" in k or "num_batches" in k
+    }
 
 
 @pytest.mark.parametrize("cache", [False, True])
 def test_feature_extraction_freezes_backbone_and_bn_stats(tiny_cfg, cache):
-    cfg = tiny_cfg("strategy=feature_extraction", f"strategy.cache_features={str(cache).lower()}", "scheduler=none")
+    cfg = tiny_cfg(
+        "strategy=feature_extraction",
+        f"strategy.cache_features={str(cache).lower()}",
+        "scheduler=none",
+    )
     spy = Spy()
     from tl_cli import train as train_mod
 
@@ -64,8 +74,12 @@ def test_feature_extraction_freezes_backbone_and_bn_stats(tiny_cfg, cache):
     for k, v in module.backbone.state_dict().items():
         assert torch.equal(v, built["weights"][k]), f"backbone weight {k} changed"
     assert any(not torch.equal(v, built["head"][k]) for k, v in module.head.state_dict().items())
-    assert spy.rows and all(r["backbone_grad"] == {False} and r["head_grad"] == {True} for r in spy.rows)
-    assert all(set(r["lr"]) == {"head", "head/no_decay"} for r in spy.rows)  # frozen params are not in the optimizer
+    assert spy.rows and all(
+        r["backbone_grad"] == {False} and r["head_grad"] == {True} for r in spy.rows
+    )
+    assert all(
+        set(r["lr"]) == {"head", "head/no_decay"} for r in spy.rows
+    )  # frozen params are not in the optimizer
     if cache:
         assert all(r["features_batch"] for r in spy.rows)
     else:
@@ -74,7 +88,15 @@ def test_feature_extraction_freezes_backbone_and_bn_stats(tiny_cfg, cache):
 
 def test_finetune_trains_everything_with_lower_backbone_lr(tiny_cfg):
     spy = Spy()
-    run(tiny_cfg("strategy=finetune", "strategy.backbone_lr_mult=0.1", "optimizer.lr=0.01", "scheduler=none"), callbacks=[spy])
+    run(
+        tiny_cfg(
+            "strategy=finetune",
+            "strategy.backbone_lr_mult=0.1",
+            "optimizer.lr=0.01",
+            "scheduler=none",
+        ),
+        callbacks=[spy],
+    )
     for r in spy.rows:
         assert r["backbone_grad"] == {True} and r["bn_training"] == {True}
         assert r["lr"]["head"] == pytest.approx(0.01)
@@ -86,8 +108,14 @@ def test_finetune_trains_everything_with_lower_backbone_lr(tiny_cfg):
 def test_freeze_unfreeze_schedule_per_epoch(tiny_cfg, scheduler):
     spy = Spy()
     run(
-        tiny_cfg("strategy=freeze_unfreeze", "strategy.unfreeze_at_epoch=1", "strategy.backbone_lr_mult=0.05",
-                 "optimizer.lr=0.02", f"scheduler={scheduler}", "trainer.max_epochs=3"),
+        tiny_cfg(
+            "strategy=freeze_unfreeze",
+            "strategy.unfreeze_at_epoch=1",
+            "strategy.backbone_lr_mult=0.05",
+            "optimizer.lr=0.02",
+            f"scheduler={scheduler}",
+            "trainer.max_epochs=3",
+        ),
         callbacks=[spy],
     )
     epochs = {r["epoch"] for r in spy.rows}
@@ -110,11 +138,84 @@ def test_freeze_unfreeze_schedule_per_epoch(tiny_cfg, scheduler):
 
 def test_layer_decay_scales_deeper_to_shallower_groups(tiny_cfg):
     spy = Spy()
-    run(tiny_cfg("strategy=finetune", "strategy.layer_decay=0.5", "strategy.backbone_lr_mult=1.0",
-                 "optimizer.lr=0.01", "scheduler=none", "trainer.max_epochs=1"), callbacks=[spy])
+    run(
+        tiny_cfg(
+            "strategy=finetune",
+            "strategy.layer_decay=0.5",
+            "strategy.backbone_lr_mult=1.0",
+            "optimizer.lr=0.01",
+            "scheduler=none",
+            "trainer.max_epochs=1",
+        ),
+        callbacks=[spy],
+    )
     lrs = spy.rows[0]["lr"]
-    bb = sorted((int(k.split(".")[1].split("/")[0]), v) for k, v in lrs.items() if k.startswith("backbone.") and "/" not in k)
+    bb = sorted(
+        (int(k.split(".")[1].split("/")[0]), v)
+        for k, v in lrs.items()
+        if k.startswith("backbone.") and "/" not in k
+    )
     assert len(bb) >= 3
     top = bb[-1][0]
     for gi, lr in bb:
         assert lr == pytest.approx(0.01 * 0.5 ** (top - gi))
+
+
+def test_gradual_unfreeze_plan_is_top_down_in_chunks():
+    from tl_cli.strategies import GradualUnfreeze
+
+    plans = GradualUnfreeze(milestones=[1, 2, 3]).group_plans(18)
+    assert [p.unfreeze_epoch for p in plans] == [3] * 6 + [2] * 6 + [
+        1
+    ] * 6  # stem first, deepest last
+    assert [p.unfreeze_epoch for p in GradualUnfreeze(milestones=[2, 5]).group_plans(3)] == [
+        5,
+        2,
+        2,
+    ]
+    with pytest.raises(ValueError, match="milestones"):
+        GradualUnfreeze(milestones=[3, 1])
+
+
+def test_gradual_unfreeze_during_training(tiny_cfg):
+    spy = Spy()
+    captured = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                groups = pl_module.backbone.block_groups()
+                params = dict(pl_module.backbone.named_parameters())
+                captured[trainer.current_epoch] = [
+                    all(params[n].requires_grad for n in g) for g in groups
+                ]
+
+    run(
+        tiny_cfg(
+            "strategy=gradual_unfreeze",
+            "strategy.milestones=[1,2]",
+            "scheduler=none",
+            "trainer.max_epochs=3",
+            "optimizer.lr=0.01",
+        ),
+        callbacks=[spy, Probe()],
+    )
+    n = len(captured[0])
+    assert captured[0] == [False] * n
+    assert captured[1][-1] and not captured[1][0]  # deepest group first, stem still frozen
+    assert captured[2] == [True] * n
+    names = set(spy.rows[0]["lr"])
+    assert {"head", "backbone@e1", "backbone@e2"} <= names
+    for r in spy.rows:
+        assert (r["lr"]["backbone@e1"] > 0) == (r["epoch"] >= 1)
+        assert (r["lr"]["backbone@e2"] > 0) == (r["epoch"] >= 2)
+
+
+def test_l2sp_penalises_distance_from_pretrained_instead_of_decay(tiny_cfg):
+    spy = Spy()
+    m = run(
+        tiny_cfg("strategy=finetune", "strategy.l2sp_alpha=0.01", "scheduler=none"), callbacks=[spy]
+    )
+    # backbone groups carry no weight decay; the penalty was logged and is positive once weights move
+    assert "backbone/no_decay" in spy.rows[0]["lr"] and "backbone" not in spy.rows[0]["lr"]
+    assert m["history"][-1].get("train/l2sp", 0) > 0

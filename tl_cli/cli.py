@@ -12,14 +12,29 @@ COMMANDS = {
     "train": ("train", "train a head (and optionally the backbone) on your images"),
     "finetune": ("finetune", "tl train with strategy=finetune: the whole network trains"),
     "eval": ("eval", "score a checkpoint: tl eval checkpoint=RUN/checkpoints/best.ckpt"),
+    "predict": (
+        "predict",
+        "label images: tl predict checkpoint=CKPT inputs=DIR|FILE|GLOB output=preds.csv",
+    ),
+    "export": (
+        "export",
+        "write ONNX / TorchScript / safetensors + a JSON sidecar: tl export checkpoint=CKPT format=onnx",
+    ),
+    "backbones": (
+        None,
+        "list backbones (name, source, params, size, offline weights): tl backbones [filter]",
+    ),
 }
 
-USAGE = f"""tl {__version__}: transfer learning for image classifiers (Hydra + Lightning)
+USAGE = (
+    f"""tl {__version__}: transfer learning for image classifiers (Hydra + Lightning)
 
 usage: tl <command> [hydra overrides...]
 
 commands:
-""" + "\n".join(f"  {k:<9} {v[1]}" for k, v in COMMANDS.items()) + """
+"""
+    + "\n".join(f"  {k:<9} {v[1]}" for k, v in COMMANDS.items())
+    + """
 
 Every word after the command is a Hydra override (group=option, key=value); Hydra's flags work
 too: --help (config groups and options), --cfg job, -m/--multirun, hydra.run.dir=DIR.
@@ -28,9 +43,13 @@ examples:
   tl train                                    # efficientnet_lite0 + built-in sample, offline
   tl train dataset=imagefolder dataset.root=~/data/flowers backbone=resnet50
   tl finetune dataset.root=~/data/flowers dataset=imagefolder trainer.max_epochs=5
-  tl eval checkpoint=outputs/train/<run>/checkpoints/best.ckpt
+  tl eval checkpoint=outputs/train/<run>/checkpoints/best.ckpt fail_under.acc=0.9
   tl train -m optimizer.lr=1e-3,3e-4 strategy=feature_extraction,finetune
+  tl predict checkpoint=RUN/checkpoints/best.ckpt inputs='photos/*.jpg' output=preds.csv topk=3
+  tl export checkpoint=RUN/checkpoints/best.ckpt format=onnx output=model.onnx
+  tl backbones resnet
 """
+)
 
 
 def config_dir() -> str:
@@ -38,20 +57,27 @@ def config_dir() -> str:
     here = Path(__file__).resolve().parent
     for cand in (here / "configs", here.parent / "configs"):
         if (cand / "train.yaml").is_file():
+            from tl_cli.gates import register_configs
+
+            register_configs()  # open fail_under/fail_over dicts (configs list them in defaults)
             return str(cand)
     raise SystemExit("tl: error: configs not found (broken install?)")
 
 
 def _task(command: str):
+    import importlib
+
     from tl_cli.errors import report_errors
+    from tl_cli.sweep import keep_sweeping, objective
 
     @report_errors
+    @keep_sweeping  # multirun: a failed job is recorded and the sweep goes on
     def task(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
-        if command == "eval":
-            from tl_cli.evaluate import run
-        else:
-            from tl_cli.train import run
-        run(cfg)
+        module = {"eval": "evaluate", "predict": "predict", "export": "export"}.get(
+            command, "train"
+        )
+        run = importlib.import_module(f"tl_cli.{module}").run
+        return objective(cfg, run(cfg))  # a float only for sweepers (optimized_metric set)
 
     return task
 
@@ -59,6 +85,10 @@ def _task(command: str):
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     prog = sys.argv[0]
+    if args and args[0] == "backbones":  # a plain command, no Hydra
+        from tl_cli.listing import main as list_backbones
+
+        raise SystemExit(list_backbones(args[1:]))
     if args and args[0] in COMMANDS:
         command = args.pop(0)
         os.environ["TL_COMMAND"] = command  # Lightning's DDP launcher re-runs argv[0] + overrides
@@ -71,14 +101,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tl {__version__}")
         return
     else:
-        print(f"tl: error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)} (tl --help)", file=sys.stderr)
+        print(
+            f"tl: error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)} (tl --help)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
+    from tl_cli.sweep import check_search_args
+
+    check_search_args(args)  # hparams_search=optuna: -m and the plugin, or one clear line
     import hydra
 
     sys.argv = [prog, *args]
     config_name = COMMANDS[command][0]
-    app = hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(_task(command))
+    app = hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(
+        _task(command)
+    )
     app()
 
 

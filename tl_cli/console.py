@@ -23,7 +23,9 @@ def interactive() -> bool:
 
 
 def rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    return (
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
 
 
 def say(msg: str) -> None:
@@ -35,9 +37,22 @@ def say(msg: str) -> None:
 def progress(desc: str, total: int) -> Iterator[Callable[[], None]]:
     """Yield an ``advance()`` callable: a rich bar on a terminal, start/end lines otherwise."""
     if interactive() and rank_zero():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as p:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as p:
             task = p.add_task(desc, total=total)
             yield lambda: p.advance(task)
         return
@@ -58,6 +73,9 @@ class History(pl.Callback):
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
         self._t0 = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.time()  # a resume can start mid-epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.time()
@@ -88,7 +106,11 @@ class EpochLines(pl.Callback):
             return
         row = self.history.epochs[-1]
         parts = [f"epoch {int(row['epoch']) + 1}/{trainer.max_epochs}"]
-        parts += [f"{k} {row[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row]
+        parts += [
+            f"{k} {row[k]:.4f}"
+            for k in ("train/loss", "train/acc", "val/loss", "val/acc")
+            if k in row
+        ]
         parts.append(f"{row['seconds']:.1f}s")
         console.print("  ".join(parts))
 

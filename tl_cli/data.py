@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from tl_cli.errors import TLError
+from tl_cli.scan import check_split_depth, drop_corrupt, open_image
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"
@@ -38,8 +39,12 @@ def default_num_workers() -> int:
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open any still image as RGB, applying its EXIF orientation."""
-    with Image.open(path) as im:
+    """Open any still image as RGB, applying its EXIF orientation.
+
+    Decompression-bomb-sized images (over PIL's ``MAX_IMAGE_PIXELS``) and unreadable files raise
+    a TLError naming the file.
+    """
+    with open_image(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit / 32-bit integer greyscale: scale to 8 bits instead of clipping at 255
@@ -87,7 +92,9 @@ def eval_transform(prep: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor
     )
 
 
-def train_transform(prep: dict[str, Any], augment: str = "light") -> Callable[[Image.Image], torch.Tensor]:
+def train_transform(
+    prep: dict[str, Any], augment: str = "light"
+) -> Callable[[Image.Image], torch.Tensor]:
     """Light augmentation: a mild random-resized crop and a horizontal flip.
 
     Transfer learning keeps augmentation gentle: the pretrained features already encode
@@ -100,7 +107,9 @@ def train_transform(prep: dict[str, Any], augment: str = "light") -> Callable[[I
     size = int(prep["input_size"])
     return T.Compose(
         [
-            T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=_interp(prep["interpolation"])),
+            T.RandomResizedCrop(
+                size, scale=(0.5, 1.0), interpolation=_interp(prep["interpolation"])
+            ),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(prep["mean"], prep["std"]),
@@ -114,7 +123,12 @@ def train_transform(prep: dict[str, Any], augment: str = "light") -> Callable[[I
 class ImageListDataset(Dataset):
     """``(item, label)`` pairs, an item loader and a transform."""
 
-    def __init__(self, items: Sequence[tuple[Any, int]], loader: Callable[[Any], Image.Image], transform: Callable | None) -> None:
+    def __init__(
+        self,
+        items: Sequence[tuple[Any, int]],
+        loader: Callable[[Any], Image.Image],
+        transform: Callable | None,
+    ) -> None:
         self.items = list(items)
         self.loader = loader
         self.transform = transform
@@ -126,6 +140,30 @@ class ImageListDataset(Dataset):
         item, label = self.items[i]
         img = self.loader(item)
         return (self.transform(img) if self.transform else img), label
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A shuffle that is a pure function of (seed, epoch).
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed at epoch e sees exactly the
+    batches the uninterrupted run saw (the default sampler draws from the global RNG, which a
+    resume does not restore). The seed is torch's initial seed, i.e. the run's ``seed``.
+    """
+
+    def __init__(self, n: int, seed: int | None = None) -> None:
+        self.n = n
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class _ArrayLoader:
@@ -264,7 +302,11 @@ class TransferDataModule(pl.LightningDataModule):
         if split not in self.splits:
             raise TLError(f"dataset has no {split!r} split (available: {', '.join(self.splits)})")
         aug = split == "train" if train_aug is None else train_aug
-        tf = train_transform(self.preprocessing, self.augment) if aug else eval_transform(self.preprocessing)
+        tf = (
+            train_transform(self.preprocessing, self.augment)
+            if aug
+            else eval_transform(self.preprocessing)
+        )
         return ImageListDataset(self.splits[split], self.loader, tf)
 
     def make_loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
@@ -272,7 +314,7 @@ class TransferDataModule(pl.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(n) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -307,13 +349,24 @@ class ImageFolderDataModule(TransferDataModule):
 
     name = "imagefolder"
 
-    def __init__(self, root: str | None = None, **kw: Any) -> None:
+    def __init__(self, root: str | None = None, skip_corrupt: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
         self.root = root
+        # unreadable images: fail before training (default), or skip them with a warning
+        self.skip_corrupt = bool(skip_corrupt)
+        self.skipped_corrupt: list[Any] = []  # tl_cli.scan.BadImage, for metrics.json
+
+    def _folders(self, split_dir: Path) -> dict[str, list[Path]]:
+        """``scan_class_folders`` + the corrupt-image scan (tl_cli.scan)."""
+        found, bad = drop_corrupt(scan_class_folders(split_dir), split_dir, self.skip_corrupt)
+        self.skipped_corrupt.extend(bad)
+        return found
 
     def _scan(self) -> None:
         if not self.root:
-            raise TLError("dataset.root is not set: pass dataset.root=DIR (a folder of class folders)")
+            raise TLError(
+                "dataset.root is not set: pass dataset.root=DIR (a folder of class folders)"
+            )
         root = Path(os.path.expanduser(str(self.root)))
         if not root.exists():
             raise TLError(f"dataset.root={root} does not exist")
@@ -321,23 +374,30 @@ class ImageFolderDataModule(TransferDataModule):
             raise TLError(f"dataset.root={root} is not a directory")
         sub = {d.name for d in _class_dirs(root)}
         if "train" in sub:
-            train = scan_class_folders(root / "train")
+            train = self._folders(root / "train")
             classes = sorted(train)
             splits: dict[str, list[tuple[Any, int]]] = {"train": _items(train, classes)}
             for s in ("val", "test"):
                 if s in sub:
-                    found = scan_class_folders(root / s)
+                    found = self._folders(root / s)
                     _check_same_classes(classes, sorted(found), root / s, root / "train")
                     splits[s] = _items(found, classes)
             if "val" not in splits:
-                splits["train"], splits["val"] = self._carve(splits["train"], classes, root / "train")
-                self.layout = "train/ + test/, val carved from train" if "test" in splits else "train/ only, val carved"
+                splits["train"], splits["val"] = self._carve(
+                    splits["train"], classes, root / "train"
+                )
+                self.layout = (
+                    "train/ + test/, val carved from train"
+                    if "test" in splits
+                    else "train/ only, val carved"
+                )
             else:
                 self.layout = "train/ + val/" + (" + test/" if "test" in splits else "")
             # keep a stable order: train, val, test
             splits = {k: splits[k] for k in ("train", "val", "test") if k in splits}
         else:
-            found = scan_class_folders(root)
+            check_split_depth(root, sub)  # root/training/<class>/...: images one level too deep
+            found = self._folders(root)
             classes = sorted(found)
             tr, va = self._carve(_items(found, classes), classes, root)
             splits = {"train": tr, "val": va}
@@ -346,7 +406,9 @@ class ImageFolderDataModule(TransferDataModule):
         self.splits = splits
 
     def _carve(self, items: list[tuple[Any, int]], classes: list[str], where: Path):
-        keep, held = stratified_split([y for _, y in items], self.val_fraction, self.split_seed, classes, str(where))
+        keep, held = stratified_split(
+            [y for _, y in items], self.val_fraction, self.split_seed, classes, str(where)
+        )
         return [items[i] for i in keep], [items[i] for i in held]
 
 
@@ -383,9 +445,18 @@ class SampleDataModule(ImageFolderDataModule):
 class TorchvisionDataModule(TransferDataModule):
     """CIFAR-10 / CIFAR-100 from torchvision (downloaded to ``root`` when missing)."""
 
-    SETS = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python")}
+    SETS = {
+        "cifar10": ("CIFAR10", "cifar-10-batches-py"),
+        "cifar100": ("CIFAR100", "cifar-100-python"),
+    }
 
-    def __init__(self, name: str = "cifar10", root: str = "~/.cache/tl/datasets", download: bool = True, **kw: Any) -> None:
+    def __init__(
+        self,
+        name: str = "cifar10",
+        root: str = "~/.cache/tl/datasets",
+        download: bool = True,
+        **kw: Any,
+    ) -> None:
         super().__init__(**kw)
         if name not in self.SETS:
             raise TLError(f"dataset.name={name!r} must be one of {', '.join(self.SETS)}")
@@ -401,7 +472,9 @@ class TorchvisionDataModule(TransferDataModule):
         cls = getattr(torchvision.datasets, cls_name)
         if not (root / folder).is_dir():
             if not self.download:
-                raise TLError(f"{self.name} not found at {root / folder} and dataset.download=false")
+                raise TLError(
+                    f"{self.name} not found at {root / folder} and dataset.download=false"
+                )
             from tl_cli.backbones import _probe
 
             reason = _probe("https://www.cs.toronto.edu")
@@ -416,10 +489,14 @@ class TorchvisionDataModule(TransferDataModule):
                 train = cls(str(root), train=True, download=self.download)
                 test = cls(str(root), train=False, download=self.download)
         except (OSError, RuntimeError) as e:
-            raise TLError(f"cannot load {self.name} from {root}: {str(e).splitlines()[0]}") from None
+            raise TLError(
+                f"cannot load {self.name} from {root}: {str(e).splitlines()[0]}"
+            ) from None
         self.class_names = list(train.classes)
         items = [(i, int(y)) for i, y in enumerate(train.targets)]
-        keep, held = stratified_split([y for _, y in items], self.val_fraction, self.split_seed, self.class_names, str(root))
+        keep, held = stratified_split(
+            [y for _, y in items], self.val_fraction, self.split_seed, self.class_names, str(root)
+        )
         # train/val index the train array, test indexes the test array: two loaders
         self._train_loader, self._test_loader = _ArrayLoader(train.data), _ArrayLoader(test.data)
         self.splits = {

@@ -19,9 +19,11 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from tl_cli import gates as tl_gates
 from tl_cli.console import console, fmt, progress, summary_table
 from tl_cli.errors import TLError
 from tl_cli.module import load_module
+from tl_cli.report import eval_report
 
 EVAL_SCHEMA_VERSION = 1
 IMAGEFOLDER = "tl_cli.data.ImageFolderDataModule"
@@ -54,7 +56,10 @@ def check_classes(expected: list[str], got: list[str], where: str) -> None:
     if list(expected) != list(got):
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
-        parts = [f"missing {', '.join(missing)}" if missing else "", f"unknown to the model {', '.join(extra)}" if extra else ""]
+        parts = [
+            f"missing {', '.join(missing)}" if missing else "",
+            f"unknown to the model {', '.join(extra)}" if extra else "",
+        ]
         detail = "; ".join(p for p in parts if p) or "same names in another order"
         raise TLError(f"{where}: classes differ from the checkpoint's ({detail})")
 
@@ -74,7 +79,9 @@ def pick_split(dm: Any, split: str, new_root: bool) -> str:
 
 
 @torch.inference_mode()
-def predict_logits(module: torch.nn.Module, loader: Any, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    module: torch.nn.Module, loader: Any, device: torch.device, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     module.to(device).eval()
     outs, ys = [], []
     with progress(desc, total=len(loader)) as advance:
@@ -100,7 +107,12 @@ def score(logits: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict
     f1 = multiclass_f1_score(logits, y, n, average="none")
     support = torch.bincount(y, minlength=n)
     m["per_class"] = {
-        c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(support[i])}
+        c: {
+            "precision": float(prec[i]),
+            "recall": float(rec[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
         for i, c in enumerate(class_names)
     }
     m["confusion_matrix"] = multiclass_confusion_matrix(logits, y, n).tolist()
@@ -110,6 +122,7 @@ def score(logits: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict
 def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("checkpoint"):
         raise TLError("checkpoint is required: tl eval checkpoint=RUN/checkpoints/best.ckpt")
+    gates = tl_gates.parse(cfg)  # fail_under.* / fail_over.*: a bad value fails before any work
     module, ckpt = load_module(cfg.checkpoint)
     meta = ckpt["tl"]
     class_names = list(meta["class_names"])
@@ -119,7 +132,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     split = pick_split(dm, str(cfg.get("split", "auto")), new_root)
     loader = dm.make_loader(dm.dataset(split, train_aug=False), shuffle=False)
     want = str(cfg.get("device", "auto"))
-    device = torch.device("cuda" if want in ("auto", "cuda", "gpu") and torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        "cuda" if want in ("auto", "cuda", "gpu") and torch.cuda.is_available() else "cpu"
+    )
     logits, y = predict_logits(module, loader, device, f"evaluating {split}")
     metrics = score(logits, y, class_names)
     result = {
@@ -130,14 +145,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "class_names": class_names,
         **metrics,
     }
+    result["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, result, "eval")]
     out = Path(str(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    eval_report(
+        out, result, normalize=bool(cfg.get("confusion_normalize", True))
+    )  # confusion_matrix.png, report.md
     t = Table(title=f"per class ({split}, {metrics['num_samples']} images)", header_style="bold")
     for col in ("class", "precision", "recall", "f1", "support"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for c, r in metrics["per_class"].items():
         t.add_row(c, fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]), str(r["support"]))
     console.print(t)
-    summary_table(f"tl eval: {out / 'eval.json'}", result, ["acc", "top5_acc", "macro_f1", "loss", "num_samples"])
+    summary_table(
+        f"tl eval: {out / 'eval.json'}",
+        result,
+        ["acc", "top5_acc", "macro_f1", "loss", "num_samples"],
+    )
+    tl_gates.print_gates(gates)
+    tl_gates.enforce(
+        gates, str(out / "eval.json")
+    )  # exit 1 on a failed gate, after the outputs exist
     return result

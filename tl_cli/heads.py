@@ -18,7 +18,12 @@ class MLPHead(nn.Sequential):
     """Linear -> norm -> GELU -> dropout -> linear; more capacity when features are far from the task."""
 
     def __init__(
-        self, in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.2, norm: bool = True
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: int = 512,
+        dropout: float = 0.2,
+        norm: bool = True,
     ) -> None:
         super().__init__(
             nn.Linear(in_features, hidden),

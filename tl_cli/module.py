@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from tl_cli import __version__
 from tl_cli.data import effective_preprocessing
 from tl_cli.errors import TLError
-from tl_cli.schedulers import gated, shape_fn
+from tl_cli.schedulers import PlateauState, gated, shape_fn
 from tl_cli.strategies import TransferStrategy
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
@@ -55,7 +53,9 @@ class TransferModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["pretrained"])
         self.class_names = list(class_names)
         self.backbone = instantiate(backbone, pretrained=pretrained, _convert_="all")
-        self.head = instantiate(head, in_features=self.backbone.num_features, num_classes=len(class_names))
+        self.head = instantiate(
+            head, in_features=self.backbone.num_features, num_classes=len(class_names)
+        )
         try:
             self.strategy: TransferStrategy = instantiate(strategy, _convert_="all")
         except Exception as e:  # Hydra wraps constructor errors
@@ -64,6 +64,20 @@ class TransferModule(pl.LightningModule):
         self.label_smoothing = float(label_smoothing)
         self._plan = self._param_plan()
         self._frozen_bn: list[nn.Module] = []
+        sched = dict(scheduler)
+        self.plateau = (
+            PlateauState(
+                **{k: sched[k] for k in ("mode", "factor", "patience", "threshold") if k in sched}
+            )
+            if sched.get("name") == "plateau"
+            else None
+        )
+        # L2-SP: the pretrained starting point, kept out of the state dict (it is the init itself)
+        self._l2sp_ref: dict[str, torch.Tensor] = (
+            {n: p.detach().clone() for n, p in self.backbone.named_parameters()}
+            if self.strategy.l2sp_alpha > 0
+            else {}
+        )
         n = len(class_names)
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_acc = MulticlassAccuracy(n, average="micro")
@@ -134,6 +148,31 @@ class TransferModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.apply_plan(self.current_epoch)
 
+    # ------------------------------------------------------------------ DDP
+    def on_fit_start(self) -> None:
+        # DDP registers for gradient all-reduce only the params that required grad when it wrapped
+        # the model (in strategy.setup, after setup("fit") applied epoch 0's plan). Params unfrozen
+        # later are never synced by DDP and the ranks silently drift apart (Lightning #20340).
+        # We remember DDP's set and all-reduce the others ourselves in on_after_backward.
+        self._ddp_registered: set[str] | None = None
+        if (
+            self.trainer.world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
+            self._ddp_registered = {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_after_backward(self) -> None:
+        if not getattr(self, "_ddp_registered", None):
+            return
+        late = [
+            p
+            for n, p in self.named_parameters()
+            if p.requires_grad and p.grad is not None and n not in self._ddp_registered
+        ]
+        if late:
+            sync_grads(late)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -146,6 +185,10 @@ class TransferModule(pl.LightningModule):
         x, y = batch
         out = self.logits(x)
         loss = F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+        if self._l2sp_ref:
+            penalty = self.l2sp_penalty()
+            self.log("train/l2sp", penalty, on_step=False, on_epoch=True)
+            loss = loss + self.strategy.l2sp_alpha * penalty
         self.train_acc(out, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -157,6 +200,26 @@ class TransferModule(pl.LightningModule):
         self.val_acc(out, y)
         self.log("val/loss", F.cross_entropy(out, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def l2sp_penalty(self) -> torch.Tensor:
+        """Squared distance of the training backbone weights from the pretrained ones."""
+        total = torch.zeros((), device=self.device)
+        for n, p in self.backbone.named_parameters():
+            if p.requires_grad:
+                ref = self._l2sp_ref[n]
+                if ref.device != p.device:
+                    ref = self._l2sp_ref[n] = ref.to(p.device)
+                total = total + (p - ref).pow(2).sum()
+        return total
+
+    def on_validation_epoch_end(self) -> None:
+        if self.plateau is not None and not self.trainer.sanity_checking:
+            monitor = dict(self.hparams.scheduler).get("monitor", "val/loss")
+            if monitor not in self.trainer.callback_metrics:
+                raise TLError(
+                    f"scheduler.monitor={monitor!r} is not a logged metric (try val/loss or val/acc)"
+                )
+            self.plateau.update(float(self.trainer.callback_metrics[monitor]))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
@@ -172,10 +235,23 @@ class TransferModule(pl.LightningModule):
         """Optimizer groups keyed by (unfreeze epoch, LR multiplier, decay); never-trained params are left out."""
         buckets: dict[tuple, dict[str, Any]] = {}
         params = dict(self.named_parameters())
+        # backbone groups that join at different epochs get the epoch in their name (backbone@e2)
+        staged = (
+            len(
+                {
+                    ue
+                    for n, (ue, _, _) in self._plan.items()
+                    if n.startswith("backbone.") and ue is not None
+                }
+            )
+            > 1
+        )
         for n, (ue, mult, label) in self._plan.items():
             if ue is None:
                 continue
             decay = params[n].ndim > _NO_DECAY_NDIM
+            if self._l2sp_ref and n.startswith("backbone."):
+                decay = False  # L2-SP replaces weight decay on the backbone
             key = (ue, mult, decay, label if self.strategy.layer_decay else label.split(".")[0])
             b = buckets.setdefault(
                 key,
@@ -183,7 +259,9 @@ class TransferModule(pl.LightningModule):
                     "params": [],
                     "lr": base_lr * mult,
                     "weight_decay": weight_decay if decay else 0.0,
-                    "name": key[3] + ("" if decay else "/no_decay"),
+                    "name": key[3]
+                    + (f"@e{ue}" if staged and key[3].startswith("backbone") else "")
+                    + ("" if decay else "/no_decay"),
                     "unfreeze_epoch": ue,
                     "lr_mult": mult,
                 },
@@ -205,10 +283,16 @@ class TransferModule(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, int(self.trainer.max_epochs or 1))
         spe = max(1, total // epochs)
-        shape = shape_fn(dict(self.hparams.scheduler), total, spe)
-        lambdas = [gated(shape, g["unfreeze_epoch"], spe) for g in optimizer.param_groups]
+        shape = shape_fn({**dict(self.hparams.scheduler), "_state": self.plateau}, total, spe)
+        lambdas = [
+            gated(shape, g["unfreeze_epoch"], spe, self.strategy.phase_mult)
+            for g in optimizer.param_groups
+        ]
         scheduler = LambdaLR(optimizer, lambdas)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -220,6 +304,25 @@ class TransferModule(pl.LightningModule):
             "strategy": self.strategy.name,
             "dataset": getattr(self, "dataset_config", None),
         }
+        if self.plateau is not None:
+            checkpoint["tl_plateau"] = self.plateau.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.plateau is not None and "tl_plateau" in checkpoint:
+            self.plateau.load_state_dict(checkpoint["tl_plateau"])
+
+
+def sync_grads(params: list[torch.Tensor]) -> None:
+    """Average the gradients of `params` over all ranks in one flat all-reduce."""
+    world = torch.distributed.get_world_size()
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    i = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[i : i + n].view_as(p.grad))
+        i += n
 
 
 def _root_cause(e: BaseException) -> str:
@@ -229,25 +332,11 @@ def _root_cause(e: BaseException) -> str:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a tl checkpoint safely (``weights_only=True``: no code in it can run)."""
-    p = Path(str(path)).expanduser()
-    if not p.exists():
-        raise TLError(f"checkpoint={p}: file not found")
-    if not p.is_file():
-        raise TLError(f"checkpoint={p}: not a file")
-    try:
-        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0][:160]
-        raise TLError(
-            f"checkpoint={p}: refused: it holds Python objects that are not plain data, and tl loads "
-            f"checkpoints with weights_only=True ({first})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise TLError(f"checkpoint={p}: not a readable checkpoint (truncated or not a torch file: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or "tl" not in ckpt or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
-        raise TLError(f"checkpoint={p}: not a tl checkpoint (no 'tl' metadata, hyper_parameters or state_dict)")
-    return ckpt
+    """Load a tl checkpoint safely: ``weights_only=True`` (no pickled code runs) and only tl's
+    own classes accepted as ``_target_`` (a plain-data checkpoint is also a recipe)."""
+    from tl_cli.safety import read_untrusted_checkpoint
+
+    return read_untrusted_checkpoint(path)
 
 
 def load_module(path: str | Path) -> tuple[TransferModule, dict[str, Any]]:
@@ -258,6 +347,8 @@ def load_module(path: str | Path) -> tuple[TransferModule, dict[str, Any]]:
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
-        raise TLError(f"checkpoint={path}: weights do not fit the model it describes ({str(e).splitlines()[0][:160]})") from None
+        raise TLError(
+            f"checkpoint={path}: weights do not fit the model it describes ({str(e).splitlines()[0][:160]})"
+        ) from None
     module.eval()
     return module, ckpt

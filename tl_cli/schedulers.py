@@ -13,7 +13,7 @@ from typing import Any
 
 from tl_cli.errors import TLError
 
-SCHEDULES = ("none", "cosine")
+SCHEDULES = ("none", "cosine", "onecycle", "step", "plateau")
 
 
 def shape_fn(cfg: dict[str, Any], total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
@@ -33,12 +33,97 @@ def shape_fn(cfg: dict[str, Any], total_steps: int, steps_per_epoch: int) -> Cal
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
         return cosine
+    if name == "onecycle":
+        # OneCycle's shape (Smith): ramp up for pct_start of the run, cosine-anneal down. As a factor
+        # of each group's own LR, so groups that join later follow the same curve (Flash #1321).
+        pct = float(cfg.get("pct_start", 0.3))
+        div, final_div = float(cfg.get("div_factor", 25.0)), float(cfg.get("final_div_factor", 1e4))
+        up = max(1, int(pct * total_steps))
+
+        def onecycle(step: int) -> float:
+            if step < up:
+                t = step / up
+                lo = 1 / div
+                return lo + (1 - lo) * 0.5 * (1 - math.cos(math.pi * t))
+            t = min(1.0, (step - up) / max(1, total_steps - up))
+            lo = 1 / (div * final_div)
+            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
+
+        return onecycle
+    if name == "step":
+        every = max(1, int(round(float(cfg.get("step_epochs", 3)) * steps_per_epoch)))
+        gamma = float(cfg.get("gamma", 0.1))
+        return lambda step: gamma ** (step // every)
+    if name == "plateau":
+        # the factor lives in a PlateauState the module updates after each validation
+        state = cfg.get("_state")
+        if state is None:
+            raise TLError("scheduler=plateau needs the training module (internal error)")
+        return lambda step: state.factor
     raise TLError(f"scheduler.name={name!r} must be one of {', '.join(SCHEDULES)}")
 
 
-def gated(shape: Callable[[int], float], unfreeze_epoch: int | None, steps_per_epoch: int) -> Callable[[int], float]:
-    """LR factor for one param group: 0 before its unfreeze epoch, the schedule after."""
+def gated(
+    shape: Callable[[int], float],
+    unfreeze_epoch: int | None,
+    steps_per_epoch: int,
+    phase: Callable[[int], float] = lambda epoch: 1.0,
+) -> Callable[[int], float]:
+    """LR factor for one param group: 0 before its unfreeze epoch, then schedule x phase factor."""
     if unfreeze_epoch is None:
         return lambda step: 0.0
     start = unfreeze_epoch * steps_per_epoch
-    return lambda step: shape(step) if step >= start else 0.0
+    return lambda step: shape(step) * phase(step // steps_per_epoch) if step >= start else 0.0
+
+
+class PlateauState:
+    """ReduceLROnPlateau as a factor: multiply by `factor` when `monitor` stops improving.
+
+    Kept outside torch's ReduceLROnPlateau, which rewrites param-group LRs directly and so fights
+    any other schedule and breaks when groups change (Lightning #8720).
+    """
+
+    def __init__(
+        self,
+        mode: str = "min",
+        factor: float = 0.1,
+        patience: int = 2,
+        threshold: float = 1e-4,
+        min_factor: float = 1e-3,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise TLError(f"scheduler.mode={mode!r} must be min or max")
+        self.mode, self.mult, self.patience, self.threshold, self.min_factor = (
+            mode,
+            float(factor),
+            int(patience),
+            float(threshold),
+            float(min_factor),
+        )
+        self.factor = 1.0
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def update(self, value: float) -> None:
+        better = self.best is None or (
+            value < self.best - self.threshold
+            if self.mode == "min"
+            else value > self.best + self.threshold
+        )
+        if better:
+            self.best, self.bad_epochs = value, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.factor = max(self.min_factor, self.factor * self.mult)
+            self.bad_epochs = 0
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {"factor": self.factor, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.factor, self.best, self.bad_epochs = (
+            float(d["factor"]),
+            d["best"],
+            int(d["bad_epochs"]),
+        )

@@ -37,7 +37,16 @@ class TransferStrategy:
 
     name = "base"
 
-    def __init__(self, backbone_lr_mult: float = 0.1, layer_decay: float | None = None, train_bn: bool = False) -> None:
+    def __init__(
+        self,
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+    ) -> None:
+        if l2sp_alpha < 0:
+            raise ValueError(f"strategy.l2sp_alpha={l2sp_alpha} must be >= 0")
+        self.l2sp_alpha = float(l2sp_alpha)
         if backbone_lr_mult < 0:
             raise ValueError(f"strategy.backbone_lr_mult={backbone_lr_mult} must be >= 0")
         if layer_decay is not None and not 0 < layer_decay <= 1:
@@ -53,6 +62,10 @@ class TransferStrategy:
     def group_plans(self, n_groups: int) -> list[GroupPlan]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def phase_mult(self, epoch: int) -> float:
+        """Extra LR factor for every group at `epoch` (LP-FT lowers everything after the probe)."""
+        return 1.0
+
     @property
     def backbone_ever_trains(self) -> bool:
         return any(p.unfreeze_epoch is not None for p in self.group_plans(1)) or self.train_bn
@@ -63,9 +76,20 @@ class FeatureExtraction(TransferStrategy):
 
     name = "feature_extraction"
 
-    def __init__(self, train_bn: bool = False, cache_features: bool = True, backbone_lr_mult: float = 0.1) -> None:
+    def __init__(
+        self,
+        train_bn: bool = False,
+        cache_features: bool = True,
+        cache_dir: str | None = None,
+        cache_views: int = 0,
+        backbone_lr_mult: float = 0.1,
+    ) -> None:
         super().__init__(backbone_lr_mult=backbone_lr_mult, train_bn=train_bn)
+        if cache_views < 0:
+            raise ValueError(f"strategy.cache_views={cache_views} must be >= 0")
         self.cache_features = bool(cache_features)
+        self.cache_dir = cache_dir
+        self.cache_views = int(cache_views)
 
     def group_plans(self, n_groups: int) -> list[GroupPlan]:
         return [GroupPlan(NEVER, m) for m in self.lr_mults(n_groups)]
@@ -85,11 +109,88 @@ class FreezeUnfreeze(TransferStrategy):
 
     name = "freeze_unfreeze"
 
-    def __init__(self, unfreeze_at_epoch: int = 1, backbone_lr_mult: float = 0.1, layer_decay: float | None = None, train_bn: bool = False) -> None:
-        super().__init__(backbone_lr_mult, layer_decay, train_bn)
+    def __init__(
+        self,
+        unfreeze_at_epoch: int = 1,
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+    ) -> None:
+        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha)
         if unfreeze_at_epoch < 0:
             raise ValueError(f"strategy.unfreeze_at_epoch={unfreeze_at_epoch} must be >= 0")
         self.unfreeze_at_epoch = int(unfreeze_at_epoch)
 
     def group_plans(self, n_groups: int) -> list[GroupPlan]:
         return [GroupPlan(self.unfreeze_at_epoch, m) for m in self.lr_mults(n_groups)]
+
+
+class GradualUnfreeze(TransferStrategy):
+    """ULMFiT-style: block groups unfreeze from the top (deepest) down at ``milestones``.
+
+    The backbone's block groups (stem first) are split, deepest first, into ``len(milestones)``
+    contiguous chunks of near-equal size; chunk j starts training at epoch ``milestones[j]``.
+    With milestones ``[1, 2, 3]`` and 18 groups, the top 6 groups join at epoch 1, the next 6 at
+    epoch 2 and the stem-side 6 at epoch 3. The head trains from epoch 0.
+    """
+
+    name = "gradual_unfreeze"
+
+    def __init__(
+        self,
+        milestones: list[int] | tuple[int, ...] = (1, 2, 3),
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+    ) -> None:
+        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha)
+        ms = [int(m) for m in milestones]
+        if not ms or any(m < 0 for m in ms) or ms != sorted(ms):
+            raise ValueError(
+                f"strategy.milestones={list(milestones)} must be a non-empty ascending list of epochs >= 0"
+            )
+        self.milestones = ms
+
+    def group_plans(self, n_groups: int) -> list[GroupPlan]:
+        mults = self.lr_mults(n_groups)
+        k = min(len(self.milestones), n_groups)
+        plans = []
+        for i in range(n_groups):
+            depth = n_groups - 1 - i  # 0 = deepest group
+            chunk = depth * k // n_groups
+            plans.append(GroupPlan(self.milestones[chunk], mults[i]))
+        return plans
+
+
+class LPFT(TransferStrategy):
+    """LP-FT (Kumar et al., ICLR 2022): linear probe, then fine-tune everything at a lower LR.
+
+    For ``probe_epochs`` only the head trains (at ``optimizer.lr``); then the backbone joins and
+    every group, the head included, trains at ``optimizer.lr x ft_lr_mult`` (layer_decay still
+    applies to the backbone). Starting fine-tuning from a good head keeps the pretrained
+    features from being distorted by a random head's large early gradients.
+    """
+
+    name = "lp_ft"
+
+    def __init__(
+        self,
+        probe_epochs: int = 2,
+        ft_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+    ) -> None:
+        super().__init__(1.0, layer_decay, train_bn, l2sp_alpha)
+        if probe_epochs < 0 or ft_lr_mult <= 0:
+            raise ValueError("strategy.probe_epochs must be >= 0 and strategy.ft_lr_mult > 0")
+        self.probe_epochs = int(probe_epochs)
+        self.ft_lr_mult = float(ft_lr_mult)
+
+    def group_plans(self, n_groups: int) -> list[GroupPlan]:
+        return [GroupPlan(self.probe_epochs, m) for m in self.lr_mults(n_groups)]
+
+    def phase_mult(self, epoch: int) -> float:
+        return 1.0 if epoch < self.probe_epochs else self.ft_lr_mult

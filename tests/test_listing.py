@@ -1,0 +1,100 @@
+"""tl backbones [filter]: registered backbones with source, size, params and offline weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tl_cli import listing
+from tl_cli.backbones import count_params, create_backbone, registered_backbones
+
+from .conftest import run_tl
+
+
+def test_every_registered_backbone_is_listed_with_facts():
+    rows, left_out = listing.collect(None)
+    assert [r.name for r in rows] == list(registered_backbones()) and left_out == 0
+    by = {r.name: r for r in rows}
+    assert by["efficientnet_lite0"].source == "bundled" and by["resnet50"].source == "torchvision"
+    assert all(r.params and r.params > 1_000_000 and r.image_size for r in rows)
+    # the bundled package is a dependency: its weights are there without network
+    assert by["efficientnet_lite0"].offline is True
+    assert by["efficientnet_lite0"].image_size == 224 and by["efficientnet_lite2"].image_size == 260
+    # torchvision resnet18: 11,689,512 with its ImageNet classifier, tl removes the 513,000 of it
+    assert by["resnet18"].params == 11_176_512
+
+
+def test_param_counts_equal_the_real_backbone():
+    bb = create_backbone("efficientnet_lite0", weights="none", pretrained=False)
+    assert listing.describe(
+        "efficientnet_lite0", "bundled", "tf_efficientnet_lite0"
+    ).params == count_params(bb)
+
+
+def test_torchvision_weights_offline_only_when_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert listing.describe("resnet18", "torchvision").offline is False
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints/resnet18-f37072fd.pth").write_bytes(b"x")
+    info = listing.describe("resnet18", "torchvision")
+    assert info.offline is True and info.weights == "cached"
+
+
+def test_filter_searches_registered_torchvision_and_timm():
+    rows, _ = listing.collect("resnet1", limit=0)
+    keys = [(r.name, r.source) for r in rows]
+    assert keys[0] == ("resnet18", "torchvision") and rows[0].usage == "backbone=resnet18"
+    assert ("resnet101", "torchvision") in keys and keys.count(("resnet18", "torchvision")) == 1
+    timm_rows = [r for r in rows if r.source == "timm"]
+    assert timm_rows and all("resnet1" in r.name for r in timm_rows)
+    assert timm_rows[0].usage.startswith("backbone=timm backbone.name=")
+    rows, left_out = listing.collect("resnet", limit=3)
+    assert (
+        len([r for r in rows if r.usage.startswith("backbone=torchvision") or r.source == "timm"])
+        == 3
+    )
+    assert left_out > 10
+
+
+def test_glob_filter_and_tiny_timm_model():
+    rows, _ = listing.collect("test_eff*", limit=0)
+    info = next(r for r in rows if r.name == "test_efficientnet")
+    assert (
+        info.source == "timm"
+        and info.offline is False
+        and info.params
+        == count_params(
+            create_backbone("test_efficientnet", source="timm", weights="none", pretrained=False)
+        )
+    )
+
+
+def test_main_prints_table_json_and_errors(capsys):
+    assert listing.main(["lite"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0" in out and "bundled" in out and "yes" in out and "3.4M" in out
+    assert listing.main(["lite", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {d["name"] for d in data} >= {
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    }
+    assert set(data[0]) == {"name", "source", "params", "image_size", "offline", "weights", "usage"}
+    assert listing.main(["no_such_backbone_xyz"]) == 1
+    assert "no backbone matches 'no_such_backbone_xyz'" in capsys.readouterr().err
+    assert listing.main(["--limit", "x"]) == 2
+    assert listing.main(["a", "b"]) == 2
+
+
+def test_cli_backbones(tmp_path: Path):
+    r = run_tl("backbones", "mobilenet_v3_l", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "mobilenet_v3_large" in r.stdout and "torchvision" in r.stdout and "4.2M" in r.stdout
+    assert not list(tmp_path.iterdir())  # a plain command: no Hydra run dir
+    bad = run_tl("backbones", "--nope", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith(
+        "tl: error: tl backbones: unknown option '--nope'"
+    )

@@ -1,0 +1,157 @@
+"""curves.png + report.md after tl train, confusion_matrix.png + report.md after tl eval, LR finder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+from PIL import Image
+
+from tl_cli import evaluate, report, train
+from tl_cli.module import read_checkpoint
+
+from .conftest import compose_cfg
+from .trained_run import trained_run
+
+C0, C1 = (31, 119, 180), (255, 127, 14)  # matplotlib's first two colours: train, val
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    return trained_run(tmp_path_factory, tiny_data)
+
+
+def _has_colour(
+    img: Image.Image, rgb: tuple[int, int, int], tol: int = 12, min_pixels: int = 30
+) -> bool:
+    arr = np.asarray(img.convert("RGB")).astype(int)
+    return int((np.abs(arr - np.array(rgb)).max(axis=2) <= tol).sum()) >= min_pixels
+
+
+def test_train_writes_curves_png_with_train_and_val_lines(trained):
+    run_dir, metrics = trained
+    img = Image.open(run_dir / "curves.png")
+    assert img.format == "PNG" and img.size == (1000, 400)
+    assert _has_colour(img, C0) and _has_colour(img, C1)  # both series drawn
+
+
+def test_curves_figure_plots_every_epoch_of_each_series():
+    hist = [
+        {
+            "epoch": e,
+            "train/loss": 1.0 - 0.1 * e,
+            "train/acc": 0.5 + 0.1 * e,
+            "val/loss": 1.1 - 0.1 * e,
+            "val/acc": 0.4 + 0.1 * e,
+        }
+        for e in range(3)
+    ]
+    fig = report.curves_figure(hist, "t", best_epoch=2)
+    loss_ax, acc_ax = fig.axes
+    lines = {ln.get_label(): ln for ln in loss_ax.get_lines()}
+    assert set(lines) >= {"train/loss", "val/loss"}
+    assert list(lines["val/loss"].get_xdata()) == [1, 2, 3]  # 1-based epochs
+    assert np.allclose(lines["train/loss"].get_ydata(), [1.0, 0.9, 0.8])
+    assert {ln.get_label() for ln in acc_ax.get_lines()} >= {"train/acc", "val/acc"}
+    assert "best epoch (2)" in {ln.get_label() for ln in acc_ax.get_lines()}
+
+
+def test_train_report_md_has_config_metrics_history_and_plot_link(trained):
+    run_dir, metrics = trained
+    md = (run_dir / "report.md").read_text()
+    assert "![Loss and accuracy per epoch](curves.png)" in md
+    assert f"| val/acc | {metrics['val/acc']:.4f} |" in md
+    assert f"| test/acc | {metrics['test/acc']:.4f} |" in md
+    history = md.split("## Per-epoch history")[1].split("##")[0]
+    assert (
+        sum(1 for ln in history.splitlines() if ln.startswith("| ") and ln[2].isdigit())
+        == metrics["epochs"]
+    )
+    cfg_block = md.split("```yaml")[1].split("```")[0]
+    assert (
+        "name: test_efficientnet" in cfg_block and "lr: 0.05" in cfg_block and "${" not in cfg_block
+    )
+
+
+def test_confusion_figure_class_names_and_row_normalisation():
+    names = ["cat", "dog", "fox"]
+    cm = [[3, 1, 0], [0, 0, 0], [2, 2, 4]]
+    fig = report.confusion_figure(cm, names, normalize=True)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    assert ax.get_xlabel() == "predicted" and ax.get_ylabel() == "true"
+    shown = np.asarray(ax.images[0].get_array())
+    assert np.allclose(shown, [[0.75, 0.25, 0], [0, 0, 0], [0.25, 0.25, 0.5]])  # empty row stays 0
+    raw = np.asarray(
+        report.confusion_figure(cm, names, normalize=False).axes[0].images[0].get_array()
+    )
+    assert np.array_equal(raw, np.asarray(cm, dtype=float))
+    texts = {t.get_text() for t in ax.texts}
+    assert "0.75\n(3)" in texts  # fraction and count in each cell
+
+
+def test_eval_writes_confusion_matrix_png_and_per_class_report(trained, tmp_path):
+    run_dir, _ = trained
+    cfg = compose_cfg([f"checkpoint={run_dir / 'checkpoints/best.ckpt'}"], config_name="eval")
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "ev")
+    res = evaluate.run(cfg)
+    img = Image.open(tmp_path / "ev/confusion_matrix.png")
+    assert img.format == "PNG" and min(img.size) >= 400
+    assert _has_colour(img, (8, 48, 107), tol=20)  # Blues' darkest: the diagonal of a perfect model
+    md = (tmp_path / "ev/report.md").read_text()
+    assert "![Confusion matrix](confusion_matrix.png)" in md
+    for c, r in res["per_class"].items():
+        assert (
+            f"| {c} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
+            in md
+        )
+
+
+@pytest.mark.parametrize("strategy", ["feature_extraction", "finetune"])  # cached features / images
+def test_tune_lr_runs_the_finder_saves_plot_and_trains_with_the_suggestion(
+    tiny_data, tmp_path, strategy
+):
+    cfg = compose_cfg(
+        [
+            "backbone=timm",
+            "backbone.name=test_efficientnet",
+            "backbone.weights=none",
+            "dataset=imagefolder",
+            f"dataset.root={tiny_data}",
+            "dataset.image_size=32",
+            "dataset.batch_size=4",
+            "dataset.num_workers=0",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.max_epochs=1",
+            f"strategy={strategy}",
+            "tune_lr=true",
+            "lr_finder.num_training=30",
+            "lr_finder.min_lr=1e-5",
+            "lr_finder.max_lr=1.0",
+        ]
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    m = train.run(cfg)
+    out = Path(cfg.output_dir)
+    info = m["lr_find"]
+    assert info["points"] >= 10 and info["plot"] == "lr_find.png"
+    assert info["suggestion"] is not None and 1e-5 <= info["suggestion"] <= 1.0
+    assert info["lr"] == info["suggestion"] != info["configured_lr"]
+    # the run trained with it: the checkpoint records it
+    hp = read_checkpoint(out / "checkpoints/best.ckpt")["hyper_parameters"]
+    assert hp["optimizer"]["lr"] == pytest.approx(info["lr"])
+    assert m["epochs"] == 1 and len(m["history"]) == 1  # the finder left no epoch in the history
+    assert not list(out.rglob(".lr_find*.ckpt")) and not (out / "lr_find").exists()
+    img = Image.open(out / "lr_find.png")
+    assert img.format == "PNG" and _has_colour(img, C0)
+    assert "![Learning-rate finder](lr_find.png)" in (out / "report.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["lr_find"] == info
+    assert torch.isfinite(torch.tensor(m["val/loss"]))

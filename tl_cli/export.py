@@ -1,0 +1,308 @@
+"""`tl export checkpoint=CKPT format=onnx|torchscript|safetensors [output=PATH]`.
+
+Writes the trained network (backbone + head, eval mode; float32 NCHW normalised images in,
+logits out; the batch size is free) and a JSON sidecar with the class names and preprocessing,
+then checks the export against the PyTorch model on seeded sample inputs and reports the max
+absolute difference of the logits:
+
+* onnx: run with onnxruntime when it is installed (``pip install 'tl-cli[onnx]'``);
+* torchscript: the saved file is loaded back with ``torch.jit.load`` and run;
+* safetensors: the weights are loaded into a freshly built model (from the sidecar's
+  ``architecture``) and run.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from tl_cli import __version__
+from tl_cli.console import console, say
+from tl_cli.errors import EXIT_FAILED, TLError
+from tl_cli.loggers import available
+from tl_cli.module import TransferModule, load_module
+from tl_cli.predict import output_path, required_key
+
+SIDECAR_SCHEMA_VERSION = 1
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+ONNX_EXTRA = "pip install 'tl-cli[onnx]' (onnx, onnxscript, onnxruntime)"
+
+
+class ExportModel(nn.Module):
+    """Images -> logits: the checkpoint's backbone and head, without Lightning around them."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def sample_inputs(size: int, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    usage = "tl export checkpoint=RUN/checkpoints/best.ckpt format=onnx|torchscript|safetensors [output=PATH]"
+    ckpt_path = str(required_key(cfg, "checkpoint", usage))
+    fmt = str(cfg.get("format", "onnx")).lower()
+    if fmt not in FORMATS:
+        raise TLError(f"format={fmt!r} must be one of {', '.join(FORMATS)}")
+    if fmt == "onnx" and not available("onnx"):
+        raise TLError(f"format=onnx needs the onnx package, which is not installed: {ONNX_EXTRA}")
+    atol = float(cfg.get("atol", 1e-4))
+    n_samples = int(cfg.get("verify_batch", 3))
+    if n_samples < 1:
+        raise TLError(f"verify_batch={n_samples} must be at least 1")
+    out = output_path(cfg, f"model{FORMATS[fmt]}", [ckpt_path])
+    if out.suffix.lower() == ".json":
+        raise TLError(
+            f"output={out}: .json is the sidecar's name; give the model file a {FORMATS[fmt]} name"
+        )
+    sidecar = out.with_suffix(".json")
+
+    module, ckpt = load_module(ckpt_path)
+    meta = ckpt["tl"]
+    prep = dict(meta["preprocessing"])
+    size = int(prep["input_size"])
+    net = ExportModel(module.backbone, module.head).eval()
+    example = sample_inputs(size, 2, seed=0)
+    samples = sample_inputs(
+        size, n_samples, seed=1
+    )  # another batch size: the export must not fix it
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    if fmt == "onnx":
+        exporter = export_onnx(net, example, out, int(cfg.get("opset", 18)))
+    elif fmt == "torchscript":
+        exporter = export_torchscript(net, example, out)
+    else:
+        exporter = export_safetensors(net, out, meta)
+
+    verification: dict[str, Any] = {
+        "samples": n_samples,
+        "atol": atol,
+        "runtime": None,
+        "max_abs_diff": None,
+        "passed": None,
+    }
+    if cfg.get("verify", True):
+        with torch.inference_mode():
+            ref = net(samples).float()
+        got, runtime = _run_export(fmt, out, samples, ckpt)
+        if got is None:
+            verification["skipped"] = runtime
+        else:
+            diff = float((got.float() - ref).abs().max())
+            verification.update(runtime=runtime, max_abs_diff=diff, passed=diff <= atol)
+    hp = ckpt["hyper_parameters"]
+    doc = {
+        "schema_version": SIDECAR_SCHEMA_VERSION,
+        "format": fmt,
+        "file": out.name,
+        "class_names": list(meta["class_names"]),
+        "num_classes": len(meta["class_names"]),
+        "preprocessing": prep,
+        "input": {
+            "name": "image",
+            "shape": ["batch", 3, size, size],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "transform": f"RGB in [0, 1], resize short side to floor({size} / crop_pct), centre crop {size}, (x - mean) / std",
+        },
+        "output": {
+            "name": "logits",
+            "shape": ["batch", len(meta["class_names"])],
+            "note": "softmax gives probabilities",
+        },
+        "architecture": {
+            "backbone": hp.get("backbone"),
+            "head": hp.get("head"),
+            "image_size": hp.get("image_size"),
+        },
+        "source_checkpoint": str(Path(ckpt_path).resolve()),
+        "exporter": exporter,
+        "tl_version": __version__,
+        "torch_version": torch.__version__,
+        "verification": verification,
+    }
+    sidecar.write_text(json.dumps(doc, indent=2) + "\n")
+    _print(out, sidecar, doc)
+    if verification["passed"] is False:
+        raise TLError(
+            f"export check failed: max |diff| {verification['max_abs_diff']:.3g} > atol {atol:g} "
+            f"({fmt} via {verification['runtime']}, {out})",
+            exit_code=EXIT_FAILED,
+        )
+    return {"output": str(out), "sidecar": str(sidecar), **verification}
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def export_onnx(net: nn.Module, example: torch.Tensor, out: Path, opset: int) -> str:
+    """torch.export-based exporter (needs onnxscript); the TorchScript-based one otherwise."""
+    import logging
+
+    for name in (
+        "onnx_ir",
+        "onnxscript",
+        "torch.onnx",
+        "torch.export",
+        "torch._dynamo",
+        "torch.fx",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)  # their INFO lines are exporter internals
+    errors = []
+    if available("onnxscript"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                batch = torch.export.Dim("batch", min=1)
+                torch.onnx.export(
+                    net,
+                    (example,),
+                    str(out),
+                    dynamo=True,
+                    input_names=["image"],
+                    output_names=["logits"],
+                    dynamic_shapes=({0: batch},),
+                    opset_version=opset,
+                    external_data=False,
+                    verbose=False,
+                )
+            return f"torch.onnx (torch.export, opset {opset})"
+        except Exception as e:  # noqa: BLE001 - fall back to the TorchScript-based exporter
+            errors.append(
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net,
+                (example,),
+                str(out),
+                dynamo=False,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=min(opset, 20),
+            )
+        return f"torch.onnx (TorchScript-based, opset {min(opset, 20)})"
+    except Exception as e:  # noqa: BLE001
+        errors.append(
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        )
+        raise TLError(
+            f"format=onnx: the model could not be exported ({'; '.join(errors)[:300]})"
+        ) from None
+
+
+def export_torchscript(net: nn.Module, example: torch.Tensor, out: Path) -> str:
+    """``torch.jit.trace``: convolutional nets and ViTs trace to a graph with a free batch size."""
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(net, example, check_trace=False)
+            traced.save(str(out))
+    except Exception as e:  # noqa: BLE001
+        raise TLError(
+            f"format=torchscript: tracing failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+        ) from None
+    return f"torch.jit.trace (torch {torch.__version__})"
+
+
+def export_safetensors(net: nn.Module, out: Path, meta: dict[str, Any]) -> str:
+    """The network's weights (state-dict keys ``backbone.*``, ``head.*``), class names in the metadata."""
+    from safetensors.torch import save_model
+
+    save_model(
+        net,
+        str(out),
+        metadata={
+            "format": "pt",
+            "tl_class_names": json.dumps(list(meta["class_names"])),
+            "tl_preprocessing": json.dumps(dict(meta["preprocessing"])),
+        },
+    )
+    return "safetensors.torch.save_model"
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _run_export(
+    fmt: str, out: Path, x: torch.Tensor, ckpt: dict[str, Any]
+) -> tuple[torch.Tensor | None, str]:
+    """Outputs of the written file on ``x`` and what ran it; (None, reason) when nothing can run it."""
+    if fmt == "onnx":
+        if not available("onnxruntime"):
+            return None, f"onnxruntime is not installed, so the ONNX file was not run: {ONNX_EXTRA}"
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        return torch.from_numpy(
+            sess.run(None, {name: x.numpy()})[0]
+        ), f"onnxruntime {ort.__version__}"
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.jit.load(str(out), map_location="cpu")
+        with torch.inference_mode():
+            return loaded(x), "torch.jit.load"
+    from safetensors.torch import load_model
+
+    fresh = TransferModule(**dict(ckpt["hyper_parameters"]), pretrained=False)
+    net = ExportModel(fresh.backbone, fresh.head).eval()
+    load_model(net, str(out), strict=True)
+    with torch.inference_mode():
+        return net(x), "safetensors.torch.load_model into a fresh model"
+
+
+def _print(out: Path, sidecar: Path, doc: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    v = doc["verification"]
+    t = Table(title=f"tl export: {doc['format']}", show_header=False)
+    t.add_column("key")
+    t.add_column("value")
+    t.add_row("model", escape(f"{out} ({out.stat().st_size / 1e6:.2f} MB)"))
+    t.add_row("sidecar", escape(str(sidecar)))
+    t.add_row("exporter", doc["exporter"])
+    t.add_row(
+        "classes",
+        escape(
+            f"{doc['num_classes']}: {', '.join(doc['class_names'][:8])}{' ...' if doc['num_classes'] > 8 else ''}"
+        ),
+    )
+    t.add_row(
+        "input",
+        escape(
+            f"float32 {doc['input']['shape']} (mean {doc['preprocessing']['mean']}, std {doc['preprocessing']['std']})"
+        ),
+    )
+    if v.get("max_abs_diff") is not None:
+        ok = "[green]ok[/]" if v["passed"] else "[red]FAILED[/]"
+        t.add_row(
+            "check",
+            f"{ok}: max |diff| {v['max_abs_diff']:.3g} (atol {v['atol']:g}) on {v['samples']} samples, {escape(str(v['runtime']))}",
+        )
+    elif v.get("skipped"):
+        t.add_row("check", f"[yellow]skipped[/]: {escape(v['skipped'])}")
+    else:
+        t.add_row("check", "off (verify=false)")
+    console.print(t)
+    if v.get("skipped"):
+        say(f"[yellow]warning[/]: export not checked: {escape(v['skipped'])}")

@@ -1,0 +1,438 @@
+"""Faults during training: nothing half-written, nothing garbage saved, a clean stop on Ctrl-C.
+
+* `AtomicCheckpointIO`: every checkpoint Lightning writes (best.ckpt, last.ckpt) goes to a temp
+  file in the same folder, is fsynced, then renamed over the old one with ``os.replace``. A kill
+  at any instant leaves either the old complete file or the new complete file, never half of one.
+  (Lightning's own writer stages the file in the system temp dir and moves it: not atomic across
+  filesystems, and not fsynced.)
+* `TrainingGuard` (a callback):
+  - stops at the first NaN/inf training loss, before the backward pass and optimizer step can
+    spread it into the weights, and refuses to write a checkpoint whose weights or validation
+    loss are not finite, so the last good checkpoint on disk is kept;
+  - on SIGINT (Ctrl-C) or SIGTERM, keeps the ``last.ckpt`` of the last finished epoch (the
+    unfinished epoch is redone on resume: Lightning's mid-epoch restarts skip that epoch's
+    validation); if this run has not finished an epoch yet, writes ``last.ckpt`` from the current
+    state instead, so there is always something to resume from;
+  - removes temp files that a killed run left in the checkpoint folder.
+* `fit`: ``trainer.fit`` that turns an interrupt into a one-line TLError (exit 130 for SIGINT,
+  143 for SIGTERM) naming the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from tl_cli.errors import EXIT_FAILED, TLError
+
+#: Temp files are ".<name>.<random>.tmp" next to the target: hidden, and never matching "*.ckpt".
+TMP_SUFFIX = ".tmp"
+
+
+class NonFiniteError(TLError):
+    """The loss (or the weights) became NaN/inf; the run stopped without saving the bad state."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=EXIT_FAILED)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _serialize(obj: Any, f: Any) -> None:
+    """Write ``obj`` to the open binary file ``f`` (a seam for fault-injection tests)."""
+    torch.save(obj, f)
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as f:
+            _serialize(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files a killed writer left behind (``.<name>.ckpt.<random>.tmp``)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f".*.ckpt.*{TMP_SUFFIX}") if p.is_file())
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO with atomic, durable writes for local paths."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        # remote (fsspec) paths: Lightning's own writer
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, path)
+
+
+def last_checkpoint_callback(ckpt_dir: str | os.PathLike[str]) -> pl.callbacks.ModelCheckpoint:
+    """A ModelCheckpoint that rewrites ``last.ckpt`` at the end of every epoch.
+
+    ``ModelCheckpoint(save_last=True)`` with a monitor writes last.ckpt only when it also writes a
+    top-k checkpoint (Lightning 2.6: "saves a last.ckpt copy whenever a checkpoint file gets
+    saved"), so after the best epoch last.ckpt would go stale and a resume would redo epochs.
+    """
+    return pl.callbacks.ModelCheckpoint(
+        dirpath=str(ckpt_dir),
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_last=False,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+
+
+def checkpoint_plugins() -> list[Any]:
+    """The ``plugins=`` list for the Trainer."""
+    return [AtomicCheckpointIO()]
+
+
+# --------------------------------------------------------------------------- untrusted checkpoints
+
+#: Modules whose classes a checkpoint may name as ``_target_`` (what ``tl eval`` instantiates).
+TARGET_MODULES = frozenset(
+    {"tl_cli.backbones", "tl_cli.heads", "tl_cli.strategies", "tl_cli.data", "torch.optim"}
+)
+#: Functions a checkpoint may name as ``_target_``.
+TARGET_FUNCTIONS = frozenset({"tl_cli.backbones.create_backbone"})
+
+
+def _allowed_target(target: Any) -> bool:
+    if not isinstance(target, str) or "." not in target:
+        return False
+    if target in TARGET_FUNCTIONS:
+        return True
+    mod, _, name = target.rpartition(".")
+    if mod not in TARGET_MODULES or name.startswith("_"):
+        return False
+    import importlib
+
+    obj = getattr(importlib.import_module(mod), name, None)
+    return isinstance(obj, type)
+
+
+def _targets(obj: Any, where: str) -> list[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "_target_":
+                found.append((where, v))
+            else:
+                found.extend(_targets(v, f"{where}.{k}" if where else str(k)))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            found.extend(_targets(v, f"{where}[{i}]"))
+    return found
+
+
+def check_checkpoint_targets(ckpt: dict[str, Any], path: Any) -> None:
+    """Refuse a checkpoint whose configs name anything but tl's own classes as ``_target_``.
+
+    ``weights_only=True`` stops pickled code, but a checkpoint is also a recipe: ``tl eval``
+    instantiates the ``_target_`` strings in its hyper_parameters and dataset config, and a
+    plain-data checkpoint naming e.g. ``pathlib.Path.write_text`` or ``builtins.open`` would write
+    files (Hydra's blocklist stops only some targets). Only the classes of tl's backbones, heads,
+    strategies and data modules, ``torch.optim`` optimizers and ``create_backbone`` pass.
+    """
+    for key in ("hyper_parameters", "tl"):
+        for where, target in _targets(ckpt.get(key), key):
+            if not _allowed_target(target):
+                raise TLError(
+                    f"checkpoint={path}: refused: {where}._target_={target!r} is not one of tl's own classes "
+                    f"(a checkpoint may only name tl backbones, heads, strategies, datasets and torch.optim optimizers)"
+                )
+
+
+def read_untrusted_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint that may be truncated, not a checkpoint at all, or crafted.
+
+    What ``tl_cli.module.read_checkpoint`` should do (the lead wires it there), on top of
+    ``torch.load(weights_only=True)``:
+
+    * an empty file, or one that is not a zip archive (text, a raw pickle, a truncated file: its
+      zip directory is at the end), is "not a readable checkpoint", before unpickling starts, so it
+      is never misreported as a checkpoint holding forbidden objects;
+    * a pickle that needs a non-plain global names that global (e.g. ``posix.system``);
+    * `check_checkpoint_targets` refuses ``_target_`` strings that are not tl's own classes.
+    """
+    import pickle
+    import re
+    import zipfile
+
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise TLError(f"checkpoint={p}: file not found")
+    if not p.is_file():
+        raise TLError(f"checkpoint={p}: not a file")
+    if p.stat().st_size == 0:
+        raise TLError(f"checkpoint={p}: not a readable checkpoint (empty file)")
+    if not zipfile.is_zipfile(p):
+        raise TLError(
+            f"checkpoint={p}: not a readable checkpoint (not a torch zip archive: truncated, or not a checkpoint)"
+        )
+    try:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({m.group(1)})" if m else ""
+        raise TLError(
+            f"checkpoint={p}: refused: it holds a Python object{what} that is not plain data; "
+            f"tl loads checkpoints with weights_only=True, so no code in a checkpoint runs"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any other failure: unreadable
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise TLError(
+            f"checkpoint={p}: not a readable checkpoint (truncated or not a torch file: {msg})"
+        ) from None
+    if (
+        not isinstance(ckpt, dict)
+        or "tl" not in ckpt
+        or "hyper_parameters" not in ckpt
+        or "state_dict" not in ckpt
+    ):
+        raise TLError(
+            f"checkpoint={p}: not a tl checkpoint (no 'tl' metadata, hyper_parameters or state_dict)"
+        )
+    check_checkpoint_targets(ckpt, p)
+    return ckpt
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.detach()).all())
+
+
+def _first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not _finite(t):
+            return name
+    return None
+
+
+class TrainingGuard(pl.Callback):
+    """Stop on a NaN/inf loss, never checkpoint bad weights, save ``last.ckpt`` on an interrupt.
+
+    Args:
+        last_path: where ``last.ckpt`` lives (written on SIGINT/SIGTERM).
+    """
+
+    def __init__(self, last_path: str | os.PathLike[str]) -> None:
+        self.last_path = Path(last_path)
+        self.interrupt: BaseException | None = None
+        self.saved_on_interrupt: Path | None = None
+        self.kept_on_interrupt: Path | None = None
+        self.save_error: str | None = None
+        self._mtime_at_start: int | None = None
+        self._resumed_from_last = False
+
+    def _last_mtime(self) -> int | None:
+        try:
+            return self.last_path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    # -- housekeeping
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mtime_at_start = self._last_mtime()
+        resumed = trainer.ckpt_path
+        self._resumed_from_last = (
+            bool(resumed) and Path(str(resumed)).resolve() == self.last_path.resolve()
+        )
+        if trainer.is_global_zero:
+            for p in stale_temp_files(self.last_path.parent):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    # -- NaN / inf
+    def _stop(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str, where: str
+    ) -> NonFiniteError:
+        lr = (getattr(pl_module, "hparams", {}) or {}).get("optimizer", {}).get("lr")
+        hint = (
+            f"optimizer.lr={lr} is probably too high"
+            if lr is not None
+            else "the learning rate is probably too high"
+        )
+        kept = (
+            f"the last good checkpoint is kept: {self.last_path}"
+            if self.last_path.is_file()
+            else "no checkpoint had been written yet"
+        )
+        return NonFiniteError(f"training stopped at {where}: {what} ({hint}); {kept}")
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        # Before backward and the optimizer step: the weights are still those of the last good step.
+        if not _finite(loss):
+            where = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step + 1}"
+            raise self._stop(
+                trainer,
+                pl_module,
+                f"the training loss is {float(loss.detach().float().mean())}",
+                where,
+            )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs before ModelCheckpoint's on_validation_end (Lightning puts checkpoint callbacks last).
+        if trainer.sanity_checking:
+            return
+        v = trainer.callback_metrics.get("val/loss")
+        v = float(v) if isinstance(v, torch.Tensor | float | int) else None
+        if v is not None and not math.isfinite(v):
+            raise self._stop(
+                trainer,
+                pl_module,
+                f"the validation loss is {v}",
+                f"the end of epoch {trainer.current_epoch + 1}",
+            )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The last line of defence: no checkpoint with NaN/inf weights is ever written.
+        bad = _first_nonfinite(checkpoint.get("state_dict", {}))
+        if bad is not None:
+            where = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
+            raise self._stop(
+                trainer,
+                pl_module,
+                f"weight {bad} is not finite, so no checkpoint was written",
+                where,
+            )
+
+    # -- interrupts
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            return
+        self.interrupt = exception
+        now = self._last_mtime()
+        if now is not None and (now != self._mtime_at_start or self._resumed_from_last):
+            # this run's last finished epoch (or the checkpoint it resumed from): keep it
+            self.kept_on_interrupt = self.last_path
+            return
+        if trainer.world_size > 1:
+            return  # a save needs every rank at a barrier; keep the last end-of-epoch last.ckpt
+        # a second Ctrl-C must not cut the save short (ValueError: not on the main thread)
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            trainer.save_checkpoint(str(self.last_path))
+            self.saved_on_interrupt = self.last_path
+        except Exception as e:  # noqa: BLE001 - report, keep whatever last.ckpt there is
+            self.save_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def resume_command(cfg: Any, last_path: Path, out: Path) -> str:
+    """A copy-pasteable command that resumes this run: its overrides + ckpt_path + hydra.run.dir."""
+    import shlex
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = [
+            o
+            for o in HydraConfig.get().overrides.task
+            if not o.startswith(("ckpt_path=", "hydra.run.dir=", "output_dir="))
+        ]
+        given = " ".join(shlex.quote(o) for o in task)
+    except Exception:  # noqa: BLE001 - composed outside a Hydra app (tests, API): no overrides known
+        given = "<same overrides>"
+    cmd = f"tl {cfg.get('command', 'train')} {given}".rstrip()
+    return f"{cmd} ckpt_path={shlex.quote(str(last_path))} hydra.run.dir={shlex.quote(str(out))}"
+
+
+def fit(
+    trainer: pl.Trainer,
+    guard: TrainingGuard,
+    module: pl.LightningModule,
+    data: Any,
+    ckpt_path: str | None,
+    resume_hint: str,
+) -> None:
+    """``trainer.fit`` that reports an interrupt as one line (TLError, exit 130/143).
+
+    Lightning turns Ctrl-C into ``sys.exit(1)`` and SIGTERM into a SystemExit with code 0; both are
+    caught here once Lightning has torn down, so the process exits with the conventional code.
+    """
+    try:
+        trainer.fit(
+            module,
+            datamodule=data,
+            ckpt_path=ckpt_path or None,
+            weights_only=True if ckpt_path else None,
+        )
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+    if trainer.interrupted or guard.interrupt is not None:
+        sigterm = isinstance(guard.interrupt, SIGTERMException)
+        what = "SIGTERM" if sigterm else "SIGINT"
+        last = guard.last_path
+        if guard.kept_on_interrupt is not None:
+            state = (
+                f"kept {last} from the last finished epoch (the unfinished one is redone on resume)"
+            )
+        elif guard.saved_on_interrupt is not None:
+            state = f"saved the current state to {last}"
+        else:
+            why = (
+                f" (saving the current state failed: {guard.save_error})"
+                if guard.save_error
+                else ""
+            )
+            raise TLError(
+                f"training interrupted ({what}) before any checkpoint was written{why}; nothing to resume",
+                exit_code=143 if sigterm else 130,
+            )
+        raise TLError(
+            f"training interrupted ({what}); {state}; resume with: {resume_hint}",
+            exit_code=143 if sigterm else 130,
+        )
