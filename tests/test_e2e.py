@@ -179,3 +179,8 @@ def test_real_weights_feature_extraction_on_cifar(tmp_path):
     m = train.run(cfg)
     print("real-weights test/acc", m["test/acc"])
     assert m["test/acc"] >= 0.55
+
+
+def test_channels_last_option_trains(tiny_cfg):
+    m = train.run(tiny_cfg("channels_last=true", "strategy=finetune", "trainer.max_epochs=1"))
+    assert m["epochs"] == 1 and 0.0 <= m["val/acc"] <= 1.0

@@ -118,7 +118,7 @@ def extract(
             i += len(f)
             advance()
     if world == 1:
-        return feats, labels
+        return (feats if out is None else np.empty(0)), labels
     # gather equal-sized padded shards, then interleave back to dataset order
     per = (n + world - 1) // world
     pad_f = torch.zeros(per, feats.shape[1])
@@ -132,9 +132,31 @@ def extract(
     full_f = torch.stack(gf, 1).reshape(per * world, -1)[:n]
     full_y = torch.stack(gy, 1).reshape(per * world)[:n]
     if out is not None:
-        out[:] = full_f.numpy()
-        return out, full_y.numpy()
+        out[0:n] = full_f.numpy()
     return full_f.numpy(), full_y.numpy()
+
+
+class RowWriter:
+    """Writes rows of a ``.npy`` file with plain file writes.
+
+    A writable memmap would keep every written page mapped (and counted) in this process until
+    the end; file writes leave them to the page cache, so memory stays bounded while extracting.
+    """
+
+    def __init__(self, path: Path, rows: int, dim: int) -> None:
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+        self.offset, self.row_bytes = header.offset, dim * 4
+        del header
+        self.fh = open(path, "r+b")  # noqa: SIM115 - closed in close()
+
+    def __setitem__(self, sl: slice, value: np.ndarray) -> None:
+        self.fh.seek(self.offset + (sl.start or 0) * self.row_bytes)
+        self.fh.write(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+
+    def close(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
 
 
 class FeatureDataModule(pl.LightningDataModule):
@@ -214,17 +236,11 @@ class FeatureDataModule(pl.LightningDataModule):
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         n = len(ds)
         tmp = fpath.with_name(f".{fpath.name}.{os.getpid()}.tmp")
-        out = (
-            np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.float32, shape=(n, self.backbone.num_features)
-            )
-            if rank == 0
-            else None
-        )
-        f, y = extract(self.backbone, ds, self.images, device, desc, out=out)
-        if rank == 0:
-            out.flush()  # type: ignore[union-attr]
-            del out, f
+        out = RowWriter(tmp, n, self.backbone.num_features) if rank == 0 else None
+        f, y = extract(self.backbone, ds, self.images, device, desc, out=out)  # type: ignore[arg-type]
+        del f
+        if out is not None:
+            out.close()
             ytmp = ypath.with_name(f".{ypath.name}.{os.getpid()}.tmp.npy")
             np.save(ytmp, y)
             os.replace(ytmp, ypath)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -118,6 +119,8 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     module, dm = build(cfg)
+    if cfg.get("channels_last"):
+        module = module.to(memory_format=torch.channels_last)
     say(
         f"[bold]data[/] {dm.describe()}\n"
         f"[bold]model[/] {module.backbone.name} ({module.backbone.source}, {count_params(module.backbone) / 1e6:.1f}M params, "
