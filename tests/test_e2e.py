@@ -114,7 +114,7 @@ def test_cli_help_and_cfg(tmp_path):
         and "strategy: " in r.stdout
     )
     r = run_tl("finetune", "--cfg", "job")
-    assert r.returncode == 0 and "tl_cli.strategies.Finetune" in r.stdout
+    assert r.returncode == 0 and "strategy:\n  name: finetune" in r.stdout
     r = run_tl("bogus")
     assert r.returncode == 2 and "unknown command" in r.stderr
 

@@ -28,7 +28,7 @@ class Spy(pl.Callback):
                 "backbone_grad": {p.requires_grad for p in pl_module.backbone.parameters()},
                 "head_grad": {p.requires_grad for p in pl_module.head.parameters()},
                 "bn_training": {m.training for m in bns},
-                "features_batch": batch[0].ndim == 2,
+                "features_batch": isinstance(batch[0], dict) and "features" in batch[0],
             }
         )
 

@@ -10,11 +10,11 @@ The pretrained classifier is always removed here; `tl` attaches its own head.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tl_cli.errors import TLError
+from tl_cli.registry import Registry, did_you_mean, plain
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,6 +123,15 @@ class Backbone(nn.Module):
     def block_groups(self) -> list[list[str]]:
         """Parameter names (relative to this module, e.g. ``model.blocks.0...``) per group."""
         return [[f"model.{n}" for n in g] for g in self._groups]
+
+    #: what the backbone reads; predict, export and the data modules follow it
+    modality = "image"
+
+    def effective_preprocessing(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The preprocessing with the dataset's overrides (``image_size``) applied."""
+        from tl_cli.data import effective_preprocessing
+
+        return effective_preprocessing(self.preprocessing, overrides.get("image_size"))
 
 
 def create_backbone(
@@ -529,4 +539,28 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-BackboneFactory = Callable[..., Backbone]
+# --------------------------------------------------------------------------- building from config
+
+#: backbone.source -> builder(name=..., options..., pretrained=...) returning a Backbone-like module
+#: (``num_features``, ``forward``, ``block_groups()``, ``preprocessing``, ``modality``,
+#: ``effective_preprocessing()``). Other modalities register their sources here.
+SOURCES: Registry[nn.Module] = Registry("backbone.source")
+for _src in ("auto", "bundled", "torchvision", "timm"):
+    SOURCES.register(_src, functools.partial(create_backbone, source=_src))
+
+
+def build_backbone(cfg: Any, pretrained: bool = True) -> nn.Module:
+    """A backbone from ``{name, source, weights, weights_path, ...}`` (a config or a checkpoint)."""
+    cfg = dict(plain(cfg) or {})
+    source = cfg.pop("source", "auto")
+    builder = SOURCES.get(source)
+    allowed = set(SOURCES.options(source)) - {"pretrained"}
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise TLError(
+            f"backbone.{unknown[0]} is not an option of backbone.source={source}"
+            f"{did_you_mean(unknown[0], sorted(allowed))}; options: {', '.join(sorted(allowed))}"
+        )
+    if not isinstance(cfg.get("name"), str) or not cfg["name"]:
+        raise TLError("backbone.name is not set: pick a backbone (tl backbones lists them)")
+    return builder(**cfg, pretrained=pretrained)

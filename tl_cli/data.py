@@ -7,6 +7,7 @@ transforms follow the pretrained weights rather than a hard-coded ImageNet guess
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from tl_cli.errors import TLError
+from tl_cli.registry import Registry
 from tl_cli.scan import check_split_depth, drop_corrupt, open_image
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -283,6 +285,10 @@ class TransferDataModule(pl.LightningDataModule):
     def _scan(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def preprocessing_overrides(self) -> dict[str, Any]:
+        """What this dataset changes in the backbone's preprocessing (``image_size``)."""
+        return {"image_size": int(self.image_size)} if self.image_size else {}
+
     def set_preprocessing(self, prep: dict[str, Any]) -> None:
         self.preprocessing = effective_preprocessing(prep, self.image_size)
 
@@ -510,3 +516,16 @@ class TorchvisionDataModule(TransferDataModule):
         ds = super().dataset(split, train_aug)
         ds.loader = self._test_loader if split == "test" else self._train_loader
         return ds
+
+
+# --------------------------------------------------------------------------- registry
+
+#: dataset.name -> data module. Checkpoints store this name and plain options, never a class path.
+DATASETS: Registry[TransferDataModule] = Registry("dataset")
+DATASETS.register("imagefolder", ImageFolderDataModule)
+DATASETS.register("sample", SampleDataModule)
+for _set in TorchvisionDataModule.SETS:
+    DATASETS.register(_set, functools.partial(TorchvisionDataModule, name=_set))
+
+#: modality -> the dataset that reads a user's folder (``tl eval checkpoint=... dataset.root=DIR``)
+FOLDER_DATASETS: dict[str, str] = {"image": "imagefolder"}

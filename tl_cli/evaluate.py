@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torchmetrics.functional.classification import (
@@ -20,34 +19,35 @@ from torchmetrics.functional.classification import (
 )
 
 from tl_cli import gates as tl_gates
+from tl_cli.checkpoint import load_module, stored_path
 from tl_cli.console import console, fmt, progress, summary_table
+from tl_cli.data import DATASETS, FOLDER_DATASETS, TorchvisionDataModule
 from tl_cli.errors import TLError
-from tl_cli.module import load_module
 from tl_cli.report import eval_report
 
 EVAL_SCHEMA_VERSION = 1
-IMAGEFOLDER = "tl_cli.data.ImageFolderDataModule"
 
 
-def dataset_for(meta: dict[str, Any], cfg: DictConfig) -> tuple[Any, bool]:
-    """The checkpoint's dataset config with the user's overrides; True if root was overridden."""
+def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) -> tuple[Any, bool]:
+    """The checkpoint's dataset config with the user's overrides; True if root was overridden.
+
+    The stored config is validated plain data (``tl_cli.checkpoint``); it is built by registry
+    name. A new ``dataset.root`` uses the modality's folder dataset (images: ``imagefolder``).
+    """
     dcfg = dict(meta.get("dataset") or {})
     over = {k: v for k, v in (OmegaConf.to_container(cfg.dataset) or {}).items() if v is not None}
     new_root = "root" in over
     if new_root:
         keep = ("batch_size", "num_workers", "val_fraction", "split_seed")
-        dcfg = {"_target_": IMAGEFOLDER, **{k: dcfg[k] for k in keep if k in dcfg}}
+        folder = FOLDER_DATASETS.get(str(meta.get("modality", "image")), "imagefolder")
+        dcfg = {"name": folder, **{k: dcfg[k] for k in keep if k in dcfg}}
+    elif dcfg.get("root") is not None and dcfg.get("name") not in TorchvisionDataModule.SETS:
+        dcfg["root"] = stored_path(dcfg["root"], "dataset.root", ckpt_path)
     if not dcfg:
         raise TLError("the checkpoint records no dataset; pass dataset.root=DIR")
     dcfg.update(over)
     dcfg["augment"] = "none"
-    try:
-        dm = instantiate(dcfg, _convert_="all")
-    except Exception as e:  # noqa: BLE001
-        cause = e.__cause__ or e
-        if isinstance(cause, TLError):
-            raise cause from None
-        raise TLError(f"dataset: {str(cause).splitlines()[0]}") from None
+    dm = DATASETS.build(dcfg)
     dm.prepare()
     return dm, new_root
 
@@ -126,7 +126,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module, ckpt = load_module(cfg.checkpoint)
     meta = ckpt["tl"]
     class_names = list(meta["class_names"])
-    dm, new_root = dataset_for(meta, cfg)
+    dm, new_root = dataset_for(meta, cfg, cfg.checkpoint)
     check_classes(class_names, dm.class_names, f"dataset {getattr(dm, 'root', dm.name)}")
     dm.set_preprocessing(meta["preprocessing"])
     split = pick_split(dm, str(cfg.get("split", "auto")), new_root)

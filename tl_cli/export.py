@@ -23,11 +23,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from tl_cli import __version__
+from tl_cli.checkpoint import load_module
 from tl_cli.console import console, say
 from tl_cli.errors import EXIT_FAILED, TLError
 from tl_cli.loggers import available
-from tl_cli.module import TransferModule, load_module
 from tl_cli.predict import output_path, required_key
+from tl_cli.tasks import TASKS
 
 SIDECAR_SCHEMA_VERSION = 1
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -127,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "architecture": {
             "backbone": hp.get("backbone"),
             "head": hp.get("head"),
-            "image_size": hp.get("image_size"),
+            "preprocessing_overrides": hp.get("preprocessing_overrides"),
         },
         "source_checkpoint": str(Path(ckpt_path).resolve()),
         "exporter": exporter,
@@ -263,7 +264,7 @@ def _run_export(
             return loaded(x), "torch.jit.load"
     from safetensors.torch import load_model
 
-    fresh = TransferModule(**dict(ckpt["hyper_parameters"]), pretrained=False)
+    fresh = TASKS.get(ckpt["tl"]["task"])(**dict(ckpt["hyper_parameters"]), pretrained=False)
     net = ExportModel(fresh.backbone, fresh.head).eval()
     load_model(net, str(out), strict=True)
     with torch.inference_mode():

@@ -45,8 +45,10 @@ class ArrayFeatures(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.as_tensor(np.asarray(self.feats[i], dtype=np.float32)), int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        # a dict marks cached features for the task module (``tl_cli.tasks.cached``)
+        feats = torch.as_tensor(np.asarray(self.feats[i], dtype=np.float32))
+        return {"features": feats}, int(self.labels[i])
 
 
 def _world() -> tuple[int, int]:

@@ -132,71 +132,18 @@ def checkpoint_plugins() -> list[Any]:
 
 # --------------------------------------------------------------------------- untrusted checkpoints
 
-#: Modules whose classes a checkpoint may name as ``_target_`` (what ``tl eval`` instantiates).
-TARGET_MODULES = frozenset(
-    {"tl_cli.backbones", "tl_cli.heads", "tl_cli.strategies", "tl_cli.data", "torch.optim"}
-)
-#: Functions a checkpoint may name as ``_target_``.
-TARGET_FUNCTIONS = frozenset({"tl_cli.backbones.create_backbone"})
-
-
-def _allowed_target(target: Any) -> bool:
-    if not isinstance(target, str) or "." not in target:
-        return False
-    if target in TARGET_FUNCTIONS:
-        return True
-    mod, _, name = target.rpartition(".")
-    if mod not in TARGET_MODULES or name.startswith("_"):
-        return False
-    import importlib
-
-    obj = getattr(importlib.import_module(mod), name, None)
-    return isinstance(obj, type)
-
-
-def _targets(obj: Any, where: str) -> list[tuple[str, Any]]:
-    found: list[tuple[str, Any]] = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k == "_target_":
-                found.append((where, v))
-            else:
-                found.extend(_targets(v, f"{where}.{k}" if where else str(k)))
-    elif isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            found.extend(_targets(v, f"{where}[{i}]"))
-    return found
-
-
-def check_checkpoint_targets(ckpt: dict[str, Any], path: Any) -> None:
-    """Refuse a checkpoint whose configs name anything but tl's own classes as ``_target_``.
-
-    ``weights_only=True`` stops pickled code, but a checkpoint is also a recipe: ``tl eval``
-    instantiates the ``_target_`` strings in its hyper_parameters and dataset config, and a
-    plain-data checkpoint naming e.g. ``pathlib.Path.write_text`` or ``builtins.open`` would write
-    files (Hydra's blocklist stops only some targets). Only the classes of tl's backbones, heads,
-    strategies and data modules, ``torch.optim`` optimizers and ``create_backbone`` pass.
-    """
-    for key in ("hyper_parameters", "tl"):
-        for where, target in _targets(ckpt.get(key), key):
-            if not _allowed_target(target):
-                raise TLError(
-                    f"checkpoint={path}: refused: {where}._target_={target!r} is not one of tl's own classes "
-                    f"(a checkpoint may only name tl backbones, heads, strategies, datasets and torch.optim optimizers)"
-                )
-
 
 def read_untrusted_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint that may be truncated, not a checkpoint at all, or crafted.
 
-    What ``tl_cli.module.read_checkpoint`` should do (the lead wires it there), on top of
-    ``torch.load(weights_only=True)``:
+    On top of ``torch.load(weights_only=True)``:
 
     * an empty file, or one that is not a zip archive (text, a raw pickle, a truncated file: its
       zip directory is at the end), is "not a readable checkpoint", before unpickling starts, so it
       is never misreported as a checkpoint holding forbidden objects;
     * a pickle that needs a non-plain global names that global (e.g. ``posix.system``);
-    * `check_checkpoint_targets` refuses ``_target_`` strings that are not tl's own classes.
+    * ``tl_cli.checkpoint.validate`` treats the stored configs as plain data: no interpolation,
+      no ``_target_``, a schema; objects are then built only through tl's registries.
     """
     import pickle
     import re
@@ -236,8 +183,9 @@ def read_untrusted_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise TLError(
             f"checkpoint={p}: not a tl checkpoint (no 'tl' metadata, hyper_parameters or state_dict)"
         )
-    check_checkpoint_targets(ckpt, p)
-    return ckpt
+    from tl_cli.checkpoint import validate
+
+    return validate(ckpt, p)
 
 
 # --------------------------------------------------------------------------- the guard

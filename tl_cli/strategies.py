@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tl_cli.registry import Registry
+
 NEVER = None  # unfreeze epoch of a group that never trains
+
+
+STRATEGIES: Registry[TransferStrategy] = Registry("strategy")  # filled below
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class TransferStrategy:
         return any(p.unfreeze_epoch is not None for p in self.group_plans(1)) or self.train_bn
 
 
+@STRATEGIES.register("feature_extraction")
 class FeatureExtraction(TransferStrategy):
     """Frozen backbone, only the head trains (a linear probe with a linear head)."""
 
@@ -95,6 +101,7 @@ class FeatureExtraction(TransferStrategy):
         return [GroupPlan(NEVER, m) for m in self.lr_mults(n_groups)]
 
 
+@STRATEGIES.register("finetune")
 class Finetune(TransferStrategy):
     """Everything trains from the start; the backbone at a lower LR."""
 
@@ -104,6 +111,7 @@ class Finetune(TransferStrategy):
         return [GroupPlan(0, m) for m in self.lr_mults(n_groups)]
 
 
+@STRATEGIES.register("freeze_unfreeze")
 class FreezeUnfreeze(TransferStrategy):
     """Head alone for ``unfreeze_at_epoch`` epochs, then the whole backbone at a low LR."""
 
@@ -126,6 +134,7 @@ class FreezeUnfreeze(TransferStrategy):
         return [GroupPlan(self.unfreeze_at_epoch, m) for m in self.lr_mults(n_groups)]
 
 
+@STRATEGIES.register("gradual_unfreeze")
 class GradualUnfreeze(TransferStrategy):
     """ULMFiT-style: block groups unfreeze from the top (deepest) down at ``milestones``.
 
@@ -164,6 +173,7 @@ class GradualUnfreeze(TransferStrategy):
         return plans
 
 
+@STRATEGIES.register("lp_ft")
 class LPFT(TransferStrategy):
     """LP-FT (Kumar et al., ICLR 2022): linear probe, then fine-tune everything at a lower LR.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -11,14 +12,15 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tl_cli import gates as tl_gates
 from tl_cli.backbones import count_params
 from tl_cli.console import EpochLines, History, interactive, say, summary_table
+from tl_cli.data import DATASETS
 from tl_cli.errors import TLError
 from tl_cli.loggers import make_logger
-from tl_cli.module import TransferModule
+from tl_cli.registry import plain
 from tl_cli.report import train_report
 from tl_cli.safety import (
     TrainingGuard,
@@ -28,13 +30,10 @@ from tl_cli.safety import (
     resume_command,
 )
 from tl_cli.safety import fit as safe_fit
+from tl_cli.tasks import TASKS, TransferTask
 from tl_cli.tuning import tune_lr
 
 METRICS_SCHEMA_VERSION = 1
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def quiet_lightning() -> None:
@@ -71,51 +70,70 @@ def _guard_output(out: Path, cfg: DictConfig) -> None:
             )
 
 
-def build(cfg: DictConfig) -> tuple[TransferModule, Any]:
-    """The data module (scanned) and the model, from a composed config."""
-    try:
-        dm = instantiate(cfg.dataset, _convert_="all")
-    except Exception as e:  # noqa: BLE001 - surface the constructor's own message
-        cause = e.__cause__ or e
-        if isinstance(cause, TLError):
-            raise cause from None
-        raise TLError(f"dataset: {str(cause).splitlines()[0]}") from None
+def stored_dataset_config(dataset: Any) -> dict[str, Any]:
+    """The dataset config as the checkpoint keeps it: plain values, paths made absolute."""
+    d = dict(plain(dataset))
+    for key in ("root", "target_root", "unlabeled_root"):
+        if d.get(key):
+            d[key] = str(Path(os.path.expanduser(str(d[key]))).resolve())
+    return d
+
+
+def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
+    """The data module (scanned) and the task module, from a composed config, via the registries."""
+    dm = DATASETS.build(cfg.dataset)
     dm.prepare()
-    module = TransferModule(
-        backbone=_plain(cfg.backbone),
-        head=_plain(cfg.head),
-        strategy=_plain(cfg.strategy),
-        optimizer=_plain(cfg.optimizer),
-        scheduler=_plain(cfg.scheduler),
+    task = plain(cfg.get("task")) or {"name": "classification"}
+    module = TASKS.build(
+        task,
+        backbone=plain(cfg.backbone),
+        head=plain(cfg.head),
+        strategy=plain(cfg.strategy),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
         class_names=dm.class_names,
-        image_size=cfg.dataset.get("image_size"),
+        preprocessing_overrides=dm.preprocessing_overrides(),
         label_smoothing=cfg.get("label_smoothing", 0.0),
     )
-    module.dataset_config = _plain(cfg.dataset)
-    dm.set_preprocessing(module.preprocessing)
+    module.dataset_config = stored_dataset_config(cfg.dataset)
+    dm.set_preprocessing(module.preprocessing)  # the backbone owns preprocessing; data follows it
     return module, dm
 
 
-def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
-    """Train from a composed config; returns the metrics written to metrics.json.
+def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]]:
+    """Wrap the data in a feature cache when the policy says the backbone never trains."""
+    if not module.can_cache_features():
+        return dm, {}
+    from tl_cli.features import FeatureDataModule
 
-    Args:
-        cfg: the composed train config.
-        callbacks: extra Lightning callbacks (for programmatic use and tests).
+    strat = module.strategy
+    views = int(getattr(strat, "cache_views", 0))
+    # features are computed in setup(), inside fit: per rank under DDP, on the trainer's device
+    data = FeatureDataModule(
+        module.backbone, dm, cache_dir=getattr(strat, "cache_dir", None), views=views
+    )
+    if not views and dm.augment not in (None, "none"):
+        say(
+            "cached features use the eval transform (no augmentation); strategy.cache_views=K caches K augmented views"
+        )
+    # next augmented view each epoch
+    return data, ({"reload_dataloaders_every_n_epochs": 1} if views > 1 else {})
+
+
+def train(
+    cfg: DictConfig, callbacks: list[pl.Callback] | None = None, logger: Any = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build, fit, test the best checkpoint. Writes checkpoints only (no reports, no gates).
+
+    Returns:
+        (metrics, objects): the metrics dict and ``module``, ``datamodule``, ``data`` (what was
+        fitted: the feature cache or the data module), ``trainer`` and ``checkpoint``.
     """
-    quiet_lightning()
     out = Path(str(cfg.output_dir))
-    _guard_output(out, cfg)
-    gates = tl_gates.parse(
-        cfg
-    )  # fail_under.* / fail_over.*: a bad name or value fails before any work
-    tl_gates.check_train_names(gates)
-    logger = make_logger(cfg, out)  # the logger group; a missing package fails before any work
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
-        read_untrusted_checkpoint(
-            ckpt_path
-        )  # clear error for a missing/corrupt/untrusted file before any work
+        # a missing, corrupt or crafted file fails before any work
+        read_untrusted_checkpoint(ckpt_path)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     module, dm = build(cfg)
@@ -124,42 +142,25 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     say(
         f"[bold]data[/] {dm.describe()}\n"
         f"[bold]model[/] {module.backbone.name} ({module.backbone.source}, {count_params(module.backbone) / 1e6:.1f}M params, "
-        f"{module.backbone.num_features} features) + {cfg.head.get('_target_', '').rsplit('.', 1)[-1]} head, "
-        f"strategy {module.strategy.name}, input {module.preprocessing['input_size']}px"
+        f"{module.backbone.num_features} features) + {cfg.head.get('name')} head, "
+        f"strategy {module.strategy.name}, task {module.task_name}"
     )
-
-    data: Any = dm
     t_fit = time.time()
-    trainer_extra: dict[str, Any] = {}
-    strat = module.strategy
-    if getattr(strat, "cache_features", False) and not strat.backbone_ever_trains:
-        from tl_cli.features import FeatureDataModule
-
-        # features are computed in setup(), inside fit: per rank under DDP, on the trainer's device
-        data = FeatureDataModule(
-            module.backbone, dm, cache_dir=strat.cache_dir, views=strat.cache_views
-        )
-        if strat.cache_views > 1:
-            trainer_extra["reload_dataloaders_every_n_epochs"] = 1  # next augmented view each epoch
-        if not strat.cache_views and dm.augment not in (None, "none"):
-            say(
-                "cached features use the eval transform (no augmentation); strategy.cache_views=K caches K augmented views"
-            )
-
+    data, trainer_extra = _cached_features(module, dm)
     history = History()
     ckpt_dir = out / "checkpoints"
+    monitor, mode = module.monitor
     checkpoint_cb = pl.callbacks.ModelCheckpoint(
         dirpath=str(ckpt_dir),
         filename="best",
-        monitor="val/acc",
-        mode="max",
+        monitor=monitor,
+        mode=mode,
         save_last=False,
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    guard = TrainingGuard(
-        ckpt_dir / "last.ckpt"
-    )  # NaN/inf stop, no bad checkpoint, last.ckpt on Ctrl-C
+    # NaN/inf stop, no bad checkpoint, last.ckpt on Ctrl-C
+    guard = TrainingGuard(ckpt_dir / "last.ckpt")
     # last.ckpt every epoch (save_last=True above would only refresh it when best.ckpt improves)
     callbacks = [
         history,
@@ -176,7 +177,7 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
-        logger=logger,
+        logger=logger if logger is not None else False,
         default_root_dir=str(out),
         enable_progress_bar=interactive(),
         plugins=checkpoint_plugins(),
@@ -190,7 +191,7 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     )
     fit_seconds = time.time() - t_fit
 
-    metrics = collect_metrics(history, checkpoint_cb, trainer, fit_seconds)
+    metrics = collect_metrics(history, checkpoint_cb, trainer, fit_seconds, monitor, mode)
     if dm.has_split("test"):
         res = trainer.test(
             module,
@@ -204,6 +205,7 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     metrics.update(
         {
             "schema_version": METRICS_SCHEMA_VERSION,
+            "task": module.task_name,
             "backbone": module.backbone.name,
             "strategy": module.strategy.name,
             "num_classes": dm.num_classes,
@@ -212,15 +214,41 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
             "val_size": len(dm.splits["val"]),
             "test_size": len(dm.splits.get("test", [])),
             "best_checkpoint": str(ckpt_dir / "best.ckpt"),
-            # dataset.skip_corrupt=true: unreadable images left out of the run
+            # dataset.skip_corrupt=true: unreadable inputs left out of the run
             "skipped_corrupt": len(getattr(dm, "skipped_corrupt", [])),
             "skipped_corrupt_files": [b.path for b in getattr(dm, "skipped_corrupt", [])],
         }
     )
     if lr_find:
         metrics["lr_find"] = lr_find
+    objects = {
+        "module": module,
+        "datamodule": dm,
+        "data": data,
+        "trainer": trainer,
+        "checkpoint": checkpoint_cb,
+    }
+    return metrics, objects
+
+
+def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
+    """`tl train`: check the inputs, `train`, then write metrics.json, the report and the gates.
+
+    Args:
+        cfg: the composed train config.
+        callbacks: extra Lightning callbacks (for programmatic use and tests).
+    """
+    quiet_lightning()
+    out = Path(str(cfg.output_dir))
+    _guard_output(out, cfg)
+    # fail_under.* / fail_over.*: a bad name or value fails before any work
+    gates = tl_gates.parse(cfg)
+    tl_gates.check_train_names(gates)
+    logger = make_logger(cfg, out)  # the logger group; a missing package fails before any work
+    metrics, objects = train(cfg, callbacks, logger)
+    ckpt_dir = out / "checkpoints"
     metrics["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, metrics, "train")]
-    if trainer.is_global_zero:
+    if objects["trainer"].is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         train_report(out, cfg, metrics)  # curves.png + report.md
@@ -242,25 +270,29 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
             f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}"
         )
         tl_gates.print_gates(gates)
-    tl_gates.enforce(
-        gates, str(out / "metrics.json")
-    )  # exit 1 on a failed gate, after the outputs exist
+    # exit 1 on a failed gate, after the outputs exist
+    tl_gates.enforce(gates, str(out / "metrics.json"))
     return metrics
 
 
 def collect_metrics(
-    history: History, ckpt: pl.callbacks.ModelCheckpoint, trainer: pl.Trainer, fit_seconds: float
+    history: History,
+    ckpt: pl.callbacks.ModelCheckpoint,
+    trainer: pl.Trainer,
+    fit_seconds: float,
+    monitor: str = "val/acc",
+    mode: str = "max",
 ) -> dict[str, Any]:
-    rows = [r for r in history.epochs if "val/acc" in r]
+    rows = [r for r in history.epochs if monitor in r]
     if not rows:
         raise TLError(
             "no validation epoch ran (check trainer.max_epochs and trainer.limit_val_batches)"
         )
     # ModelCheckpoint keeps the first epoch that reached the maximum; match it.
-    best = max(rows, key=lambda r: (r["val/acc"], -r["epoch"]))
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(rows, key=lambda r: (sign * r[monitor], -r["epoch"]))
     return {
-        "val/acc": best["val/acc"],
-        "val/loss": best["val/loss"],
+        **{k: v for k, v in best.items() if k.startswith("val/")},
         "best_epoch": int(best["epoch"]) + 1,  # 1-based, as printed
         "epochs": len(history.epochs),
         "fit_seconds": round(fit_seconds, 2),
