@@ -206,3 +206,77 @@ def test_train_gate_with_unknown_metric_fails_before_training(tiny_cfg):
         train.run(cfg)
     assert e.value.exit_code == 2
     assert not (Path(cfg.output_dir) / "checkpoints").exists()
+
+
+# -- non-finite metrics (NaN / inf) fail every gate that names them
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("rule", ["fail_under", "fail_over"])
+def test_nonfinite_metric_fails_gate_of_either_rule(bad, rule):
+    gs = gates.parse({rule: {"loss": 0.5, "per_class": {"cat": {"f1": 0.5}}}})
+    gates.evaluate(gs, {"loss": bad, "per_class": {"cat": {"f1": bad}}}, "eval")
+    assert [g.passed for g in gs] == [False, False] and not any(g.error for g in gs)
+    assert all(g.as_dict()["value"] is None for g in gs)  # no NaN/inf in eval.json
+    with pytest.raises(TLError) as e:
+        gates.enforce(gs, "eval.json")
+    kind = "nan" if bad != bad else ("inf" if bad > 0 else "-inf")
+    assert e.value.exit_code == 1 and "\n" not in str(e.value)
+    assert f"loss = {kind} is not finite ({rule}.loss)" in str(e.value)
+    assert f"per_class.cat.f1 = {kind} is not finite" in str(e.value)
+
+
+@pytest.mark.parametrize("rule", ["fail_under", "fail_over"])
+def test_nonfinite_flagged_none_fails_not_missing(rule):
+    """Strict JSON writes NaN as null and lists the key under "nonfinite"."""
+    ev = gates.parse({rule: {"loss": 0.5, "acc": 0.9}})  # acc equal to the threshold: passes
+    gates.evaluate(ev, {"loss": None, "acc": 0.9, "nonfinite": ["loss"]}, "eval")
+    assert [g.passed for g in ev] == [False, True] and not any(g.error for g in ev)
+    with pytest.raises(TLError, match=rf"loss is not finite \({rule}\.loss\)") as e:
+        gates.enforce(ev, "eval.json")
+    assert e.value.exit_code == 1 and "acc" not in str(e.value)
+
+    metrics = {
+        "val/loss": None,
+        "val/acc": 0.9,
+        "test/loss": None,
+        "nonfinite": ["val/loss", "test/loss"],
+    }
+    tr = gates.parse({rule: {"loss": 0.5, "val": {"loss": 0.5}}})
+    gates.evaluate(tr, metrics, "train")
+    assert [(g.key, g.passed, g.error) for g in tr] == [
+        ("test/loss", False, None),
+        ("val/loss", False, None),
+    ]
+    # a None that is not flagged is still a missing metric (bad input, exit 2)
+    miss = gates.parse({rule: {"loss": 0.5}})
+    gates.evaluate(miss, {"loss": None, "acc": 0.9}, "eval")
+    with pytest.raises(TLError, match="no metric 'loss'") as e:
+        gates.enforce(miss, "eval.json")
+    assert e.value.exit_code == 2
+
+
+def test_finite_metrics_still_pass_and_fail_as_before():
+    gs = gates.parse({"fail_under": {"acc": 0.5}, "fail_over": {"loss": 1e9}})
+    gates.evaluate(gs, {"acc": 0.5, "loss": 3.0, "nonfinite": []}, "eval")
+    assert [g.passed for g in gs] == [True, True]
+    gates.enforce(gs, "eval.json")  # no error
+
+
+def test_eval_cli_nan_checkpoint_fails_loss_gate(run_dir, tmp_path):
+    import torch
+
+    ckpt = torch.load(run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=False)
+    head = [k for k in ckpt["state_dict"] if k.startswith("head") and k.endswith("weight")]
+    assert head
+    for k in head:
+        ckpt["state_dict"][k] = torch.full_like(ckpt["state_dict"][k], float("nan"))
+    nan_ckpt = tmp_path / "nan.ckpt"
+    torch.save(ckpt, nan_ckpt)
+    r = run_tl(
+        "eval", f"checkpoint={nan_ckpt}", f"hydra.run.dir={tmp_path / 'e'}", "fail_over.loss=0.5"
+    )
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "is not finite (fail_over.loss)" in last and last.startswith("tl: error: gate failed")
+    assert "Traceback" not in r.stderr

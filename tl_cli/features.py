@@ -11,6 +11,13 @@ per split and trains the head on the cached tensors: each later epoch costs only
   larger than RAM, and a later run with the same key skips extraction. The key hashes the
   backbone's weights, the preprocessing, the transform (eval or augmented view), and every
   file's path, size and mtime, so any change invalidates it.
+* Integrity: an entry is ``<split>-<key>.features.npy``, ``.labels.npy`` and ``.meta.json``, a
+  manifest (rows, dim, dtypes, byte sizes, sha256 of both files) written last, after both arrays
+  are renamed into place, so its presence marks a complete entry. Every load checks the npy
+  headers, sizes and checksums against it (hashed in chunks: tens of milliseconds per 25 MB); a
+  damaged entry (or one without a manifest) is reported with its path and rebuilt. Temp files
+  ``.<name>.<pid>.tmp[.npy]`` left by a killed run are removed once that pid no longer exists,
+  and a full disk while writing is a one-line error naming the file, with the temp removed.
 * ``cache_views=K``: the train split is cached K times with training augmentation; epoch e
   trains on view ``e mod K``. With ``K=0`` train features use the eval transform (no
   augmentation).
@@ -18,9 +25,11 @@ per split and trains the head on the cached tensors: each later epoch costs only
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +41,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tl_cli.console import progress, say
 from tl_cli.data import EpochShuffle, TransferDataModule
+from tl_cli.errors import EXIT_FAILED, TLError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1  # part of every key: changing it orphans all entries
+MANIFEST_VERSION = 1  # the .meta.json layout: an entry with another version is rebuilt
+_HASH_CHUNK = 4 << 20
+#: ``.<final name>.<pid>.tmp`` (features, manifest) or ``.<final name>.<pid>.tmp.npy`` (labels)
+_TEMP = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.tmp(?:\.npy)?$")
 
 
 class ArrayFeatures(Dataset):
@@ -160,6 +174,132 @@ class RowWriter:
         os.fsync(self.fh.fileno())
         self.fh.close()
 
+    def abort(self) -> None:
+        """Close without flushing to disk (the file is about to be removed)."""
+        try:
+            self.fh.close()
+        except OSError:
+            pass
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in fixed-size chunks (memory stays bounded for any size)."""
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) from a ``.npy`` header."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        return shape, fortran, dtype, fh.tell()
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_manifest(meta: Path, fpath: Path, ypath: Path, rows: int, dim: int) -> None:
+    """Write the manifest of a complete entry (temp file, then an atomic rename)."""
+    doc = {
+        "version": MANIFEST_VERSION,
+        "rows": rows,
+        "dim": dim,
+        "dtype": "float32",
+        "labels_dtype": "int64",
+        "features": _file_entry(fpath),
+        "labels": _file_entry(ypath),
+    }
+    tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(doc, indent=1) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, meta)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_entry(meta: Path, fpath: Path, ypath: Path) -> str | None:
+    """None if the entry is complete and intact, else what is wrong, naming the file."""
+    if not meta.exists():
+        return f"{meta}: missing (entry incomplete or from an older tl)"
+    try:
+        doc = json.loads(meta.read_text())
+        rows, dim = int(doc["rows"]), int(doc["dim"])
+        if doc.get("version") != MANIFEST_VERSION:
+            return f"{meta}: manifest version {doc.get('version')!r}, expected {MANIFEST_VERSION}"
+        want = {
+            fpath: ((rows, dim), np.dtype(doc["dtype"]), doc["features"]),
+            ypath: ((rows,), np.dtype(doc["labels_dtype"]), doc["labels"]),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{meta}: unreadable manifest ({type(e).__name__}: {e})"
+    for path, (shape, dtype, entry) in want.items():
+        if not path.exists():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return f"{path}: {size} bytes, expected {entry['bytes']} (truncated or overwritten)"
+        try:
+            got_shape, fortran, got_dtype, offset = _npy_header(path)
+        except (OSError, ValueError) as e:
+            return f"{path}: bad .npy header ({e})"
+        if got_shape != shape or got_dtype != dtype or fortran:
+            return (
+                f"{path}: header says {got_dtype}{list(got_shape)}, expected {dtype}{list(shape)}"
+            )
+        if offset + int(np.prod(shape)) * dtype.itemsize != size:
+            return f"{path}: {size} bytes do not hold a {dtype}{list(shape)} array"
+        if file_sha256(path) != entry["sha256"]:
+            return f"{path}: checksum mismatch (contents changed on disk)"
+    return None
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files whose writer (the pid in the name) no longer exists; never a live one's."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if not m or not p.is_file():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass  # another run removed it first
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a real pid: leave it alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True
+    return True
+
 
 class FeatureDataModule(pl.LightningDataModule):
     """Serves cached ``(features, label)`` batches in place of images.
@@ -198,6 +338,9 @@ class FeatureDataModule(pl.LightningDataModule):
         was = next(self.backbone.parameters()).device
         self.backbone.to(device)
         digest = weights_digest(self.backbone) if self.cache_dir else ""
+        if self.cache_dir and _world()[0] == 0:
+            for p in remove_stale_temps(self.cache_dir):
+                say(f"feature cache: removed {p} (left by a run that no longer exists)")
         try:
             for split in self.images.splits:
                 if split == "train" and self.views > 0:
@@ -230,23 +373,57 @@ class FeatureDataModule(pl.LightningDataModule):
         )
         stem = self.cache_dir / f"{split}-{key}"
         fpath, ypath = stem.with_suffix(".features.npy"), stem.with_suffix(".labels.npy")
+        meta = stem.with_suffix(".meta.json")
         rank, world = _world()
-        if fpath.exists() and ypath.exists():
+        problem: str | None = "absent"
+        if rank == 0:
+            if any(p.exists() for p in (meta, fpath, ypath)):
+                problem = check_entry(meta, fpath, ypath)
+                if problem:
+                    say(f"feature cache: damaged entry {problem}; rebuilding")
+        if world > 1:  # rank 0's verdict for all: every rank takes the same path
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is None:
             self.cache_hits += 1
             return ArrayFeatures(np.load(fpath, mmap_mode="r"), np.load(ypath))
         self.cache_misses += 1
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        n = len(ds)
-        tmp = fpath.with_name(f".{fpath.name}.{os.getpid()}.tmp")
-        out = RowWriter(tmp, n, self.backbone.num_features) if rank == 0 else None
-        f, y = extract(self.backbone, ds, self.images, device, desc, out=out)  # type: ignore[arg-type]
-        del f
-        if out is not None:
-            out.close()
-            ytmp = ypath.with_name(f".{ypath.name}.{os.getpid()}.tmp.npy")
-            np.save(ytmp, y)
-            os.replace(ytmp, ypath)
-            os.replace(tmp, fpath)  # features last: their presence marks a complete entry
+        n, dim = len(ds), self.backbone.num_features
+        if rank == 0:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            meta.unlink(missing_ok=True)  # no manifest until the new entry is complete
+        pid = os.getpid()
+        tmp = fpath.with_name(f".{fpath.name}.{pid}.tmp")
+        ytmp = ypath.with_name(f".{ypath.name}.{pid}.tmp.npy")
+        writing = fpath  # named in a disk-full error (its temp file is removed)
+        out: RowWriter | None = None
+        try:
+            out = RowWriter(tmp, n, dim) if rank == 0 else None
+            f, y = extract(self.backbone, ds, self.images, device, desc, out=out)  # type: ignore[arg-type]
+            del f
+            if out is not None:
+                out.close()
+                out = None
+                writing = ypath
+                np.save(ytmp, y)
+                os.replace(ytmp, ypath)
+                os.replace(tmp, fpath)
+                writing = meta
+                write_manifest(meta, fpath, ypath, n, dim)  # last: marks a complete entry
+        except BaseException as e:
+            if out is not None:
+                out.abort()
+            for p in (tmp, ytmp):
+                p.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TLError(
+                    f"no space left on the device writing the feature cache {writing} "
+                    f"({n} x {dim} float32 = {n * dim * 4 / 2**20:.1f} MiB for this split): "
+                    "free space, or point strategy.cache_dir elsewhere (null: no disk cache)",
+                    exit_code=EXIT_FAILED,
+                ) from e
+            raise
         if world > 1:
             dist.barrier()
         return ArrayFeatures(np.load(fpath, mmap_mode="r"), np.load(ypath))

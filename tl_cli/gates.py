@@ -11,12 +11,16 @@ Metric names:
 * ``tl train``: ``acc``, ``macro_f1`` and ``loss`` mean the final test metric when the dataset has a
   test split, else the best-epoch validation metric; ``val.acc`` / ``test.acc`` (dots for the
   slash: Hydra keys cannot hold ``/``) pick one explicitly. Any other number in metrics.json works too.
+
+A metric that is NaN or infinite fails every gate that names it, ``fail_under`` and ``fail_over``
+alike (a NaN compares false with anything, so a plain comparison would pass it). Such a value may
+arrive as a float or, from strict JSON, as ``None`` with its key listed in ``"nonfinite"``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -54,13 +58,29 @@ class Gate:
     value: float | None = None
     passed: bool | None = None
     error: str | None = None  # the gate names a metric that is not there
+    #: set when the metric is NaN/inf: "nan", "inf", "-inf" or "not finite" (None + nonfinite flag)
+    nonfinite: str | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return f"{self.rule}.{self.metric}"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON form (no NaN/inf in it: a non-finite value is ``None``, ``passed`` False)."""
+        d = asdict(self)
+        d.pop("nonfinite")
+        if self.nonfinite:
+            d["value"] = None
+        return d
+
+    def failure(self) -> str:
+        """This failed gate, for the one-line error."""
+        what = self.key or self.metric
+        if self.nonfinite == "not finite":
+            return f"{what} is not finite ({self.name})"
+        if self.nonfinite:
+            return f"{what} = {self.nonfinite} is not finite ({self.name})"
+        return f"{what} {self.value:.4f} {RULES[self.rule]} {self.threshold:g} ({self.name})"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -103,6 +123,24 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
     return cur
 
 
+def _flagged(data: dict[str, Any], key: str) -> bool:
+    """Whether ``key`` is listed as non-finite (its value stored as None) in ``data["nonfinite"]``."""
+    flags = data.get("nonfinite")
+    if not isinstance(flags, list | tuple):
+        return False
+    forms = {key, key.replace("/", "."), key.replace(".", "/", 1)}
+    return any(isinstance(f, str) and f in forms for f in flags)
+
+
+def _nonfinite(value: Any, flagged: bool) -> str | None:
+    """The kind of a non-finite metric (nan, inf, -inf; "not finite": a flagged None), else None."""
+    if value is None:
+        return "not finite" if flagged else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return None
+
+
 def _numeric_keys(data: dict[str, Any]) -> list[str]:
     return [
         k
@@ -117,7 +155,7 @@ def resolve_train_key(metric: str, metrics: dict[str, Any] | None = None) -> str
         if metrics is None:
             return f"test/{metric}"
         for split in ("test", "val"):
-            if f"{split}/{metric}" in metrics:
+            if f"{split}/{metric}" in metrics or _flagged(metrics, f"{split}/{metric}"):
                 return f"{split}/{metric}"
         return None
     slashed = metric.replace(".", "/", 1)
@@ -126,6 +164,8 @@ def resolve_train_key(metric: str, metrics: dict[str, Any] | None = None) -> str
     for cand in (slashed, metric):
         v = metrics.get(cand)
         if isinstance(v, int | float) and not isinstance(v, bool):
+            return cand
+        if v is None and _flagged(metrics, cand):
             return cand
     return None
 
@@ -153,6 +193,11 @@ def evaluate(gates: list[Gate], data: dict[str, Any], kind: str) -> list[Gate]:
             value = data.get(key) if key else None
         else:
             key, value = g.metric, _lookup(data, g.metric)
+        g.nonfinite = _nonfinite(value, key is not None and _flagged(data, key))
+        if g.nonfinite:  # fails whatever the rule: NaN < x and NaN > x are both false
+            g.key, g.passed = key, False
+            g.value = None if value is None else float(value)
+            continue
         if not isinstance(value, int | float) or isinstance(value, bool):
             g.passed = False
             if kind == "train" and g.metric in (
@@ -188,11 +233,8 @@ def enforce(gates: list[Gate], where: str) -> None:
         raise TLError("; ".join(bad))
     failed = [g for g in gates if g.passed is False]
     if failed:
-        parts = [
-            f"{g.key or g.metric} {g.value:.4f} {RULES[g.rule]} {g.threshold:g} ({g.name})"
-            for g in failed
-        ]
-        raise TLError(f"gate failed: {'; '.join(parts)}; see {where}", exit_code=EXIT_FAILED)
+        parts = "; ".join(g.failure() for g in failed)
+        raise TLError(f"gate failed: {parts}; see {where}", exit_code=EXIT_FAILED)
 
 
 def print_gates(gates: list[Gate]) -> None:
@@ -217,7 +259,10 @@ def print_gates(gates: list[Gate]) -> None:
             if not g.error
             else "[red]no such metric[/]"
         )
-        t.add_row(
-            escape(g.name), escape(str(g.key or g.metric)), fmt(g.value), f"{g.threshold:g}", res
+        shown = (
+            ("not finite" if g.nonfinite == "not finite" else f"{g.nonfinite} (not finite)")
+            if g.nonfinite
+            else fmt(g.value)
         )
+        t.add_row(escape(g.name), escape(str(g.key or g.metric)), shown, f"{g.threshold:g}", res)
     console.print(t)
