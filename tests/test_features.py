@@ -65,6 +65,7 @@ def test_disk_cache_is_memory_mapped(tiny_cfg, tmp_path):
     with torch.no_grad():
         ref = module.backbone.eval()(x[None])[0]
     f, label = fdm.splits["val"][0][0]
+    f = f["features"]
     assert label == y and torch.allclose(f, ref, atol=1e-5)
 
 
@@ -75,6 +76,6 @@ def test_cache_views_precompute_augmented_views(tiny_cfg, tmp_path):
     fdm.setup("fit")
     v0, v1 = fdm.splits["train"]
     assert len(fdm.splits["val"]) == 1 and len(v0) == len(v1) == len(dm.splits["train"])
-    assert not torch.allclose(v0[0][0], v1[0][0])  # two different random crops/flips
+    assert not torch.allclose(v0[0][0]["features"], v1[0][0]["features"])  # two different random crops/flips
     m = run(cfg)  # and a run with views trains end to end
     assert m["epochs"] == 2

@@ -61,7 +61,7 @@ class ArrayFeatures(Dataset):
 
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
         # a dict marks cached features for the task module (``tl_cli.tasks.cached``)
-        feats = torch.as_tensor(np.asarray(self.feats[i], dtype=np.float32))
+        feats = torch.from_numpy(np.array(self.feats[i], dtype=np.float32))
         return {"features": feats}, int(self.labels[i])
 
 
