@@ -4,15 +4,16 @@ A crafted checkpoint is tried against every command that loads one: tl eval, tl 
 tl export and resume (tl train ckpt_path=). Two kinds:
 
 * a pickle whose unpickling would run code (``__reduce__`` -> os.system("touch MARKER"));
-* plain data (loads fine with weights_only=True) whose config names a ``_target_`` that would
-  write a file when ``tl eval`` rebuilds the model from it (``pathlib.Path.touch``).
+* plain data (loads fine with weights_only=True) whose stored config would run code if it were
+  instantiated or resolved: a ``_target_`` naming a file writer, or a string that OmegaConf would
+  turn into one (``${oc.create:{_target_: pathlib.Path.touch, ...}}``) or into a secret
+  (``${oc.env:TOKEN}``). Checkpoints are data (tl_cli.checkpoint): neither may do anything.
 """
 
 from __future__ import annotations
 
 import ast
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from omegaconf import open_dict
 from tests.conftest import TINY, compose_cfg, run_tl
 from tl_cli import module as tl_module
 from tl_cli.errors import TLError
-from tl_cli.safety import check_checkpoint_targets, read_untrusted_checkpoint
+from tl_cli.safety import read_untrusted_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,43 +61,6 @@ def _target_bomb(good: Path, path: Path, marker: Path, where: str = "strategy") 
         ckpt["hyper_parameters"][where] = evil
     torch.save(ckpt, path)
     return path
-
-
-def _hardened() -> bool:
-    """Whether tl_cli.module.read_checkpoint refuses foreign _target_s and names empty files
-    (i.e. delegates to tl_cli.safety.read_untrusted_checkpoint, as the lead was asked to wire)."""
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "x.ckpt"
-        p.write_bytes(b"")
-        try:
-            tl_module.read_checkpoint(p)
-        except TLError as e:
-            if "not a readable checkpoint" not in str(e):
-                return False
-        except Exception:  # noqa: BLE001
-            return False
-        torch.save(
-            {
-                "tl": {},
-                "state_dict": {},
-                "hyper_parameters": {"strategy": {"_target_": "builtins.open"}},
-            },
-            p,
-        )
-        try:
-            tl_module.read_checkpoint(p)
-        except TLError:
-            return True
-        return False
-
-
-HARDENED = _hardened()
-needs_lead_wiring = pytest.mark.xfail(
-    not HARDENED,
-    strict=True,
-    reason="SECURITY: tl_cli/module.py read_checkpoint must delegate to tl_cli.safety.read_untrusted_checkpoint "
-    "(checks _target_ strings and empty/non-zip files); see its docstring in tl_cli/safety.py",
-)
 
 
 @pytest.fixture(scope="module")
@@ -175,82 +139,183 @@ def test_no_command_runs_the_pickle_bomb(tmp_path: Path, tiny_data: Path) -> Non
         assert not marker.exists(), f"tl {name} ran code from the checkpoint"
 
 
-# --------------------------------------------------------------------------- _target_ injection (plain data)
+# --------------------------------------------------------------------------- plain-data bombs
+
+#: interpolation forms that OmegaConf would resolve (and Hydra's instantiate would then call)
+INTERPOLATIONS = {
+    "oc.create": "${oc.create:{_target_:pathlib.Path.touch,_args_:['MARKER']}}",
+    "oc.env": "${oc.env:TL_TEST_SECRET}",
+    "oc.decode": "${oc.decode:'{a: 1}'}",
+    "nested": "prefix-${oc.select:${oc.env:HOME}}",
+    "escaped": "\\${oc.env:TL_TEST_SECRET}",
+    "plain-ref": "${backbone.name}",
+}
+#: every stored field a crafted checkpoint could hide one in
+FIELDS = [
+    ("hyper_parameters", "backbone", "weights_path"),
+    ("hyper_parameters", "backbone", "name"),
+    ("hyper_parameters", "head", "dropout"),
+    ("hyper_parameters", "strategy", "cache_dir"),
+    ("hyper_parameters", "optimizer", "lr"),
+    ("hyper_parameters", "scheduler", "name"),
+    ("hyper_parameters", "class_names", 0),
+    ("hyper_parameters", "preprocessing_overrides", "image_size"),
+    ("hyper_parameters", "label_smoothing", None),
+    ("tl", "dataset", "root"),
+    ("tl", "preprocessing", "interpolation"),
+    ("tl", "task", None),
+]
 
 
-@pytest.mark.parametrize("where", ["strategy", "head", "backbone", "optimizer", "dataset"])
-def test_foreign_targets_are_refused_by_the_safe_reader(
-    tmp_path: Path, good_ckpt: Path, where: str
+def _crafted(good: Path, path: Path, section: str, key, sub, value) -> Path:
+    ckpt = torch.load(good, map_location="cpu", weights_only=True)
+    if sub is None:
+        ckpt[section][key] = value
+    else:
+        ckpt[section][key][sub] = value
+    torch.save(ckpt, path)
+    return path
+
+
+def test_an_interpolation_bomb_really_runs_code_when_resolved(tmp_path: Path) -> None:
+    """The control: OmegaConf + instantiate on such a string writes a file."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    marker = tmp_path / "control_marker"
+    node = OmegaConf.create({"x": INTERPOLATIONS["oc.create"].replace("MARKER", str(marker))})
+    instantiate(node.x)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("form", list(INTERPOLATIONS))
+def test_interpolations_in_every_field_are_refused_naming_the_key(
+    tmp_path: Path, good_ckpt: Path, form: str, monkeypatch
 ) -> None:
+    monkeypatch.setenv("TL_TEST_SECRET", "s3cret")
     marker = tmp_path / "marker"
-    path = _target_bomb(good_ckpt, tmp_path / "t.ckpt", marker, where)
-    with pytest.raises(
-        TLError, match=r"_target_='pathlib.Path.touch' is not one of tl's own classes"
-    ):
-        read_untrusted_checkpoint(path)
+    value = INTERPOLATIONS[form].replace("MARKER", str(marker))
+    for section, key, sub in FIELDS:
+        path = _crafted(good_ckpt, tmp_path / "c.ckpt", section, key, sub, value)
+        where = f"{section}.{key}" + (
+            f"[{sub}]" if isinstance(sub, int) else f".{sub}" if sub else ""
+        )
+        with pytest.raises(TLError, match=r"looks like an interpolation") as e:
+            tl_module.load_module(path)
+        assert where in str(e.value) and "s3cret" not in str(e.value), (where, str(e.value))
     assert not marker.exists()
 
 
-def test_the_real_checkpoints_targets_are_all_allowed(good_ckpt: Path) -> None:
-    ckpt = read_untrusted_checkpoint(good_ckpt)
-    check_checkpoint_targets(ckpt, good_ckpt)
-    for name in (
-        "tl_cli.data.SampleDataModule",
-        "tl_cli.data.TorchvisionDataModule",
-        "torch.optim.SGD",
-        "tl_cli.heads.MLPHead",
-    ):
-        check_checkpoint_targets({"hyper_parameters": {"x": {"_target_": name}}}, "p")
-    for name in (
-        "tl_cli.safety.atomic_save",
-        "tl_cli.data.load_image",
-        "torch.save",
-        "builtins.open",
-        "os.system",
-        42,
-        "nodots",
-    ):
-        with pytest.raises(TLError):
-            check_checkpoint_targets({"tl": {"dataset": {"nested": [{"_target_": name}]}}}, "p")
-
-
-@needs_lead_wiring
-def test_load_module_does_not_instantiate_foreign_targets(tmp_path: Path, good_ckpt: Path) -> None:
+@pytest.mark.parametrize("where", ["strategy", "head", "backbone", "optimizer", "dataset"])
+def test_foreign_targets_are_refused(tmp_path: Path, good_ckpt: Path, where: str) -> None:
     marker = tmp_path / "marker"
-    path = _target_bomb(good_ckpt, tmp_path / "t.ckpt", marker)
-    with pytest.raises(TLError, match=r"is not one of tl's own classes"):
+    path = _target_bomb(good_ckpt, tmp_path / "t.ckpt", marker, where)
+    with pytest.raises(TLError, match=r"may not name code to call"):
         tl_module.load_module(path)
     assert not marker.exists()
 
 
+def test_nested_targets_are_refused_even_with_a_known_name(tmp_path: Path, good_ckpt: Path) -> None:
+    ckpt = torch.load(good_ckpt, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["head"]["extra"] = {"_target_": "tl_cli.heads.LinearHead"}
+    torch.save(ckpt, tmp_path / "n.ckpt")
+    with pytest.raises(TLError, match=r"hyper_parameters.head.extra._target_"):
+        tl_module.load_module(tmp_path / "n.ckpt")
+
+
+def test_unknown_registry_names_and_options_are_refused(tmp_path: Path, good_ckpt: Path) -> None:
+    cases = [
+        ("head", "name", "os.system", r"head.name='os.system' is not a known head"),
+        ("strategy", "name", "pathlib.Path.touch", r"is not a known strategy"),
+        ("optimizer", "name", "torch.save", r"is not a known optimizer"),
+        ("head", "hidden_evil", 3, r"head.hidden_evil is not an option of head=linear"),
+    ]
+    for key, sub, value, msg in cases:
+        path = _crafted(good_ckpt, tmp_path / "u.ckpt", "hyper_parameters", key, sub, value)
+        with pytest.raises(TLError, match=msg):
+            tl_module.load_module(path)
+
+
+def test_format1_checkpoints_with_tl_targets_still_load(tmp_path: Path, good_ckpt: Path) -> None:
+    """tl 0.1 wrote Hydra _target_ strings; its own classes are upgraded to registry names."""
+    ckpt = torch.load(good_ckpt, map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    hp["backbone"] = {"_target_": "tl_cli.backbones.create_backbone", **hp["backbone"]}
+    hp["head"] = {
+        "_target_": "tl_cli.heads.LinearHead",
+        **{k: v for k, v in hp["head"].items() if k != "name"},
+    }
+    hp["strategy"] = {
+        "_target_": "tl_cli.strategies.FeatureExtraction",
+        **{k: v for k, v in hp["strategy"].items() if k != "name"},
+    }
+    hp["optimizer"] = {
+        "_target_": "torch.optim.AdamW",
+        **{k: v for k, v in hp["optimizer"].items() if k != "name"},
+    }
+    hp["image_size"] = hp.pop("preprocessing_overrides").get("image_size")
+    ds = ckpt["tl"]["dataset"]
+    ckpt["tl"]["dataset"] = {
+        "_target_": "tl_cli.data.ImageFolderDataModule",
+        **{k: v for k, v in ds.items() if k != "name"},
+    }
+    for k in ("format", "task", "modality"):
+        ckpt["tl"].pop(k)
+    torch.save(ckpt, tmp_path / "v1.ckpt")
+    module, loaded = tl_module.load_module(tmp_path / "v1.ckpt")
+    ref, _ = tl_module.load_module(good_ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(module(x), ref(x))
+    assert loaded["tl"]["dataset"]["name"] == "imagefolder"
+
+
 @pytest.mark.slow
-@needs_lead_wiring
-def test_no_command_instantiates_foreign_targets(
+def test_no_command_resolves_or_instantiates_checkpoint_content(
     tmp_path: Path, good_ckpt: Path, tiny_data: Path
 ) -> None:
     image = next(tiny_data.rglob("*.png"))
-    for name, where in (
-        ("eval", "strategy"),
-        ("eval-dataset", "dataset"),
-        ("predict", "head"),
-        ("export", "backbone"),
-    ):
+    cases = [
+        ("eval", ("hyper_parameters", "strategy", "cache_dir"), "oc.create"),
+        ("eval-dataset", ("tl", "dataset", "root"), "oc.create"),
+        ("predict", ("hyper_parameters", "head", "dropout"), "oc.env"),
+        ("export", ("hyper_parameters", "backbone", "weights_path"), "nested"),
+        ("export-target", None, None),
+    ]
+    for name, field, form in cases:
         marker = tmp_path / f"marker_{name}"
-        evil = _target_bomb(good_ckpt, tmp_path / f"{name}.ckpt", marker, where)
+        if field is None:
+            evil = _target_bomb(good_ckpt, tmp_path / f"{name}.ckpt", marker, "backbone")
+        else:
+            value = INTERPOLATIONS[form].replace("MARKER", str(marker))
+            evil = _crafted(good_ckpt, tmp_path / f"{name}.ckpt", *field, value)
         cmd = name.split("-")[0]
         extra = {"predict": [f"inputs={image}"], "export": ["format=safetensors"]}.get(cmd, [])
-        r = run_tl(cmd, f"checkpoint={evil}", *extra, f"hydra.run.dir={tmp_path / name}")
+        r = run_tl(
+            cmd,
+            f"checkpoint={evil}",
+            *extra,
+            f"hydra.run.dir={tmp_path / name}",
+            env={"TL_TEST_SECRET": "s3cret"},
+        )
         assert r.returncode == 2 and not marker.exists(), (name, r.stderr[-2000:])
-        assert "is not one of tl's own classes" in _one_line(r.stderr)
+        line = _one_line(r.stderr)
+        assert "refused" in line and "s3cret" not in line, (name, line)
 
 
-def test_resume_refuses_foreign_targets(tmp_path: Path, good_ckpt: Path, tiny_cfg) -> None:
+def test_resume_refuses_crafted_checkpoints(tmp_path: Path, good_ckpt: Path, tiny_cfg) -> None:
     from tl_cli.train import run
 
     marker = tmp_path / "marker"
     evil = _target_bomb(good_ckpt, tmp_path / "t.ckpt", marker)
-    with pytest.raises(TLError, match=r"is not one of tl's own classes"):
+    with pytest.raises(TLError, match=r"may not name code to call"):
         run(tiny_cfg(f"ckpt_path={evil}"))
+    value = INTERPOLATIONS["oc.create"].replace("MARKER", str(marker))
+    evil = _crafted(
+        good_ckpt, tmp_path / "i.ckpt", "hyper_parameters", "strategy", "cache_dir", value
+    )
+    with pytest.raises(TLError, match=r"looks like an interpolation"):
+        run(tiny_cfg(f"ckpt_path={evil}", f"output_dir={tmp_path / 'r2'}"))
     assert not marker.exists()
 
 
@@ -263,7 +328,7 @@ def test_config_values_are_never_evaluated(tiny_cfg, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     code = f"__import__('os').system('touch {marker}')"
     for override in (f'optimizer.lr="{code}"', f'label_smoothing="{code}"', f'seed="{code}"'):
-        with pytest.raises(Exception):  # noqa: B017 - any refusal; what matters is that nothing ran
+        with pytest.raises(TLError):  # one clear line, and nothing ran
             run(tiny_cfg(override, f"output_dir={tmp_path / 'o'}"))
         assert not marker.exists(), override
 

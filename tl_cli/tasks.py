@@ -81,7 +81,13 @@ class TransferTask(pl.LightningModule):
             raise TLError(
                 f"class_names must be 2 or more distinct names, got {list(class_names)[:5]}"
             )
-        if not 0.0 <= float(label_smoothing) < 1.0:
+        try:
+            label_smoothing = float(label_smoothing)
+        except (TypeError, ValueError):
+            raise TLError(
+                f"label_smoothing={label_smoothing!r} must be a number in [0, 1)"
+            ) from None
+        if not 0.0 <= label_smoothing < 1.0:
             raise TLError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         self.class_names = [str(c) for c in class_names]
         self.backbone = build_backbone(backbone, pretrained=pretrained)

@@ -134,7 +134,11 @@ def train(
     if ckpt_path:
         # a missing, corrupt or crafted file fails before any work
         read_untrusted_checkpoint(ckpt_path)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    try:
+        seed = int(cfg.seed)
+    except (TypeError, ValueError):
+        raise TLError(f"seed={cfg.seed!r} must be an integer") from None
+    pl.seed_everything(seed, workers=True, verbose=False)
 
     module, dm = build(cfg)
     if cfg.get("channels_last"):
