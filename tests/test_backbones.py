@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tl_cli import backbones
 from tl_cli.backbones import BackboneSpec, create_backbone, register_backbone, registered_backbones
 from tl_cli.data import eval_transform
 from tl_cli.errors import TLError
@@ -39,24 +39,55 @@ def test_torchvision_bad_weights_name_lists_valid_ones():
         create_backbone("resnet18", weights="NOPE")
 
 
+def _no_network(monkeypatch) -> list[str]:
+    """Make every download probe report the host unreachable; returns the probed URLs."""
+    probed: list[str] = []
+
+    def probe(url: str, timeout: float = 3.0) -> str:
+        probed.append(url)
+        return "example.org unreachable (test: no network)"
+
+    monkeypatch.setattr(backbones, "_probe", probe)
+    return probed
+
+
 def test_torchvision_download_offline_fails_fast_with_hint(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub cache
-    t0 = time.time()
+    probed = _no_network(monkeypatch)
     with pytest.raises(TLError) as e:
         create_backbone("resnet18", weights="DEFAULT")
     msg = str(e.value)
-    assert time.time() - t0 < 15
-    assert str(tmp_path) in msg and "resnet18-" in msg and "weights_path" in msg
+    assert probed and "download.pytorch.org" in probed[0]
+    assert "test: no network" in msg and "weights_path" in msg and "weights=none" in msg
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-") in msg  # where to put the file
 
 
 def test_timm_download_offline_fails_fast_with_hint(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    t0 = time.time()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    probed = _no_network(monkeypatch)
     with pytest.raises(TLError) as e:
         create_backbone("resnet18.a1_in1k", source="timm", weights="DEFAULT")
-    assert time.time() - t0 < 15  # timm's own retries take ~45 s here
-    assert "weights_path" in str(e.value)
+    msg = str(e.value)
+    assert probed == ["https://huggingface.co"]
+    assert "test: no network" in msg and "weights_path" in msg and "timm resnet18.a1_in1k" in msg
+    assert str(tmp_path / "hub" / "models--timm--resnet18.a1_in1k") in msg
+
+
+def test_probe_reports_an_unreachable_host_without_raising(monkeypatch):
+    import socket
+
+    def refuse(addr, timeout):
+        assert addr == ("hub.example", 443) and timeout == 3.0
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert backbones._probe("https://hub.example/x.pth") == (
+        "hub.example unreachable (Connection refused)"
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
