@@ -14,7 +14,6 @@ import importlib
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ class BackboneSpec:
     name: str
     source: str  # bundled | torchvision | timm
     arch: str  # the library's own model name
-    default_weights: str | None = "DEFAULT"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -527,6 +525,3 @@ def _classifier_prefixes(model: nn.Module) -> list[str]:
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-BackboneFactory = Callable[..., Backbone]
