@@ -82,8 +82,13 @@ def test_strategy_options_instantiate(name: str):
 @pytest.mark.parametrize("name", options("dataset"))
 def test_dataset_options_instantiate(name: str, tiny_data: Path):
     extra = [f"dataset.root={tiny_data}"] if name == "imagefolder" else []
-    dm = instantiate(compose_cfg([f"dataset={name}", *extra]).dataset)
+    cfg = compose_cfg([f"dataset={name}", *extra]).dataset
+    dm = instantiate(cfg)
     assert isinstance(dm, TransferDataModule)
+    for key in ("batch_size", "val_fraction", "split_seed", "augment", "image_size"):
+        assert getattr(dm, key) == cfg[key], key  # the options reach the data module
+    if name.startswith("cifar"):  # cifar would download on prepare()
+        assert dm.name == name and dm.download is True
     if name in ("imagefolder", "sample"):  # cifar would download on prepare()
         dm.prepare()
         assert dm.num_classes >= 3 and dm.splits["val"]
@@ -110,8 +115,18 @@ def test_scheduler_options_build(name: str):
     f = shape_fn(cfg, total_steps=100, steps_per_epoch=10)
     vals = [f(s) for s in range(100)]
     assert all(0 <= v <= 1.0 + 1e-9 for v in vals)
-    if name == "cosine":
-        assert vals[0] < vals[9] and vals[-1] < 0.05  # warmup, then decay
+    peak = max(range(100), key=vals.__getitem__)
+    if name == "cosine":  # 1 warmup epoch (10 steps) to 1.0, then decay to min_lr_ratio 0.01
+        assert peak == 9 and vals[9] == pytest.approx(1.0) and vals[0] < vals[9]
+        assert all(a >= b for a, b in zip(vals[9:], vals[10:], strict=False))
+        assert vals[-1] == pytest.approx(0.01, abs=0.005)
+    elif name == "onecycle":  # from 1/div_factor up to 1.0 at pct_start=0.3, then down
+        assert vals[0] == pytest.approx(1 / 25) and peak == 30 and vals[-1] < 1e-3
+    elif name == "step":  # x0.1 every 3 epochs
+        for start, v in ((0, 1.0), (30, 0.1), (60, 0.01), (90, 0.001)):
+            assert vals[start : start + 10] == pytest.approx([v] * 10), start
+    else:  # none; plateau without a plateau reported yet
+        assert name in ("none", "plateau") and vals == [1.0] * 100
 
 
 # What each trainer option sets (the rest comes from trainer/default.yaml).
