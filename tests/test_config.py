@@ -106,6 +106,7 @@ def test_optimizer_options_instantiate(name: str):
     p = torch.nn.Parameter(torch.zeros(3))
     opt = instantiate(cfg, _partial_=True)([{"params": [p], "lr": 0.5}])
     assert opt.param_groups[0]["lr"] == 0.5  # the group's LR wins over the default
+    assert type(opt).__name__.lower() == name  # adam -> Adam, adamw -> AdamW, sgd -> SGD
 
 
 @pytest.mark.parametrize("name", options("scheduler"))
