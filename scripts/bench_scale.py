@@ -32,19 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TL = Path(sys.executable).with_name("tl")
-TINY = [
-    "backbone=timm",
-    "backbone.name=test_efficientnet",
-    "backbone.weights=none",
-    "dataset=imagefolder",
-    "dataset.image_size=32",
-    "dataset.batch_size=8",
-    "dataset.num_workers=0",
-    "trainer.accelerator=cpu",
-    "trainer.devices=1",
-    "trainer.max_epochs=2",
-]
-
+sys.path.insert(0, str(ROOT))
+from tests.tiny_config import TINY  # noqa: E402 - the fast tier's tiny model, shared with the tests
 
 # --------------------------------------------------------------------------- /proc helpers
 

@@ -17,24 +17,11 @@ from PIL import Image
 
 from tl_cli.cli import config_dir
 
+from .tiny_config import TINY  # noqa: F401 - re-exported: tests import TINY from conftest
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-subset"
 TL = Path(sys.executable).with_name("tl")
-
-# A tiny, fast model and input size for the fast tier: timm's test_efficientnet (99k params, has BN).
-TINY = [
-    "backbone=timm",
-    "backbone.name=test_efficientnet",
-    "backbone.weights=none",
-    "dataset=imagefolder",
-    "dataset.image_size=32",
-    "dataset.batch_size=8",
-    "dataset.num_workers=0",
-    "trainer.accelerator=cpu",
-    "trainer.devices=1",
-    "trainer.max_epochs=2",
-    "trainer.log_every_n_steps=1",
-]
 
 COLORS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
 
@@ -63,6 +50,19 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compose_cfg(overrides: list[str], config_name: str = "train") -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def good_ckpt(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.ckpt of a real 1-epoch tiny run (tests read or copy it; none modifies it)."""
+    from tl_cli.train import run
+
+    out = tmp_path_factory.mktemp("good")
+    cfg = compose_cfg([*TINY, f"dataset.root={tiny_data}", "trainer.max_epochs=1"])
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    run(cfg)
+    return out / "checkpoints" / "best.ckpt"
 
 
 @pytest.fixture

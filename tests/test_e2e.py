@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from omegaconf import open_dict
 
 from tl_cli import evaluate, train
@@ -181,6 +183,29 @@ def test_real_weights_feature_extraction_on_cifar(tmp_path):
     assert m["test/acc"] >= 0.55
 
 
+class _LayoutProbe(pl.Callback):
+    """Records, after every training step, the memory layout of the backbone's 4-D conv weights."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []  # (all channels_last, any not plain-contiguous)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ws = [p for p in pl_module.backbone.parameters() if p.dim() == 4]
+        assert ws, "the tiny backbone has conv weights"
+        self.seen.append(
+            (
+                all(p.is_contiguous(memory_format=torch.channels_last) for p in ws),
+                # a 3x3 conv with >1 input channel is channels_last only if it was converted
+                any(not p.is_contiguous() for p in ws),
+            )
+        )
+
+
 def test_channels_last_option_trains(tiny_cfg):
-    m = train.run(tiny_cfg("channels_last=true", "strategy=finetune", "trainer.max_epochs=1"))
+    probe = _LayoutProbe()
+    m = train.run(
+        tiny_cfg("channels_last=true", "strategy=finetune", "trainer.max_epochs=1"),
+        callbacks=[probe],
+    )
     assert m["epochs"] == 1 and 0.0 <= m["val/acc"] <= 1.0
+    assert probe.seen and all(a and b for a, b in probe.seen), probe.seen

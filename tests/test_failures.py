@@ -19,7 +19,6 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_cfg, run_tl
-from tests.test_security import needs_lead_wiring
 from tl_cli import safety
 from tl_cli.errors import TLError
 from tl_cli.module import read_checkpoint
@@ -451,18 +450,6 @@ def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
     return {p.name: p for p in d.iterdir()} | {"missing.ckpt": d / "missing.ckpt"}
 
 
-@pytest.fixture(scope="module")
-def good_ckpt(tiny_data: Path, tmp_path_factory) -> Path:
-    from tl_cli.train import run
-
-    out = tmp_path_factory.mktemp("good")
-    cfg = compose_cfg([*TINY, f"dataset.root={tiny_data}", "trainer.max_epochs=1"])
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    run(cfg)
-    return out / "checkpoints" / "best.ckpt"
-
-
 EXPECT = {
     "missing.ckpt": "file not found",
     "folder.ckpt": "not a file",
@@ -472,12 +459,6 @@ EXPECT = {
     "tensor.ckpt": "not a tl checkpoint",
     "other_dict.ckpt": "not a tl checkpoint",
 }
-
-
-#: Until tl_cli.module.read_checkpoint delegates to tl_cli.safety.read_untrusted_checkpoint, these
-#: two are misreported by tl eval/predict/export (an empty file raises IndexError; a text file is
-#: "refused: it holds Python objects"). Resume already uses the safe reader.
-NEEDS_WIRING = {"empty.ckpt", "text.ckpt"}
 
 
 def _check_bad(call, path: Path, name: str, what: str) -> None:
@@ -510,18 +491,11 @@ def test_bad_checkpoints_for_resume(tmp_path: Path, good_ckpt: Path, tiny_cfg) -
 def test_bad_checkpoints_for_eval(tmp_path: Path, good_ckpt: Path) -> None:
     from tl_cli import evaluate
 
-    for name, path in _bad_checkpoints(tmp_path, good_ckpt).items():
-        if name not in NEEDS_WIRING:
-            _check_bad(lambda p: evaluate.run(_eval_cfg(p, tmp_path)), path, name, "eval")
-
-
-@needs_lead_wiring
-def test_empty_or_text_checkpoint_for_eval(tmp_path: Path, good_ckpt: Path) -> None:
-    from tl_cli import evaluate
-
-    for name, path in _bad_checkpoints(tmp_path, good_ckpt).items():
-        if name in NEEDS_WIRING:
-            _check_bad(lambda p: evaluate.run(_eval_cfg(p, tmp_path)), path, name, "eval")
+    bad = _bad_checkpoints(tmp_path, good_ckpt)
+    assert set(bad) == set(EXPECT)
+    for name, path in bad.items():
+        _check_bad(lambda p: evaluate.run(_eval_cfg(p, tmp_path)), path, name, "eval")
+    assert not (tmp_path / "eval").exists()  # refused before any work
 
 
 def _eval_cfg(ckpt: Path, tmp_path: Path):

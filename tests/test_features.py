@@ -76,6 +76,8 @@ def test_cache_views_precompute_augmented_views(tiny_cfg, tmp_path):
     fdm.setup("fit")
     v0, v1 = fdm.splits["train"]
     assert len(fdm.splits["val"]) == 1 and len(v0) == len(v1) == len(dm.splits["train"])
-    assert not torch.allclose(v0[0][0]["features"], v1[0][0]["features"])  # two different random crops/flips
+    assert not torch.allclose(
+        v0[0][0]["features"], v1[0][0]["features"]
+    )  # two different random crops/flips
     m = run(cfg)  # and a run with views trains end to end
     assert m["epochs"] == 2

@@ -14,7 +14,7 @@ from tl_cli.errors import TLError
 from .conftest import compose_cfg, run_tl
 from .trained_run import trained_run
 
-# The documented schema (docs/ci_and_reports.md): these keys, with these types, stay.
+# The documented schema (README.md, "`eval.json` (schema_version 1)"): these keys and types stay.
 EVAL_SCHEMA = {
     "schema_version": int,
     "checkpoint": str,

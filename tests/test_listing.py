@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tl_cli import listing
 from tl_cli.backbones import count_params, create_backbone, registered_backbones
 
-from .conftest import run_tl
+from .conftest import compose_cfg, run_tl
 
 
 def test_every_registered_backbone_is_listed_with_facts():
@@ -87,6 +88,22 @@ def test_main_prints_table_json_and_errors(capsys):
     assert "no backbone matches 'no_such_backbone_xyz'" in capsys.readouterr().err
     assert listing.main(["--limit", "x"]) == 2
     assert listing.main(["a", "b"]) == 2
+
+
+@pytest.mark.parametrize("filter_args", [[], ["resnet1", "--limit", "4"]])
+def test_printed_overrides_compose_to_the_listed_backbone(capsys, filter_args):
+    """What `tl backbones` tells users to type (``backbone=...``) composes with Hydra into that
+    backbone, and the composed config builds it (``create_backbone(**cfg.backbone)``)."""
+    assert listing.main([*filter_args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    sources = {r["source"] for r in rows}
+    assert sources == ({"bundled", "torchvision"} if not filter_args else {"torchvision", "timm"})
+    for r in rows:
+        cfg = compose_cfg(r["usage"].split()).backbone
+        assert (cfg.name, cfg.source) == (r["name"], r["source"]), r["usage"]
+        with torch.device("meta"):
+            bb = create_backbone(**cfg, pretrained=False)
+        assert (bb.name, bb.source) == (r["name"], r["source"])
 
 
 def test_cli_backbones(tmp_path: Path):

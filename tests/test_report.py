@@ -114,31 +114,16 @@ def test_eval_writes_confusion_matrix_png_and_per_class_report(trained, tmp_path
 
 
 @pytest.mark.parametrize("strategy", ["feature_extraction", "finetune"])  # cached features / images
-def test_tune_lr_runs_the_finder_saves_plot_and_trains_with_the_suggestion(
-    tiny_data, tmp_path, strategy
-):
-    cfg = compose_cfg(
-        [
-            "backbone=timm",
-            "backbone.name=test_efficientnet",
-            "backbone.weights=none",
-            "dataset=imagefolder",
-            f"dataset.root={tiny_data}",
-            "dataset.image_size=32",
-            "dataset.batch_size=4",
-            "dataset.num_workers=0",
-            "trainer.accelerator=cpu",
-            "trainer.devices=1",
-            "trainer.max_epochs=1",
-            f"strategy={strategy}",
-            "tune_lr=true",
-            "lr_finder.num_training=30",
-            "lr_finder.min_lr=1e-5",
-            "lr_finder.max_lr=1.0",
-        ]
+def test_tune_lr_runs_the_finder_saves_plot_and_trains_with_the_suggestion(tiny_cfg, strategy):
+    cfg = tiny_cfg(
+        "dataset.batch_size=4",
+        "trainer.max_epochs=1",
+        f"strategy={strategy}",
+        "tune_lr=true",
+        "lr_finder.num_training=30",
+        "lr_finder.min_lr=1e-5",
+        "lr_finder.max_lr=1.0",
     )
-    with open_dict(cfg):
-        cfg.output_dir = str(tmp_path / "run")
     m = train.run(cfg)
     out = Path(cfg.output_dir)
     info = m["lr_find"]

@@ -63,18 +63,6 @@ def _target_bomb(good: Path, path: Path, marker: Path, where: str = "strategy") 
     return path
 
 
-@pytest.fixture(scope="module")
-def good_ckpt(tiny_data: Path, tmp_path_factory) -> Path:
-    from tl_cli.train import run
-
-    out = tmp_path_factory.mktemp("sec_good")
-    cfg = compose_cfg([*TINY, f"dataset.root={tiny_data}", "trainer.max_epochs=1"])
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    run(cfg)
-    return out / "checkpoints" / "best.ckpt"
-
-
 def _one_line(stderr: str) -> str:
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("tl: error: ") and "Traceback" not in stderr, (

@@ -82,10 +82,14 @@ def test_summary_has_a_row_per_job_with_the_swept_overrides(sweep_dir):
 
 def test_best_ignores_failed_jobs_and_prefers_low_loss():
     rows = [
-        {"job": 0, "status": "ok", "metrics": {"val/loss": 0.5}},
-        {"job": 1, "status": "ok", "metrics": {"val/loss": 0.2}},
+        {"job": 0, "status": "ok", "metrics": {"val/loss": 0.5, "val/acc": 0.9}},
+        {"job": 1, "status": "ok", "metrics": {"val/loss": 0.2, "val/acc": 0.7}},
+        {"job": 2, "status": "failed", "metrics": {"val/loss": 0.1, "val/acc": 0.95}},
+        {"job": 3, "status": "ok", "metrics": {"val/loss": float("nan"), "val/acc": 0.1}},
     ]
-    assert sweep._best(rows, "val/loss")["job"] == 1
+    assert sweep._best(rows, "val/loss")["job"] == 1  # lowest loss among finished, finite jobs
+    assert sweep._best(rows, "val/acc")["job"] == 0  # highest accuracy, failed job 2 ignored
+    assert sweep._best(rows[2:3], "val/acc") is None and sweep._best(rows, None) is None
 
 
 def test_callback_writes_summary_and_exits_1_when_a_job_failed(sweep_dir, capsys):

@@ -37,7 +37,6 @@ class BackboneSpec:
     name: str
     source: str  # bundled | torchvision | timm
     arch: str  # the library's own model name
-    default_weights: str | None = "DEFAULT"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

@@ -6,7 +6,8 @@ decompression-bomb-sized images. PNGs are checked with PIL's ``verify()`` (chunk
 CRCs, no pixel decode); JPEGs are decoded at 1/8 scale (libjpeg's DCT scaling), which still walks
 the whole entropy-coded stream and so catches truncation; other formats are decoded.
 
-Cost, measured on the shared CIFAR-10 subset (5,506 PNGs, 2 CPU cores): see docs/failure_modes.md.
+Cost, measured on the shared CIFAR-10 subset (5,506 PNGs, 2 CPU cores): see README.md, "Scan cost"
+(under Failure modes, Bad data).
 """
 
 from __future__ import annotations
