@@ -181,6 +181,7 @@ def load_module(path: str | os.PathLike[str]):
     Returns:
         (task module in eval mode, the validated checkpoint dict).
     """
+    import tl_cli.components  # noqa: F401 - every registry complete
     from tl_cli.tasks import TASKS
 
     ckpt = read_checkpoint(path)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torchmetrics.functional.classification import (
@@ -86,7 +87,7 @@ def predict_logits(
     outs, ys = [], []
     with progress(desc, total=len(loader)) as advance:
         for x, y in loader:
-            outs.append(module(x.to(device)).float().cpu())
+            outs.append(module(move_data_to_device(x, device)).float().cpu())
             ys.append(torch.as_tensor(y))
             advance()
     return torch.cat(outs), torch.cat(ys)

@@ -37,6 +37,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tl_cli.console import progress, say
@@ -128,7 +129,7 @@ def extract(
     i = 0
     with progress(desc, total=len(loader)) as advance:
         for x, y in loader:
-            f = backbone(x.to(device, non_blocking=True)).float().cpu().numpy()
+            f = backbone(move_data_to_device(x, device)).float().cpu().numpy()
             feats[i : i + len(f)] = f
             labels[i : i + len(f)] = np.asarray(y)
             i += len(f)

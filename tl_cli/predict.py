@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
@@ -180,7 +181,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for i, err in errors:
                 rows[i]["error"] = err
             if x is not None:
-                probs = torch.softmax(module(x.to(device)).float(), dim=1).cpu()
+                probs = torch.softmax(module(move_data_to_device(x, device)).float(), dim=1).cpu()
                 top_p, top_i = probs.topk(k, dim=1)
                 for j, i in enumerate(idx):
                     rows[i]["topk"] = [

@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import tl_cli.components  # noqa: F401 - every registry complete
 from tl_cli import gates as tl_gates
 from tl_cli.backbones import count_params
 from tl_cli.console import EpochLines, History, interactive, say, summary_table
