@@ -24,9 +24,8 @@ from tl_cli.checkpoint import load_module, stored_path
 from tl_cli.console import console, fmt, progress, summary_table
 from tl_cli.data import DATASETS, FOLDER_DATASETS, TorchvisionDataModule
 from tl_cli.errors import TLError
+from tl_cli.metrics import EVAL_SCHEMA_VERSION, EVAL_SUMMARY
 from tl_cli.report import eval_report
-
-EVAL_SCHEMA_VERSION = 1
 
 
 def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) -> tuple[Any, bool]:
@@ -162,7 +161,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary_table(
         f"tl eval: {out / 'eval.json'}",
         result,
-        ["acc", "top5_acc", "macro_f1", "loss", "num_samples"],
+        list(EVAL_SUMMARY),
     )
     tl_gates.print_gates(gates)
     tl_gates.enforce(

@@ -21,6 +21,7 @@ from tl_cli.console import EpochLines, History, interactive, say, summary_table
 from tl_cli.data import DATASETS
 from tl_cli.errors import TLError
 from tl_cli.loggers import make_logger
+from tl_cli.metrics import DEFAULT_MONITOR, METRICS_SCHEMA_VERSION, TRAIN_SUMMARY
 from tl_cli.registry import plain
 from tl_cli.report import train_report
 from tl_cli.safety import (
@@ -33,8 +34,6 @@ from tl_cli.safety import (
 from tl_cli.safety import fit as safe_fit
 from tl_cli.tasks import TASKS, TransferTask
 from tl_cli.tuning import tune_lr
-
-METRICS_SCHEMA_VERSION = 1
 
 
 def quiet_lightning() -> None:
@@ -260,16 +259,7 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
         summary_table(
             f"tl {cfg.get('command', 'train')}: {out}",
             metrics,
-            [
-                "val/acc",
-                "val/loss",
-                "test/acc",
-                "test/macro_f1",
-                "test/loss",
-                "best_epoch",
-                "epochs",
-                "fit_seconds",
-            ],
+            list(TRAIN_SUMMARY),
         )
         say(
             f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}"
@@ -285,8 +275,8 @@ def collect_metrics(
     ckpt: pl.callbacks.ModelCheckpoint,
     trainer: pl.Trainer,
     fit_seconds: float,
-    monitor: str = "val/acc",
-    mode: str = "max",
+    monitor: str = DEFAULT_MONITOR[0],
+    mode: str = DEFAULT_MONITOR[1],
 ) -> dict[str, Any]:
     rows = [r for r in history.epochs if monitor in r]
     if not rows:
