@@ -53,18 +53,18 @@ def run_file(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
     from safetensors.torch import load_file
 
     from tl_cli.export import ExportModel
-    from tl_cli.module import TransferModule
+    from tl_cli.tasks import ClassificationTask
 
     side = json.loads(path.with_suffix(".json").read_text())
     arch = side["architecture"]
-    fresh = TransferModule(
+    fresh = ClassificationTask(
         arch["backbone"],
         arch["head"],
-        {"_target_": "tl_cli.strategies.Finetune"},
-        {},
-        {},
+        {"name": "finetune"},
+        {"name": "adamw"},
+        {"name": "none"},
         side["class_names"],
-        image_size=arch["image_size"],
+        preprocessing_overrides=arch["preprocessing_overrides"],
         pretrained=False,
     )
     net = ExportModel(fresh.backbone, fresh.head).eval()
