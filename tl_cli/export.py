@@ -27,7 +27,8 @@ from tl_cli.checkpoint import load_module
 from tl_cli.console import console, say
 from tl_cli.errors import EXIT_FAILED, TLError
 from tl_cli.loggers import available
-from tl_cli.predict import output_path, required_key
+from tl_cli.outputs import atomic_path, check_output, lock_run_dir, release_run_dir, write_json
+from tl_cli.predict import inside_run_dir, output_path, required_key
 from tl_cli.tasks import TASKS
 
 SIDECAR_SCHEMA_VERSION = 1
@@ -70,6 +71,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"output={out}: .json is the sidecar's name; give the model file a {FORMATS[fmt]} name"
         )
     sidecar = out.with_suffix(".json")
+    # the sidecar is an output too: never the checkpoint, never an existing file without overwrite
+    in_run_dir = not cfg.get("output")
+    if in_run_dir:
+        inside_run_dir(sidecar, Path(str(cfg.output_dir)))
+    overwrite = bool(cfg.get("overwrite", False))
+    check_output(sidecar, overwrite=overwrite, inputs=[ckpt_path], label=f"the sidecar {sidecar}")
+    if in_run_dir:
+        lock_run_dir(out.parent)  # the run dir: one tl run at a time
 
     module, ckpt = load_module(ckpt_path)
     meta = ckpt["tl"]
@@ -80,14 +89,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     samples = sample_inputs(
         size, n_samples, seed=1
     )  # another batch size: the export must not fix it
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    if fmt == "onnx":
-        exporter = export_onnx(net, example, out, int(cfg.get("opset", 18)))
-    elif fmt == "torchscript":
-        exporter = export_torchscript(net, example, out)
-    else:
-        exporter = export_safetensors(net, out, meta)
+    # again: a file that appeared meanwhile is not replaced either
+    check_output(out, overwrite=overwrite, inputs=[ckpt_path])
+    with atomic_path(out) as tmp:  # written beside it, then renamed: never half a model file
+        if fmt == "onnx":
+            exporter = export_onnx(net, example, tmp, int(cfg.get("opset", 18)))
+        elif fmt == "torchscript":
+            exporter = export_torchscript(net, example, tmp)
+        else:
+            exporter = export_safetensors(net, tmp, meta)
 
     verification: dict[str, Any] = {
         "samples": n_samples,
@@ -136,7 +147,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "verification": verification,
     }
-    sidecar.write_text(json.dumps(doc, indent=2) + "\n")
+    check_output(sidecar, overwrite=overwrite, inputs=[ckpt_path], label=f"the sidecar {sidecar}")
+    write_json(sidecar, doc)
+    if in_run_dir:
+        release_run_dir(out.parent)
     _print(out, sidecar, doc)
     if verification["passed"] is False:
         raise TLError(
