@@ -121,8 +121,8 @@ def test_explicit_output_and_sidecar_beside_it(ckpt, tmp_path):
 def test_failed_check_exits_1_and_is_recorded(ckpt, tmp_path, monkeypatch):
     real = export._run_export
 
-    def off_by_a_bit(fmt, out, x, ck):
-        y, runtime = real(fmt, out, x, ck)
+    def off_by_a_bit(*args, **kwargs):
+        y, runtime = real(*args, **kwargs)
         return y + 0.01, runtime
 
     monkeypatch.setattr(export, "_run_export", off_by_a_bit)

@@ -27,30 +27,32 @@ from tl_cli.checkpoint import load_module
 from tl_cli.console import console, say
 from tl_cli.errors import EXIT_FAILED, TLError
 from tl_cli.loggers import available
+from tl_cli.metrics import SIDECAR_SCHEMA_VERSION
+from tl_cli.modalities import modality_of
 from tl_cli.outputs import atomic_path, check_output, lock_run_dir, release_run_dir, write_json
 from tl_cli.predict import inside_run_dir, output_path, required_key
 from tl_cli.tasks import TASKS
 
-SIDECAR_SCHEMA_VERSION = 1
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 ONNX_EXTRA = "pip install 'tl-cli[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
 class ExportModel(nn.Module):
-    """Images -> logits: the checkpoint's backbone and head, without Lightning around them."""
+    """Input tensors -> logits: the checkpoint's backbone and head, without Lightning around them.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    ``pack`` (the modality's) turns the graph's input tensors into what the backbone takes
+    (images: the one tensor; text: a dict of token ids and attention mask).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, pack: Any = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pack = pack
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        x = self.pack(*xs) if self.pack is not None else xs[0]
         return self.head(self.backbone(x))
-
-
-def sample_inputs(size: int, batch: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, size, size, generator=g)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -83,18 +85,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module, ckpt = load_module(ckpt_path)
     meta = ckpt["tl"]
     prep = dict(meta["preprocessing"])
-    size = int(prep["input_size"])
-    net = ExportModel(module.backbone, module.head).eval()
-    example = sample_inputs(size, 2, seed=0)
-    samples = sample_inputs(
-        size, n_samples, seed=1
-    )  # another batch size: the export must not fix it
+    modality = modality_of(meta)
+    names = modality.input_names(prep)
+    net = ExportModel(module.backbone, module.head, modality.pack).eval()
+    example = modality.example(prep, 2, seed=0)
+    # another batch size: the export must not fix it
+    samples = modality.example(prep, n_samples, seed=1)
 
     # again: a file that appeared meanwhile is not replaced either
     check_output(out, overwrite=overwrite, inputs=[ckpt_path])
     with atomic_path(out) as tmp:  # written beside it, then renamed: never half a model file
         if fmt == "onnx":
-            exporter = export_onnx(net, example, tmp, int(cfg.get("opset", 18)))
+            exporter = export_onnx(net, example, tmp, int(cfg.get("opset", 18)), names)
         elif fmt == "torchscript":
             exporter = export_torchscript(net, example, tmp)
         else:
@@ -109,8 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.get("verify", True):
         with torch.inference_mode():
-            ref = net(samples).float()
-        got, runtime = _run_export(fmt, out, samples, ckpt)
+            ref = net(*samples).float()
+        got, runtime = _run_export(fmt, out, samples, ckpt, names, modality.pack)
         if got is None:
             verification["skipped"] = runtime
         else:
@@ -124,13 +126,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "class_names": list(meta["class_names"]),
         "num_classes": len(meta["class_names"]),
         "preprocessing": prep,
-        "input": {
-            "name": "image",
-            "shape": ["batch", 3, size, size],
-            "dtype": "float32",
-            "layout": "NCHW",
-            "transform": f"RGB in [0, 1], resize short side to floor({size} / crop_pct), centre crop {size}, (x - mean) / std",
-        },
+        "modality": modality.name,
+        "input": modality.describe_input(prep),
         "output": {
             "name": "logits",
             "shape": ["batch", len(meta["class_names"])],
@@ -164,7 +161,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writers
 
 
-def export_onnx(net: nn.Module, example: torch.Tensor, out: Path, opset: int) -> str:
+def export_onnx(
+    net: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    out: Path,
+    opset: int,
+    names: list[str] | None = None,
+) -> str:
     """torch.export-based exporter (needs onnxscript); the TorchScript-based one otherwise."""
     import logging
 
@@ -185,12 +188,12 @@ def export_onnx(net: nn.Module, example: torch.Tensor, out: Path, opset: int) ->
                 batch = torch.export.Dim("batch", min=1)
                 torch.onnx.export(
                     net,
-                    (example,),
+                    tuple(example),
                     str(out),
                     dynamo=True,
-                    input_names=["image"],
+                    input_names=names,
                     output_names=["logits"],
-                    dynamic_shapes=({0: batch},),
+                    dynamic_shapes=tuple({0: batch} for _ in example),
                     opset_version=opset,
                     external_data=False,
                     verbose=False,
@@ -205,12 +208,12 @@ def export_onnx(net: nn.Module, example: torch.Tensor, out: Path, opset: int) ->
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 net,
-                (example,),
+                tuple(example),
                 str(out),
                 dynamo=False,
-                input_names=["image"],
+                input_names=names,
                 output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={**{n: {0: "batch"} for n in names}, "logits": {0: "batch"}},
                 opset_version=min(opset, 20),
             )
         return f"torch.onnx (TorchScript-based, opset {min(opset, 20)})"
@@ -223,12 +226,12 @@ def export_onnx(net: nn.Module, example: torch.Tensor, out: Path, opset: int) ->
         ) from None
 
 
-def export_torchscript(net: nn.Module, example: torch.Tensor, out: Path) -> str:
+def export_torchscript(net: nn.Module, example: tuple[torch.Tensor, ...], out: Path) -> str:
     """``torch.jit.trace``: convolutional nets and ViTs trace to a graph with a free batch size."""
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(net, example, check_trace=False)
+            traced = torch.jit.trace(net, tuple(example), check_trace=False)
             traced.save(str(out))
     except Exception as e:  # noqa: BLE001
         raise TLError(
@@ -257,7 +260,12 @@ def export_safetensors(net: nn.Module, out: Path, meta: dict[str, Any]) -> str:
 
 
 def _run_export(
-    fmt: str, out: Path, x: torch.Tensor, ckpt: dict[str, Any]
+    fmt: str,
+    out: Path,
+    xs: tuple[torch.Tensor, ...],
+    ckpt: dict[str, Any],
+    names: list[str],
+    pack: Any = None,
 ) -> tuple[torch.Tensor | None, str]:
     """Outputs of the written file on ``x`` and what ran it; (None, reason) when nothing can run it."""
     if fmt == "onnx":
@@ -266,23 +274,21 @@ def _run_export(
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return torch.from_numpy(
-            sess.run(None, {name: x.numpy()})[0]
-        ), f"onnxruntime {ort.__version__}"
+        feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs, strict=True)}
+        return torch.from_numpy(sess.run(None, feed)[0]), f"onnxruntime {ort.__version__}"
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = torch.jit.load(str(out), map_location="cpu")
         with torch.inference_mode():
-            return loaded(x), "torch.jit.load"
+            return loaded(*xs), "torch.jit.load"
     from safetensors.torch import load_model
 
     fresh = TASKS.get(ckpt["tl"]["task"])(**dict(ckpt["hyper_parameters"]), pretrained=False)
-    net = ExportModel(fresh.backbone, fresh.head).eval()
+    net = ExportModel(fresh.backbone, fresh.head, pack).eval()
     load_model(net, str(out), strict=True)
     with torch.inference_mode():
-        return net(x), "safetensors.torch.load_model into a fresh model"
+        return net(*xs), "safetensors.torch.load_model into a fresh model"
 
 
 def _print(out: Path, sidecar: Path, doc: dict[str, Any]) -> None:
@@ -304,9 +310,7 @@ def _print(out: Path, sidecar: Path, doc: dict[str, Any]) -> None:
     )
     t.add_row(
         "input",
-        escape(
-            f"float32 {doc['input']['shape']} (mean {doc['preprocessing']['mean']}, std {doc['preprocessing']['std']})"
-        ),
+        escape(f"{doc['input'].get('dtype', '')} {doc['input'].get('shape')} ({doc['modality']})"),
     )
     if v.get("max_abs_diff") is not None:
         ok = "[green]ok[/]" if v["passed"] else "[red]FAILED[/]"

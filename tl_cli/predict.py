@@ -14,24 +14,23 @@ NaN/inf is refused (exit 1) before anything is written.
 from __future__ import annotations
 
 import csv
-import fnmatch
-import glob
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from tl_cli.checkpoint import load_module
 from tl_cli.console import console, progress, say
-from tl_cli.data import IMG_EXTS, default_num_workers, eval_transform, load_image
+from tl_cli.data import default_num_workers
 from tl_cli.errors import EXIT_FAILED, TLError
+from tl_cli.metrics import PREDICTIONS_SCHEMA_VERSION
+from tl_cli.modalities import ImageModality, ReadEach, collate_reads, modality_of
 from tl_cli.outputs import atomic_path, check_output, lock_run_dir, release_run_dir, write_json
 
-PREDICTIONS_SCHEMA_VERSION = 1
 FORMATS = ("csv", "json")
 
 
@@ -41,138 +40,9 @@ def required_key(cfg: DictConfig, key: str, usage: str) -> Any:
     return cfg.get(key)
 
 
-def _is_image_name(p: Path) -> bool:
-    return p.suffix.lower() in IMG_EXTS and not p.name.startswith(".")
-
-
-def _walk(root: str) -> list[str]:
-    """Files under ``root``, following directory symlinks but never a directory twice (no loops)."""
-    seen: set[tuple[int, int]] = set()
-    files: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        files.extend(os.path.join(dirpath, f) for f in sorted(filenames))
-    return files
-
-
-def _match_parts(parts: list[str], pat: list[str]) -> bool:
-    """Path components against glob components; ``**`` matches any number of folders."""
-    if not pat:
-        return not parts
-    if pat[0] == "**":
-        for i in range(len(parts) + 1):
-            if i and parts[i - 1].startswith("."):
-                return False  # like glob: ** does not enter hidden folders
-            if _match_parts(parts[i:], pat[1:]):
-                return True
-        return False
-    if not parts:
-        return False
-    if parts[0].startswith(".") and not pat[0].startswith("."):
-        return False  # like glob: wildcards do not match hidden names
-    return fnmatch.fnmatchcase(parts[0], pat[0]) and _match_parts(parts[1:], pat[1:])
-
-
-def _recursive_glob(spec: str) -> list[str]:
-    """``glob(spec, recursive=True)`` for a spec with ``**``, without following a symlink loop."""
-    parts = spec.split(os.sep)
-    n = next(i for i, p in enumerate(parts) if glob.has_magic(p))
-    root = os.sep.join(parts[:n]) or ("/" if spec.startswith(os.sep) else "")
-    pat = [p for p in parts[n:] if p]
-    hits = []
-    for f in _walk(root or "."):
-        rel = os.path.relpath(f, root or ".").split(os.sep)
-        if _match_parts(rel, pat):
-            hits.append(f if root else os.path.relpath(f, "."))
-    return hits
-
-
-def _unique_files(paths: list[str]) -> list[str]:
-    """Each file once: the same file reached by two paths (symlinks, hard links) is kept once."""
-    seen: set[Any] = set()
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            key: Any = (st.st_dev, st.st_ino)
-        except OSError:
-            key = os.path.abspath(p)
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
-
-
 def find_inputs(inputs: Any) -> list[str]:
-    """Image paths from a directory (recursive), a file, a glob, or a list of those; sorted, unique.
-
-    A file named explicitly is kept whatever its extension (an unreadable one becomes an error row);
-    directories and globs keep the image extensions only. Directory symlinks are followed, but a
-    folder is never entered twice (no symlink loops), and a file reached by several paths counts once.
-    """
-    specs = (
-        [str(i) for i in inputs] if isinstance(inputs, list | tuple | ListConfig) else [str(inputs)]
-    )
-    found: list[str] = []
-    for spec in specs:
-        spec = os.path.expanduser(spec)
-        p = Path(spec)
-        if p.is_dir():
-            hits = sorted(f for f in _walk(spec) if _is_image_name(Path(f)))
-            if not hits:
-                raise TLError(f"inputs={spec}: no images in this folder ({', '.join(IMG_EXTS)})")
-        elif p.is_file():
-            hits = [spec]
-        elif glob.has_magic(spec):
-            matched = (
-                _recursive_glob(spec)
-                if "**" in spec.split(os.sep)
-                else glob.glob(spec, recursive=True)
-            )
-            hits = sorted(f for f in matched if Path(f).is_file() and _is_image_name(Path(f)))
-            if not hits:
-                raise TLError(f"inputs={spec}: the pattern matches no image files")
-        else:
-            raise TLError(f"inputs={spec}: no such file or folder")
-        found.extend(hits)
-    return _unique_files(found)
-
-
-class _Images(Dataset):
-    """(tensor or None, index, error) per path; a bad image is reported, not raised."""
-
-    def __init__(self, paths: list[str], transform: Any) -> None:
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
-        try:
-            return self.transform(load_image(self.paths[i])), i, None
-        except TLError as e:  # load_image's own message names the file and the problem
-            return None, i, str(e)[:300]
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return None, i, f"{type(e).__name__}: {msg}"[:300]
-
-
-def _collate(
-    batch: list[tuple[torch.Tensor | None, int, str | None]],
-) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
-    good = [(x, i) for x, i, err in batch if err is None]
-    errors = [(i, err) for _, i, err in batch if err is not None]
-    x = torch.stack([g[0] for g in good]) if good else None
-    return x, [g[1] for g in good], errors
+    """Image files ``inputs=`` names (a folder, a file, a glob or a list): see `tl_cli.inputs`."""
+    return ImageModality().find(inputs)
 
 
 def inside_run_dir(path: Path, out_dir: Path) -> None:
@@ -237,9 +107,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     batch_size = cfg.get("batch_size", 32)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TLError(f"batch_size={batch_size!r} must be a whole number >= 1")
-    paths = find_inputs(inputs)
+    module, ckpt = load_module(ckpt_path)
+    meta = ckpt["tl"]
+    modality = modality_of(meta)
+    items = modality.find(inputs)
+    paths = [modality.item_name(i) for i in items]
     fmt = str(cfg.get("format", "auto")).lower()
-    protect = [ckpt_path, *paths]
+    protect = [ckpt_path, *modality.protected(inputs, items)]
     out = output_path(cfg, "predictions.json" if fmt == "json" else "predictions.csv", protect)
     if not cfg.get("output"):
         lock_run_dir(out.parent)  # the run dir: one tl run at a time
@@ -248,8 +122,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise TLError(f"format={fmt!r} must be auto, csv or json")
 
-    module, ckpt = load_module(ckpt_path)
-    meta = ckpt["tl"]
     class_names = list(meta["class_names"])
     k = min(topk_req, len(class_names))
     want = str(cfg.get("device", "auto"))
@@ -262,19 +134,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if workers is None
         else int(workers)
     )
+    prep = meta["preprocessing"]
     loader = DataLoader(
-        _Images(paths, eval_transform(meta["preprocessing"])),
+        ReadEach(items, modality.loader(prep)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_reads(modality, prep),
     )
 
     rows: list[dict[str, Any]] = [{"path": p, "topk": [], "error": None} for p in paths]
     module.to(device).eval()
     with (
         torch.inference_mode(),
-        progress(f"predicting {len(paths)} images", total=len(loader)) as advance,
+        progress(f"predicting {len(paths)} {modality.noun}", total=len(loader)) as advance,
     ):
         for x, idx, errors in loader:
             for i, err in errors:
