@@ -96,7 +96,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_output(out, overwrite=overwrite, inputs=[ckpt_path])
     with atomic_path(out) as tmp:  # written beside it, then renamed: never half a model file
         if fmt == "onnx":
-            exporter = export_onnx(net, example, tmp, int(cfg.get("opset", 18)), names)
+            exporter = export_onnx(
+                net, example, tmp, int(cfg.get("opset", 18)), names, modality.dynamic_axes(prep)
+            )
         elif fmt == "torchscript":
             exporter = export_torchscript(net, example, tmp)
         else:
@@ -167,6 +169,7 @@ def export_onnx(
     out: Path,
     opset: int,
     names: list[str] | None = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> str:
     """torch.export-based exporter (needs onnxscript); the TorchScript-based one otherwise."""
     import logging
@@ -180,50 +183,48 @@ def export_onnx(
         "torch.fx",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)  # their INFO lines are exporter internals
-    errors = []
+    names = names or [f"input_{i}" for i in range(len(example))]
+    axes = dynamic_axes or {n: {0: "batch"} for n in names}
+    dims = {a: torch.export.Dim(a, min=1) for ax in axes.values() for a in ax.values()}
+    attempts: list[tuple[str, dict[str, Any]]] = []
     if available("onnxscript"):
+        dynamic_shapes = tuple({i: dims[a] for i, a in axes.get(n, {}).items()} for n in names)
+        attempts.append(
+            (
+                f"torch.export, opset {opset}",
+                dict(dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset),
+            )
+        )
+    attempts.append(
+        (
+            f"TorchScript-based, opset {min(opset, 20)}",
+            dict(
+                dynamo=False,
+                dynamic_axes={**axes, "logits": {0: "batch"}},
+                opset_version=min(opset, 20),
+            ),
+        )
+    )
+    errors = []
+    for label, kw in attempts:  # the torch.export exporter first, the TorchScript one as fallback
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                batch = torch.export.Dim("batch", min=1)
                 torch.onnx.export(
                     net,
                     tuple(example),
                     str(out),
-                    dynamo=True,
                     input_names=names,
                     output_names=["logits"],
-                    dynamic_shapes=tuple({0: batch} for _ in example),
-                    opset_version=opset,
-                    external_data=False,
-                    verbose=False,
+                    **({"external_data": False, "verbose": False} if kw["dynamo"] else {}),
+                    **kw,
                 )
-            return f"torch.onnx (torch.export, opset {opset})"
-        except Exception as e:  # noqa: BLE001 - fall back to the TorchScript-based exporter
+            return f"torch.onnx ({label})"
+        except Exception as e:  # noqa: BLE001
             errors.append(
                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                net,
-                tuple(example),
-                str(out),
-                dynamo=False,
-                input_names=names,
-                output_names=["logits"],
-                dynamic_axes={**{n: {0: "batch"} for n in names}, "logits": {0: "batch"}},
-                opset_version=min(opset, 20),
-            )
-        return f"torch.onnx (TorchScript-based, opset {min(opset, 20)})"
-    except Exception as e:  # noqa: BLE001
-        errors.append(
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        )
-        raise TLError(
-            f"format=onnx: the model could not be exported ({'; '.join(errors)[:300]})"
-        ) from None
+    raise TLError(f"format=onnx: the model could not be exported ({'; '.join(errors)[:300]})")
 
 
 def export_torchscript(net: nn.Module, example: tuple[torch.Tensor, ...], out: Path) -> str:

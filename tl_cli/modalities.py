@@ -56,6 +56,10 @@ class Modality:
     def input_names(self, prep: dict[str, Any]) -> list[str]:  # pragma: no cover
         raise NotImplementedError
 
+    def dynamic_axes(self, prep: dict[str, Any]) -> dict[str, dict[int, str]]:
+        """Free axes of each graph input (default: the batch axis)."""
+        return {n: {0: "batch"} for n in self.input_names(prep)}
+
     def pack(self, *tensors: torch.Tensor) -> Any:
         """The exported graph's inputs -> what the backbone takes (default: the one tensor)."""
         return tensors[0]

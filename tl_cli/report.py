@@ -15,20 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from tl_cli.console import fmt
+from tl_cli.metrics import EVAL_SUMMARY, TRAIN_SUMMARY
+from tl_cli.metrics import HISTORY_KEYS as HISTORY
 from tl_cli.outputs import atomic_path, write_text
 
-TRAIN_KEYS = [
-    "val/acc",
-    "val/loss",
-    "test/acc",
-    "test/macro_f1",
-    "test/loss",
-    "best_epoch",
-    "epochs",
-    "fit_seconds",
-]
-EVAL_KEYS = ["acc", "top5_acc", "macro_f1", "loss", "num_samples"]
-HISTORY_KEYS = ["epoch", "train/loss", "train/acc", "val/loss", "val/acc", "seconds"]
+TRAIN_KEYS = list(TRAIN_SUMMARY)
+EVAL_KEYS = list(EVAL_SUMMARY)
+HISTORY_KEYS = list(HISTORY)
 
 
 def _figure(w: float, h: float):

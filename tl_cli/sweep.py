@@ -24,23 +24,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tl_cli.errors import EXIT_FAILED, TLError, full_errors
+from tl_cli.metrics import EVAL_SUMMARY, FINAL_METRICS
 from tl_cli.outputs import atomic_file, write_json, write_text
 
 #: Columns of the summary, in order, when the jobs wrote them (train: metrics.json; eval: eval.json).
-METRIC_COLUMNS = [
-    "val/acc",
-    "val/loss",
-    "test/acc",
-    "test/macro_f1",
-    "test/loss",
-    "best_epoch",
-    "fit_seconds",
-    "acc",
-    "macro_f1",
-    "loss",
-    "top5_acc",
-    "num_samples",
-]
+METRIC_COLUMNS = list(dict.fromkeys([*FINAL_METRICS, "best_epoch", "fit_seconds", *EVAL_SUMMARY]))
 FAILED_FILE = "failed.json"
 
 
