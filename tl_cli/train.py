@@ -25,6 +25,7 @@ from tl_cli.metrics import DEFAULT_MONITOR, METRICS_SCHEMA_VERSION, TRAIN_SUMMAR
 from tl_cli.registry import plain
 from tl_cli.report import train_report
 from tl_cli.safety import (
+    RunCheckpoint,
     TrainingGuard,
     checkpoint_plugins,
     last_checkpoint_callback,
@@ -154,7 +155,7 @@ def train(
     history = History()
     ckpt_dir = out / "checkpoints"
     monitor, mode = module.monitor
-    checkpoint_cb = pl.callbacks.ModelCheckpoint(
+    checkpoint_cb = RunCheckpoint(
         dirpath=str(ckpt_dir),
         filename="best",
         monitor=monitor,
@@ -278,7 +279,9 @@ def collect_metrics(
     monitor: str = DEFAULT_MONITOR[0],
     mode: str = DEFAULT_MONITOR[1],
 ) -> dict[str, Any]:
-    rows = [r for r in history.epochs if monitor in r]
+    # a resume whose old best.ckpt is gone tracks the best from the resumed epoch on
+    first = int(getattr(ckpt, "first_epoch", 0))
+    rows = [r for r in history.epochs if monitor in r and r["epoch"] >= first]
     if not rows:
         raise TLError(
             "no validation epoch ran (check trainer.max_epochs and trainer.limit_val_batches)"
