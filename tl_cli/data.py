@@ -261,6 +261,9 @@ class TransferDataModule(pl.LightningDataModule):
         augment: str = "light",
     ) -> None:
         super().__init__()
+        from tl_cli.validate import check_dataset_values
+
+        check_dataset_values(image_size, batch_size, num_workers, val_fraction, split_seed, augment)
         self.image_size = image_size
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)

@@ -17,7 +17,15 @@ from omegaconf import DictConfig
 import tl_cli.components  # noqa: F401 - every registry complete
 from tl_cli import gates as tl_gates
 from tl_cli.backbones import count_params
-from tl_cli.console import EpochLines, History, interactive, say, summary_table
+from tl_cli.console import (
+    EpochBar,
+    EpochLines,
+    History,
+    UnfreezeLines,
+    interactive,
+    say,
+    summary_table,
+)
 from tl_cli.data import DATASETS
 from tl_cli.errors import TLError
 from tl_cli.loggers import make_logger
@@ -35,6 +43,7 @@ from tl_cli.safety import (
 from tl_cli.safety import fit as safe_fit
 from tl_cli.tasks import TASKS, TransferTask
 from tl_cli.tuning import tune_lr
+from tl_cli.validate import check_train_config
 
 
 def quiet_lightning() -> None:
@@ -131,6 +140,7 @@ def train(
         fitted: the feature cache or the data module), ``trainer`` and ``checkpoint``.
     """
     out = Path(str(cfg.output_dir))
+    check_train_config(cfg)  # every value, the Trainer's included, before any work
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
         # a missing, corrupt or crafted file fails before any work
@@ -175,10 +185,12 @@ def train(
         *(callbacks or []),
         *(instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values()),
     ]
+    # one line per finished epoch (numbered from 1) everywhere; a live bar on a terminal
+    callbacks += [EpochLines(history), UnfreezeLines()]
     if interactive():
-        callbacks.append(pl.callbacks.RichProgressBar(leave=False))
-    else:
-        callbacks.append(EpochLines(history))
+        callbacks.append(EpochBar())
+    if logger:  # an lr column per param group in metrics.csv (and the other loggers)
+        callbacks.append(pl.callbacks.LearningRateMonitor(logging_interval="epoch"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -224,6 +236,12 @@ def train(
             "skipped_corrupt_files": [b.path for b in getattr(dm, "skipped_corrupt", [])],
         }
     )
+    # the epochs (1-based) at which backbone block groups joined training (for curves.png)
+    metrics["unfreeze_epochs"] = [
+        {"epoch": int(r["epoch"]) + 1, "groups": r["unfrozen"]}
+        for r in history.epochs
+        if r.get("unfrozen")
+    ]
     if lr_find:
         metrics["lr_find"] = lr_find
     objects = {
@@ -264,6 +282,9 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
         )
         say(
             f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}"
+        )
+        say(
+            f"report: {out / 'report.md'}\nnext: tl eval checkpoint={ckpt_dir / 'best.ckpt'}"
         )
         tl_gates.print_gates(gates)
     # exit 1 on a failed gate, after the outputs exist
