@@ -142,9 +142,10 @@ class RunCheckpoint(pl.callbacks.ModelCheckpoint):
             self.best_model_path = new_best
             self.kth_best_model_path = new_best
             self.kth_value = state_dict.get("kth_value", self.kth_value)
-            self.best_k_models = {new_best: v for v in state_dict.get("best_k_models", {}).values()}
-            if not self.best_k_models and self.best_model_score is not None:
-                self.best_k_models = {new_best: self.best_model_score}
+            # save_top_k=1: the one best model, now at its new path
+            self.best_k_models = (
+                {new_best: self.best_model_score} if self.best_model_score is not None else {}
+            )
         else:
             self._restarted = True
 
