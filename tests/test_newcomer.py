@@ -9,6 +9,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
+from tl_cli.cli import config_dir
+from tl_cli.errors import TLError
+
 from .conftest import TINY, compose_cfg, run_tl
 
 
@@ -60,3 +63,213 @@ def test_resume_into_new_dir_reports_the_weights_of_best_ckpt(tiny_data: Path, t
     res = evaluate(ecfg)
     assert res["acc"] == pytest.approx(m["val/acc"], abs=1e-6)
     assert res["loss"] == pytest.approx(m["val/loss"], abs=1e-4)
+
+
+def preflight(command: str, *args: str) -> list[str]:
+    from tl_cli.cli import COMMANDS
+    from tl_cli.preflight import Preflight
+
+    return Preflight(command, COMMANDS[command][0], config_dir()).run(list(args))
+
+
+def preflight_error(command: str, *args: str) -> str:
+    with pytest.raises(TLError) as e:
+        preflight(command, *args)
+    return str(e.value)
+
+
+def test_dataset_root_alone_selects_the_folder_dataset(tiny_data: Path):
+    assert "dataset=imagefolder" in preflight("train", f"dataset.root={tiny_data}")
+    # an explicit dataset= stays the user's choice; eval has its own dataset.root rule
+    assert (
+        preflight("train", "dataset=imagefolder", f"dataset.root={tiny_data}").count(
+            "dataset=imagefolder"
+        )
+        == 1
+    )
+    assert "dataset=imagefolder" not in preflight(
+        "eval", "checkpoint=x.ckpt", f"dataset.root={tiny_data}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["+epochs=1"], "did you mean trainer.max_epochs=1"),
+        (["epochs=1"], "did you mean trainer.max_epochs=1"),
+        (["+trainer.max_epoch=2"], "did you mean trainer.max_epochs=2"),
+        (["+lr_finder.foo=1"], "lr_finder.foo is not a key of lr_finder"),
+    ],
+)
+def test_unknown_keys_are_errors(args, says):
+    msg = preflight_error("train", *args)
+    assert says in msg and "+" not in msg.split("did you mean")[-1]
+
+
+def test_known_additions_pass():
+    out = preflight("train", "+trainer.fast_dev_run=1", "+callbacks.es.monitor=val/acc")
+    assert "+trainer.fast_dev_run=1" in out
+
+
+def test_tilde_is_expanded_in_every_path(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = preflight(
+        "train", "dataset=imagefolder", "dataset.root=~/data/flowers", "ckpt_path=~/x.ckpt"
+    )
+    assert f"dataset.root={tmp_path}/data/flowers" in out
+    assert f"ckpt_path={tmp_path}/x.ckpt" in out
+    out = preflight("predict", "checkpoint=~/m.ckpt", "inputs=~/photos", "output=~/p.csv")
+    assert f"inputs={tmp_path}/photos" in out and f"output={tmp_path}/p.csv" in out
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "says"),
+    [
+        (
+            "eval",
+            ["runs/fe/checkpoints/best.ckpt"],
+            "did you mean checkpoint=runs/fe/checkpoints/best.ckpt?",
+        ),
+        ("train", ["--epochs", "5"], "use trainer.max_epochs=5"),
+        ("train", ["--lr", "1e-3"], "use optimizer.lr=1e-3"),
+        ("train", ["--lr=1e-3"], "use optimizer.lr=1e-3"),
+        ("train", ["strategy=finetuning"], "did you mean strategy=finetune?"),
+        ("train", ["trainer.max_epoch=2"], "did you mean trainer.max_epochs=2"),
+        ("train", ["trainer.fast_dev_run=1"], "+trainer.fast_dev_run=1"),
+        ("train", ["resnet18"], "did you mean backbone=resnet18?"),
+        ("train", ["seed=1,2"], "add -m"),
+        ("train", ["+seed=3"], "drop the +"),
+        ("train", ["-m", "seed=1,2", "trainer.max_epoch=3"], "did you mean trainer.max_epochs=3"),
+    ],
+)
+def test_hydra_errors_become_one_line_with_a_suggestion(command, args, says):
+    msg = preflight_error(command, *args)
+    assert says in msg
+    assert "\n" not in msg and "search path" not in msg.lower()
+
+
+def test_hydra_error_from_the_command_line_exits_2_with_one_line():
+    r = run_tl("eval", "runs/fe/checkpoints/best.ckpt")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "tl: error: 'runs/fe/checkpoints/best.ckpt' is not an override: "
+        "did you mean checkpoint=runs/fe/checkpoints/best.ckpt?"
+    ]
+
+
+def test_checkpoint_run_dir_uses_its_best_ckpt(good_ckpt: Path, capsys):
+    run = good_ckpt.parent.parent
+    out = preflight("eval", f"checkpoint={run}")
+    assert f"checkpoint={good_ckpt}" in out
+    assert f"using {good_ckpt}" in capsys.readouterr().out
+    assert f"ckpt_path={run / 'checkpoints/last.ckpt'}" in preflight("train", f"ckpt_path={run}")
+
+
+# ----------------------------------------------------------------------------- lost reasons
+
+
+def test_error_reason_of_a_wrapped_exception_is_shown():
+    from hydra.errors import InstantiationException
+
+    from tl_cli.errors import describe
+
+    try:
+        try:
+            raise ValueError("devices=0 is not valid")
+        except ValueError as inner:
+            raise InstantiationException(
+                "Error in call to target 'pytorch_lightning.Trainer':\nValueError('devices=0 is not valid')\nfull_key: trainer"
+            ) from inner
+    except InstantiationException as e:
+        assert describe(e) == "ValueError: devices=0 is not valid"
+
+
+def check(*overrides: str) -> str:
+    from tl_cli.validate import check_train_config
+
+    cfg = compose_cfg([*TINY, "dataset.root=/nonexistent", *overrides])
+    with pytest.raises(TLError) as e:
+        check_train_config(cfg)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        (
+            "backbone.weights_path=/nonexistent.pth",
+            "backbone.weights_path=/nonexistent.pth: file not found",
+        ),
+        ("head.dropout=1.5", "dropout=1.5 must be in [0, 1)"),
+        ("trainer.devices=0", "devices=0"),
+        ("trainer.precision=7", "trainer.precision=7: Precision 7 is invalid"),
+        (
+            "trainer.strategy=bogus",
+            "trainer.strategy='bogus': You selected an invalid strategy name",
+        ),
+        ("dataset.batch_size=0", "dataset.batch_size=0 must be an integer >= 1"),
+        ("dataset.batch_size=-1", "dataset.batch_size=-1 must be an integer >= 1"),
+        ("optimizer.lr=-1", "lr=-1 must be > 0"),
+        ("optimizer.weight_decay=-1", "weight_decay=-1 must be >= 0"),
+        ("dataset.num_workers=-1", "dataset.num_workers=-1 must be an integer >= 0"),
+        ("seed=abc", "seed='abc' must be an integer"),
+        ("label_smoothing=2", "label_smoothing=2 must be in [0, 1)"),
+        ("trainer.max_epochs=-1", "trainer.max_epochs=-1 must be an integer >= 1"),
+        ("dataset.val_fraction=abc", "dataset.val_fraction='abc' must be a number between 0 and 1"),
+        ("dataset.image_size=0", "dataset.image_size=0 must be in [16, 1024]"),
+        ("dataset.image_size=100000", "dataset.image_size=100000 must be in [16, 1024]"),
+        ("dataset.augment=heavy", "dataset.augment='heavy' must be light or none"),
+        ("scheduler.warmup_epochs=-1", "scheduler.warmup_epochs=-1 must be >= 0"),
+        (
+            "+trainer.max_epoch=1",
+            "trainer.max_epoch is not an argument of pytorch_lightning.Trainer",
+        ),
+    ],
+)
+def test_bad_values_fail_before_any_work_naming_key_and_range(override, says):
+    assert says in check(override)
+
+
+def test_mlp_hidden_zero_is_refused():
+    assert "hidden=0 must be >= 1" in check("head=mlp", "head.hidden=0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_on_a_cpu_machine_says_why():
+    msg = check("trainer.accelerator=gpu")
+    assert msg.startswith("trainer.accelerator='gpu': ") and "gpu" in msg.split(": ", 1)[1].lower()
+
+
+def test_backbone_errors_keep_their_reason(tiny_cfg, tmp_path: Path, monkeypatch):
+    from tl_cli.train import run
+
+    monkeypatch.setenv(
+        "TORCH_HOME", str(tmp_path / "torch")
+    )  # nothing cached: a download is needed
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TLError, match="nonexistent_model"):
+        run(tiny_cfg("backbone.name=nonexistent_model"))
+
+
+def test_offline_download_line_reaches_the_user(tiny_data: Path, tmp_path: Path, monkeypatch):
+    from tl_cli.train import run
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = compose_cfg(
+        [
+            *(o for o in TINY if not o.startswith("backbone")),
+            "backbone=resnet18",
+            f"dataset.root={tiny_data}",
+        ]
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    try:
+        import socket
+
+        socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
+        pytest.skip("the network is up: nothing to refuse")
+    except OSError:
+        pass
+    with pytest.raises(TLError, match="cannot download pretrained weights .* Put the file at"):
+        run(cfg)
