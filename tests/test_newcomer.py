@@ -273,3 +273,45 @@ def test_offline_download_line_reaches_the_user(tiny_data: Path, tmp_path: Path,
         pass
     with pytest.raises(TLError, match="cannot download pretrained weights .* Put the file at"):
         run(cfg)
+
+
+# ----------------------------------------------------------------------------- error analysis
+
+
+def test_eval_writes_error_analysis(good_ckpt: Path, tmp_path: Path, capsys):
+    import csv
+
+    from PIL import Image
+
+    from tl_cli.evaluate import run as evaluate
+
+    cfg = compose_cfg([f"checkpoint={good_ckpt}"], "eval")
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "ev")
+    res = evaluate(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "ev/misclassified.csv")))
+    wrong = round((1 - res["acc"]) * res["num_samples"])
+    assert len(rows) == wrong
+    assert (
+        list(rows[0]) == ["input", "true", "predicted", "predicted_prob", "true_prob", "loss"]
+        if rows
+        else True
+    )
+    for r in rows:
+        assert Path(r["input"]).is_file() and r["true"] != r["predicted"]
+        assert float(r["predicted_prob"]) >= float(r["true_prob"])
+    assert [float(r["loss"]) for r in rows] == sorted(
+        (float(r["loss"]) for r in rows), reverse=True
+    )
+    with Image.open(tmp_path / "ev/top_losses.png") as im:
+        assert im.size[0] > 200
+    out = capsys.readouterr().out
+    assert "most confused (true -> predicted):" in out
+    assert not list((tmp_path / "ev").glob(".*.tmp"))
+
+
+def test_most_confused_pairs():
+    from tl_cli.interpret import most_confused
+
+    cm = [[5, 2, 0], [0, 4, 3], [1, 0, 6]]
+    assert most_confused(cm, ["a", "b", "c"], k=2) == [("b", "c", 3), ("a", "b", 2)]
