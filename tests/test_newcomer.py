@@ -315,3 +315,29 @@ def test_most_confused_pairs():
 
     cm = [[5, 2, 0], [0, 4, 3], [1, 0, 6]]
     assert most_confused(cm, ["a", "b", "c"], k=2) == [("b", "c", 3), ("a", "b", 2)]
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_jobs_share_the_feature_cache(tiny_data: Path, tmp_path: Path):
+    """Jobs with the same backbone, preprocessing and data reuse the first job's features.
+
+    (With ``backbone.weights=none`` the random init follows ``seed``, so a seed sweep would change
+    the backbone; a sweep over the head's LR keeps it.)
+    """
+    r = run_tl(
+        "train",
+        "-m",
+        *TINY,
+        f"dataset.root={tiny_data}",
+        "trainer.max_epochs=1",
+        "optimizer.lr=1e-3,1e-2",
+        f"hydra.sweep.dir={tmp_path / 'sw'}",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("feature cache")]
+    assert lines == [
+        f"feature cache {tmp_path / 'sw/feature_cache'}: 0 hit(s), 3 computed",
+        f"feature cache {tmp_path / 'sw/feature_cache'}: 3 hit(s), 0 computed",
+    ]

@@ -110,6 +110,18 @@ def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
     return module, dm
 
 
+def _sweep_cache() -> str | None:
+    """In a multirun, an on-disk feature cache shared by the sweep's jobs (keyed and verified by
+    tl_cli.features, so jobs with another backbone, preprocessing or data do not collide)."""
+    from tl_cli.sweep import in_multirun
+
+    if not in_multirun():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(Path(str(HydraConfig.get().sweep.dir)) / "feature_cache")
+
+
 def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]]:
     """Wrap the data in a feature cache when the policy says the backbone never trains."""
     if not module.can_cache_features():
@@ -120,7 +132,10 @@ def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]
     views = int(getattr(strat, "cache_views", 0))
     # features are computed in setup(), inside fit: per rank under DDP, on the trainer's device
     data = FeatureDataModule(
-        module.backbone, dm, cache_dir=getattr(strat, "cache_dir", None), views=views
+        module.backbone,
+        dm,
+        cache_dir=getattr(strat, "cache_dir", None) or _sweep_cache(),
+        views=views,
     )
     if not views and dm.augment not in (None, "none"):
         say(
@@ -283,9 +298,7 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
         say(
             f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}"
         )
-        say(
-            f"report: {out / 'report.md'}\nnext: tl eval checkpoint={ckpt_dir / 'best.ckpt'}"
-        )
+        say(f"report: {out / 'report.md'}\nnext: tl eval checkpoint={ckpt_dir / 'best.ckpt'}")
         tl_gates.print_gates(gates)
     # exit 1 on a failed gate, after the outputs exist
     tl_gates.enforce(gates, str(out / "metrics.json"))
