@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -341,3 +342,93 @@ def test_sweep_jobs_share_the_feature_cache(tiny_data: Path, tmp_path: Path):
         f"feature cache {tmp_path / 'sw/feature_cache'}: 0 hit(s), 3 computed",
         f"feature cache {tmp_path / 'sw/feature_cache'}: 3 hit(s), 0 computed",
     ]
+
+
+# ----------------------------------------------------------------------------- run dirs, checkpoints, data
+
+
+@pytest.mark.parametrize("kind", ["file", "devnull", "under_a_file", "read_only"])
+def test_unusable_run_dir_is_one_line(kind: str, tmp_path: Path, monkeypatch):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    target = {
+        "file": f,
+        "devnull": Path("/dev/null"),
+        "under_a_file": f / "run",
+        "read_only": tmp_path / "ro" / "run",
+    }[kind]
+    if kind == "read_only":
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o500)
+        if os.access(tmp_path / "ro", os.W_OK):  # root ignores modes: act as a read-only mount
+            real = os.access
+            monkeypatch.setattr(
+                os, "access", lambda p, m: False if Path(p) == tmp_path / "ro" else real(p, m)
+            )
+    msg = preflight_error("train", f"hydra.run.dir={target}")
+    assert msg.startswith(f"hydra.run.dir={target}")
+
+
+def _malformed(good_ckpt: Path, tmp_path: Path, edit) -> Path:
+    ckpt = torch.load(good_ckpt, weights_only=True)
+    edit(ckpt)
+    p = tmp_path / "bad.ckpt"
+    torch.save(ckpt, p)
+    return p
+
+
+def _set_names(ckpt, names):
+    ckpt["hyper_parameters"]["class_names"] = names
+    ckpt["tl"]["class_names"] = names
+
+
+def _reshape_head(ckpt):
+    sd = ckpt["state_dict"]
+    k = next(k for k in sd if k.startswith("head") and k.endswith("weight"))
+    sd[k] = torch.zeros(sd[k].shape[0] + 1, sd[k].shape[1])
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda c: _set_names(c, []), "class_names must be 2 or more distinct names"),
+        (
+            lambda c: c["tl"].__setitem__("class_names", ["x", "y", "z"]),
+            "tl.class_names and hyper_parameters.class_names disagree",
+        ),
+        (lambda c: c["tl"].pop("preprocessing"), "tl.preprocessing is missing"),
+        (
+            lambda c: c["hyper_parameters"].__setitem__("surprise", 1),
+            "hyper_parameters.surprise is not a key tl writes",
+        ),
+        (_reshape_head, "weights do not fit the model"),
+        (lambda c: c["tl"]["preprocessing"].pop("mean"), "tl.preprocessing"),
+    ],
+)
+def test_malformed_checkpoint_exits_2_with_the_reason(good_ckpt: Path, tmp_path: Path, edit, says):
+    from tl_cli.evaluate import run as evaluate
+
+    bad = _malformed(good_ckpt, tmp_path, edit)
+    cfg = compose_cfg([f"checkpoint={bad}"], "eval")
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "ev")
+    with pytest.raises(TLError) as e:
+        evaluate(cfg)
+    assert e.value.exit_code == 2
+    assert says in str(e.value)
+
+
+def test_dangling_symlink_is_counted_with_skipped_files(tmp_path: Path):
+    from tests.conftest import make_image_folder
+    from tl_cli.data import DATASETS
+
+    root = make_image_folder(tmp_path / "d", {"": 4})
+    (root / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    dm = DATASETS.build({"name": "imagefolder", "root": str(root), "num_workers": 0})
+    with pytest.raises(TLError, match="gone.png: dangling symlink"):
+        dm.prepare()
+    dm = DATASETS.build(
+        {"name": "imagefolder", "root": str(root), "num_workers": 0, "skip_corrupt": True}
+    )
+    dm.prepare()
+    assert [Path(b.path).name for b in dm.skipped_corrupt] == ["gone.png"]

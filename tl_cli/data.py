@@ -196,7 +196,8 @@ def scan_class_folders(split_dir: Path) -> dict[str, list[Path]]:
         )
     out: dict[str, list[Path]] = {}
     for d in _class_dirs(split_dir):
-        files = sorted(p for p in d.rglob("*") if p.is_file() and _is_image(p))
+        # a dangling symlink stays in the list: the corrupt-image scan reports (or skips) it
+        files = sorted(p for p in d.rglob("*") if (p.is_file() or p.is_symlink()) and _is_image(p))
         if not files:
             raise TLError(f"{d}: class folder has no images ({', '.join(IMG_EXTS)})")
         out[d.name] = files

@@ -363,6 +363,7 @@ class Preflight:
             cfg = self.compose(first)
         except Exception as e:  # noqa: BLE001 - Hydra's errors, translated
             raise self.translate(e, first) from None
+        self.check_run_dir(cfg, multirun)
         added = self.folder_dataset(cfg, overrides)
         if added:
             at = next(i for i, a in enumerate(out) if a in overrides)
@@ -371,6 +372,28 @@ class Preflight:
             cfg = self.compose(first)
         self.check_added_keys(cfg, first)
         return out
+
+    def check_run_dir(self, cfg: Any, multirun: bool) -> None:
+        """The run (sweep) dir must be a folder tl can create and write in."""
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        try:
+            raw = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+        except Exception:  # noqa: BLE001 - an interpolation only Hydra's run can resolve
+            return
+        p = Path(os.path.expanduser(raw)).absolute()
+        if p.exists() and not p.is_dir():
+            raise TLError(
+                f"{key}={raw} is not a folder ({'a device' if not p.is_file() else 'a file'}): choose a folder for the run's outputs"
+            )
+        anc = p
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir():
+            raise TLError(f"{key}={raw}: {anc} is a file, so the folder cannot be created")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise TLError(
+                f"{key}={raw}: cannot write in {anc} (read-only or no permission); choose another {key}"
+            )
 
     def first_value(self, o: str) -> str:
         """A sweep override reduced to its first value (what job 0 composes)."""
