@@ -432,3 +432,67 @@ def test_dangling_symlink_is_counted_with_skipped_files(tmp_path: Path):
     )
     dm.prepare()
     assert [Path(b.path).name for b in dm.skipped_corrupt] == ["gone.png"]
+
+
+def test_backbones_listing_never_wraps_the_override(monkeypatch, capsys):
+    from rich.console import Console
+
+    from tl_cli import console as tl_console
+    from tl_cli.listing import main as list_backbones
+
+    monkeypatch.setattr(tl_console, "console", Console(width=80, soft_wrap=True, highlight=False))
+    assert list_backbones(["efficientnet_lite"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone=efficientnet_lite0" in out.replace("│", " ").split()
+
+
+# ----------------------------------------------------------------------------- what the console keeps
+
+
+def test_first_run_of_a_newcomer(tiny_data: Path, tmp_path: Path):
+    """`~` and dataset.root alone work; the log file holds the console; epochs from 1; next step."""
+    import csv
+    import json
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data").symlink_to(tiny_data)
+    run = tmp_path / "run"
+    tiny = [o for o in TINY if o != "dataset=imagefolder"]
+    r = run_tl(
+        "train",
+        *tiny,
+        "dataset.root=~/data",
+        "strategy=freeze_unfreeze",
+        "strategy.unfreeze_at_epoch=1",
+        f"hydra.run.dir={run}",
+        env={"HOME": str(home)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert out.splitlines()[1] == f"tl train: {run}"  # a first line before the slow imports
+    assert "using dataset=imagefolder" in out and "data imagefolder: 3 classes" in out
+    assert "epoch 1/2  train/loss" in out and "epoch 2/2  train/loss" in out
+    assert "epoch 2: unfreezing backbone block group(s)" in out
+    assert f"next: tl eval checkpoint={run / 'checkpoints/best.ckpt'}" in out
+    assert f"report: {run / 'report.md'}" in out
+    assert (
+        "1 batches" not in out
+        and "fit_seconds" in out
+        and "0000 " not in out.split("fit_seconds")[1][:20]
+    )
+    log = (run / "train.log").read_text()
+    for line in ("epoch 1/2", "epoch 2: unfreezing", "val/acc", "next: tl eval"):
+        assert line in log
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["unfreeze_epochs"] and m["unfreeze_epochs"][0]["epoch"] == 2
+    assert m["history"][1]["unfrozen"] and "lr" in m["history"][0]
+    header = next(csv.reader(open(run / "csv/metrics.csv")))
+    assert any(h.startswith("lr-") for h in header)
+
+
+def test_eval_log_is_not_empty(good_ckpt: Path, tmp_path: Path):
+    r = run_tl("eval", f"checkpoint={good_ckpt}", f"hydra.run.dir={tmp_path / 'ev'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (tmp_path / "ev/eval.log").read_text()
+    assert "per class" in log and "misclassified" in log

@@ -252,9 +252,10 @@ def train(
         }
     )
     # the epochs (1-based) at which backbone block groups joined training (for curves.png)
+    # (metrics["history"]: trainer.test(ckpt_path=best) restores History to the best epoch's)
     metrics["unfreeze_epochs"] = [
         {"epoch": int(r["epoch"]) + 1, "groups": r["unfrozen"]}
-        for r in history.epochs
+        for r in metrics["history"]
         if r.get("unfrozen")
     ]
     if lr_find:
