@@ -131,6 +131,19 @@ class History(pl.Callback):
         self.epochs = list(state.get("epochs", []))
 
 
+def say_above_bar(trainer: pl.Trainer, msg: str) -> None:
+    """``say``, printed through a live rich progress bar's console (above the bar, not into it)."""
+    bar = trainer.progress_bar_callback
+    live = getattr(bar, "progress", None) if isinstance(bar, pl.callbacks.RichProgressBar) else None
+    if live is not None and rank_zero():
+        live.console.print(msg, soft_wrap=True)
+        from rich.text import Text
+
+        log_line(Text.from_markup(msg).plain)
+        return
+    say(msg)
+
+
 def unfrozen_at(pl_module: Any, epoch: int) -> list[str]:
     """The backbone block groups that start training at ``epoch`` (policy plan labels)."""
     plan = getattr(getattr(pl_module, "policy", None), "plan", None) or {}
@@ -151,9 +164,10 @@ class UnfreezeLines(pl.Callback):
         groups = getattr(getattr(pl_module, "backbone", None), "block_groups", lambda: [])()
         idx = [int(g.split(".")[-1]) for g in joined if g.split(".")[-1].isdigit()]
         span = f"{min(idx)}-{max(idx)}" if len(idx) > 1 else str(idx[0]) if idx else "?"
-        say(
+        say_above_bar(
+            trainer,
             f"epoch {e + 1}: unfreezing backbone block group(s) {span} "
-            f"({len(joined)} of {len(groups)}); they train from now on"
+            f"({len(joined)} of {len(groups)}); they train from now on",
         )
 
 
@@ -172,7 +186,7 @@ class EpochLines(pl.Callback):
         if "lr" in row:
             parts.append(f"lr {row['lr']:.2e}")
         parts.append(f"{row['seconds']:.1f}s")
-        say("  ".join(parts))
+        say_above_bar(trainer, "  ".join(parts))
 
 
 def summary_table(title: str, metrics: dict[str, Any], keys: list[str] | None = None) -> None:
