@@ -79,6 +79,69 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
+class RunCheckpoint(pl.callbacks.ModelCheckpoint):
+    """A ModelCheckpoint whose best-tracking survives a resume into a new run dir.
+
+    Lightning restores ``best_model_score`` only when the checkpoint's ``dirpath`` equals this
+    one's; a resume into a new run dir (the default: every run gets a new dir) therefore started
+    from no best at all, saved the first resumed epoch as ``best.ckpt`` whatever its score, while
+    the restored history still named an earlier epoch as the best (issue #11). Here the old
+    run's best file is copied into the new dir and the tracking state carries over, so
+    ``best.ckpt``, ``best_epoch``, ``val/*`` and ``test/*`` describe the same weights. When the old
+    best file is gone, tracking restarts and ``first_epoch`` tells the summary to look only at
+    the epochs of this run.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_epoch = 0
+        self._restarted = False
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old_dir = state_dict.get("dirpath", self.dirpath)
+        if old_dir == self.dirpath or self.dirpath is None:
+            return super().load_state_dict(state_dict)
+        old_best = state_dict.get("best_model_path") or ""
+        if self.monitor is None:  # last.ckpt: nothing to carry over
+            return
+        if old_best and Path(old_best).is_file():
+            new_best = str(Path(self.dirpath) / Path(old_best).name)
+            from pytorch_lightning.utilities import rank_zero_only
+
+            if rank_zero_only.rank == 0 and Path(old_best).resolve() != Path(new_best).resolve():
+                _atomic_copy(Path(old_best), Path(new_best))
+            self.best_model_score = state_dict["best_model_score"]
+            self.best_model_path = new_best
+            self.kth_best_model_path = new_best
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
+            # save_top_k=1: the one best model, now at its new path
+            self.best_k_models = (
+                {new_best: self.best_model_score} if self.best_model_score is not None else {}
+            )
+        else:
+            self._restarted = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._restarted:
+            self.first_epoch = trainer.current_epoch
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def last_checkpoint_callback(ckpt_dir: str | os.PathLike[str]) -> pl.callbacks.ModelCheckpoint:
     """A ModelCheckpoint that rewrites ``last.ckpt`` at the end of every epoch.
 
@@ -86,7 +149,7 @@ def last_checkpoint_callback(ckpt_dir: str | os.PathLike[str]) -> pl.callbacks.M
     top-k checkpoint (Lightning 2.6: "saves a last.ckpt copy whenever a checkpoint file gets
     saved"), so after the best epoch last.ckpt would go stale and a resume would redo epochs.
     """
-    return pl.callbacks.ModelCheckpoint(
+    return RunCheckpoint(
         dirpath=str(ckpt_dir),
         filename="last",
         monitor=None,
