@@ -130,16 +130,11 @@ class RunCheckpoint(pl.callbacks.ModelCheckpoint):
 def _atomic_copy(src: Path, dst: Path) -> None:
     import shutil
 
+    from tl_cli.outputs import atomic_path
+
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:  # a copy beside it, renamed: never half a checkpoint
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def last_checkpoint_callback(ckpt_dir: str | os.PathLike[str]) -> pl.callbacks.ModelCheckpoint:
