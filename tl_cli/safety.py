@@ -133,7 +133,7 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     from tl_cli.outputs import atomic_path
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:  # a copy beside it, renamed: never half a checkpoint
+    with atomic_path(dst, keep_suffix=False) as tmp:  # a copy beside it, then renamed
         shutil.copyfile(src, tmp)
 
 
