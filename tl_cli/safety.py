@@ -255,6 +255,13 @@ class TrainingGuard(pl.Callback):
             return None
 
     # -- housekeeping
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            # the run dir (RUN/checkpoints/last.ckpt -> RUN): locked from here on, if tl train
+            # checked it but could not lock it yet (it did not exist). Before a resume restores
+            # the checkpoint callbacks (which may copy the old best.ckpt in).
+            claim_pending(self.last_path.parent.parent)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mtime_at_start = self._last_mtime()
         resumed = trainer.ckpt_path
@@ -262,9 +269,6 @@ class TrainingGuard(pl.Callback):
             bool(resumed) and Path(str(resumed)).resolve() == self.last_path.resolve()
         )
         if trainer.is_global_zero:
-            # the run dir (RUN/checkpoints/last.ckpt -> RUN): locked from here on, if tl train
-            # checked it but could not lock it yet (it did not exist)
-            claim_pending(self.last_path.parent.parent)
             for p in stale_temp_files(self.last_path.parent):
                 with contextlib.suppress(OSError):
                     p.unlink()
