@@ -62,6 +62,11 @@ def _decode_reason(e: BaseException) -> str:
     low = msg.lower()
     if "format not recognised" in low or "unknown format" in low:
         return "not an audio file soundfile can read (unknown format or not audio at all)"
+    if "sf_info struct incomplete" in low:
+        return (
+            "a header the decoder cannot read (sample rate, channel count or format zero or "
+            f"missing: {msg})"
+        )
     if "sample rate" in low or "samplerate" in low:
         return f"a sample rate the decoder cannot read ({msg})"
     return f"corrupt or truncated audio ({msg})"

@@ -46,7 +46,7 @@ MIN_SAMPLES = (WINDOW_FRAMES - 1) * HOP + N_FFT
 TOP_DB = 80.0
 EMBED_DIM = 96
 #: measured max |torch - onnxruntime| on real speech and noise (tests/test_audio.py checks them)
-MEL_TOLERANCE = 1e-3  # in dB of the log-mel (values span 80 dB); measured 1e-4
+MEL_TOLERANCE = 5e-3  # dB, on log-mel values up to ~110 dB (fp32 sums of ~1e14 powers): measured 1.5e-3 on a loud chirp, 1e-4 on speech
 EMBED_TOLERANCE = 1e-4  # on the 96-d embedding of a window (values up to ~50); measured 3e-5
 
 PACKAGE = "openwakeword"
