@@ -362,9 +362,9 @@ def _train(root: Path, out: Path, *extra: str, command: str = "train"):
 
 
 def test_train_eval_cli(tones: Path, tmp_path: Path):
-    m = _train(tones, tmp_path / "fe")
+    m = _train(tones, tmp_path / "fe", "trainer.max_epochs=15")  # cached: epochs are cheap
     assert m["backbone"] == "speech_embedding" and m["strategy"] == "feature_extraction"
-    assert m["test/acc"] >= 0.6  # tones vs noise: easy even in 2 epochs of a linear head
+    assert m["test/acc"] >= 0.6  # two tones and noise: easy for a linear head
     ckpt = tmp_path / "fe" / "checkpoints" / "best.ckpt"
     other = make_audio_folder(tmp_path / "other", {"": 2}, seed=5)
     r = run_tl(
