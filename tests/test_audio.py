@@ -437,3 +437,24 @@ def test_real_speech_digits(tmp_path: Path):
     assert np.abs(ref - mine).max() < speech.MEL_TOLERANCE
     m = _train(root, tmp_path / "run", "trainer.max_epochs=20")
     assert m["test/acc"] >= 0.6, m["test/acc"]
+
+
+def test_predict_and_export(tones: Path, tmp_path: Path):
+    """tl predict on a folder of clips; tl export (torchscript, safetensors) with a checked sidecar."""
+    out = tmp_path / "run"
+    _train(tones, out, "trainer.max_epochs=1")
+    ckpt = out / "checkpoints" / "best.ckpt"
+    r = run_tl(
+        "predict", f"checkpoint={ckpt}", f"inputs={tones / 'test'}", f"output={tmp_path / 'p.csv'}"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = (tmp_path / "p.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 9
+    for fmt in ("torchscript", "safetensors"):
+        model = tmp_path / f"m.{'pt' if fmt == 'torchscript' else fmt}"
+        r = run_tl("export", f"checkpoint={ckpt}", f"format={fmt}", f"output={model}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        side = json.loads(model.with_suffix(".json").read_text())
+        assert side["modality"] == "audio" and side["input"]["sample_rate"] == 16000
+        assert side["preprocessing"]["window_frames"] == 76
+        assert side["verification"]["passed"] is True

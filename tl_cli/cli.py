@@ -77,7 +77,12 @@ def _task(command: str):
             command, "train"
         )
         run = importlib.import_module(f"tl_cli.{module}").run
-        return objective(cfg, run(cfg))  # a float only for sweepers (optimized_metric set)
+        try:
+            return objective(cfg, run(cfg))  # a float only for sweepers (optimized_metric set)
+        finally:
+            from tl_cli.outputs import release_run_dir
+
+            release_run_dir()  # the run dir's lock, also after a failure (multirun: next job)
 
     return task
 

@@ -13,6 +13,8 @@ import pytorch_lightning as pl
 from rich.console import Console
 from rich.table import Table
 
+from tl_cli.metrics import EPOCH_METRICS
+
 # Not a terminal (CI logs, pipes): no wrapping at 80 columns.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
@@ -106,11 +108,7 @@ class EpochLines(pl.Callback):
             return
         row = self.history.epochs[-1]
         parts = [f"epoch {int(row['epoch']) + 1}/{trainer.max_epochs}"]
-        parts += [
-            f"{k} {row[k]:.4f}"
-            for k in ("train/loss", "train/acc", "val/loss", "val/acc")
-            if k in row
-        ]
+        parts += [f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row]
         parts.append(f"{row['seconds']:.1f}s")
         console.print("  ".join(parts))
 

@@ -24,7 +24,6 @@ import contextlib
 import math
 import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl_cli.errors import EXIT_FAILED, TLError
-
-#: Temp files are ".<name>.<random>.tmp" next to the target: hidden, and never matching "*.ckpt".
-TMP_SUFFIX = ".tmp"
+from tl_cli.outputs import TMP_SUFFIX, atomic_file, claim_pending
 
 
 class NonFiniteError(TLError):
@@ -54,38 +51,13 @@ def _serialize(obj: Any, f: Any) -> None:
     torch.save(obj, f)
 
 
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            _serialize(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` onto ``path``.
+
+    The temp file is ``.<name>.<random>.tmp`` (never ``*.ckpt``); see `tl_cli.outputs.atomic_file`.
+    """
+    with atomic_file(path, keep_suffix=False) as f:
+        _serialize(obj, f)
 
 
 def stale_temp_files(folder: Path) -> list[Path]:
@@ -232,6 +204,9 @@ class TrainingGuard(pl.Callback):
             bool(resumed) and Path(str(resumed)).resolve() == self.last_path.resolve()
         )
         if trainer.is_global_zero:
+            # the run dir (RUN/checkpoints/last.ckpt -> RUN): locked from here on, if tl train
+            # checked it but could not lock it yet (it did not exist)
+            claim_pending(self.last_path.parent.parent)
             for p in stale_temp_files(self.last_path.parent):
                 with contextlib.suppress(OSError):
                     p.unlink()

@@ -298,8 +298,12 @@ class SpeechEmbeddingBackbone(nn.Module):
 
     # -- forward
     def windows(self, mel: torch.Tensor) -> torch.Tensor:
-        """``(B, frames, 32)`` -> ``(B, W, 76, 32)``."""
-        return mel.unfold(1, WINDOW_FRAMES, WINDOW_STRIDE).transpose(2, 3)
+        """``(B, frames, 32)`` -> ``(B, W, 76, 32)`` (a gather, not ``unfold``: it exports to ONNX
+        with a free number of frames)."""
+        n_win = (mel.shape[1] - WINDOW_FRAMES) // WINDOW_STRIDE + 1
+        starts = torch.arange(n_win, device=mel.device) * WINDOW_STRIDE
+        idx = starts[:, None] + torch.arange(WINDOW_FRAMES, device=mel.device)[None, :]
+        return mel[:, idx]
 
     def forward(self, x: Any) -> torch.Tensor:
         lengths = None
@@ -312,7 +316,8 @@ class SpeechEmbeddingBackbone(nn.Module):
             wav = x
         if wav.dim() == 1:
             wav = wav.unsqueeze(0)
-        if wav.shape[1] < MIN_SAMPLES:
+        if not torch.compiler.is_compiling() and wav.shape[1] < MIN_SAMPLES:
+            # (data modules and tl predict pad clips already; an exported graph expects that)
             wav = F.pad(wav, (0, MIN_SAMPLES - wav.shape[1]))
         mel = self.frontend(wav) / 10.0 + 2.0
         if augment:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -21,6 +20,8 @@ from tl_cli.console import EpochLines, History, interactive, say, summary_table
 from tl_cli.data import DATASETS
 from tl_cli.errors import TLError
 from tl_cli.loggers import make_logger
+from tl_cli.metrics import DEFAULT_MONITOR, METRICS_SCHEMA_VERSION, TRAIN_SUMMARY
+from tl_cli.outputs import claim_run_dir, release_run_dir, write_json
 from tl_cli.registry import plain
 from tl_cli.report import train_report
 from tl_cli.safety import (
@@ -33,8 +34,6 @@ from tl_cli.safety import (
 from tl_cli.safety import fit as safe_fit
 from tl_cli.tasks import TASKS, TransferTask
 from tl_cli.tuning import tune_lr
-
-METRICS_SCHEMA_VERSION = 1
 
 
 def quiet_lightning() -> None:
@@ -59,16 +58,14 @@ def quiet_lightning() -> None:
 
 
 def _guard_output(out: Path, cfg: DictConfig) -> None:
-    best = out / "checkpoints" / "best.ckpt"
-    if best.exists() and not cfg.get("overwrite", False):
-        resuming_here = (
-            cfg.get("ckpt_path")
-            and Path(str(cfg.ckpt_path)).resolve().parent == best.parent.resolve()
-        )
-        if not resuming_here:
-            raise TLError(
-                f"{best} already exists: choose another hydra.run.dir, or pass overwrite=true to replace it"
-            )
+    """Refuse a run dir holding an earlier run's outputs (unless overwrite or resuming from it); lock it."""
+    # not created here: locked when training starts (TrainingGuard.on_fit_start), checked again then
+    claim_run_dir(
+        out,
+        overwrite=bool(cfg.get("overwrite", False)),
+        resume_from=cfg.get("ckpt_path"),
+        create=False,
+    )
 
 
 def stored_dataset_config(dataset: Any) -> dict[str, Any]:
@@ -255,21 +252,13 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     metrics["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, metrics, "train")]
     if objects["trainer"].is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(out / "metrics.json", metrics)  # strict JSON, written beside it and renamed
         train_report(out, cfg, metrics)  # curves.png + report.md
+        release_run_dir(out)
         summary_table(
             f"tl {cfg.get('command', 'train')}: {out}",
             metrics,
-            [
-                "val/acc",
-                "val/loss",
-                "test/acc",
-                "test/macro_f1",
-                "test/loss",
-                "best_epoch",
-                "epochs",
-                "fit_seconds",
-            ],
+            list(TRAIN_SUMMARY),
         )
         say(
             f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}"
@@ -285,8 +274,8 @@ def collect_metrics(
     ckpt: pl.callbacks.ModelCheckpoint,
     trainer: pl.Trainer,
     fit_seconds: float,
-    monitor: str = "val/acc",
-    mode: str = "max",
+    monitor: str = DEFAULT_MONITOR[0],
+    mode: str = DEFAULT_MONITOR[1],
 ) -> dict[str, Any]:
     rows = [r for r in history.epochs if monitor in r]
     if not rows:
