@@ -436,6 +436,7 @@ def test_real_speech_digits(tmp_path: Path):
         mine = bb.frontend(torch.from_numpy(x16 / 32768)[None])[0].numpy()
     assert np.abs(ref - mine).max() < speech.MEL_TOLERANCE
     m = _train(root, tmp_path / "run", "trainer.max_epochs=20")
+    print(f"real speech digits: test acc {m['test/acc']:.3f}, fit {m['fit_seconds']:.0f} s")
     assert m["test/acc"] >= 0.6, m["test/acc"]
 
 
@@ -451,7 +452,7 @@ def test_predict_and_export(tones: Path, tmp_path: Path):
     rows = (tmp_path / "p.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 9
     for fmt in ("torchscript", "safetensors"):
-        model = tmp_path / f"m.{'pt' if fmt == 'torchscript' else fmt}"
+        model = tmp_path / fmt / f"m.{'pt' if fmt == 'torchscript' else fmt}"
         r = run_tl("export", f"checkpoint={ckpt}", f"format={fmt}", f"output={model}")
         assert r.returncode == 0, r.stderr[-3000:]
         side = json.loads(model.with_suffix(".json").read_text())
