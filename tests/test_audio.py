@@ -407,7 +407,8 @@ def shared_digits() -> Path:
 def test_real_speech_digits(tmp_path: Path):
     """Digits 0-9, speakers george+jackson (train, 8 takes each) -> lucas (test, 4 takes each).
 
-    Measured: test acc 0.?? (threshold below with margin); about ?? s on 2 busy CPU cores.
+    Measured: test acc 0.85 (fit 33 s; the whole test 50-95 s on 2 busy CPU cores). The
+    threshold, 0.70, leaves room for run-to-run noise on 100 test clips of an unseen speaker.
     """
     src = shared_digits()
     root = tmp_path / "digits"
@@ -437,7 +438,7 @@ def test_real_speech_digits(tmp_path: Path):
     assert np.abs(ref - mine).max() < speech.MEL_TOLERANCE
     m = _train(root, tmp_path / "run", "trainer.max_epochs=20")
     print(f"real speech digits: test acc {m['test/acc']:.3f}, fit {m['fit_seconds']:.0f} s")
-    assert m["test/acc"] >= 0.6, m["test/acc"]
+    assert m["test/acc"] >= 0.70, m["test/acc"]
 
 
 def test_predict_and_export(tones: Path, tmp_path: Path):
