@@ -7,4 +7,14 @@ this module first. A new modality or task adds its module here (one line).
 
 from __future__ import annotations
 
-from tl_cli import backbones, data, heads, modalities, optimizers, strategies, tasks  # noqa: F401
+from tl_cli import (  # noqa: F401
+    audio,
+    backbones,
+    data,
+    heads,
+    modalities,
+    optimizers,
+    speech,
+    strategies,
+    tasks,
+)

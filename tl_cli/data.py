@@ -13,6 +13,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torchvision import transforms as T
 
 from tl_cli.errors import TLError
 from tl_cli.registry import Registry
-from tl_cli.scan import check_split_depth, drop_corrupt, open_image
+from tl_cli.scan import check_split_depth, drop_corrupt, open_image, scan_images
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"
@@ -178,39 +179,66 @@ class _ArrayLoader:
         return Image.fromarray(self.data[i])
 
 
+@dataclass(frozen=True)
+class FileKind:
+    """What a folder dataset reads: file extensions and the words its error lines use."""
+
+    exts: tuple[str, ...]
+    noun: str  # "image"
+    plural: str  # "images"
+
+    @property
+    def placeholder(self) -> str:
+        return f"<{self.noun}>"
+
+    def matches(self, p: Path) -> bool:
+        return p.suffix.lower() in self.exts and not p.name.startswith(".")
+
+
+IMAGE_FILES = FileKind(IMG_EXTS, "image", "images")
+
+
 def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMG_EXTS and not p.name.startswith(".")
+    return IMAGE_FILES.matches(p)
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def scan_class_folders(split_dir: Path) -> dict[str, list[Path]]:
-    """Map class name -> sorted image files of ``split_dir/<class>/**``; errors name the path."""
-    stray = sorted(p for p in split_dir.iterdir() if p.is_file() and _is_image(p))
+def scan_class_folders(split_dir: Path, kind: FileKind = IMAGE_FILES) -> dict[str, list[Path]]:
+    """Map class name -> sorted files of ``kind`` in ``split_dir/<class>/**``; errors name the path."""
+    ph = kind.placeholder
+    stray = sorted(p for p in split_dir.iterdir() if p.is_file() and kind.matches(p))
     if stray:
         raise TLError(
-            f"{split_dir}: {len(stray)} image(s) directly in this folder (e.g. {stray[0].name}); "
-            f"expected {split_dir}/<class>/<image>"
+            f"{split_dir}: {len(stray)} {kind.noun}(s) directly in this folder (e.g. {stray[0].name}); "
+            f"expected {split_dir}/<class>/{ph}"
         )
     out: dict[str, list[Path]] = {}
     for d in _class_dirs(split_dir):
-        # a dangling symlink stays in the list: the corrupt-image scan reports (or skips) it
-        files = sorted(p for p in d.rglob("*") if (p.is_file() or p.is_symlink()) and _is_image(p))
+        # a dangling symlink stays in the list: the corrupt-file scan reports (or skips) it
+        files = sorted(
+            p for p in d.rglob("*") if (p.is_file() or p.is_symlink()) and kind.matches(p)
+        )
         if not files:
-            raise TLError(f"{d}: class folder has no images ({', '.join(IMG_EXTS)})")
+            raise TLError(f"{d}: class folder has no {kind.plural} ({', '.join(kind.exts)})")
         out[d.name] = files
     if len(out) < 2:
         raise TLError(
             f"{split_dir}: found {len(out)} class folder(s); a classifier needs at least 2 "
-            f"(expected {split_dir}/<class>/<image>)"
+            f"(expected {split_dir}/<class>/{ph})"
         )
     return out
 
 
 def stratified_split(
-    labels: Sequence[int], fraction: float, seed: int, class_names: Sequence[str], where: str
+    labels: Sequence[int],
+    fraction: float,
+    seed: int,
+    class_names: Sequence[str],
+    where: str,
+    noun: str = "image",
 ) -> tuple[list[int], list[int]]:
     """Indices (keep, held_out): a seeded, per-class split; every class keeps at least one of each."""
     if not 0.0 < float(fraction) < 1.0:
@@ -224,8 +252,8 @@ def stratified_split(
         idx = by_class[y]
         if len(idx) < 2:
             raise TLError(
-                f"{where}: class {class_names[y]!r} has {len(idx)} image; dataset.val_fraction={fraction} "
-                f"needs at least 2 per class to carve a validation split (add images or a val/ folder)"
+                f"{where}: class {class_names[y]!r} has {len(idx)} {noun}; dataset.val_fraction={fraction} "
+                f"needs at least 2 per class to carve a validation split (add {noun}s or a val/ folder)"
             )
         idx = idx[:]
         rng.shuffle(idx)
@@ -358,6 +386,9 @@ class ImageFolderDataModule(TransferDataModule):
     """
 
     name = "imagefolder"
+    #: the files this folder dataset reads, and the check that finds unreadable ones
+    kind: FileKind = IMAGE_FILES
+    scan_files: Callable[..., list[Any]] = staticmethod(scan_images)
 
     def __init__(self, root: str | None = None, skip_corrupt: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
@@ -368,20 +399,30 @@ class ImageFolderDataModule(TransferDataModule):
 
     def _folders(self, split_dir: Path) -> dict[str, list[Path]]:
         """``scan_class_folders`` + the corrupt-image scan (tl_cli.scan)."""
-        found, bad = drop_corrupt(scan_class_folders(split_dir), split_dir, self.skip_corrupt)
+        found, bad = drop_corrupt(
+            scan_class_folders(split_dir, self.kind),
+            split_dir,
+            self.skip_corrupt,
+            scan=self.scan_files,
+            noun=self.kind.noun,
+        )
         self.skipped_corrupt.extend(bad)
         return found
+
+    def _root(self) -> Path:
+        root = Path(os.path.expanduser(str(self.root)))
+        if not root.exists():
+            raise TLError(f"dataset.root={root} does not exist")
+        if not root.is_dir():
+            raise TLError(f"dataset.root={root} is not a directory")
+        return root
 
     def _scan(self) -> None:
         if not self.root:
             raise TLError(
                 "dataset.root is not set: pass dataset.root=DIR (a folder of class folders)"
             )
-        root = Path(os.path.expanduser(str(self.root)))
-        if not root.exists():
-            raise TLError(f"dataset.root={root} does not exist")
-        if not root.is_dir():
-            raise TLError(f"dataset.root={root} is not a directory")
+        root = self._root()
         sub = {d.name for d in _class_dirs(root)}
         if "train" in sub:
             train = self._folders(root / "train")
@@ -406,7 +447,8 @@ class ImageFolderDataModule(TransferDataModule):
             # keep a stable order: train, val, test
             splits = {k: splits[k] for k in ("train", "val", "test") if k in splits}
         else:
-            check_split_depth(root, sub)  # root/training/<class>/...: images one level too deep
+            # root/training/<class>/...: files one level too deep
+            check_split_depth(root, sub, self.kind.placeholder)
             found = self._folders(root)
             classes = sorted(found)
             tr, va = self._carve(_items(found, classes), classes, root)
@@ -417,7 +459,12 @@ class ImageFolderDataModule(TransferDataModule):
 
     def _carve(self, items: list[tuple[Any, int]], classes: list[str], where: Path):
         keep, held = stratified_split(
-            [y for _, y in items], self.val_fraction, self.split_seed, classes, str(where)
+            [y for _, y in items],
+            self.val_fraction,
+            self.split_seed,
+            classes,
+            str(where),
+            self.kind.noun,
         )
         return [items[i] for i in keep], [items[i] for i in held]
 

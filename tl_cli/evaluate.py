@@ -38,7 +38,9 @@ def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) ->
     over = {k: v for k, v in (OmegaConf.to_container(cfg.dataset) or {}).items() if v is not None}
     new_root = "root" in over
     if new_root:
+        # how labels are read and clips are cut carry over (audio: label_from, label_regex, max_seconds)
         keep = ("batch_size", "num_workers", "val_fraction", "split_seed")
+        keep += ("label_from", "label_regex", "max_seconds")
         folder = FOLDER_DATASETS.get(str(meta.get("modality", "image")), "imagefolder")
         dcfg = {"name": folder, **{k: dcfg[k] for k in keep if k in dcfg}}
     elif dcfg.get("root") is not None and dcfg.get("name") not in TorchvisionDataModule.SETS:

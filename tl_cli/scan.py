@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,22 +141,27 @@ def _big_files(
 
 
 def drop_corrupt(
-    found: dict[str, list[Path]], where: Path, skip: bool
+    found: dict[str, list[Path]],
+    where: Path,
+    skip: bool,
+    scan: Callable[[Sequence[Path]], list[BadImage]] = scan_images,
+    noun: str = "image",
 ) -> tuple[dict[str, list[Path]], list[BadImage]]:
     """Scan class -> files; raise on the first bad file, or (``skip``) drop bad files with a warning.
 
+    ``scan`` finds the bad files (images: :func:`scan_images`); ``noun`` names them in messages.
     Returns the kept files per class and the skipped files.
     """
     paths = [p for files in found.values() for p in files]
-    bad = scan_images(paths)
+    bad = scan(paths)
     if not bad:
         return found, []
     if not skip:
         more = (
-            f" (and {len(bad) - 1} more unreadable image(s) under {where})" if len(bad) > 1 else ""
+            f" (and {len(bad) - 1} more unreadable {noun}(s) under {where})" if len(bad) > 1 else ""
         )
         raise TLError(
-            f"{bad[0].path}: {bad[0].reason}{more}; fix or remove it, or pass dataset.skip_corrupt=true to skip unreadable images"
+            f"{bad[0].path}: {bad[0].reason}{more}; fix or remove it, or pass dataset.skip_corrupt=true to skip unreadable {noun}s"
         )
     bad_set = {b.path for b in bad}
     kept: dict[str, list[Path]] = {}
@@ -164,17 +169,17 @@ def drop_corrupt(
         keep = [p for p in files if str(p) not in bad_set]
         if not keep:
             raise TLError(
-                f"{where / cls}: class folder has no readable images (all {len(files)} are corrupt)"
+                f"{where / cls}: class folder has no readable {noun}s (all {len(files)} are corrupt)"
             )
         kept[cls] = keep
-    warn_skipped(bad, where)
+    warn_skipped(bad, where, noun)
     return kept, bad
 
 
-def warn_skipped(bad: Sequence[BadImage], where: Path) -> None:
+def warn_skipped(bad: Sequence[BadImage], where: Path, noun: str = "image") -> None:
     """One warning line per skipped file (up to MAX_LISTED), on stderr."""
     print(
-        f"tl: warning: skipping {len(bad)} unreadable image(s) under {where} (dataset.skip_corrupt=true)",
+        f"tl: warning: skipping {len(bad)} unreadable {noun}(s) under {where} (dataset.skip_corrupt=true)",
         file=sys.stderr,
     )
     for b in bad[:MAX_LISTED]:
@@ -186,9 +191,9 @@ def warn_skipped(bad: Sequence[BadImage], where: Path) -> None:
         )
 
 
-def check_split_depth(root: Path, class_dirs: Iterable[str]) -> None:
+def check_split_depth(root: Path, class_dirs: Iterable[str], placeholder: str = "<image>") -> None:
     """In the ``root/<class>/*`` layout, a "class" named like a split that holds class folders means
-    the images sit one level deeper than expected (e.g. ``root/training/cat/*.jpg``)."""
+    the files sit one level deeper than expected (e.g. ``root/training/cat/*.jpg``)."""
     for name in sorted(class_dirs):
         d = root / name
         if name.lower() in SPLIT_NAMES and any(
@@ -196,5 +201,5 @@ def check_split_depth(root: Path, class_dirs: Iterable[str]) -> None:
         ):
             raise TLError(
                 f"{d}: looks like a split folder holding class folders, but {root} has no train/ folder; "
-                f"use {root}/train (+ val/, test/)/<class>/<image> or {root}/<class>/<image>"
+                f"use {root}/train (+ val/, test/)/<class>/{placeholder} or {root}/<class>/{placeholder}"
             )
