@@ -104,7 +104,9 @@ def _fast_tokenizer_json(src: str, **kw: Any) -> str:
 
     tok = AutoTokenizer.from_pretrained(src, **kw)
     if not getattr(tok, "is_fast", False):
-        raise TLError(f"{src}: tl needs a fast (tokenizers) tokenizer; this one is {type(tok).__name__}")
+        raise TLError(
+            f"{src}: tl needs a fast (tokenizers) tokenizer; this one is {type(tok).__name__}"
+        )
     return tok.backend_tokenizer.to_str()
 
 
@@ -155,7 +157,9 @@ def encode(tok: Any, texts: Sequence[str], prep: dict[str, Any]) -> dict[str, to
     return pad_batch(ids, int(prep["pad_id"]), int(prep["max_length"]))
 
 
-def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+def pad_batch(
+    ids: Sequence[Sequence[int]], pad_id: int, max_length: int
+) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence of the batch (dynamic padding); ``max_length`` is a safety cap."""
     seqs = [list(s)[:max_length] for s in ids]
     n = max(1, max((len(s) for s in seqs), default=1))
@@ -320,7 +324,9 @@ def _package_tokenizer_json(package: str) -> str:
 def _max_positions(config: dict[str, Any]) -> int:
     n = config.get("max_position_embeddings") or config.get("n_positions") or 512
     # RoBERTa-style position ids start after the padding index
-    return int(n) - (2 if config.get("model_type") in ("roberta", "xlm-roberta", "camembert") else 0)
+    return int(n) - (
+        2 if config.get("model_type") in ("roberta", "xlm-roberta", "camembert") else 0
+    )
 
 
 def _text_preprocessing(
@@ -358,7 +364,9 @@ def build_minilm(name: str = "minilm", pretrained: bool = True) -> TextBackbone:
     if pretrained:
         from safetensors.torch import load_file
 
-        _check_and_load(model, load_file(str(d / "model.safetensors")), str(d / "model.safetensors"))
+        _check_and_load(
+            model, load_file(str(d / "model.safetensors")), str(d / "model.safetensors")
+        )
     tok_json = _package_tokenizer_json(MINILM_PACKAGE)
     sha, tok = register_tokenizer(tok_json)
     st_max = None
@@ -396,7 +404,7 @@ def _strip_pooler(model: nn.Module) -> nn.Module:
     # mean pooling: a pooler would be parameters without gradients (and an unused-parameter error under DDP)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
-    return model
+    return model.train()  # from_pretrained returns eval mode; training mode as any new module
 
 
 def build_hf(
@@ -471,7 +479,9 @@ def _load_hf(name: str, path: str | None, revision: str | None):
         raise
     except Exception:  # noqa: BLE001 - not (fully) cached: try the network below
         pass
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    offline = (
+        os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    )
     reason = "HF_HUB_OFFLINE is set" if offline else _probe("https://huggingface.co")
     if reason:
         raise TLError(
@@ -577,7 +587,9 @@ def read_table(
     try:
         header = next(reader)
     except StopIteration:
-        raise TLError(f"{path}: empty file (expected a header row with {', '.join(want)})") from None
+        raise TLError(
+            f"{path}: empty file (expected a header row with {', '.join(want)})"
+        ) from None
     except csv.Error as e:
         raise TLError(f"{path}: line 1: {e}") from None
     header = [h.strip() for h in header]
@@ -595,7 +607,9 @@ def read_table(
             if not row or all(not f.strip() for f in row):
                 continue
             if len(row) <= max(idx.values()):
-                raise TLError(f"{path}: line {line}: {len(row)} field(s), the header has {len(header)}")
+                raise TLError(
+                    f"{path}: line {line}: {len(row)} field(s), the header has {len(header)}"
+                )
             add(
                 row[idx[text_column]] if text_column else None,
                 row[idx[label_column]] if label_column else None,
@@ -668,7 +682,9 @@ class TextCollate:
     def __init__(self, pad_id: int, max_length: int) -> None:
         self.pad_id, self.max_length = int(pad_id), int(max_length)
 
-    def __call__(self, batch: list[tuple[list[int], int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def __call__(
+        self, batch: list[tuple[list[int], int]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         ids = [b[0] for b in batch]
         y = torch.tensor([int(b[1]) for b in batch], dtype=torch.long)
         return pad_batch(ids, self.pad_id, self.max_length), y
@@ -728,23 +744,31 @@ class TextDataModule(TransferDataModule):
             raw["all"] = self._read(root)
             self.layout = "single file, val + test carved"
         else:
-            files = {
-                p.stem: p
+            found_files = sorted(
+                p
                 for p in root.iterdir()
-                if p.is_file() and p.suffix.lower() in TEXT_EXTS and p.stem in ("train", "val", "test")
-            }
+                if p.is_file()
+                and p.suffix.lower() in TEXT_EXTS
+                and p.stem in ("train", "val", "test")
+            )
+            files = {p.stem: p for p in found_files}
             if files:
                 if "train" not in files:
-                    raise TLError(f"{root}: has {', '.join(p.name for p in files.values())} but no train file")
-                exts = {p.suffix.lower() for p in files.values()}
-                if len(exts) > 1:
                     raise TLError(
-                        f"{root}: split files mix formats ({', '.join(sorted(p.name for p in files.values()))}); use one"
+                        f"{root}: has {', '.join(p.name for p in found_files)} but no train file"
+                    )
+                if len({p.suffix.lower() for p in found_files}) > 1 or len(found_files) != len(
+                    files
+                ):
+                    raise TLError(
+                        f"{root}: split files mix formats ({', '.join(p.name for p in found_files)}); use one"
                     )
                 for s in ("train", "val", "test"):
                     if s in files:
                         raw[s] = self._read(files[s])
-                self.layout = " + ".join(files[s].name for s in ("train", "val", "test") if s in files)
+                self.layout = " + ".join(
+                    files[s].name for s in ("train", "val", "test") if s in files
+                )
             else:
                 found, skipped = read_class_folders(root)
                 if not found:
@@ -770,9 +794,7 @@ class TextDataModule(TransferDataModule):
         for s, (_, labels) in raw.items():
             extra = sorted(set(labels) - set(classes))
             if extra:
-                raise TLError(
-                    f"{where}: {s} has label(s) not in train: {', '.join(extra[:5])}"
-                )
+                raise TLError(f"{where}: {s} has label(s) not in train: {', '.join(extra[:5])}")
         items = {
             s: [(TextItem(t), idx[y]) for t, y in zip(texts, labels, strict=True)]
             for s, (texts, labels) in raw.items()
@@ -784,11 +806,17 @@ class TextDataModule(TransferDataModule):
             carve_test = root.is_file()
             self._check_counts(all_items, classes, where, carve_test)
             if carve_test:
-                all_items, items["test"] = self._carve(all_items, classes, self.test_fraction, where, "test")
-            items["train"], items["val"] = self._carve(all_items, classes, self.val_fraction, where, "val")
+                all_items, items["test"] = self._carve(
+                    all_items, classes, self.test_fraction, where, "test"
+                )
+            items["train"], items["val"] = self._carve(
+                all_items, classes, self.val_fraction, where, "val"
+            )
         elif "val" not in items:
             self._check_counts(items["train"], classes, where, False)
-            items["train"], items["val"] = self._carve(items["train"], classes, self.val_fraction, where, "val")
+            items["train"], items["val"] = self._carve(
+                items["train"], classes, self.val_fraction, where, "val"
+            )
             self.layout += ", val carved"
         self.class_names = classes
         self.splits = {k: items[k] for k in ("train", "val", "test") if k in items}
@@ -826,7 +854,9 @@ class TextDataModule(TransferDataModule):
                 )
 
     def _carve(self, items, classes, fraction, where, what):
-        keep, held = stratified_split([y for _, y in items], fraction, self.split_seed, classes, where)
+        keep, held = stratified_split(
+            [y for _, y in items], fraction, self.split_seed, classes, where
+        )
         return [items[i] for i in keep], [items[i] for i in held]
 
     # -- preprocessing
