@@ -40,7 +40,7 @@ def split(root: Path):
 
     dm = TextDataModule(root=str(root)).prepare()
     get = {k: ([i.text for i, _ in v], np.array([y for _, y in v])) for k, v in dm.splits.items()}
-    return get["train"], get["test"]
+    return get["train"], get["test"], len(dm.splits["val"])
 
 
 def lr_cv(x_train, y_train, x_test, y_test) -> tuple[float, float, float]:
@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     out, root = Path(args.out), Path(args.root).resolve()
 
-    (xtr, ytr), (xte, yte) = split(root)
+    (xtr, ytr), (xte, yte), n_val = split(root)
     rows, runs = [], []
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -144,7 +144,7 @@ def main() -> None:
 `{command_line()}` on {machine()}.
 
 Data: `{root.name}` (1,000 sentences, 500 positive / 500 negative). One split for every row: tl's
-own stratified, seeded carve of the file (train {len(ytr)}, val {1000 - len(ytr) - len(yte)}, test {len(yte)}).
+own stratified, seeded carve of the file (train {len(ytr)}, val {n_val}, test {len(yte)}).
 The references fit on the train split only (tl uses val only to pick the best epoch). "fit s" of
 the tl rows is `fit_seconds` (feature caching or fine-tuning, without the final test); of the
 references, embedding + CV + fit. Commands: {", ".join(f"`{r['cmd']}`" for r in runs)}.
