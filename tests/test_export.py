@@ -53,18 +53,18 @@ def run_file(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
     from safetensors.torch import load_file
 
     from tl_cli.export import ExportModel
-    from tl_cli.module import TransferModule
+    from tl_cli.tasks import ClassificationTask
 
     side = json.loads(path.with_suffix(".json").read_text())
     arch = side["architecture"]
-    fresh = TransferModule(
+    fresh = ClassificationTask(
         arch["backbone"],
         arch["head"],
-        {"_target_": "tl_cli.strategies.Finetune"},
-        {},
-        {},
+        {"name": "finetune"},
+        {"name": "adamw"},
+        {"name": "none"},
         side["class_names"],
-        image_size=arch["image_size"],
+        preprocessing_overrides=arch["preprocessing_overrides"],
         pretrained=False,
     )
     net = ExportModel(fresh.backbone, fresh.head).eval()
@@ -121,8 +121,8 @@ def test_explicit_output_and_sidecar_beside_it(ckpt, tmp_path):
 def test_failed_check_exits_1_and_is_recorded(ckpt, tmp_path, monkeypatch):
     real = export._run_export
 
-    def off_by_a_bit(fmt, out, x, ck):
-        y, runtime = real(fmt, out, x, ck)
+    def off_by_a_bit(*args, **kwargs):
+        y, runtime = real(*args, **kwargs)
         return y + 0.01, runtime
 
     monkeypatch.setattr(export, "_run_export", off_by_a_bit)

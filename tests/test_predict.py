@@ -145,7 +145,7 @@ def test_default_output_symlinked_out_of_the_run_dir_is_refused(ckpt, tiny_data,
     ("extra", "match"),
     [
         (["inputs=/no/such/dir"], "inputs=/no/such/dir: no such file or folder"),
-        (["inputs=/no/such/*.png"], "the pattern matches no image files"),
+        (["inputs=/no/such/*.png"], "the pattern matches no images"),
         (["inputs=INPUTS", "topk=0"], "topk=0 must be a whole number >= 1"),
         (["inputs=INPUTS", "format=xml"], "format='xml' must be auto, csv or json"),
         (["inputs=INPUTS", "output=CKPT"], "would overwrite"),

@@ -441,3 +441,35 @@ def test_predict_and_export_write_where_told_but_never_over_the_checkpoint(
     export.run(cfg)
     new = _files(tmp_path) - snapshot
     assert new and all(p.is_relative_to(sandbox / "run") for p in new), new
+
+
+# --------------------------------------------------------------------------- stored paths
+
+
+def test_checkpoints_store_absolute_dataset_roots(tmp_path: Path, tiny_data: Path, monkeypatch):
+    """A relative dataset.root is stored absolute: eval from elsewhere scores the same folder."""
+    import shutil
+
+    from tl_cli.evaluate import dataset_for
+    from tl_cli.train import run
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_data, work / "data")
+    monkeypatch.chdir(work)
+    cfg = compose_cfg([*TINY, "dataset.root=data", "trainer.max_epochs=1"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    run(cfg)
+    ckpt = read_untrusted_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    assert ckpt["tl"]["dataset"]["root"] == str((work / "data").resolve())
+    # another directory with a folder of the same relative name: not used
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other / "data")
+    monkeypatch.chdir(other)
+    ecfg = compose_cfg([f"checkpoint={tmp_path / 'run/checkpoints/best.ckpt'}"], "eval")
+    dm, _ = dataset_for(ckpt["tl"], ecfg, "best.ckpt")
+    assert Path(dm.root) == (work / "data").resolve()
+    # the stored folder is gone: one clear line, not a silent switch
+    shutil.rmtree(work / "data")
+    with pytest.raises(TLError, match=r"dataset.root .* does not exist here; pass dataset.root=DIR"):
+        dataset_for(ckpt["tl"], ecfg, "best.ckpt")

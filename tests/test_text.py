@@ -333,6 +333,8 @@ def test_train_eval_end_to_end(tiny_bert, text_csv, tmp_path):
     assert r["split"] == "test" and r["num_samples"] == 12
     assert abs(r["acc"] - m["test/acc"]) < 1e-6
     keys = set(json.loads((tmp_path / "ev" / "eval.json").read_text()))
+    wrong = (tmp_path / "ev" / "misclassified.csv").read_text().splitlines()
+    assert wrong[0].startswith("input,") and all("TextItem" not in r for r in wrong)
     assert {"schema_version", "acc", "macro_f1", "per_class", "confusion_matrix"} <= keys
 
     other = write_jsonl(tmp_path / "other.jsonl", make_texts(4, seed=7))
@@ -455,3 +457,32 @@ def test_minilm_feature_extraction_on_amazon_slice(tmp_path):
     m = run(cfg)
     assert m["backbone"] == "minilm" and m["test_size"] == 40
     assert m["test/acc"] >= 0.7, m
+
+
+@pytest.mark.slow
+def test_minilm_config_builds_and_matches_sentence_transformers():
+    """backbone=minilm: strict load, 7 block groups, features = sentence-transformers' (normalised)."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
+    from tl_cli.backbones import build_backbone, count_params
+    from tl_cli.text import MINILM_PACKAGE, _package_dir, encode, tokenizer_for
+
+    cfg = compose_cfg(["task=text", "dataset.root=x.csv"])
+    assert cfg.backbone.name == "minilm" and cfg.dataset.name == "text"
+    b = build_backbone(cfg.backbone).eval()
+    assert b.num_features == 384 and 22.5e6 < count_params(b) < 22.8e6
+    groups = b.block_groups()
+    assert len(groups) == 7 and all("embeddings" in n for n in groups[0])
+    assert sorted(n for g in groups for n in g) == sorted(n for n, _ in b.named_parameters())
+    assert b.preprocessing["max_length"] == 256
+    texts = ["Great phone, love it.", "The battery died after two days and support never answered."]
+    with torch.no_grad():
+        f = b(encode(tokenizer_for(b.preprocessing), texts, b.preprocessing))
+    ref = SentenceTransformer(str(_package_dir(MINILM_PACKAGE)), device="cpu").encode(
+        texts, convert_to_tensor=True
+    )
+    assert torch.allclose(torch.nn.functional.normalize(f, dim=-1), ref.cpu(), atol=1e-5)
+    # rebuilt as from a checkpoint: no weights read, same architecture and tokenizer
+    r = build_backbone(cfg.backbone, pretrained=False)
+    assert r.preprocessing == b.preprocessing and r.state_dict().keys() == b.state_dict().keys()

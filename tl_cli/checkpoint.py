@@ -151,9 +151,29 @@ def validate(ckpt: dict[str, Any], path: Any) -> dict[str, Any]:
     prep = meta.get("preprocessing")
     if not isinstance(prep, dict) or not prep:
         raise TLError(f"checkpoint={path}: tl.preprocessing is missing")
+    if meta.get("modality", "image") == "image":
+        _check_image_preprocessing(prep, path)
     if not isinstance(meta.get("task"), str):
         raise TLError(f"checkpoint={path}: tl.task is missing")
     return ckpt
+
+
+def _check_image_preprocessing(prep: dict[str, Any], path: Any) -> None:
+    """What the image transforms read: input_size, mean, std (3 numbers each), interpolation."""
+    for key in ("input_size", "mean", "std", "interpolation"):
+        if key not in prep:
+            raise TLError(f"checkpoint={path}: tl.preprocessing.{key} is missing")
+    size = prep["input_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise TLError(f"checkpoint={path}: tl.preprocessing.input_size={size!r} is not a size")
+    for key in ("mean", "std"):
+        v = prep[key]
+        if (
+            not isinstance(v, list | tuple)
+            or len(v) != 3
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        ):
+            raise TLError(f"checkpoint={path}: tl.preprocessing.{key}={v!r} is not 3 numbers")
 
 
 def _without_legacy_targets(obj: Any) -> Any:

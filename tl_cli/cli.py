@@ -73,11 +73,19 @@ def _task(command: str):
     @report_errors
     @keep_sweeping  # multirun: a failed job is recorded and the sweep goes on
     def task(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            # a first line before the imports and the data scan (seconds on a cold start)
+            print(f"tl {command}: {cfg.get('output_dir')}", flush=True)
         module = {"eval": "evaluate", "predict": "predict", "export": "export"}.get(
             command, "train"
         )
         run = importlib.import_module(f"tl_cli.{module}").run
-        return objective(cfg, run(cfg))  # a float only for sweepers (optimized_metric set)
+        try:
+            return objective(cfg, run(cfg))  # a float only for sweepers (optimized_metric set)
+        finally:
+            from tl_cli.outputs import release_run_dir
+
+            release_run_dir()  # the run dir's lock, also after a failure (multirun: next job)
 
     return task
 
@@ -112,8 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     check_search_args(args)  # hparams_search=optuna: -m and the plugin, or one clear line
     import hydra
 
-    sys.argv = [prog, *args]
+    from tl_cli.preflight import preflight
+
     config_name = COMMANDS[command][0]
+    # Hydra's errors as one line with a suggestion; ~, run dirs and dataset.root made to work
+    args = preflight(command, config_name, config_dir(), args)
+    sys.argv = [prog, *args]
     app = hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(
         _task(command)
     )

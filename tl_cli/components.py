@@ -7,4 +7,4 @@ this module first. A new modality or task adds its module here (one line).
 
 from __future__ import annotations
 
-from tl_cli import backbones, data, heads, optimizers, strategies, tasks, text  # noqa: F401
+from tl_cli import backbones, data, heads, modalities, optimizers, strategies, tasks, text  # noqa: F401

@@ -196,7 +196,8 @@ def scan_class_folders(split_dir: Path) -> dict[str, list[Path]]:
         )
     out: dict[str, list[Path]] = {}
     for d in _class_dirs(split_dir):
-        files = sorted(p for p in d.rglob("*") if p.is_file() and _is_image(p))
+        # a dangling symlink stays in the list: the corrupt-image scan reports (or skips) it
+        files = sorted(p for p in d.rglob("*") if (p.is_file() or p.is_symlink()) and _is_image(p))
         if not files:
             raise TLError(f"{d}: class folder has no images ({', '.join(IMG_EXTS)})")
         out[d.name] = files
@@ -261,6 +262,9 @@ class TransferDataModule(pl.LightningDataModule):
         augment: str = "light",
     ) -> None:
         super().__init__()
+        from tl_cli.validate import check_dataset_values
+
+        check_dataset_values(image_size, batch_size, num_workers, val_fraction, split_seed, augment)
         self.image_size = image_size
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)

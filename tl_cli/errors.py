@@ -47,17 +47,71 @@ def report_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TLError as e:
+            _log(f"tl: error: {e}")
             print(f"tl: error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             print("tl: interrupted", file=sys.stderr)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - last line of defence for unexpected errors
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(
-                f"tl: error: {type(e).__name__}: {msg} (set HYDRA_FULL_ERROR=1 for the traceback)",
-                file=sys.stderr,
-            )
+            root = root_cause(e)
+            if isinstance(root, TLError):
+                _log(f"tl: error: {root}")
+                print(f"tl: error: {root}", file=sys.stderr)
+                sys.exit(root.exit_code)
+            line = f"tl: error: {describe(e)} (set HYDRA_FULL_ERROR=1 for the traceback)"
+            _log(line)
+            print(line, file=sys.stderr)
             sys.exit(EXIT_FAILED)
 
     return wrapper  # type: ignore[return-value]
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost ``__cause__`` (Hydra's InstantiationException wraps the real error)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
+    return e
+
+
+def describe(e: BaseException, limit: int = 400) -> str:
+    """``Type: reason`` on one line: the root cause's message, every line of it, not the first.
+
+    Hydra's ``InstantiationException`` puts "Error in call to target ..." on the first line and the
+    reason on the next ones (and in ``__cause__``).
+    """
+    root = root_cause(e)
+    lines = [
+        ln.strip()
+        for ln in str(root).strip().splitlines()
+        if ln.strip() and not ln.strip().startswith(("full_key:", "object_type="))
+    ]
+    if root is e and len(lines) > 1 and lines[0].startswith("Error in call to target"):
+        lines = lines[1:]
+    msg = " ".join(lines)
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(root).__name__}: {msg}" if msg else type(root).__name__
+
+
+def log_line(text: str, level: int = 20) -> None:
+    """Write console text to the run's log file (train.log, eval.log, ...), not to the console.
+
+    Hydra's job logging gives the root logger a file handler in the run dir; the ``tl.console``
+    logger uses only the file handlers (the console already has the text), refreshed per call
+    because each job of a multirun gets its own file.
+    """
+    import logging
+
+    lg = logging.getLogger("tl.console")
+    lg.propagate = False
+    lg.setLevel(logging.DEBUG)
+    lg.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if lg.handlers:
+        lg.log(level, text)
+
+
+def _log(line: str) -> None:
+    log_line(line, 40)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ from torchmetrics.functional.classification import (
 
 from tl_cli import gates as tl_gates
 from tl_cli.checkpoint import load_module, stored_path
-from tl_cli.console import console, fmt, progress, summary_table
+from tl_cli.console import fmt, progress, say, show, summary_table
 from tl_cli.data import DATASETS, FOLDER_DATASETS, TorchvisionDataModule
 from tl_cli.errors import TLError
+from tl_cli.metrics import EVAL_SCHEMA_VERSION, EVAL_SUMMARY
+from tl_cli.outputs import claim_run_dir, release_run_dir, write_json
 from tl_cli.report import eval_report
-
-EVAL_SCHEMA_VERSION = 1
 
 
 def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) -> tuple[Any, bool]:
@@ -160,21 +159,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     result["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, result, "eval")]
     out = Path(str(cfg.output_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    claim_run_dir(out, overwrite=bool(cfg.get("overwrite", False)))  # no earlier outputs; locked
+    write_json(out / "eval.json", result)  # strict JSON (NaN -> null, "nonfinite": [keys])
     eval_report(
         out, result, normalize=bool(cfg.get("confusion_normalize", True))
     )  # confusion_matrix.png, report.md
+    ds = loader.dataset
+    if getattr(ds, "items", None) is not None and len(ds.items) == len(y):
+        # misclassified.csv, top_losses.png and the most-confused pairs (fastai's interpretation)
+        from tl_cli.interpret import interpret
+
+        err = interpret(
+            out,
+            logits,
+            y,
+            [item for item, _ in ds.items],
+            getattr(ds, "loader", None),
+            class_names,
+            metrics["confusion_matrix"],
+        )
+        pairs = ", ".join(
+            f"{c['true']} -> {c['predicted']} ({c['count']})" for c in err["most_confused"]
+        )
+        say(f"most confused (true -> predicted): {pairs or 'none'}")
+        say(
+            f"{err['misclassified']} misclassified: {err['misclassified_csv']}"
+            + (f"; highest losses: {err['top_losses_png']}" if err["top_losses_png"] else "")
+        )
+    release_run_dir(out)
     t = Table(title=f"per class ({split}, {metrics['num_samples']} images)", header_style="bold")
     for col in ("class", "precision", "recall", "f1", "support"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for c, r in metrics["per_class"].items():
         t.add_row(c, fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]), str(r["support"]))
-    console.print(t)
+    show(t)
     summary_table(
         f"tl eval: {out / 'eval.json'}",
         result,
-        ["acc", "top5_acc", "macro_f1", "loss", "num_samples"],
+        list(EVAL_SUMMARY),
     )
     tl_gates.print_gates(gates)
     tl_gates.enforce(

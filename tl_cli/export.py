@@ -27,29 +27,32 @@ from tl_cli.checkpoint import load_module
 from tl_cli.console import console, say
 from tl_cli.errors import EXIT_FAILED, TLError
 from tl_cli.loggers import available
-from tl_cli.predict import output_path, required_key
+from tl_cli.metrics import SIDECAR_SCHEMA_VERSION
+from tl_cli.modalities import modality_of
+from tl_cli.outputs import atomic_path, check_output, lock_run_dir, release_run_dir, write_json
+from tl_cli.predict import inside_run_dir, output_path, required_key
 from tl_cli.tasks import TASKS
 
-SIDECAR_SCHEMA_VERSION = 1
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 ONNX_EXTRA = "pip install 'tl-cli[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
 class ExportModel(nn.Module):
-    """Images -> logits: the checkpoint's backbone and head, without Lightning around them."""
+    """Input tensors -> logits: the checkpoint's backbone and head, without Lightning around them.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    ``pack`` (the modality's) turns the graph's input tensors into what the backbone takes
+    (images: the one tensor; text: a dict of token ids and attention mask).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, pack: Any = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pack = pack
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        x = self.pack(*xs) if self.pack is not None else xs[0]
         return self.head(self.backbone(x))
-
-
-def sample_inputs(size: int, batch: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, size, size, generator=g)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -70,24 +73,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"output={out}: .json is the sidecar's name; give the model file a {FORMATS[fmt]} name"
         )
     sidecar = out.with_suffix(".json")
+    # the sidecar is an output too: never the checkpoint, never an existing file without overwrite
+    in_run_dir = not cfg.get("output")
+    if in_run_dir:
+        inside_run_dir(sidecar, Path(str(cfg.output_dir)))
+    overwrite = bool(cfg.get("overwrite", False))
+    check_output(sidecar, overwrite=overwrite, inputs=[ckpt_path], label=f"the sidecar {sidecar}")
+    if in_run_dir:
+        lock_run_dir(out.parent)  # the run dir: one tl run at a time
 
     module, ckpt = load_module(ckpt_path)
     meta = ckpt["tl"]
     prep = dict(meta["preprocessing"])
-    size = int(prep["input_size"])
-    net = ExportModel(module.backbone, module.head).eval()
-    example = sample_inputs(size, 2, seed=0)
-    samples = sample_inputs(
-        size, n_samples, seed=1
-    )  # another batch size: the export must not fix it
-    out.parent.mkdir(parents=True, exist_ok=True)
+    modality = modality_of(meta)
+    names = modality.input_names(prep)
+    net = ExportModel(module.backbone, module.head, modality.pack).eval()
+    example = modality.example(prep, 2, seed=0)
+    # another batch size: the export must not fix it
+    samples = modality.example(prep, n_samples, seed=1)
 
-    if fmt == "onnx":
-        exporter = export_onnx(net, example, out, int(cfg.get("opset", 18)))
-    elif fmt == "torchscript":
-        exporter = export_torchscript(net, example, out)
-    else:
-        exporter = export_safetensors(net, out, meta)
+    # again: a file that appeared meanwhile is not replaced either
+    check_output(out, overwrite=overwrite, inputs=[ckpt_path])
+    with atomic_path(out) as tmp:  # written beside it, then renamed: never half a model file
+        if fmt == "onnx":
+            exporter = export_onnx(
+                net, example, tmp, int(cfg.get("opset", 18)), names, modality.dynamic_axes(prep)
+            )
+        elif fmt == "torchscript":
+            exporter = export_torchscript(net, example, tmp)
+        else:
+            exporter = export_safetensors(net, tmp, meta)
 
     verification: dict[str, Any] = {
         "samples": n_samples,
@@ -98,8 +113,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.get("verify", True):
         with torch.inference_mode():
-            ref = net(samples).float()
-        got, runtime = _run_export(fmt, out, samples, ckpt)
+            ref = net(*samples).float()
+        got, runtime = _run_export(fmt, out, samples, ckpt, names, modality.pack)
         if got is None:
             verification["skipped"] = runtime
         else:
@@ -113,13 +128,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "class_names": list(meta["class_names"]),
         "num_classes": len(meta["class_names"]),
         "preprocessing": prep,
-        "input": {
-            "name": "image",
-            "shape": ["batch", 3, size, size],
-            "dtype": "float32",
-            "layout": "NCHW",
-            "transform": f"RGB in [0, 1], resize short side to floor({size} / crop_pct), centre crop {size}, (x - mean) / std",
-        },
+        "modality": modality.name,
+        "input": modality.describe_input(prep),
         "output": {
             "name": "logits",
             "shape": ["batch", len(meta["class_names"])],
@@ -136,7 +146,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "verification": verification,
     }
-    sidecar.write_text(json.dumps(doc, indent=2) + "\n")
+    check_output(sidecar, overwrite=overwrite, inputs=[ckpt_path], label=f"the sidecar {sidecar}")
+    write_json(sidecar, doc)
+    if in_run_dir:
+        release_run_dir(out.parent)
     _print(out, sidecar, doc)
     if verification["passed"] is False:
         raise TLError(
@@ -150,7 +163,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writers
 
 
-def export_onnx(net: nn.Module, example: torch.Tensor, out: Path, opset: int) -> str:
+def export_onnx(
+    net: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    out: Path,
+    opset: int,
+    names: list[str] | None = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> str:
     """torch.export-based exporter (needs onnxscript); the TorchScript-based one otherwise."""
     import logging
 
@@ -163,58 +183,56 @@ def export_onnx(net: nn.Module, example: torch.Tensor, out: Path, opset: int) ->
         "torch.fx",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)  # their INFO lines are exporter internals
-    errors = []
+    names = names or [f"input_{i}" for i in range(len(example))]
+    axes = dynamic_axes or {n: {0: "batch"} for n in names}
+    dims = {a: torch.export.Dim(a, min=1) for ax in axes.values() for a in ax.values()}
+    attempts: list[tuple[str, dict[str, Any]]] = []
     if available("onnxscript"):
+        dynamic_shapes = tuple({i: dims[a] for i, a in axes.get(n, {}).items()} for n in names)
+        attempts.append(
+            (
+                f"torch.export, opset {opset}",
+                dict(dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset),
+            )
+        )
+    attempts.append(
+        (
+            f"TorchScript-based, opset {min(opset, 20)}",
+            dict(
+                dynamo=False,
+                dynamic_axes={**axes, "logits": {0: "batch"}},
+                opset_version=min(opset, 20),
+            ),
+        )
+    )
+    errors = []
+    for label, kw in attempts:  # the torch.export exporter first, the TorchScript one as fallback
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                batch = torch.export.Dim("batch", min=1)
                 torch.onnx.export(
                     net,
-                    (example,),
+                    tuple(example),
                     str(out),
-                    dynamo=True,
-                    input_names=["image"],
+                    input_names=names,
                     output_names=["logits"],
-                    dynamic_shapes=({0: batch},),
-                    opset_version=opset,
-                    external_data=False,
-                    verbose=False,
+                    **({"external_data": False, "verbose": False} if kw["dynamo"] else {}),
+                    **kw,
                 )
-            return f"torch.onnx (torch.export, opset {opset})"
-        except Exception as e:  # noqa: BLE001 - fall back to the TorchScript-based exporter
+            return f"torch.onnx ({label})"
+        except Exception as e:  # noqa: BLE001
             errors.append(
                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                net,
-                (example,),
-                str(out),
-                dynamo=False,
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=min(opset, 20),
-            )
-        return f"torch.onnx (TorchScript-based, opset {min(opset, 20)})"
-    except Exception as e:  # noqa: BLE001
-        errors.append(
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        )
-        raise TLError(
-            f"format=onnx: the model could not be exported ({'; '.join(errors)[:300]})"
-        ) from None
+    raise TLError(f"format=onnx: the model could not be exported ({'; '.join(errors)[:300]})")
 
 
-def export_torchscript(net: nn.Module, example: torch.Tensor, out: Path) -> str:
+def export_torchscript(net: nn.Module, example: tuple[torch.Tensor, ...], out: Path) -> str:
     """``torch.jit.trace``: convolutional nets and ViTs trace to a graph with a free batch size."""
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(net, example, check_trace=False)
+            traced = torch.jit.trace(net, tuple(example), check_trace=False)
             traced.save(str(out))
     except Exception as e:  # noqa: BLE001
         raise TLError(
@@ -243,7 +261,12 @@ def export_safetensors(net: nn.Module, out: Path, meta: dict[str, Any]) -> str:
 
 
 def _run_export(
-    fmt: str, out: Path, x: torch.Tensor, ckpt: dict[str, Any]
+    fmt: str,
+    out: Path,
+    xs: tuple[torch.Tensor, ...],
+    ckpt: dict[str, Any],
+    names: list[str],
+    pack: Any = None,
 ) -> tuple[torch.Tensor | None, str]:
     """Outputs of the written file on ``x`` and what ran it; (None, reason) when nothing can run it."""
     if fmt == "onnx":
@@ -252,23 +275,21 @@ def _run_export(
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return torch.from_numpy(
-            sess.run(None, {name: x.numpy()})[0]
-        ), f"onnxruntime {ort.__version__}"
+        feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs, strict=True)}
+        return torch.from_numpy(sess.run(None, feed)[0]), f"onnxruntime {ort.__version__}"
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = torch.jit.load(str(out), map_location="cpu")
         with torch.inference_mode():
-            return loaded(x), "torch.jit.load"
+            return loaded(*xs), "torch.jit.load"
     from safetensors.torch import load_model
 
     fresh = TASKS.get(ckpt["tl"]["task"])(**dict(ckpt["hyper_parameters"]), pretrained=False)
-    net = ExportModel(fresh.backbone, fresh.head).eval()
+    net = ExportModel(fresh.backbone, fresh.head, pack).eval()
     load_model(net, str(out), strict=True)
     with torch.inference_mode():
-        return net(x), "safetensors.torch.load_model into a fresh model"
+        return net(*xs), "safetensors.torch.load_model into a fresh model"
 
 
 def _print(out: Path, sidecar: Path, doc: dict[str, Any]) -> None:
@@ -290,9 +311,7 @@ def _print(out: Path, sidecar: Path, doc: dict[str, Any]) -> None:
     )
     t.add_row(
         "input",
-        escape(
-            f"float32 {doc['input']['shape']} (mean {doc['preprocessing']['mean']}, std {doc['preprocessing']['std']})"
-        ),
+        escape(f"{doc['input'].get('dtype', '')} {doc['input'].get('shape')} ({doc['modality']})"),
     )
     if v.get("max_abs_diff") is not None:
         ok = "[green]ok[/]" if v["passed"] else "[red]FAILED[/]"

@@ -26,12 +26,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tl_cli.errors import EXIT_FAILED, TLError
+from tl_cli.metrics import FINAL_METRICS
 
 #: The gate kinds: config key -> (comparison that fails, symbol shown when it fails).
 RULES = {"fail_under": "<", "fail_over": ">"}
 
 #: metrics.json keys a `tl train` gate may name up front (before any training).
-TRAIN_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "test/macro_f1")
+TRAIN_METRICS = FINAL_METRICS
 _TRAIN_BARE = ("acc", "loss", "macro_f1")
 
 

@@ -217,7 +217,16 @@ def main(argv: list[str]) -> int:
         t.add_row(
             r.name, r.source, _fmt_params(r.params), str(r.image_size or "?"), offline, r.usage
         )
-    console.print(t)
+    if t.__rich_measure__(console, console.options).maximum > console.width:
+        # too narrow for one line per backbone: the table without the copy-paste column, then
+        # each backbone's overrides on a line of its own (never wrapped mid-override)
+        t.columns.pop()
+        console.print(t)
+        console.print("use with:")
+        for r in rows:
+            console.print(f"  {r.usage}", soft_wrap=True)
+    else:
+        console.print(t)
     for n in notes:
         console.print(n)
     if left_out:

@@ -4,30 +4,33 @@ Batched inference with the checkpoint's own preprocessing (eval transform: resiz
 normalise). One row per image: path, the top-k labels and probabilities. An image that cannot
 be read gets an error row and is counted; it does not stop the batch.
 
-Output goes to ``output`` when given (``.csv`` or ``.json``, or ``format=``), else to
-``predictions.csv`` in the run dir. Nothing else is written outside the run dir.
+Output goes to ``output`` when given (``.csv`` or ``.json``, or ``format=``; a path ending in ``/``
+is a folder), else to ``predictions.csv`` in the run dir. Nothing else is written outside the run
+dir. An existing file is replaced only with ``overwrite=true``, an input or the checkpoint never;
+the file is written beside the target and renamed (`tl_cli.outputs`). A model whose outputs are
+NaN/inf is refused (exit 1) before anything is written.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
+from tl_cli.checkpoint import load_module
 from tl_cli.console import console, progress, say
-from tl_cli.data import IMG_EXTS, default_num_workers, eval_transform, load_image
+from tl_cli.data import default_num_workers
 from tl_cli.errors import EXIT_FAILED, TLError
-from tl_cli.module import load_module
+from tl_cli.metrics import PREDICTIONS_SCHEMA_VERSION
+from tl_cli.modalities import ImageModality, ReadEach, collate_reads, modality_of
+from tl_cli.outputs import atomic_path, check_output, lock_run_dir, release_run_dir, write_json
 
-PREDICTIONS_SCHEMA_VERSION = 1
 FORMATS = ("csv", "json")
 
 
@@ -37,94 +40,59 @@ def required_key(cfg: DictConfig, key: str, usage: str) -> Any:
     return cfg.get(key)
 
 
-def _is_image_name(p: Path) -> bool:
-    return p.suffix.lower() in IMG_EXTS and not p.name.startswith(".")
-
-
 def find_inputs(inputs: Any) -> list[str]:
-    """Image paths from a directory (recursive), a file, a glob, or a list of those; sorted, unique.
-
-    A file named explicitly is kept whatever its extension (an unreadable one becomes an error row);
-    directories and globs keep the image extensions only.
-    """
-    specs = (
-        [str(i) for i in inputs] if isinstance(inputs, list | tuple | ListConfig) else [str(inputs)]
-    )
-    found: list[str] = []
-    for spec in specs:
-        spec = os.path.expanduser(spec)
-        p = Path(spec)
-        if p.is_dir():
-            hits = sorted(str(f) for f in p.rglob("*") if f.is_file() and _is_image_name(f))
-            if not hits:
-                raise TLError(f"inputs={spec}: no images in this folder ({', '.join(IMG_EXTS)})")
-        elif p.is_file():
-            hits = [spec]
-        elif glob.has_magic(spec):
-            hits = sorted(
-                f
-                for f in glob.glob(spec, recursive=True)
-                if Path(f).is_file() and _is_image_name(Path(f))
-            )
-            if not hits:
-                raise TLError(f"inputs={spec}: the pattern matches no image files")
-        else:
-            raise TLError(f"inputs={spec}: no such file or folder")
-        found.extend(hits)
-    return list(dict.fromkeys(found))
+    """Image files ``inputs=`` names (a folder, a file, a glob or a list): see `tl_cli.inputs`."""
+    return ImageModality().find(inputs)
 
 
-class _Images(Dataset):
-    """(tensor or None, index, error) per path; a bad image is reported, not raised."""
-
-    def __init__(self, paths: list[str], transform: Any) -> None:
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
-        try:
-            return self.transform(load_image(self.paths[i])), i, None
-        except TLError as e:  # load_image's own message names the file and the problem
-            return None, i, str(e)[:300]
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return None, i, f"{type(e).__name__}: {msg}"[:300]
-
-
-def _collate(
-    batch: list[tuple[torch.Tensor | None, int, str | None]],
-) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
-    good = [(x, i) for x, i, err in batch if err is None]
-    errors = [(i, err) for _, i, err in batch if err is not None]
-    x = torch.stack([g[0] for g in good]) if good else None
-    return x, [g[1] for g in good], errors
+def inside_run_dir(path: Path, out_dir: Path) -> None:
+    if path.is_symlink() or not path.resolve().is_relative_to(out_dir.resolve()):
+        raise TLError(
+            f"{path} points outside the run dir {out_dir}; pass output=PATH to write elsewhere"
+        )
 
 
 def output_path(cfg: DictConfig, default_name: str, protect: list[str]) -> Path:
-    """Where to write: ``output`` as given (a folder gets ``default_name``), else the run dir.
+    """Where to write: ``output`` as given (a folder, or a path ending in /, gets ``default_name``),
+    else the run dir.
 
-    The default stays inside the run dir (a symlink there that points elsewhere is refused), and
-    no output may replace the checkpoint or an input.
+    The default stays inside the run dir (a symlink there that points elsewhere is refused). An
+    existing file is refused unless ``overwrite=true``, and one of ``protect`` (the checkpoint, the
+    inputs; the same file by device and inode) always: see `tl_cli.outputs.check_output`.
     """
     out_dir = Path(str(cfg.output_dir))
     given = cfg.get("output")
     if given:
-        path = Path(os.path.expanduser(str(given)))
-        if path.is_dir():
-            path = path / default_name
+        raw = os.path.expanduser(str(given))
+        path = Path(raw)
+        if raw.endswith(("/", os.sep)) or path.is_dir():
+            if os.path.lexists(path) and not path.is_dir():
+                raise TLError(f"output={given}: {path} exists and is not a folder")
+            path = path / default_name  # a folder (created when written): the default name in it
     else:
         path = out_dir / default_name
-        if path.is_symlink() or not path.resolve().is_relative_to(out_dir.resolve()):
-            raise TLError(
-                f"{path} points outside the run dir {out_dir}; pass output=PATH to write elsewhere"
-            )
-    resolved = path.resolve()
-    for p in protect:
-        if Path(p).resolve() == resolved:
-            raise TLError(f"output={path} would overwrite {p}; choose another output")
-    return path
+        inside_run_dir(path, out_dir)
+    return check_output(path, overwrite=bool(cfg.get("overwrite", False)), inputs=protect)
+
+
+def _nonfinite_message(ckpt_path: str, module: torch.nn.Module, image: str) -> str:
+    bad = next(
+        (
+            n
+            for n, t in module.state_dict().items()
+            if t.is_floating_point() and not torch.isfinite(t).all()
+        ),
+        None,
+    )
+    why = (
+        f"its weight {bad} is not finite (a corrupt or diverged checkpoint)"
+        if bad
+        else "the logits overflowed"
+    )
+    return (
+        f"checkpoint={ckpt_path}: the model's output for {image} is NaN/inf ({why}); "
+        f"no predictions were written"
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -139,18 +107,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     batch_size = cfg.get("batch_size", 32)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TLError(f"batch_size={batch_size!r} must be a whole number >= 1")
-    paths = find_inputs(inputs)
+    module, ckpt = load_module(ckpt_path)
+    meta = ckpt["tl"]
+    modality = modality_of(meta)
+    items = modality.find(inputs)
+    paths = [modality.item_name(i) for i in items]
     fmt = str(cfg.get("format", "auto")).lower()
-    out = output_path(
-        cfg, "predictions.json" if fmt == "json" else "predictions.csv", [ckpt_path, *paths]
-    )
+    protect = [ckpt_path, *modality.protected(inputs, items)]
+    out = output_path(cfg, "predictions.json" if fmt == "json" else "predictions.csv", protect)
+    if not cfg.get("output"):
+        lock_run_dir(out.parent)  # the run dir: one tl run at a time
     if fmt == "auto":
         fmt = "json" if out.suffix.lower() == ".json" else "csv"
     if fmt not in FORMATS:
         raise TLError(f"format={fmt!r} must be auto, csv or json")
 
-    module, ckpt = load_module(ckpt_path)
-    meta = ckpt["tl"]
     class_names = list(meta["class_names"])
     k = min(topk_req, len(class_names))
     want = str(cfg.get("device", "auto"))
@@ -163,25 +134,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if workers is None
         else int(workers)
     )
+    prep = meta["preprocessing"]
     loader = DataLoader(
-        _Images(paths, eval_transform(meta["preprocessing"])),
+        ReadEach(items, modality.loader(prep)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_reads(modality, prep),
     )
 
     rows: list[dict[str, Any]] = [{"path": p, "topk": [], "error": None} for p in paths]
     module.to(device).eval()
     with (
         torch.inference_mode(),
-        progress(f"predicting {len(paths)} images", total=len(loader)) as advance,
+        progress(f"predicting {len(paths)} {modality.noun}", total=len(loader)) as advance,
     ):
         for x, idx, errors in loader:
             for i, err in errors:
                 rows[i]["error"] = err
             if x is not None:
-                probs = torch.softmax(module(move_data_to_device(x, device)).float(), dim=1).cpu()
+                logits = module(move_data_to_device(x, device)).float()
+                finite = torch.isfinite(logits).all(dim=1).cpu()
+                if not bool(finite.all()):
+                    first = idx[int((~finite).nonzero()[0])]
+                    raise TLError(
+                        _nonfinite_message(ckpt_path, module, paths[first]), exit_code=EXIT_FAILED
+                    )
+                probs = torch.softmax(logits, dim=1).cpu()
                 top_p, top_i = probs.topk(k, dim=1)
                 for j, i in enumerate(idx):
                     rows[i]["topk"] = [
@@ -191,9 +170,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             advance()
 
     n_err = sum(1 for r in rows if r["error"])
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # again: a file that appeared while predicting is not replaced either
+    check_output(out, overwrite=bool(cfg.get("overwrite", False)), inputs=protect)
     if fmt == "csv":
-        write_csv(out, rows, k)
+        with atomic_path(out) as tmp:  # written beside it, then renamed: never half a file
+            write_csv(tmp, rows, k)
     else:
         doc = {
             "schema_version": PREDICTIONS_SCHEMA_VERSION,
@@ -204,7 +185,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "num_errors": n_err,
             "predictions": rows,
         }
-        out.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(out, doc)
+    if not cfg.get("output"):
+        release_run_dir(out.parent)
     _print(rows, k, out, n_err)
     if rows and n_err == len(rows):
         raise TLError(

@@ -6,6 +6,7 @@
   ``report.md`` (metrics, gates, per-class table, the plot).
 
 Plots are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global state).
+Every file is written beside its target and renamed onto it (`tl_cli.outputs`): never half a file.
 """
 
 from __future__ import annotations
@@ -14,19 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from tl_cli.console import fmt
+from tl_cli.metrics import EVAL_SUMMARY, TRAIN_SUMMARY
+from tl_cli.metrics import HISTORY_KEYS as HISTORY
+from tl_cli.outputs import atomic_path, write_text
 
-TRAIN_KEYS = [
-    "val/acc",
-    "val/loss",
-    "test/acc",
-    "test/macro_f1",
-    "test/loss",
-    "best_epoch",
-    "epochs",
-    "fit_seconds",
-]
-EVAL_KEYS = ["acc", "top5_acc", "macro_f1", "loss", "num_samples"]
-HISTORY_KEYS = ["epoch", "train/loss", "train/acc", "val/loss", "val/acc", "seconds"]
+TRAIN_KEYS = list(TRAIN_SUMMARY)
+EVAL_KEYS = list(EVAL_SUMMARY)
+HISTORY_KEYS = list(HISTORY)
 
 
 def _figure(w: float, h: float):
@@ -38,6 +33,12 @@ def _figure(w: float, h: float):
     return fig
 
 
+def _save(fig: Any, path: Path) -> None:
+    """PNG beside ``path``, then renamed onto it (`tl_cli.outputs.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -45,8 +46,7 @@ def plot_curves(
     history: list[dict[str, float]], path: Path, title: str = "", best_epoch: int | None = None
 ) -> Path:
     """Loss and accuracy per epoch (1-based), train and val, in two panels; saved as PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    curves_figure(history, title, best_epoch).savefig(path)
+    _save(curves_figure(history, title, best_epoch), path)
     return path
 
 
@@ -99,8 +99,7 @@ def plot_confusion(
     title: str = "",
 ) -> Path:
     """Rows = true class, columns = predicted; ``normalize`` divides each row by its count (recall)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    confusion_figure(matrix, class_names, normalize, title).savefig(path)
+    _save(confusion_figure(matrix, class_names, normalize, title), path)
     return path
 
 
@@ -172,8 +171,7 @@ def plot_lr_find(
     ax.set_title("Learning-rate finder")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 
@@ -288,7 +286,7 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
         "</details>",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
     written["report"] = str(out / "report.md")
     return written
 
@@ -326,5 +324,5 @@ def eval_report(out: Path, result: dict[str, Any], normalize: bool = True) -> di
         "",
     ]
     lines += ["## Confusion matrix", "", "![Confusion matrix](confusion_matrix.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
     return {"confusion_matrix": str(png), "report": str(out / "report.md")}

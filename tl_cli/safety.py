@@ -24,7 +24,6 @@ import contextlib
 import math
 import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl_cli.errors import EXIT_FAILED, TLError
-
-#: Temp files are ".<name>.<random>.tmp" next to the target: hidden, and never matching "*.ckpt".
-TMP_SUFFIX = ".tmp"
+from tl_cli.outputs import TMP_SUFFIX, atomic_file, claim_pending
 
 
 class NonFiniteError(TLError):
@@ -54,38 +51,13 @@ def _serialize(obj: Any, f: Any) -> None:
     torch.save(obj, f)
 
 
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            _serialize(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` onto ``path``.
+
+    The temp file is ``.<name>.<random>.tmp`` (never ``*.ckpt``); see `tl_cli.outputs.atomic_file`.
+    """
+    with atomic_file(path, keep_suffix=False) as f:
+        _serialize(obj, f)
 
 
 def stale_temp_files(folder: Path) -> list[Path]:
@@ -107,6 +79,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
+class RunCheckpoint(pl.callbacks.ModelCheckpoint):
+    """A ModelCheckpoint whose best-tracking survives a resume into a new run dir.
+
+    Lightning restores ``best_model_score`` only when the checkpoint's ``dirpath`` equals this
+    one's; a resume into a new run dir (the default: every run gets a new dir) therefore started
+    from no best at all, saved the first resumed epoch as ``best.ckpt`` whatever its score, while
+    the restored history still named an earlier epoch as the best (issue #11). Here the old
+    run's best file is copied into the new dir and the tracking state carries over, so
+    ``best.ckpt``, ``best_epoch``, ``val/*`` and ``test/*`` describe the same weights. When the old
+    best file is gone, tracking restarts and ``first_epoch`` tells the summary to look only at
+    the epochs of this run.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_epoch = 0
+        self._restarted = False
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old_dir = state_dict.get("dirpath", self.dirpath)
+        if old_dir == self.dirpath or self.dirpath is None:
+            return super().load_state_dict(state_dict)
+        old_best = state_dict.get("best_model_path") or ""
+        if self.monitor is None:  # last.ckpt: nothing to carry over
+            return
+        if old_best and Path(old_best).is_file():
+            new_best = str(Path(self.dirpath) / Path(old_best).name)
+            from pytorch_lightning.utilities import rank_zero_only
+
+            if rank_zero_only.rank == 0 and Path(old_best).resolve() != Path(new_best).resolve():
+                _atomic_copy(Path(old_best), Path(new_best))
+            self.best_model_score = state_dict["best_model_score"]
+            self.best_model_path = new_best
+            self.kth_best_model_path = new_best
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
+            # save_top_k=1: the one best model, now at its new path
+            self.best_k_models = (
+                {new_best: self.best_model_score} if self.best_model_score is not None else {}
+            )
+        else:
+            self._restarted = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._restarted:
+            self.first_epoch = trainer.current_epoch
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    from tl_cli.outputs import atomic_path
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst, keep_suffix=False) as tmp:  # a copy beside it, then renamed
+        shutil.copyfile(src, tmp)
+
+
 def last_checkpoint_callback(ckpt_dir: str | os.PathLike[str]) -> pl.callbacks.ModelCheckpoint:
     """A ModelCheckpoint that rewrites ``last.ckpt`` at the end of every epoch.
 
@@ -114,7 +144,7 @@ def last_checkpoint_callback(ckpt_dir: str | os.PathLike[str]) -> pl.callbacks.M
     top-k checkpoint (Lightning 2.6: "saves a last.ckpt copy whenever a checkpoint file gets
     saved"), so after the best epoch last.ckpt would go stale and a resume would redo epochs.
     """
-    return pl.callbacks.ModelCheckpoint(
+    return RunCheckpoint(
         dirpath=str(ckpt_dir),
         filename="last",
         monitor=None,
@@ -225,6 +255,13 @@ class TrainingGuard(pl.Callback):
             return None
 
     # -- housekeeping
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            # the run dir (RUN/checkpoints/last.ckpt -> RUN): locked from here on, if tl train
+            # checked it but could not lock it yet (it did not exist). Before a resume restores
+            # the checkpoint callbacks (which may copy the old best.ckpt in).
+            claim_pending(self.last_path.parent.parent)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mtime_at_start = self._last_mtime()
         resumed = trainer.ckpt_path

@@ -85,6 +85,8 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
 
 def check_image(path: str | os.PathLike[str]) -> str | None:
     """None if ``path`` looks like a readable image, else a short reason."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"dangling symlink (its target {os.readlink(path)} does not exist)"
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"

@@ -24,22 +24,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tl_cli.errors import EXIT_FAILED, TLError, full_errors
+from tl_cli.metrics import EVAL_SUMMARY, FINAL_METRICS
+from tl_cli.outputs import atomic_file, write_json, write_text
 
 #: Columns of the summary, in order, when the jobs wrote them (train: metrics.json; eval: eval.json).
-METRIC_COLUMNS = [
-    "val/acc",
-    "val/loss",
-    "test/acc",
-    "test/macro_f1",
-    "test/loss",
-    "best_epoch",
-    "fit_seconds",
-    "acc",
-    "macro_f1",
-    "loss",
-    "top5_acc",
-    "num_samples",
-]
+METRIC_COLUMNS = list(dict.fromkeys([*FINAL_METRICS, "best_epoch", "fit_seconds", *EVAL_SUMMARY]))
 FAILED_FILE = "failed.json"
 
 
@@ -90,10 +79,7 @@ def _record_failure(cfg: DictConfig, message: str, code: int) -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # noqa: BLE001
         out = Path(str(cfg.get("output_dir", ".")))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / FAILED_FILE).write_text(
-        json.dumps({"error": message, "exit_code": code}, indent=2) + "\n"
-    )
+    write_json(out / FAILED_FILE, {"error": message, "exit_code": code})
 
 
 def objective(cfg: DictConfig, result: Any) -> float | None:
@@ -182,7 +168,7 @@ def write_summary(
     metric_cols = [c for c in METRIC_COLUMNS if any(c in r["metrics"] for r in rows)]
     header = ["job", "status", *params, *metric_cols, "error", "dir"]
     csv_path = sweep_dir / "summary.csv"
-    with csv_path.open("w", newline="") as f:
+    with atomic_file(csv_path, "w", newline="") as f:  # beside it, then renamed
         w = csv.writer(f)
         w.writerow(header)
         for r in rows:
@@ -221,7 +207,7 @@ def write_summary(
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     md_path = sweep_dir / "summary.md"
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 

@@ -26,6 +26,7 @@ from tl_cli import __version__
 from tl_cli.backbones import build_backbone
 from tl_cli.errors import TLError
 from tl_cli.heads import HEADS
+from tl_cli.metrics import DEFAULT_MONITOR
 from tl_cli.optimizers import OPTIMIZERS
 from tl_cli.policy import TransferPolicy
 from tl_cli.registry import Registry
@@ -61,7 +62,7 @@ class TransferTask(pl.LightningModule):
     #: top-level submodules that never train (a distillation teacher)
     frozen: tuple[str, ...] = ()
     #: the validation metric that picks best.ckpt, and its direction
-    monitor: tuple[str, str] = ("val/acc", "max")
+    monitor: tuple[str, str] = DEFAULT_MONITOR
 
     def __init__(
         self,

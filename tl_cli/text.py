@@ -518,6 +518,9 @@ class TextItem:
     def cache_bytes(self) -> bytes:
         return hashlib.sha256(self.text.encode()).digest()
 
+    def __str__(self) -> str:  # what reports (misclassified.csv) show
+        return self.text
+
 
 def _decode(path: Path, data: bytes) -> str:
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -17,13 +16,24 @@ from omegaconf import DictConfig
 import tl_cli.components  # noqa: F401 - every registry complete
 from tl_cli import gates as tl_gates
 from tl_cli.backbones import count_params
-from tl_cli.console import EpochLines, History, interactive, say, summary_table
+from tl_cli.console import (
+    EpochBar,
+    EpochLines,
+    History,
+    UnfreezeLines,
+    interactive,
+    say,
+    summary_table,
+)
 from tl_cli.data import DATASETS
 from tl_cli.errors import TLError
 from tl_cli.loggers import make_logger
+from tl_cli.metrics import DEFAULT_MONITOR, METRICS_SCHEMA_VERSION, TRAIN_SUMMARY
+from tl_cli.outputs import claim_run_dir, release_run_dir, write_json
 from tl_cli.registry import plain
 from tl_cli.report import train_report
 from tl_cli.safety import (
+    RunCheckpoint,
     TrainingGuard,
     checkpoint_plugins,
     last_checkpoint_callback,
@@ -33,8 +43,7 @@ from tl_cli.safety import (
 from tl_cli.safety import fit as safe_fit
 from tl_cli.tasks import TASKS, TransferTask
 from tl_cli.tuning import tune_lr
-
-METRICS_SCHEMA_VERSION = 1
+from tl_cli.validate import check_train_config
 
 
 def quiet_lightning() -> None:
@@ -59,16 +68,14 @@ def quiet_lightning() -> None:
 
 
 def _guard_output(out: Path, cfg: DictConfig) -> None:
-    best = out / "checkpoints" / "best.ckpt"
-    if best.exists() and not cfg.get("overwrite", False):
-        resuming_here = (
-            cfg.get("ckpt_path")
-            and Path(str(cfg.ckpt_path)).resolve().parent == best.parent.resolve()
-        )
-        if not resuming_here:
-            raise TLError(
-                f"{best} already exists: choose another hydra.run.dir, or pass overwrite=true to replace it"
-            )
+    """Refuse a run dir holding an earlier run's outputs (unless overwrite or resuming from it); lock it."""
+    # not created here: locked when training starts (TrainingGuard.on_fit_start), checked again then
+    claim_run_dir(
+        out,
+        overwrite=bool(cfg.get("overwrite", False)),
+        resume_from=cfg.get("ckpt_path"),
+        create=False,
+    )
 
 
 def stored_dataset_config(dataset: Any) -> dict[str, Any]:
@@ -101,6 +108,18 @@ def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
     return module, dm
 
 
+def _sweep_cache() -> str | None:
+    """In a multirun, an on-disk feature cache shared by the sweep's jobs (keyed and verified by
+    tl_cli.features, so jobs with another backbone, preprocessing or data do not collide)."""
+    from tl_cli.sweep import in_multirun
+
+    if not in_multirun():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(Path(str(HydraConfig.get().sweep.dir)) / "feature_cache")
+
+
 def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]]:
     """Wrap the data in a feature cache when the policy says the backbone never trains."""
     if not module.can_cache_features():
@@ -111,7 +130,10 @@ def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]
     views = int(getattr(strat, "cache_views", 0))
     # features are computed in setup(), inside fit: per rank under DDP, on the trainer's device
     data = FeatureDataModule(
-        module.backbone, dm, cache_dir=getattr(strat, "cache_dir", None), views=views
+        module.backbone,
+        dm,
+        cache_dir=getattr(strat, "cache_dir", None) or _sweep_cache(),
+        views=views,
     )
     if not views and dm.augment not in (None, "none"):
         say(
@@ -131,6 +153,7 @@ def train(
         fitted: the feature cache or the data module), ``trainer`` and ``checkpoint``.
     """
     out = Path(str(cfg.output_dir))
+    check_train_config(cfg)  # every value, the Trainer's included, before any work
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
         # a missing, corrupt or crafted file fails before any work
@@ -155,7 +178,7 @@ def train(
     history = History()
     ckpt_dir = out / "checkpoints"
     monitor, mode = module.monitor
-    checkpoint_cb = pl.callbacks.ModelCheckpoint(
+    checkpoint_cb = RunCheckpoint(
         dirpath=str(ckpt_dir),
         filename="best",
         monitor=monitor,
@@ -175,10 +198,12 @@ def train(
         *(callbacks or []),
         *(instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values()),
     ]
+    # one line per finished epoch (numbered from 1) everywhere; a live bar on a terminal
+    callbacks += [EpochLines(history), UnfreezeLines()]
     if interactive():
-        callbacks.append(pl.callbacks.RichProgressBar(leave=False))
-    else:
-        callbacks.append(EpochLines(history))
+        callbacks.append(EpochBar())
+    if logger:  # an lr column per param group in metrics.csv (and the other loggers)
+        callbacks.append(pl.callbacks.LearningRateMonitor(logging_interval="epoch"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -224,6 +249,13 @@ def train(
             "skipped_corrupt_files": [b.path for b in getattr(dm, "skipped_corrupt", [])],
         }
     )
+    # the epochs (1-based) at which backbone block groups joined training (for curves.png)
+    # (metrics["history"]: trainer.test(ckpt_path=best) restores History to the best epoch's)
+    metrics["unfreeze_epochs"] = [
+        {"epoch": int(r["epoch"]) + 1, "groups": r["unfrozen"]}
+        for r in metrics["history"]
+        if r.get("unfrozen")
+    ]
     if lr_find:
         metrics["lr_find"] = lr_find
     objects = {
@@ -255,25 +287,18 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     metrics["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, metrics, "train")]
     if objects["trainer"].is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(out / "metrics.json", metrics)  # strict JSON, written beside it and renamed
         train_report(out, cfg, metrics)  # curves.png + report.md
+        release_run_dir(out)
         summary_table(
             f"tl {cfg.get('command', 'train')}: {out}",
             metrics,
-            [
-                "val/acc",
-                "val/loss",
-                "test/acc",
-                "test/macro_f1",
-                "test/loss",
-                "best_epoch",
-                "epochs",
-                "fit_seconds",
-            ],
+            list(TRAIN_SUMMARY),
         )
         say(
             f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}"
         )
+        say(f"report: {out / 'report.md'}\nnext: tl eval checkpoint={ckpt_dir / 'best.ckpt'}")
         tl_gates.print_gates(gates)
     # exit 1 on a failed gate, after the outputs exist
     tl_gates.enforce(gates, str(out / "metrics.json"))
@@ -285,10 +310,12 @@ def collect_metrics(
     ckpt: pl.callbacks.ModelCheckpoint,
     trainer: pl.Trainer,
     fit_seconds: float,
-    monitor: str = "val/acc",
-    mode: str = "max",
+    monitor: str = DEFAULT_MONITOR[0],
+    mode: str = DEFAULT_MONITOR[1],
 ) -> dict[str, Any]:
-    rows = [r for r in history.epochs if monitor in r]
+    # a resume whose old best.ckpt is gone tracks the best from the resumed epoch on
+    first = int(getattr(ckpt, "first_epoch", 0))
+    rows = [r for r in history.epochs if monitor in r and r["epoch"] >= first]
     if not rows:
         raise TLError(
             "no validation epoch ran (check trainer.max_epochs and trainer.limit_val_batches)"
