@@ -471,5 +471,7 @@ def test_checkpoints_store_absolute_dataset_roots(tmp_path: Path, tiny_data: Pat
     assert Path(dm.root) == (work / "data").resolve()
     # the stored folder is gone: one clear line, not a silent switch
     shutil.rmtree(work / "data")
-    with pytest.raises(TLError, match=r"dataset.root .* does not exist here; pass dataset.root=DIR"):
+    with pytest.raises(
+        TLError, match=r"dataset.root .* does not exist here; pass dataset.root=DIR"
+    ):
         dataset_for(ckpt["tl"], ecfg, "best.ckpt")

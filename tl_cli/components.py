@@ -17,4 +17,5 @@ from tl_cli import (  # noqa: F401
     speech,
     strategies,
     tasks,
+    text,
 )

@@ -356,9 +356,14 @@ class TransferDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=self.collate_fn(),
             # a last batch of one image breaks BatchNorm in train mode
             drop_last=shuffle and n > self.batch_size and n % self.batch_size == 1,
         )
+
+    def collate_fn(self) -> Callable | None:
+        """How samples become a batch (None: torch's default); text pads per batch here."""
+        return None
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()

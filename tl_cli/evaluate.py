@@ -38,11 +38,15 @@ def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) ->
     over = {k: v for k, v in (OmegaConf.to_container(cfg.dataset) or {}).items() if v is not None}
     new_root = "root" in over
     if new_root:
-        # how labels are read and clips are cut carry over (audio: label_from, label_regex, max_seconds)
+        # how labels are read carries over (audio: label_from, label_regex, max_seconds; text: the
+        # columns, token length and carve of the training file)
         keep = ("batch_size", "num_workers", "val_fraction", "split_seed")
         keep += ("label_from", "label_regex", "max_seconds")
+        keep += ("text_column", "label_column", "max_length", "test_fraction")
         folder = FOLDER_DATASETS.get(str(meta.get("modality", "image")), "imagefolder")
         dcfg = {"name": folder, **{k: dcfg[k] for k in keep if k in dcfg}}
+        if "carve" in DATASETS.options(folder):
+            dcfg["carve"] = False  # scored whole: no val/test carve (and no per-class minimum)
     elif dcfg.get("root") is not None and dcfg.get("name") not in TorchvisionDataModule.SETS:
         dcfg["root"] = stored_path(dcfg["root"], "dataset.root", ckpt_path)
     if not dcfg:
@@ -71,12 +75,12 @@ def pick_split(dm: Any, split: str, new_root: bool) -> str:
         if not dm.has_split(split):
             raise TLError(f"split={split}: the dataset has {', '.join(dm.splits)}")
         return split
+    if new_root and dm.layout.startswith(("class folders", "single file")):
+        # a plain folder of class folders (or one text file) given for evaluation: score all of it
+        dm.splits["all"] = dm.splits["train"] + dm.splits["val"] + dm.splits.get("test", [])
+        return "all"
     if dm.has_split("test"):
         return "test"
-    if new_root and dm.layout.startswith("class folders"):
-        # a plain folder of class folders given for evaluation: score all of it
-        dm.splits["all"] = dm.splits["train"] + dm.splits["val"]
-        return "all"
     return "val"
 
 

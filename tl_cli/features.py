@@ -10,7 +10,8 @@ per split and trains the head on the cached tensors: each later epoch costs only
   renamed into place), read back with ``mmap_mode="r"``: memory stays bounded for datasets
   larger than RAM, and a later run with the same key skips extraction. The key hashes the
   backbone's weights, the preprocessing, the transform (eval or augmented view), and every
-  file's path, size and mtime, so any change invalidates it.
+  file's path, size and mtime (in-memory items such as texts: their content), so any change
+  invalidates it.
 * Integrity: an entry is ``<split>-<key>.features.npy``, ``.labels.npy`` and ``.meta.json``, a
   manifest (rows, dim, dtypes, byte sizes, sha256 of both files) written last, after both arrays
   are renamed into place, so its presence marks a complete entry. Every load checks the npy
@@ -101,6 +102,8 @@ def cache_key(
         if isinstance(item, str):
             st = os.stat(item)
             h.update(f"{item}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+        elif hasattr(item, "cache_bytes"):  # in-memory content (text): hashed, not stat()ed
+            h.update(item.cache_bytes() + f"\0{label}\n".encode())
         else:
             h.update(f"{item}\0{label}\n".encode())
     return h.hexdigest()[:32]

@@ -92,6 +92,11 @@ class TransferTask(pl.LightningModule):
             raise TLError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         self.class_names = [str(c) for c in class_names]
         self.backbone = build_backbone(backbone, pretrained=pretrained)
+        # what the checkpoint needs to rebuild this backbone offline (e.g. a text model's config
+        # and tokenizer as plain data): kept in the saved hyper_parameters, not in the loggers'
+        extra = getattr(self.backbone, "stored_options", None)
+        if extra:
+            self.hparams["backbone"] = {**dict(self.hparams["backbone"]), **extra}
         self.head = HEADS.build(
             head, in_features=self.backbone.num_features, num_classes=self.num_outputs
         )
