@@ -343,6 +343,37 @@ def test_train_eval_end_to_end(tiny_bert, text_csv, tmp_path):
     r = evaluate.run(cfg)
     assert r["split"] == "all" and r["num_samples"] == 8  # a new file is scored whole
 
+    # predict: a CSV with a text column and a .txt file of lines -> one row per text
+    from tl_cli import export, predict
+
+    lines = tmp_path / "new.txt"
+    lines.write_text("great great value\n\nterrible awful broke\n")
+    with open_dict(
+        cfg := compose_cfg([f"checkpoint={ckpt}", f"inputs=[{other},{lines}]"], "predict")
+    ):
+        cfg.output_dir = str(tmp_path / "pred")
+    res = predict.run(cfg)
+    assert res["num_images"] == 10 and res["num_errors"] == 0
+    rows = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
+    assert rows[-2].startswith("great great value,") and rows[-1].startswith(
+        "terrible awful broke,"
+    )
+    probs = {r.split(",")[0]: r.split(",")[1] for r in rows[1:]}
+    assert set(probs.values()) <= {"positive", "negative"}
+
+    # export: token ids + attention mask in, logits out, checked against PyTorch; tokenizer in the sidecar
+    for fmt in ("onnx", "torchscript", "safetensors"):
+        with open_dict(cfg := compose_cfg([f"checkpoint={ckpt}", f"format={fmt}"], "export")):
+            cfg.output_dir = str(tmp_path / f"exp-{fmt}")
+        res = export.run(cfg)
+        assert res["passed"] is True, (fmt, res)
+        side = json.loads(Path(res["sidecar"]).read_text())
+        assert side["modality"] == "text" and side["input"]["names"] == [
+            "input_ids",
+            "attention_mask",
+        ]
+        assert side["tokenizer"]["model"]["type"] in ("WordPiece", "BPE", "Unigram", "WordLevel")
+
 
 @pytest.mark.parametrize(
     "strategy",

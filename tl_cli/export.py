@@ -130,6 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "preprocessing": prep,
         "modality": modality.name,
         "input": modality.describe_input(prep),
+        **modality.sidecar_extras(prep),
         "output": {
             "name": "logits",
             "shape": ["batch", len(meta["class_names"])],

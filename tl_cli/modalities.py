@@ -68,6 +68,10 @@ class Modality:
         """The sidecar's ``input`` entry: names, shapes, dtype, how to preprocess."""
         raise NotImplementedError
 
+    def sidecar_extras(self, prep: dict[str, Any]) -> dict[str, Any]:
+        """Anything else a deployment needs in the sidecar (text: the tokenizer)."""
+        return {}
+
 
 #: tl.modality -> Modality
 MODALITIES: Registry[Modality] = Registry("modality")
