@@ -517,3 +517,36 @@ def test_minilm_config_builds_and_matches_sentence_transformers():
     # rebuilt as from a checkpoint: no weights read, same architecture and tokenizer
     r = build_backbone(cfg.backbone, pretrained=False)
     assert r.preprocessing == b.preprocessing and r.state_dict().keys() == b.state_dict().keys()
+
+
+@pytest.mark.slow
+def test_ddp_text_freeze_unfreeze_keeps_ranks_identical(tiny_bert, text_csv, tmp_path):
+    """2 CPU processes (gloo): the transformer unfrozen after DDP wrapped it stays in sync."""
+    probe = tmp_path / "probe.json"
+    overrides = [
+        o
+        for o in tiny_text(tiny_bert)
+        if not o.startswith(("trainer.devices", "trainer.accelerator"))
+    ]
+    r = run_tl(
+        "train",
+        *overrides,
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"dataset.root={text_csv}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "strategy=freeze_unfreeze",
+        "strategy.unfreeze_at_epoch=1",
+        "strategy.backbone_lr_mult=1.0",
+        "trainer.max_epochs=3",
+        "+callbacks.probe._target_=tests.ddp_probe.WeightSyncProbe",
+        f"+callbacks.probe.out={probe}",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(probe.read_text())
+    assert [row["epoch"] for row in rows] == [0, 1, 2] and all(row["world"] == 2 for row in rows)
+    assert rows[0]["moved_from_start"] == 0.0 and rows[-1]["moved_from_start"] > 1e-4
+    assert all(row["max_rank_diff"] == 0.0 for row in rows), rows
