@@ -44,18 +44,33 @@ def test_registry_rejects_duplicates_and_lists_known_names():
 
 
 BACKBONE_CONFIGS = Path(config_dir()) / "backbone"
-GENERIC = {"timm", "torchvision"}  # any model of that library: backbone.name is required (???)
+GENERIC = {
+    "timm",
+    "torchvision",
+    "hf",
+}  # any model of that library: backbone.name is required (???)
+IMAGE_SOURCES = {"bundled", "torchvision", "timm"}
+
+
+def _options(source: str) -> set[str]:
+    from tl_cli.backbones import SOURCES
+
+    return {"name", "source", *SOURCES.options(source)} - {"pretrained"}
 
 
 def test_every_registered_backbone_composes_as_backbone_equals_name():
     for name, spec in registered_backbones().items():
-        cfg = compose_cfg([f"backbone={name}"]).backbone
-        assert OmegaConf.to_container(cfg) == {
-            "name": name,
-            "source": spec.source,
-            "weights": "DEFAULT",
-            "weights_path": None,
-        }, name
+        cfg = OmegaConf.to_container(compose_cfg([f"backbone={name}"]).backbone)
+        if spec.source in IMAGE_SOURCES:
+            assert cfg == {
+                "name": name,
+                "source": spec.source,
+                "weights": "DEFAULT",
+                "weights_path": None,
+            }, name
+        else:  # text / audio sources: their own options, every one known to the builder
+            assert (cfg["name"], cfg["source"]) == (name, spec.source)
+            assert set(cfg) <= _options(spec.source), name
 
 
 def test_every_backbone_config_names_a_registered_backbone():
@@ -63,9 +78,13 @@ def test_every_backbone_config_names_a_registered_backbone():
     assert {f.stem for f in files} == set(registered_backbones()) | GENERIC
     for f in files:
         raw = OmegaConf.load(f)
-        assert set(raw) == {"name", "source", "weights", "weights_path"}, f  # no _target_
+        assert "_target_" not in raw and set(raw) <= _options(raw.source), f
+        if raw.source in IMAGE_SOURCES:
+            assert set(raw) == {"name", "source", "weights", "weights_path"}, f
         if f.stem in GENERIC:
-            assert OmegaConf.is_missing(raw, "name") and raw.source == f.stem, f
+            assert raw.source == f.stem, f
+            if f.stem != "hf":  # hf: backbone.name or backbone.path
+                assert OmegaConf.is_missing(raw, "name"), f
         else:
             spec = registered_backbones()[f.stem]
             assert (raw.name, raw.source) == (f.stem, spec.source), f

@@ -544,7 +544,8 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 #: (``num_features``, ``forward``, ``block_groups()``, ``preprocessing``, ``modality``,
 #: ``effective_preprocessing()``). Other modalities register their sources here.
 SOURCES: Registry[nn.Module] = Registry("backbone.source")
-for _src in ("auto", "bundled", "torchvision", "timm"):
+_IMAGE_SOURCES = ("auto", "bundled", "torchvision", "timm")
+for _src in _IMAGE_SOURCES:
     SOURCES.register(_src, functools.partial(create_backbone, source=_src))
 
 
@@ -552,6 +553,9 @@ def build_backbone(cfg: Any, pretrained: bool = True) -> nn.Module:
     """A backbone from ``{name, source, weights, weights_path, ...}`` (a config or a checkpoint)."""
     cfg = dict(plain(cfg) or {})
     source = cfg.pop("source", "auto")
+    spec = _REGISTRY.get(cfg.get("name"))
+    if source == "auto" and spec is not None and spec.source not in _IMAGE_SOURCES:
+        source = spec.source  # a named text/audio backbone: its own builder
     builder = SOURCES.get(source)
     allowed = set(SOURCES.options(source)) - {"pretrained"}
     unknown = sorted(set(cfg) - allowed)

@@ -80,17 +80,24 @@ def describe(name: str, source: str, arch: str | None = None) -> BackboneInfo:
     """Build the backbone on the meta device for its size; look up its weights in the caches."""
     import torch
 
-    from tl_cli.backbones import count_params, create_backbone
+    from tl_cli.backbones import build_backbone, count_params, create_backbone
 
     arch = arch or name
     params = size = None
     try:
         with torch.device("meta"):
-            bb = create_backbone(name, source=source, weights="none", pretrained=False)
-        params, size = count_params(bb), int(bb.preprocessing["input_size"])
+            if source in ("bundled", "torchvision", "timm"):
+                bb = create_backbone(name, source=source, weights="none", pretrained=False)
+            else:  # text / audio: their own builders
+                bb = build_backbone({"name": name, "source": source}, pretrained=False)
+        params = count_params(bb)
+        size = bb.preprocessing.get("input_size")
+        size = int(size) if size else None
     except Exception:  # noqa: BLE001 - a model that cannot be built here still gets a row
         pass
-    if source == "bundled":
+    if source not in ("bundled", "torchvision", "timm"):
+        offline, where = True, "bundled"
+    elif source == "bundled":
         offline, where = _weights_bundled(name)
     elif source == "torchvision":
         offline, where = _weights_torchvision(arch)
@@ -110,6 +117,7 @@ def _match(pattern: str | None, name: str) -> bool:
 
 def collect(pattern: str | None, limit: int = 40) -> tuple[list[BackboneInfo], int]:
     """The matching backbones, registered first; and how many library matches were left out."""
+    import tl_cli.components  # noqa: F401 - text and audio backbones register on import
     from tl_cli.backbones import registered_backbones
 
     rows: list[BackboneInfo] = []

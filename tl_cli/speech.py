@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_cli.backbones import SOURCES
+from tl_cli.backbones import SOURCES, BackboneSpec, register_backbone
 from tl_cli.errors import TLError
 
 SAMPLE_RATE = 16000
@@ -360,3 +360,6 @@ def build_speech(
 
 
 SOURCES.register("speech", build_speech)
+register_backbone(
+    BackboneSpec("speech_embedding", "speech", "speech_embedding")
+)  # tl backbones lists it

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tl_cli.backbones import SOURCES, _probe
+from tl_cli.backbones import SOURCES, BackboneSpec, _probe, register_backbone
 from tl_cli.console import say
 from tl_cli.data import DATASETS, FOLDER_DATASETS, TransferDataModule, stratified_split
 from tl_cli.errors import TLError
@@ -504,6 +504,7 @@ def _load_hf(name: str, path: str | None, revision: str | None):
 
 
 SOURCES.register("minilm", build_minilm)
+register_backbone(BackboneSpec("minilm", "minilm", "all-MiniLM-L6-v2"))  # tl backbones lists it
 SOURCES.register("hf", build_hf)
 
 
