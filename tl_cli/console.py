@@ -33,6 +33,11 @@ def say(msg: str) -> None:
         console.print(msg)
 
 
+def warn(msg: str) -> None:
+    """One line a practitioner would say, marked so it stands out in a log."""
+    say(f"[bold yellow]warning[/] {msg}")
+
+
 @contextlib.contextmanager
 def progress(desc: str, total: int) -> Iterator[Callable[[], None]]:
     """Yield an ``advance()`` callable: a rich bar on a terminal, start/end lines otherwise."""
