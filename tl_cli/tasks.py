@@ -411,20 +411,22 @@ class ClassificationTask(TransferTask):
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         correct, loss_sum, n = (float(v) for v in sums)
         if n > 0:
-            self.log("val/score", val_score(correct / n, loss_sum / n))
+            self.log("val/score", val_score(correct / n, loss_sum / n, int(n)))
             self.log("val/pred_classes", float((counts > 0).sum()))
 
 
-def val_score(acc: float, loss: float) -> float:
+def val_score(acc: float, loss: float, n: int) -> float:
     """The checkpoint criterion: val/acc, ties broken by the lower val/loss.
 
-    ``acc - 1e-4 * loss / (1 + loss)``: the loss term is below 1e-4, so it never outweighs one
-    image of accuracy on a validation split of fewer than 10,000 images, and only orders epochs
-    with the same accuracy (a higher loss always lowers the score).
+    ``acc - (0.5 / n) * loss / (1 + loss)`` for ``n`` validation images: the loss term is under
+    half an image of accuracy, so it never outweighs a real accuracy difference and only orders
+    epochs with the same accuracy (a lower loss always scores higher). Scaled by ``1 / n`` rather
+    than a fixed tiny factor so that it survives Lightning's float32 metrics.
     """
+    eps = 0.5 / max(1, n)
     if not math.isfinite(loss):
-        return acc - 1e-4
-    return acc - 1e-4 * loss / (1.0 + loss)
+        return acc - eps
+    return acc - eps * loss / (1.0 + loss)
 
 
 def build_task(name: str, **kwargs: Any) -> TransferTask:

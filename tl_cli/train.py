@@ -359,6 +359,8 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
 def chosen_defaults(module: Any, cfg: DictConfig) -> dict[str, Any]:
     """What the run's settings came to: how the head was fitted, steps, LR, warm-up, BN policy."""
     b = dict(module.budget_info)
+    if module.head_converged:  # fitted at fit start, after the optimizer was configured
+        b["steps"] = 0
     strat = module.strategy
     out: dict[str, Any] = {
         "head_fit": module.head_fit_info or {"method": "sgd"},
