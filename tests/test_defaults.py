@@ -144,3 +144,13 @@ def test_lr_finder_refuses_a_suggestion_off_the_falling_slope():
     assert "not falling" in falling_slope(lrs, good, 1e-5)  # the flat start
     flat = [2.30 + 0.001 * math.sin(i) for i in range(50)]
     assert "flat" in falling_slope(lrs, flat, 1e-3)
+
+
+def test_finetune_default_keeps_batchnorm_frozen_while_the_backbone_trains(tiny_cfg):
+    from .test_strategies import Spy
+
+    spy = Spy()
+    m = train.run(tiny_cfg("strategy=finetune", "scheduler=none"), callbacks=[spy])
+    for r in spy.rows:
+        assert r["backbone_grad"] == {True} and r["bn_training"] == {False}
+    assert m["defaults"]["bn"] == "frozen" and m["defaults"]["head_fit"]["method"] == "lbfgs"
