@@ -334,10 +334,17 @@ class TransferTask(pl.LightningModule):
         }
         if self.plateau is not None:
             checkpoint["tl_plateau"] = self.plateau.state_dict()
+        if self.head_fit_info is not None:
+            # a resumed run keeps the fitted head and, with a frozen backbone, takes no steps
+            checkpoint["tl_head_fit"] = dict(self.head_fit_info)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.plateau is not None and "tl_plateau" in checkpoint:
             self.plateau.load_state_dict(checkpoint["tl_plateau"])
+        info = checkpoint.get("tl_head_fit")
+        if isinstance(info, dict):
+            self.head_fit_info = dict(info)
+            self.head_converged = not self.policy.backbone_ever_trains
 
     @property
     def task_name(self) -> str:
