@@ -255,6 +255,8 @@ test split: the last 30% of each class's files (by name) are the test images. Ma
 
 {md_table(headers, rows, "llrlllll")}
 
+{results.get("notes", "")}
+
 Commands (plus `hydra.run.dir=... overwrite=true`; `strategy.cache_dir` only lets the probe read
 the same features):
 

@@ -154,3 +154,24 @@ def test_finetune_default_keeps_batchnorm_frozen_while_the_backbone_trains(tiny_
     for r in spy.rows:
         assert r["backbone_grad"] == {True} and r["bn_training"] == {False}
     assert m["defaults"]["bn"] == "frozen" and m["defaults"]["head_fit"]["method"] == "lbfgs"
+
+
+def test_resume_keeps_the_lbfgs_head_and_takes_no_steps(tiny_cfg, tmp_path):
+    from omegaconf import open_dict
+
+    from .test_resume import StopAfter, weights
+
+    def cfg(out, ckpt=None):
+        c = tiny_cfg("trainer.max_epochs=3", f"output_dir={out}")
+        if ckpt:
+            with open_dict(c):
+                c.ckpt_path = str(ckpt)
+        return c
+
+    train.run(cfg(tmp_path / "part"), callbacks=[StopAfter(1)])
+    resumed = train.run(cfg(tmp_path / "resumed", tmp_path / "part/checkpoints/last.ckpt"))
+    assert resumed["defaults"]["optimizer_steps"] == 0
+    assert resumed["defaults"]["head_fit"]["method"] == "lbfgs"
+    a = weights(tmp_path / "part/checkpoints/last.ckpt")
+    b = weights(tmp_path / "resumed/checkpoints/last.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("head"))
