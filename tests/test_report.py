@@ -119,6 +119,7 @@ def test_tune_lr_runs_the_finder_saves_plot_and_trains_with_the_suggestion(tiny_
         "dataset.batch_size=4",
         "trainer.max_epochs=1",
         f"strategy={strategy}",
+        "strategy.head_fit=sgd",  # an L-BFGS head has no LR to tune (the finder is skipped)
         "tune_lr=true",
         "lr_finder.num_training=30",
         "lr_finder.min_lr=1e-5",
@@ -129,7 +130,11 @@ def test_tune_lr_runs_the_finder_saves_plot_and_trains_with_the_suggestion(tiny_
     info = m["lr_find"]
     assert info["points"] >= 10 and info["plot"] == "lr_find.png"
     assert info["suggestion"] is not None and 1e-5 <= info["suggestion"] <= 1.0
-    assert info["lr"] == info["suggestion"] != info["configured_lr"]
+    # the suggestion is used only on the falling part of the curve (tests/test_defaults.py)
+    if info["used"]:
+        assert info["lr"] == info["suggestion"] != info["configured_lr"]
+    else:
+        assert info["lr"] == info["configured_lr"] and info["reason"]
     # the run trained with it: the checkpoint records it
     hp = read_checkpoint(out / "checkpoints/best.ckpt")["hyper_parameters"]
     assert hp["optimizer"]["lr"] == pytest.approx(info["lr"])

@@ -45,7 +45,9 @@ def _cfg(tiny_cfg, out: Path, *extra: str):
         ["strategy=gradual_unfreeze", "strategy.milestones=[1,2]"],
         ["strategy=lp_ft", "strategy.probe_epochs=2"],
         ["strategy=finetune", "scheduler=plateau", "scheduler.patience=0"],
-        ["strategy=feature_extraction"],
+        # an SGD head, so the weights move after the interruption (the default L-BFGS head is
+        # fitted once and then fixed: a resume keeps it, tests/test_defaults.py)
+        ["strategy=feature_extraction", "strategy.head_fit=sgd"],
     ],
     ids=["freeze_unfreeze", "gradual_unfreeze", "lp_ft", "finetune-plateau", "feature_extraction"],
 )

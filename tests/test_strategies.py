@@ -91,6 +91,7 @@ def test_finetune_trains_everything_with_lower_backbone_lr(tiny_cfg):
     run(
         tiny_cfg(
             "strategy=finetune",
+            "strategy.bn=train",  # BatchNorm in train mode (the default, bn=frozen: test_defaults)
             "strategy.backbone_lr_mult=0.1",
             "optimizer.lr=0.01",
             "scheduler=none",
@@ -110,6 +111,7 @@ def test_freeze_unfreeze_schedule_per_epoch(tiny_cfg, scheduler):
     run(
         tiny_cfg(
             "strategy=freeze_unfreeze",
+            "strategy.bn=train",
             "strategy.unfreeze_at_epoch=1",
             "strategy.backbone_lr_mult=0.05",
             "optimizer.lr=0.02",

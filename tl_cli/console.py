@@ -54,6 +54,11 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def warn(msg: str) -> None:
+    """One line a practitioner would say, marked so it stands out in a log."""
+    say(f"[bold yellow]warning[/] {msg}")
+
+
 @contextlib.contextmanager
 def progress(desc: str, total: int) -> Iterator[Callable[[], None]]:
     """Yield an ``advance()`` callable: a rich bar on a terminal, start/end lines otherwise."""

@@ -169,6 +169,34 @@ class EpochShuffle(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
+class EpochBalanced(torch.utils.data.Sampler):
+    """``dataset.balance=sampler``: n draws with replacement, each class equally likely.
+
+    Like :class:`EpochShuffle`, a pure function of (seed, epoch), so a resume sees the same batches.
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int | None = None) -> None:
+        y = torch.as_tensor(list(labels), dtype=torch.long)
+        counts = torch.bincount(y).double()
+        self.weights = (1.0 / counts)[y]
+        self.n = len(y)
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+        return iter(torch.multinomial(self.weights, self.n, True, generator=g).tolist())
+
+
+BALANCE = (None, "none", "weights", "sampler")
+
+
 class _ArrayLoader:
     """Loads image ``i`` from an in-memory uint8 array (CIFAR)."""
 
@@ -276,6 +304,8 @@ class TransferDataModule(pl.LightningDataModule):
         val_fraction: share of each class carved from train when there is no val split.
         split_seed: seed of that carve (fixed, so changing ``seed`` keeps the same split).
         augment: ``light`` or ``none`` for training images.
+        balance: imbalanced classes: ``weights`` (class-weighted training loss), ``sampler``
+            (class-balanced batches, drawn with replacement) or null (as the data comes).
     """
 
     name = "data"
@@ -288,11 +318,15 @@ class TransferDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         augment: str = "light",
+        balance: str | None = None,
     ) -> None:
         super().__init__()
         from tl_cli.validate import check_dataset_values
 
         check_dataset_values(image_size, batch_size, num_workers, val_fraction, split_seed, augment)
+        if balance not in BALANCE:
+            raise TLError(f"dataset.balance={balance!r} must be weights, sampler or null")
+        self.balance = None if balance == "none" else balance
         self.image_size = image_size
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
@@ -349,10 +383,13 @@ class TransferDataModule(pl.LightningDataModule):
 
     def make_loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         n = len(ds)  # type: ignore[arg-type]
+        sampler: torch.utils.data.Sampler | None = EpochShuffle(n) if shuffle else None
+        if shuffle and self.balance == "sampler" and hasattr(ds, "items"):
+            sampler = EpochBalanced([y for _, y in ds.items])
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(n) if shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

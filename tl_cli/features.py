@@ -42,7 +42,7 @@ from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tl_cli.console import progress, say
-from tl_cli.data import EpochShuffle, TransferDataModule
+from tl_cli.data import EpochBalanced, EpochShuffle, TransferDataModule
 from tl_cli.errors import EXIT_FAILED, TLError
 
 CACHE_FORMAT = 1  # part of every key: changing it orphans all entries
@@ -435,10 +435,13 @@ class FeatureDataModule(pl.LightningDataModule):
     # -- loaders
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         n = len(ds)  # type: ignore[arg-type]
+        sampler = EpochShuffle(n) if shuffle else None
+        if shuffle and getattr(self.images, "balance", None) == "sampler":
+            sampler = EpochBalanced(np.asarray(ds.labels).tolist())  # type: ignore[attr-defined]
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(n) if shuffle else None,
+            sampler=sampler,
             num_workers=0,
         )
 

@@ -17,7 +17,14 @@ SIDECAR_SCHEMA_VERSION = 1  # model.json (tl export)
 EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 HISTORY_KEYS = ("epoch", *EPOCH_METRICS, "seconds")
 #: the final numbers of a train run: summaries, report.md, sweep tables, train gates
-FINAL_METRICS = ("val/acc", "val/loss", "test/acc", "test/macro_f1", "test/loss")
+FINAL_METRICS = (
+    "val/acc",
+    "val/loss",
+    "test/acc",
+    "test/macro_f1",
+    "test/balanced_acc",
+    "test/loss",
+)
 #: the summary table of `tl train`
 TRAIN_SUMMARY = (*FINAL_METRICS, "best_epoch", "epochs", "fit_seconds")
 #: the summary table of `tl eval` (eval.json keys)

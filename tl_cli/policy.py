@@ -10,7 +10,9 @@ names in ordered block groups. The task module delegates to it and holds no poli
   ``frozen`` (a teacher) never train.
 * **Apply.** At every epoch start: ``requires_grad`` and BatchNorm modes. Frozen BatchNorm runs in
   eval mode with running stats that never move (not Lightning's ``freeze(train_bn=False)``, which
-  keeps batch statistics: Lightning #15062).
+  keeps batch statistics: Lightning #15062). With ``strategy.bn=frozen`` (the default) so does the
+  BatchNorm of groups that train (scale and shift still learn; Keras's fine-tuning advice): the
+  features the head was fitted on do not shift when the backbone joins.
 * **Optimizer groups.** Fixed for the whole run; a group's LR is gated to 0 until its unfreeze
   epoch by one ``LambdaLR``, so schedulers and resume survive unfreezing (Lightning #6891, #8720).
 * **L2-SP** and the **DDP late-unfreeze gradient sync** (Lightning #20340).
@@ -116,6 +118,10 @@ class TransferPolicy:
                 ps = list(m.parameters(recurse=False))
                 if (ps and not any(p.requires_grad for p in ps)) or (not ps and not live):
                     frozen.append(m)
+                elif (
+                    getattr(self.strategy, "bn", "train") == "frozen" and not self.strategy.train_bn
+                ):
+                    frozen.append(m)  # strategy.bn=frozen: pretrained stats kept, affine trains
                 else:
                     m.train(self.module.training)  # an unfrozen BN follows the module's mode
         self._frozen_bn = frozen

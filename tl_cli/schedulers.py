@@ -22,7 +22,7 @@ def shape_fn(cfg: dict[str, Any], total_steps: int, steps_per_epoch: int) -> Cal
     if name == "none":
         return lambda step: 1.0
     if name == "cosine":
-        warmup = int(round(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch))
+        warmup = warmup_steps(cfg, total_steps, steps_per_epoch)
         floor = float(cfg.get("min_lr_ratio", 0.0))
         total = max(total_steps, warmup + 1)
 
@@ -61,6 +61,16 @@ def shape_fn(cfg: dict[str, Any], total_steps: int, steps_per_epoch: int) -> Cal
             raise TLError("scheduler=plateau needs the training module (internal error)")
         return lambda step: state.factor
     raise TLError(f"scheduler.name={name!r} must be one of {', '.join(SCHEDULES)}")
+
+
+def warmup_steps(cfg: dict[str, Any], total_steps: int, steps_per_epoch: int) -> int:
+    """Linear warm-up length in optimizer steps (cosine): ``warmup_epochs`` if set, else
+    ``warmup_fraction`` of the run, so a short run is not all warm-up."""
+    if cfg.get("name", "none") != "cosine":
+        return 0
+    if cfg.get("warmup_epochs") is not None:
+        return int(round(float(cfg["warmup_epochs"]) * steps_per_epoch))
+    return int(round(float(cfg.get("warmup_fraction", 0.0) or 0.0) * total_steps))
 
 
 def gated(

@@ -38,6 +38,12 @@ class TransferStrategy:
             more (BEiT/ELECTRA layer-wise LR decay).
         train_bn: train the BatchNorm layers of frozen groups (affine params and running
             stats). Default False: frozen BN runs in eval mode and its stats never move.
+        bn: BatchNorm of the groups that *do* train: ``frozen`` (eval mode: the pretrained
+            running statistics stay; scale and shift still train, as Keras recommends for
+            fine-tuning) or ``train`` (batch statistics, running stats updated).
+        head_fit: ``lbfgs``: before training, fit the head to convergence on frozen backbone
+            features (``tl_cli.probe``: L-BFGS, L2 chosen by cross-validation); ``sgd``: the head
+            starts at random and only the optimizer trains it.
     """
 
     name = "base"
@@ -48,7 +54,15 @@ class TransferStrategy:
         layer_decay: float | None = None,
         train_bn: bool = False,
         l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "sgd",
     ) -> None:
+        if bn not in ("frozen", "train"):
+            raise ValueError(f"strategy.bn={bn!r} must be frozen or train")
+        if head_fit not in ("lbfgs", "sgd"):
+            raise ValueError(f"strategy.head_fit={head_fit!r} must be lbfgs or sgd")
+        self.bn = bn
+        self.head_fit = head_fit
         if l2sp_alpha < 0:
             raise ValueError(f"strategy.l2sp_alpha={l2sp_alpha} must be >= 0")
         self.l2sp_alpha = float(l2sp_alpha)
@@ -89,8 +103,9 @@ class FeatureExtraction(TransferStrategy):
         cache_dir: str | None = None,
         cache_views: int = 0,
         backbone_lr_mult: float = 0.1,
+        head_fit: str = "lbfgs",
     ) -> None:
-        super().__init__(backbone_lr_mult=backbone_lr_mult, train_bn=train_bn)
+        super().__init__(backbone_lr_mult=backbone_lr_mult, train_bn=train_bn, head_fit=head_fit)
         if cache_views < 0:
             raise ValueError(f"strategy.cache_views={cache_views} must be >= 0")
         self.cache_features = bool(cache_features)
@@ -106,6 +121,17 @@ class Finetune(TransferStrategy):
     """Everything trains from the start; the backbone at a lower LR."""
 
     name = "finetune"
+
+    def __init__(
+        self,
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "lbfgs",
+    ) -> None:
+        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
 
     def group_plans(self, n_groups: int) -> list[GroupPlan]:
         return [GroupPlan(0, m) for m in self.lr_mults(n_groups)]
@@ -124,8 +150,10 @@ class FreezeUnfreeze(TransferStrategy):
         layer_decay: float | None = None,
         train_bn: bool = False,
         l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "sgd",
     ) -> None:
-        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha)
+        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
         if unfreeze_at_epoch < 0:
             raise ValueError(f"strategy.unfreeze_at_epoch={unfreeze_at_epoch} must be >= 0")
         self.unfreeze_at_epoch = int(unfreeze_at_epoch)
@@ -153,8 +181,10 @@ class GradualUnfreeze(TransferStrategy):
         layer_decay: float | None = None,
         train_bn: bool = False,
         l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "sgd",
     ) -> None:
-        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha)
+        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
         ms = [int(m) for m in milestones]
         if not ms or any(m < 0 for m in ms) or ms != sorted(ms):
             raise ValueError(
@@ -192,8 +222,10 @@ class LPFT(TransferStrategy):
         layer_decay: float | None = None,
         train_bn: bool = False,
         l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "sgd",
     ) -> None:
-        super().__init__(1.0, layer_decay, train_bn, l2sp_alpha)
+        super().__init__(1.0, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
         if probe_epochs < 0 or ft_lr_mult <= 0:
             raise ValueError("strategy.probe_epochs must be >= 0 and strategy.ft_lr_mult > 0")
         self.probe_epochs = int(probe_epochs)

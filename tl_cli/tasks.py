@@ -14,8 +14,10 @@ through tl's registries (``tl_cli.checkpoint``), never by importing or instantia
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from tl_cli.metrics import DEFAULT_MONITOR
 from tl_cli.optimizers import OPTIMIZERS
 from tl_cli.policy import TransferPolicy
 from tl_cli.registry import Registry
-from tl_cli.schedulers import PlateauState, shape_fn
+from tl_cli.schedulers import PlateauState, shape_fn, warmup_steps
 from tl_cli.strategies import STRATEGIES, TransferStrategy
 
 #: task.name -> TransferTask subclass.
@@ -115,6 +117,16 @@ class TransferTask(pl.LightningModule):
             else None
         )
         self.policy.apply(0)
+        #: per-class weights of the training loss (dataset.balance=weights); set by tl_cli.train
+        self.class_weight: torch.Tensor | None = None
+        #: how the head was fitted before training (``strategy.head_fit=lbfgs``), for the summary
+        self.head_fit_info: dict[str, Any] | None = None
+        #: the head was fitted by L-BFGS and the backbone never trains: epochs take no steps
+        self.head_converged = False
+        #: tl_cli.tuning sets this while the LR finder runs (no head fit there)
+        self.skip_head_fit = False
+        #: what the run's schedule came to (steps, warm-up), for the summary
+        self.budget_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ for subclasses
     @property
@@ -131,6 +143,10 @@ class TransferTask(pl.LightningModule):
 
     def update_metrics(self, out: torch.Tensor, y: torch.Tensor, stage: str) -> None:
         """Update and log the stage's metrics (``train``, ``val``, ``test``)."""
+
+    def supports_head_fit(self) -> bool:
+        """Whether ``strategy.head_fit=lbfgs`` can fit this task's head (a linear classifier)."""
+        return False
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Any) -> torch.Tensor:
@@ -164,13 +180,78 @@ class TransferTask(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.policy.on_fit_start(self.trainer.world_size)
+        if (
+            self.strategy.head_fit == "lbfgs"
+            and not self.skip_head_fit
+            and self.trainer.ckpt_path is None  # a resumed run keeps its trained head
+        ):
+            self.fit_head()
+
+    def fit_head(self) -> None:
+        """Fit the linear head to convergence on frozen features (``tl_cli.probe``)."""
+        from tl_cli.console import say
+        from tl_cli.probe import class_weights, fit_probe
+
+        linear = self.head[-1] if isinstance(self.head, torch.nn.Sequential) else self.head
+        if not self.supports_head_fit() or not isinstance(linear, torch.nn.Linear):
+            say(
+                "strategy.head_fit=lbfgs fits a linear classification head only: "
+                "the head trains by SGD (strategy.head_fit=sgd)"
+            )
+            return
+        feats, labels = self._train_features()
+        cw = None
+        if getattr(self, "balance", None) in ("weights", "sampler"):
+            cw = class_weights(labels, self.num_outputs)
+        fit = fit_probe(feats, labels, self.num_outputs, class_weight=cw)
+        with torch.no_grad():
+            linear.weight.copy_(fit.weight.to(linear.weight))
+            linear.bias.copy_(fit.bias.to(linear.bias))
+        self.head_converged = not self.policy.backbone_ever_trains
+        self.head_fit_info = {
+            "method": "lbfgs",
+            "C": fit.C,
+            "folds": fit.folds,
+            "cv_acc": fit.cv_acc,
+            "train_acc": fit.train_acc,
+            "seconds": round(fit.seconds, 2),
+        }
+        say(f"[bold]head[/] fitted by L-BFGS to convergence: {fit.describe()}")
+
+    def _train_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """Train-split features: from the feature cache, else one eval-mode pass of the backbone."""
+        from tl_cli.features import extract
+
+        dm = self.trainer.datamodule
+        views = getattr(dm, "splits", {}).get("train")
+        if views and all(hasattr(v, "feats") for v in views):  # tl_cli.features.FeatureDataModule
+            return (
+                np.concatenate([np.asarray(v.feats, dtype=np.float32) for v in views]),
+                np.concatenate([np.asarray(v.labels) for v in views]),
+            )
+        was = self.backbone.training
+        self.backbone.eval()
+        try:
+            ds = dm.dataset("train", train_aug=False)
+            return extract(self.backbone, ds, dm, self.device, "head fit: train features")
+        finally:
+            self.backbone.train(was)
+            self.policy.fix_bn()
 
     def on_after_backward(self) -> None:
         self.policy.sync_late_grads()
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = batch
+        if self.head_converged:
+            # the head is at the optimum of its convex objective (L-BFGS) and the backbone never
+            # trains: nothing to step. Log the train metrics of the fitted head and move on.
+            with torch.no_grad():
+                out = self.outputs(x)
+                self.log("train/loss", self.loss(out, y, "train"), on_step=False, on_epoch=True)
+                self.update_metrics(out, y, "train")
+            return None
         out = self.outputs(x)
         loss = self.loss(out, y, "train")
         if self.policy.l2sp_alpha:
@@ -220,7 +301,24 @@ class TransferTask(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, int(self.trainer.max_epochs or 1))
         spe = max(1, total // epochs)
-        shape = shape_fn({**dict(self.hparams.scheduler), "_state": self.plateau}, total, spe)
+        sched = {**dict(self.hparams.scheduler), "_state": self.plateau}
+        shape = shape_fn(sched, total, spe)
+        self.budget_info = {
+            "steps": 0 if self.head_converged else total,
+            "steps_per_epoch": spe,
+            "epochs": epochs,
+            "lr": base_lr,
+            "warmup_steps": warmup_steps(sched, total, spe),
+        }
+        w = self.budget_info["warmup_steps"]
+        if w >= total and not self.head_converged and not self.skip_head_fit:
+            from tl_cli.console import warn
+
+            warn(
+                f"the warm-up ({w} optimizer steps, scheduler.warmup_epochs="
+                f"{sched.get('warmup_epochs')}) is as long as the whole run ({total} steps): the LR "
+                "never reaches optimizer.lr; use scheduler.warmup_fraction (warmup_epochs=null) or more epochs"
+            )
         scheduler = LambdaLR(optimizer, self.policy.lr_lambdas(optimizer, shape, spe))
         return {
             "optimizer": optimizer,
@@ -242,10 +340,17 @@ class TransferTask(pl.LightningModule):
         }
         if self.plateau is not None:
             checkpoint["tl_plateau"] = self.plateau.state_dict()
+        if self.head_fit_info is not None:
+            # a resumed run keeps the fitted head and, with a frozen backbone, takes no steps
+            checkpoint["tl_head_fit"] = dict(self.head_fit_info)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.plateau is not None and "tl_plateau" in checkpoint:
             self.plateau.load_state_dict(checkpoint["tl_plateau"])
+        info = checkpoint.get("tl_head_fit")
+        if isinstance(info, dict):
+            self.head_fit_info = dict(info)
+            self.head_converged = not self.policy.backbone_ever_trains
 
     @property
     def task_name(self) -> str:
@@ -262,18 +367,79 @@ class ClassificationTask(TransferTask):
         self.val_acc = MulticlassAccuracy(n, average="micro")
         self.test_acc = MulticlassAccuracy(n, average="micro")
         self.test_f1 = MulticlassF1Score(n, average="macro")
+        # balanced accuracy = mean per-class recall
+        self.val_bacc = MulticlassAccuracy(n, average="macro")
+        self.test_bacc = MulticlassAccuracy(n, average="macro")
+        # val: [correct, summed loss, images] for val/score; predicted-class counts per stage
+        self._val_sums = torch.zeros(3, dtype=torch.float64)
+        self.pred_counts: dict[str, torch.Tensor] = {}
+
+    #: best.ckpt: the highest val/acc, ties broken by the lower val/loss (see val_score)
+    monitor = ("val/score", "max")
+
+    def supports_head_fit(self) -> bool:
+        return True
 
     def loss(self, out: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
         smoothing = self.label_smoothing if stage == "train" else 0.0
-        return F.cross_entropy(out, y, label_smoothing=smoothing)
+        weight = None
+        if stage == "train" and self.class_weight is not None:
+            weight = self.class_weight.to(out.device, out.dtype)
+        return F.cross_entropy(out, y, weight=weight, label_smoothing=smoothing)
 
     def update_metrics(self, out: torch.Tensor, y: torch.Tensor, stage: str) -> None:
         acc = getattr(self, f"{stage}_acc")
         acc(out, y)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        if stage in ("val", "test"):
+            bacc = getattr(self, f"{stage}_bacc")
+            bacc(out, y)
+            self.log(f"{stage}/balanced_acc", bacc, on_epoch=True)
+            pred = out.detach().argmax(1)
+            counts = torch.bincount(pred, minlength=self.num_outputs).cpu()
+            self.pred_counts[stage] = self.pred_counts.get(stage, torch.zeros_like(counts)) + counts
+        if stage == "val":
+            with torch.no_grad():
+                loss = F.cross_entropy(out.detach().float(), y, reduction="sum")
+            self._val_sums += torch.tensor(
+                [float((pred == y).sum()), float(loss), float(len(y))], dtype=torch.float64
+            )
         if stage == "test":
             self.test_f1(out, y)
             self.log("test/macro_f1", self.test_f1, on_epoch=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64)
+        self.pred_counts["val"] = torch.zeros(self.num_outputs, dtype=torch.long)
+
+    def on_test_epoch_start(self) -> None:
+        self.pred_counts["test"] = torch.zeros(self.num_outputs, dtype=torch.long)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        sums = self._val_sums.to(self.device)
+        counts = self.pred_counts["val"].to(self.device)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        correct, loss_sum, n = (float(v) for v in sums)
+        if n > 0:
+            self.log("val/score", val_score(correct / n, loss_sum / n, int(n)))
+            self.log("val/pred_classes", float((counts > 0).sum()))
+
+
+def val_score(acc: float, loss: float, n: int) -> float:
+    """The checkpoint criterion: val/acc, ties broken by the lower val/loss.
+
+    ``acc - (0.5 / n) * loss / (1 + loss)`` for ``n`` validation images: the loss term is under
+    half an image of accuracy, so it never outweighs a real accuracy difference and only orders
+    epochs with the same accuracy (a lower loss always scores higher). Scaled by ``1 / n`` rather
+    than a fixed tiny factor so that it survives Lightning's float32 metrics.
+    """
+    eps = 0.5 / max(1, n)
+    if not math.isfinite(loss):
+        return acc - eps
+    return acc - eps * loss / (1.0 + loss)
 
 
 def build_task(name: str, **kwargs: Any) -> TransferTask:

@@ -24,6 +24,7 @@ from tl_cli.console import (
     interactive,
     say,
     summary_table,
+    warn,
 )
 from tl_cli.data import DATASETS
 from tl_cli.errors import TLError
@@ -63,6 +64,9 @@ def quiet_lightning() -> None:
         ".*`isinstance\\(treespec, LeafSpec\\)`.*",
         ".*Checkpoint directory .* exists and is not empty.*",
         ".*module\\(s\\) in eval mode at the start of training.*",
+        # strategy.head_fit=lbfgs with a frozen backbone: epochs take no optimizer steps
+        ".*Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`.*",
+        ".*training_step returned `None`.*",
     ):
         warnings.filterwarnings("ignore", message=pat)
 
@@ -105,6 +109,17 @@ def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
     )
     module.dataset_config = stored_dataset_config(cfg.dataset)
     dm.set_preprocessing(module.preprocessing)  # the backbone owns preprocessing; data follows it
+    balance = getattr(dm, "balance", None)
+    module.balance = balance
+    if balance == "weights":
+        import numpy as np
+
+        from tl_cli.probe import class_weights
+
+        labels = np.asarray([y for _, y in dm.splits["train"]])
+        module.class_weight = torch.as_tensor(
+            class_weights(labels, dm.num_classes), dtype=torch.float32
+        )
     return module, dm
 
 
@@ -118,6 +133,60 @@ def _sweep_cache() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return str(Path(str(HydraConfig.get().sweep.dir)) / "feature_cache")
+
+
+#: classes more imbalanced than this (largest / smallest train class) get a warning
+IMBALANCE_RATIO = 3.0
+#: a validation split smaller than this is too small to pick a checkpoint reliably
+MIN_VAL_IMAGES = 30
+
+
+def data_warnings(dm: Any) -> list[str]:
+    """One line per problem a practitioner would point out before training."""
+    out = []
+    counts = [0] * dm.num_classes
+    for _, y in dm.splits["train"]:
+        counts[y] += 1
+    lo = min(counts)
+    hi = max(counts)
+    if lo > 0 and hi / lo > IMBALANCE_RATIO and not getattr(dm, "balance", None):
+        big, small = dm.class_names[counts.index(hi)], dm.class_names[counts.index(lo)]
+        out.append(
+            f"classes are imbalanced {hi / lo:.1f}:1 in train ({big!r} {hi} images, {small!r} {lo}): "
+            "dataset.balance=weights (class-weighted loss) or dataset.balance=sampler (balanced "
+            "batches); metrics.json reports balanced accuracy and macro-F1"
+        )
+    n_val = len(dm.splits.get("val", []))
+    if 0 < n_val < MIN_VAL_IMAGES:
+        out.append(
+            f"the validation split has {n_val} images (one image = {100 / n_val:.1f} points of "
+            "val/acc): too few to pick a checkpoint reliably; add a val/ folder or raise "
+            "dataset.val_fraction"
+        )
+    return out
+
+
+def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) -> list[str]:
+    """Predictions of the chosen checkpoint that all fall in one class (val at the best epoch, test)."""
+    out = []
+    best = next(
+        (r for r in metrics.get("history", []) if int(r["epoch"]) + 1 == metrics.get("best_epoch")),
+        {},
+    )
+    if best.get("val/pred_classes") == 1 and num_classes > 1:
+        out.append(
+            f"predictions collapsed: the best checkpoint (epoch {metrics['best_epoch']}) predicts one "
+            "class for every validation image; the head has not learned the task (try "
+            "strategy.head_fit=lbfgs, dataset.balance=weights, or more data)"
+        )
+    counts = getattr(module, "pred_counts", {}).get("test")
+    if counts is not None and int((counts > 0).sum()) == 1 and int(counts.sum()) > 1:
+        name = module.class_names[int(counts.argmax())]
+        out.append(
+            f"predictions collapsed: the best checkpoint predicts {name!r} for all "
+            f"{int(counts.sum())} test images"
+        )
+    return out
 
 
 def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]]:
@@ -173,6 +242,8 @@ def train(
         f"{module.backbone.num_features} features) + {cfg.head.get('name')} head, "
         f"strategy {module.strategy.name}, task {module.task_name}"
     )
+    for line in data_warnings(dm):
+        warn(line)
     t_fit = time.time()
     data, trainer_extra = _cached_features(module, dm)
     history = History()
@@ -222,6 +293,7 @@ def train(
     fit_seconds = time.time() - t_fit
 
     metrics = collect_metrics(history, checkpoint_cb, trainer, fit_seconds, monitor, mode)
+    metrics["defaults"] = chosen_defaults(module, cfg)
     if dm.has_split("test"):
         res = trainer.test(
             module,
@@ -258,6 +330,9 @@ def train(
     ]
     if lr_find:
         metrics["lr_find"] = lr_find
+    metrics["warnings"] = data_warnings(dm) + collapse_warnings(metrics, module, dm.num_classes)
+    for line in collapse_warnings(metrics, module, dm.num_classes):
+        warn(line)
     objects = {
         "module": module,
         "datamodule": dm,
@@ -295,6 +370,7 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
             metrics,
             list(TRAIN_SUMMARY),
         )
+        say(f"[bold]defaults[/] {describe_defaults(metrics['defaults'])}")
         say(
             f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}"
         )
@@ -303,6 +379,49 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     # exit 1 on a failed gate, after the outputs exist
     tl_gates.enforce(gates, str(out / "metrics.json"))
     return metrics
+
+
+def chosen_defaults(module: Any, cfg: DictConfig) -> dict[str, Any]:
+    """What the run's settings came to: how the head was fitted, steps, LR, warm-up, BN policy."""
+    b = dict(module.budget_info)
+    if module.head_converged:  # fitted at fit start, after the optimizer was configured
+        b["steps"] = 0
+    strat = module.strategy
+    out: dict[str, Any] = {
+        "head_fit": module.head_fit_info or {"method": "sgd"},
+        "optimizer_steps": b.get("steps"),
+        "epochs": b.get("epochs"),
+        "steps_per_epoch": b.get("steps_per_epoch"),
+        "lr": b.get("lr"),
+        "warmup_steps": b.get("warmup_steps") if b.get("steps") else 0,
+        "bn": "frozen (backbone frozen)"
+        if not module.policy.backbone_ever_trains
+        else ("train" if strat.train_bn else getattr(strat, "bn", "train")),
+        "backbone_lr_mult": None
+        if not module.policy.backbone_ever_trains
+        else strat.backbone_lr_mult,
+        "balance": getattr(module, "balance", None),
+    }
+    return out
+
+
+def describe_defaults(d: dict[str, Any]) -> str:
+    """One line for the summary."""
+    h = d["head_fit"]
+    head = (
+        f"head L-BFGS (C={h['C']:.3g}, {h['folds']}-fold CV)"
+        if h.get("method") == "lbfgs"
+        else "head SGD"
+    )
+    steps = (
+        "0 optimizer steps (head at its optimum, backbone frozen)"
+        if not d["optimizer_steps"]
+        else f"{d['optimizer_steps']} optimizer steps ({d['epochs']} epochs x {d['steps_per_epoch']}), "
+        f"LR {d['lr']:.3g}, warm-up {d['warmup_steps']} steps"
+    )
+    bb = f", backbone LR x{d['backbone_lr_mult']:g}" if d["backbone_lr_mult"] is not None else ""
+    bal = f", balance {d['balance']}" if d["balance"] else ""
+    return f"{head}; {steps}; BN {d['bn']}{bb}{bal}"
 
 
 def collect_metrics(
@@ -320,7 +439,8 @@ def collect_metrics(
         raise TLError(
             "no validation epoch ran (check trainer.max_epochs and trainer.limit_val_batches)"
         )
-    # ModelCheckpoint keeps the first epoch that reached the maximum; match it.
+    # ModelCheckpoint keeps the first epoch that reached the maximum of `monitor` (val/score:
+    # val/acc, ties broken by the lower val/loss); match it.
     sign = 1.0 if mode == "max" else -1.0
     best = max(rows, key=lambda r: (sign * r[monitor], -r["epoch"]))
     return {

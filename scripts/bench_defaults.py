@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Do tl's defaults learn? `tl train` / `tl finetune` defaults vs a logistic-regression probe.
+
+    python scripts/bench_defaults.py [--rows cifar_n10,omniglot] [--finetune-rows cifar_n10]
+
+For each data set (row), with nothing but the data set given to tl:
+
+* ``tl train dataset=imagefolder dataset.root=ROW``: the defaults (feature extraction,
+  efficientnet_lite0 at its pretrained 224 px, head fitted by L-BFGS). ``strategy.cache_dir`` is
+  added so the features tl computed can be read back; it changes nothing else.
+* the **probe**: scikit-learn ``StandardScaler`` + ``LogisticRegressionCV(Cs=10, cv=5)``
+  (accuracy scoring, max_iter 5000) on *the same features* (tl's cache: the train split tl trained
+  on, i.e. without the validation images tl carved), scored on the same test features.
+* ``tl finetune dataset=imagefolder dataset.root=ROW``: the fine-tuning defaults (only the rows in
+  ``--finetune-rows``: on CPU a fine-tuning epoch costs a forward and backward pass per image).
+
+Rows: the CIFAR-10 subset (whole, and class-balanced slices of 10/20/50 train images per class with
+the whole test split), COIL-20 domain 1 and Omniglot-demo/train (no test split: a fixed 30% of
+each class is held out as test, the first files by name stay in train). Every row's data lives in
+build/bench/defaults/data as symlinks.
+
+Prints the table, writes build/bench/defaults/results.json and the "defaults" section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from _bench_util import (
+    ROOT,
+    command_line,
+    machine,
+    md_table,
+    rel,
+    run_tl,
+    save_json,
+    text_table,
+    write_section,
+)
+
+SHARED = (ROOT.parent / "shared" / "data").resolve()
+ROWS = ["cifar_all", "cifar_n10", "cifar_n20", "cifar_n50", "coil1", "omniglot"]
+TEST_FRACTION = 0.3
+
+
+def _link_split(files: list[Path], dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        link = dst / f.name
+        if not link.exists():
+            link.symlink_to(f)
+
+
+def build_row(name: str, data: Path) -> Path:
+    """The row's data folder (root/train + root/test), as symlinks under `data`."""
+    cifar = SHARED / "cifar10-subset"
+    if name == "cifar_all":
+        return cifar
+    root = data / name
+    if name.startswith("cifar_n"):
+        n = int(name[len("cifar_n") :])
+        for cls in sorted(p for p in (cifar / "train").iterdir() if p.is_dir()):
+            _link_split(sorted(cls.glob("*.png"))[:n], root / "train" / cls.name)
+            _link_split(sorted((cifar / "test" / cls.name).glob("*.png")), root / "test" / cls.name)
+        return root
+    src = {
+        "coil1": SHARED / "coil20-domains" / "coil1",
+        "omniglot": SHARED / "omniglot-demo" / "train",
+    }[name]
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(p for p in cls.iterdir() if p.suffix.lower() in (".png", ".jpg"))
+        n_test = round(len(files) * TEST_FRACTION)
+        _link_split(files[: len(files) - n_test], root / "train" / cls.name)
+        _link_split(files[len(files) - n_test :], root / "test" / cls.name)
+    return root
+
+
+def cached(cache: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    (f,) = sorted(cache.glob(f"{split}-*.features.npy"))
+    return np.load(f), np.load(str(f).replace(".features.npy", ".labels.npy"))
+
+
+def probe(cache: Path) -> dict:
+    """StandardScaler + LogisticRegressionCV on tl's cached train features, scored on test."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    xtr, ytr = cached(cache, "train")
+    xte, yte = cached(cache, "test")
+    cv = int(min(5, np.bincount(ytr)[np.bincount(ytr) > 0].min()))
+    from threadpoolctl import threadpool_limits
+
+    t0 = time.perf_counter()
+    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=10, cv=cv, max_iter=5000))
+    with threadpool_limits(1):  # small problem, shared machine: BLAS threads only spin
+        clf.fit(xtr, ytr)
+    seconds = time.perf_counter() - t0
+    pred = clf.predict(xte)
+    return {
+        "test/acc": float((pred == yte).mean()),
+        "test/balanced_acc": float(balanced_accuracy_score(yte, pred)),
+        "fit_seconds": round(seconds, 2),
+        "C": float(clf[-1].C_[0]),
+        "train_size": int(len(ytr)),
+        "cv": cv,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--finetune-rows", default="cifar_n10,cifar_n20,omniglot")
+    ap.add_argument("--out", default=str(ROOT / "build" / "bench" / "defaults"))
+    ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--render-only", action="store_true")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="a run dir that already holds metrics.json is read, not run again",
+    )
+    args = ap.parse_args()
+    out = Path(args.out)
+    res_file = out / "results.json"
+    results = json.loads(res_file.read_text()) if res_file.exists() else {"rows": {}}
+    if not args.render_only:
+        ft_rows = set(filter(None, args.finetune_rows.split(",")))
+        for name in filter(None, args.rows.split(",")):
+            root = build_row(name, out / "data")
+            row = results["rows"].setdefault(name, {})
+            cache = out / "cache" / name
+            common = ["dataset=imagefolder", f"dataset.root={root}"]
+            print(f"[{name}] tl train (defaults) ...", flush=True)
+            r = run(
+                args,
+                "train",
+                [*common, f"strategy.cache_dir={cache}"],
+                out / "runs" / f"{name}_train",
+            )
+            row["train"] = _keep(r)
+            row["sizes"] = {
+                k: r["metrics"][k] for k in ("train_size", "val_size", "test_size", "num_classes")
+            }
+            print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
+            row["probe"] = probe(cache)
+            print(f"    probe test/acc {row['probe']['test/acc']:.3f}", flush=True)
+            save_json(res_file, {**results, "command": command_line(), "machine": machine()})
+            if name in ft_rows:
+                print(f"[{name}] tl finetune (defaults) ...", flush=True)
+                r = run(args, "finetune", common, out / "runs" / f"{name}_finetune")
+                row["finetune"] = _keep(r)
+                print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
+            results.update({"command": command_line(), "machine": machine()})
+            save_json(res_file, results)
+    report(results, args.no_doc)
+
+
+def run(args: argparse.Namespace, command: str, overrides: list[str], run_dir: Path) -> dict:
+    done = run_dir / "metrics.json"
+    if args.reuse and done.exists():
+        from _bench_util import display_cmd
+
+        m = json.loads(done.read_text())
+        return {"cmd": display_cmd(command, overrides), "metrics": m, "wall_seconds": None}
+    return run_tl(command, overrides, run_dir)
+
+
+def _keep(r: dict) -> dict:
+    m = r["metrics"]
+    keys = (
+        "test/acc",
+        "test/balanced_acc",
+        "test/macro_f1",
+        "val/acc",
+        "fit_seconds",
+        "epochs",
+        "best_epoch",
+        "defaults",
+        "warnings",
+    )
+    return {"cmd": r["cmd"], "wall_seconds": r["wall_seconds"], **{k: m.get(k) for k in keys}}
+
+
+def report(results: dict, no_doc: bool) -> None:
+    headers = [
+        "data set",
+        "train+val / test, classes",
+        "per class (train)",
+        "probe acc / bal. acc / fit s",
+        "tl train acc / bal. acc / fit s",
+        "tl finetune acc / bal. acc / fit s",
+        "train >= probe - 1pt",
+        "finetune >= train",
+    ]
+    rows, cmds = [], []
+    for name in ROWS:
+        row = results["rows"].get(name)
+        if not row:
+            continue
+        s = row["sizes"]
+        per_class = (s["train_size"] + s["val_size"]) / s["num_classes"]
+
+        def cell(d: dict | None) -> str:
+            if not d:
+                return "not run"
+            return f"{d['test/acc']:.3f} / {d['test/balanced_acc']:.3f} / {d['fit_seconds']:.0f}"
+
+        tr, pr, ft = row.get("train"), row.get("probe"), row.get("finetune")
+        ok_probe = "yes" if tr["test/acc"] >= pr["test/acc"] - 0.01 else "**no**"
+        ok_ft = (
+            ("yes" if ft["test/acc"] >= tr["test/acc"] else "**no**")
+            if ft
+            else ("n/a (< 100/class)" if per_class < 100 else "not run")
+        )
+        rows.append(
+            [
+                name,
+                f"{s['train_size']}+{s['val_size']} / {s['test_size']}, {s['num_classes']}",
+                f"{per_class:.0f}",
+                cell(pr),
+                cell(tr),
+                cell(ft),
+                ok_probe,
+                ok_ft,
+            ]
+        )
+        cmds.append(tr["cmd"])
+        if ft:
+            cmds.append(ft["cmd"])
+    print(text_table(headers, rows))
+    if no_doc:
+        return
+    body = f"""## Defaults: `tl train` / `tl finetune` vs a logistic-regression probe
+
+```bash
+{results.get("command", "python scripts/bench_defaults.py")}
+```
+
+Defaults only: efficientnet_lite0 (ImageNet weights) at its pretrained 224 px (the 32x32 CIFAR and
+COIL images are upscaled), nothing set but the data. Test accuracy / balanced accuracy / fit
+seconds (metrics.json `fit_seconds`: feature caching or fine-tuning, without the test pass). The
+**probe** is scikit-learn `StandardScaler` + `LogisticRegressionCV(Cs=10, cv=5)` on the very
+features `tl train` cached (its train split, i.e. without the 10% tl carves for validation), so
+its fit seconds exclude the forward pass it shares with `tl train`. COIL-20 and Omniglot have no
+test split: the last 30% of each class's files (by name) are the test images. Machine:
+{results.get("machine", machine())}; one run each, timings +/- 20-30%.
+
+{md_table(headers, rows, "llrlllll")}
+
+{results.get("notes", "")}
+
+Commands (plus `hydra.run.dir=... overwrite=true`; `strategy.cache_dir` only lets the probe read
+the same features):
+
+```bash
+{chr(10).join(cmds)}
+```
+"""
+    write_section("defaults", body)
+    print(f"wrote the 'defaults' section of {rel(ROOT / 'docs' / 'benchmarks.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Defaults that learn (#10): a converged head on few images, checkpoint tie-break, warnings, LR finder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tl_cli import train
+from tl_cli.console import History
+from tl_cli.tasks import val_score
+from tl_cli.tuning import falling_slope
+
+from .conftest import TINY, compose_cfg
+
+
+def make_set(root: Path, train_counts: dict[str, int], test_per_class: int, noise: float = 30.0):
+    """root/train + root/test of coloured noise images, `train_counts` images per class."""
+    colors = {"a": (170, 90, 90), "b": (90, 170, 90), "c": (90, 90, 170)}
+    rng = np.random.default_rng(0)
+    for split, counts in (
+        ("train", train_counts),
+        ("test", dict.fromkeys(train_counts, test_per_class)),
+    ):
+        for cls, n in counts.items():
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = np.array(colors[cls])[None, None, :] + rng.normal(0, noise, (24, 24, 3))
+                Image.fromarray(np.clip(arr, 0, 255).astype("uint8")).save(d / f"{i:03d}.png")
+    return root
+
+
+def run_tiny(root: Path, out: Path, *extra: str) -> dict:
+    cfg = compose_cfg([*TINY, f"dataset.root={root}", f"output_dir={out}", *extra])
+    return train.run(cfg)
+
+
+def test_small_imbalanced_set_trains_past_the_majority_rate(tmp_path):
+    # 34 vs 9 images (31 vs 8 = 3.9:1 in train after the val carve), a balanced test split: predicting the majority scores 0.5
+    root = make_set(tmp_path / "data", {"a": 34, "b": 9}, test_per_class=10)
+    m = run_tiny(root, tmp_path / "run")
+    assert m["test/acc"] >= 0.8 and m["test/balanced_acc"] >= 0.8, m
+    assert m["defaults"]["head_fit"]["method"] == "lbfgs"
+    assert m["defaults"]["optimizer_steps"] == 0  # converged head, frozen backbone: no steps
+    assert any("imbalanced 3.9:1" in w for w in m["warnings"])
+    assert not any("collapsed" in w for w in m["warnings"])
+    # best.ckpt, best_epoch and the reported val metrics agree
+    best = m["history"][m["best_epoch"] - 1]
+    assert best["val/acc"] == m["val/acc"] and best["val/score"] == m["val/score"]
+
+
+def test_no_warning_on_a_balanced_set_that_learns(tmp_path):
+    root = make_set(tmp_path / "data", {"a": 14, "b": 14, "c": 14}, test_per_class=4)
+    m = run_tiny(root, tmp_path / "run", "dataset.val_fraction=0.5")
+    # 21 validation images is still under 30: that warning is expected, nothing else
+    assert [w for w in m["warnings"] if "validation split has 21 images" not in w] == []
+    assert m["test/acc"] > 0.9
+
+
+def test_collapsed_predictions_are_reported(tmp_path):
+    # every image identical: no model can tell the classes apart, all predictions are one class
+    root = make_set(tmp_path / "data", {"a": 12, "b": 12}, test_per_class=4, noise=0.0)
+    for p in (root / "train" / "b").glob("*.png"):
+        Image.open(next((root / "train" / "a").glob("*.png"))).save(p)
+    for p in (root / "test" / "b").glob("*.png"):
+        Image.open(next((root / "test" / "a").glob("*.png"))).save(p)
+    m = run_tiny(root, tmp_path / "run")
+    assert any("collapsed" in w and "validation" in w for w in m["warnings"]), m["warnings"]
+    assert any("collapsed" in w and "all 8 test images" in w for w in m["warnings"])
+    assert not any("imbalanced" in w for w in m["warnings"])
+
+
+def test_data_warnings_imbalance_and_small_val():
+    def dm(counts, n_val, balance=None):
+        train_items = [(f"{c}{i}", c) for c, n in enumerate(counts) for i in range(n)]
+        return SimpleNamespace(
+            num_classes=len(counts),
+            class_names=[f"k{c}" for c in range(len(counts))],
+            splits={"train": train_items, "val": [("v", 0)] * n_val},
+            balance=balance,
+        )
+
+    assert train.data_warnings(dm([30, 10], 40)) == []  # exactly 3:1 is fine
+    (w,) = train.data_warnings(dm([31, 10], 40))
+    assert "imbalanced 3.1:1" in w and "dataset.balance=weights" in w
+    assert train.data_warnings(dm([31, 10], 40, balance="weights")) == []  # already handled
+    (w,) = train.data_warnings(dm([10, 10], 12))
+    assert "validation split has 12 images" in w and "8.3 points" in w
+
+
+def test_collapse_warning_only_when_one_class_is_predicted():
+    hist = [{"epoch": 0, "val/pred_classes": 1.0}, {"epoch": 1, "val/pred_classes": 2.0}]
+    mod = SimpleNamespace(pred_counts={"test": torch.tensor([0, 5])}, class_names=["x", "y"])
+    w = train.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
+    assert len(w) == 2 and "'y' for all 5 test images" in w[1]
+    mod.pred_counts["test"] = torch.tensor([1, 4])
+    assert train.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
+
+
+def test_checkpoint_tie_break_picks_the_lower_loss():
+    # equal val/acc: the later epoch with the lower val/loss wins; a higher acc always wins
+    assert val_score(0.8, 0.3, 10) > val_score(0.8, 0.5, 10)
+    assert val_score(0.8 + 1 / 10, 1e6, 10) > val_score(0.8, 0.0, 10)  # one image beats any loss
+    assert val_score(0.8, math.nan, 10) < val_score(0.8, 100.0, 10)
+    # float32 (Lightning's metrics) still orders a small loss difference on a small val split
+    a, b = (torch.tensor(val_score(1 / 3, x, 3), dtype=torch.float32) for x in (1.0969, 1.0973))
+    assert a > b
+    h = History()
+    for e, (acc, loss) in enumerate([(0.5, 0.9), (0.8, 0.7), (0.8, 0.4), (0.8, 0.6)]):
+        h.epochs.append(
+            {"epoch": e, "val/acc": acc, "val/loss": loss, "val/score": val_score(acc, loss, 10)}
+        )
+    m = train.collect_metrics(h, None, None, 1.0, "val/score", "max")
+    assert m["best_epoch"] == 3 and m["val/loss"] == 0.4
+
+
+def test_tie_break_in_a_real_run_matches_best_ckpt(tmp_path):
+    root = make_set(tmp_path / "data", {"a": 12, "b": 12, "c": 12}, test_per_class=2)
+    m = run_tiny(root, tmp_path / "run", "strategy.head_fit=sgd", "trainer.max_epochs=4")
+    rows = m["history"]
+    top = max(r["val/acc"] for r in rows)
+    tied = [r for r in rows if r["val/acc"] == top]
+    assert m["best_epoch"] - 1 == min(tied, key=lambda r: r["val/loss"])["epoch"]
+    ck = torch.load(tmp_path / "run/checkpoints/best.ckpt", weights_only=False, map_location="cpu")
+    assert ck["epoch"] + 1 == m["best_epoch"]
+
+
+def test_lr_finder_refuses_a_suggestion_off_the_falling_slope():
+    lrs = [10 ** (-6 + 6 * i / 49) for i in range(50)]
+    # a good curve: flat, falls from lr 1e-4 to 1e-2, then blows up
+    good = [
+        2.3
+        if lr < 1e-4
+        else (2.3 - 0.9 * math.log10(lr / 1e-4) if lr < 1e-2 else 0.5 + 5 * math.log10(lr / 1e-2))
+        for lr in lrs
+    ]
+    assert falling_slope(lrs, good, 1e-3) is None
+    assert "past the loss minimum" in falling_slope(lrs, good, 0.1)
+    assert "not falling" in falling_slope(lrs, good, 1e-5)  # the flat start
+    flat = [2.30 + 0.001 * math.sin(i) for i in range(50)]
+    assert "flat" in falling_slope(lrs, flat, 1e-3)
+
+
+def test_finetune_default_keeps_batchnorm_frozen_while_the_backbone_trains(tiny_cfg):
+    from .test_strategies import Spy
+
+    spy = Spy()
+    m = train.run(tiny_cfg("strategy=finetune", "scheduler=none"), callbacks=[spy])
+    for r in spy.rows:
+        assert r["backbone_grad"] == {True} and r["bn_training"] == {False}
+    assert m["defaults"]["bn"] == "frozen" and m["defaults"]["head_fit"]["method"] == "lbfgs"
+
+
+def test_resume_keeps_the_lbfgs_head_and_takes_no_steps(tiny_cfg, tmp_path):
+    from omegaconf import open_dict
+
+    from .test_resume import StopAfter, weights
+
+    def cfg(out, ckpt=None):
+        c = tiny_cfg("trainer.max_epochs=3", f"output_dir={out}")
+        if ckpt:
+            with open_dict(c):
+                c.ckpt_path = str(ckpt)
+        return c
+
+    train.run(cfg(tmp_path / "part"), callbacks=[StopAfter(1)])
+    resumed = train.run(cfg(tmp_path / "resumed", tmp_path / "part/checkpoints/last.ckpt"))
+    assert resumed["defaults"]["optimizer_steps"] == 0
+    assert resumed["defaults"]["head_fit"]["method"] == "lbfgs"
+    a = weights(tmp_path / "part/checkpoints/last.ckpt")
+    b = weights(tmp_path / "resumed/checkpoints/last.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("head"))
