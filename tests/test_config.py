@@ -49,8 +49,9 @@ BACKBONE_EXTRA = {"torchvision": ["backbone.name=resnet18"], "timm": ["backbone.
 INPUT_SIZE = {"efficientnet_lite1": 240, "efficientnet_lite2": 260, "timm": 160}  # timm: test_vit
 
 
-# text backbones (minilm, hf) read tokens, not images: tests/test_text.py builds and checks them
-TEXT_BACKBONES = ("minilm", "hf")
+# text backbones (minilm, hf) read tokens and the speech backbone waveforms, not images:
+# tests/test_text.py and tests/test_audio.py build and check them
+TEXT_BACKBONES = ("minilm", "hf", "speech_embedding")
 
 
 @pytest.mark.parametrize("name", [n for n in options("backbone") if n not in TEXT_BACKBONES])
@@ -89,12 +90,16 @@ def test_strategy_options_instantiate(name: str):
 def test_dataset_options_instantiate(name: str, tiny_data: Path):
     import tl_cli.components  # noqa: F401 - every dataset registered (text)
 
-    extra = {"imagefolder": [f"dataset.root={tiny_data}"], "text": ["dataset.root=x.csv"]}
+    extra = {
+        "imagefolder": [f"dataset.root={tiny_data}"],
+        "text": ["dataset.root=x.csv"],
+        "audiofolder": ["dataset.root=clips"],
+    }
     cfg = compose_cfg([f"dataset={name}", *extra.get(name, [])]).dataset
     dm = DATASETS.build(cfg)
     assert isinstance(dm, TransferDataModule)
     for key in ("batch_size", "val_fraction", "split_seed", "augment", "image_size"):
-        if key in cfg or name != "text":  # text has no image_size or augment
+        if key in cfg or name not in ("text", "audiofolder"):  # no image_size there
             assert getattr(dm, key) == cfg[key], key  # the options reach the data module
     if name.startswith("cifar"):  # cifar would download on prepare()
         assert dm.name == name and dm.download is True

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tl_cli import listing
-from tl_cli.backbones import count_params, create_backbone, registered_backbones
+from tl_cli.backbones import build_backbone, count_params, create_backbone, registered_backbones
 
 from .conftest import compose_cfg, run_tl
 
@@ -19,7 +19,10 @@ def test_every_registered_backbone_is_listed_with_facts():
     assert [r.name for r in rows] == list(registered_backbones()) and left_out == 0
     by = {r.name: r for r in rows}
     assert by["efficientnet_lite0"].source == "bundled" and by["resnet50"].source == "torchvision"
-    assert all(r.params and r.params > 1_000_000 and r.image_size for r in rows)
+    assert all(r.params and r.params > 100_000 for r in rows)
+    images = [r for r in rows if r.source in ("bundled", "torchvision", "timm")]
+    assert all(r.image_size for r in images) and by["minilm"].image_size is None
+    assert by["minilm"].offline and by["speech_embedding"].offline  # bundled in their packages
     # the bundled package is a dependency: its weights are there without network
     assert by["efficientnet_lite0"].offline is True
     assert by["efficientnet_lite0"].image_size == 224 and by["efficientnet_lite2"].image_size == 260
@@ -97,12 +100,19 @@ def test_printed_overrides_compose_to_the_listed_backbone(capsys, filter_args):
     assert listing.main([*filter_args, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     sources = {r["source"] for r in rows}
-    assert sources == ({"bundled", "torchvision"} if not filter_args else {"torchvision", "timm"})
+    assert sources == (
+        {"bundled", "torchvision", "minilm", "speech"}
+        if not filter_args
+        else {"torchvision", "timm"}
+    )
     for r in rows:
         cfg = compose_cfg(r["usage"].split()).backbone
         assert (cfg.name, cfg.source) == (r["name"], r["source"]), r["usage"]
-        with torch.device("meta"):
-            bb = create_backbone(**cfg, pretrained=False)
+        if r["source"] in ("bundled", "torchvision", "timm"):
+            with torch.device("meta"):
+                bb = create_backbone(**cfg, pretrained=False)
+        else:  # text / audio builders
+            bb = build_backbone(cfg, pretrained=False)
         assert (bb.name, bb.source) == (r["name"], r["source"])
 
 

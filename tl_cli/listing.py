@@ -85,11 +85,11 @@ def describe(name: str, source: str, arch: str | None = None) -> BackboneInfo:
     arch = arch or name
     params = size = None
     try:
-        with torch.device("meta"):
-            if source in ("bundled", "torchvision", "timm"):
+        if source in ("bundled", "torchvision", "timm"):
+            with torch.device("meta"):
                 bb = create_backbone(name, source=source, weights="none", pretrained=False)
-            else:  # text / audio: their own builders
-                bb = build_backbone({"name": name, "source": source}, pretrained=False)
+        else:  # text / audio: their own builders (small; converted graphs need real tensors)
+            bb = build_backbone({"name": name, "source": source}, pretrained=False)
         params = count_params(bb)
         size = bb.preprocessing.get("input_size")
         size = int(size) if size else None
