@@ -400,6 +400,9 @@ class AudioModality(Modality):
     def dynamic_axes(self, prep: dict[str, Any]) -> dict[str, dict[int, str]]:
         return {"audio": {0: "batch", 1: "samples"}, "lengths": {0: "batch"}}
 
+    def axis_min(self, prep: dict[str, Any]) -> dict[str, int]:
+        return {"samples": int(prep.get("min_samples", 1))}  # one window at least
+
     def pack(self, *tensors: torch.Tensor) -> Any:
         return {"audio": tensors[0], "lengths": tensors[1]}
 

@@ -97,7 +97,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with atomic_path(out) as tmp:  # written beside it, then renamed: never half a model file
         if fmt == "onnx":
             exporter = export_onnx(
-                net, example, tmp, int(cfg.get("opset", 18)), names, modality.dynamic_axes(prep)
+                net,
+                example,
+                tmp,
+                int(cfg.get("opset", 18)),
+                names,
+                modality.dynamic_axes(prep),
+                modality.axis_min(prep),
             )
         elif fmt == "torchscript":
             exporter = export_torchscript(net, example, tmp)
@@ -171,6 +177,7 @@ def export_onnx(
     opset: int,
     names: list[str] | None = None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
+    axis_min: dict[str, int] | None = None,
 ) -> str:
     """torch.export-based exporter (needs onnxscript); the TorchScript-based one otherwise."""
     import logging
@@ -186,10 +193,14 @@ def export_onnx(
         logging.getLogger(name).setLevel(logging.WARNING)  # their INFO lines are exporter internals
     names = names or [f"input_{i}" for i in range(len(example))]
     axes = dynamic_axes or {n: {0: "batch"} for n in names}
-    dims = {a: torch.export.Dim(a, min=1) for ax in axes.values() for a in ax.values()}
+    lows = axis_min or {}
+    dims = {
+        a: torch.export.Dim(a, min=int(lows.get(a, 1))) for ax in axes.values() for a in ax.values()
+    }
     attempts: list[tuple[str, dict[str, Any]]] = []
     if available("onnxscript"):
-        dynamic_shapes = tuple({i: dims[a] for i, a in axes.get(n, {}).items()} for n in names)
+        # ExportModel.forward(*xs): one spec per graph input, nested in the *xs argument
+        dynamic_shapes = (tuple({i: dims[a] for i, a in axes.get(n, {}).items()} for n in names),)
         attempts.append(
             (
                 f"torch.export, opset {opset}",

@@ -60,6 +60,10 @@ class Modality:
         """Free axes of each graph input (default: the batch axis)."""
         return {n: {0: "batch"} for n in self.input_names(prep)}
 
+    def axis_min(self, prep: dict[str, Any]) -> dict[str, int]:
+        """The smallest size of a named free axis the graph supports (default: 1)."""
+        return {}
+
     def pack(self, *tensors: torch.Tensor) -> Any:
         """The exported graph's inputs -> what the backbone takes (default: the one tensor)."""
         return tensors[0]

@@ -23,7 +23,8 @@ from tl_cli.registry import did_you_mean, plain
 _SCHED: dict[str, dict[str, tuple[Any, str]]] = {
     "none": {},
     "cosine": {
-        "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+        "warmup_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "warmup_epochs": (lambda v: v >= 0, ">= 0 (or null: warmup_fraction decides)"),
         "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     },
     "onecycle": {
@@ -84,6 +85,8 @@ def check_scheduler(sched: dict[str, Any]) -> None:
                 f"options: {', '.join(opts) or 'none'}"
             )
         check, allowed = opts[k]
+        if v is None and k == "warmup_epochs":
+            continue
         if check is not None and not check(_number(f"scheduler.{k}", v, allowed)):
             raise TLError(f"scheduler.{k}={v!r} must be {allowed}")
     if name == "plateau" and sched.get("mode", "min") not in ("min", "max"):
