@@ -123,7 +123,7 @@ class ToyTask(nn.Module):
 
 def test_policy_plans_any_backbone_with_block_groups():
     task = ToyTask()
-    strategy = STRATEGIES.build({"name": "gradual_unfreeze", "milestones": [1, 2]})
+    strategy = STRATEGIES.build({"name": "gradual_unfreeze", "milestones": [1, 2], "bn": "train"})
     policy = TransferPolicy(strategy, task, frozen=("teacher",))
     task.train()
     policy.apply(0)
@@ -151,6 +151,18 @@ def test_policy_plans_any_backbone_with_block_groups():
     trainable = [id(p) for n, p in task.named_parameters() if not n.startswith("teacher.")]
     assert sorted(in_groups) == sorted(trainable)  # every trainable param once, the teacher never
     assert not policy.can_cache_features
+
+
+def test_bn_frozen_keeps_running_stats_while_its_affine_params_train():
+    task = ToyTask()
+    policy = TransferPolicy(STRATEGIES.build({"name": "finetune"}), task)  # bn=frozen (default)
+    task.train()
+    policy.apply(0)
+    bn = task.backbone.blocks[0][1]
+    assert bn.weight.requires_grad and not bn.training  # scale/shift learn, statistics do not move
+    before = bn.running_mean.clone()
+    task.backbone(torch.randn(16, 8) * 5 + 3)
+    assert torch.equal(bn.running_mean, before)
 
 
 def test_policy_answers_whether_features_can_be_cached():
