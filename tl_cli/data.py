@@ -164,12 +164,15 @@ class EpochShuffle(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.n
 
+    def generator(self) -> torch.Generator:
+        """This epoch's generator: a pure function of (seed, epoch)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+
     def __iter__(self):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=self.generator()).tolist())
 
 
-class EpochBalanced(torch.utils.data.Sampler):
+class EpochBalanced(EpochShuffle):
     """``dataset.balance=sampler``: n draws with replacement, each class equally likely.
 
     Like :class:`EpochShuffle`, a pure function of (seed, epoch), so a resume sees the same batches.
@@ -177,21 +180,13 @@ class EpochBalanced(torch.utils.data.Sampler):
 
     def __init__(self, labels: Sequence[int], seed: int | None = None) -> None:
         y = torch.as_tensor(list(labels), dtype=torch.long)
-        counts = torch.bincount(y).double()
-        self.weights = (1.0 / counts)[y]
-        self.n = len(y)
-        self.seed = torch.initial_seed() if seed is None else seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
+        super().__init__(len(y), seed)
+        self.weights = (1.0 / torch.bincount(y).double())[y]
 
     def __iter__(self):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
-        return iter(torch.multinomial(self.weights, self.n, True, generator=g).tolist())
+        return iter(
+            torch.multinomial(self.weights, self.n, True, generator=self.generator()).tolist()
+        )
 
 
 BALANCE = (None, "none", "weights", "sampler")
