@@ -220,7 +220,7 @@ def test_huge_lr_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
 
     # lr=1e6: epoch 1 trains to a finite (huge) loss; epoch 2's validation loss is NaN.
     with pytest.raises(NonFiniteError) as e:
-        run(tiny_cfg("optimizer.lr=1e6", "trainer.max_epochs=5"))
+        run(tiny_cfg("optimizer.lr=1e6", "trainer.max_epochs=5", "strategy.head_fit=sgd"))
     msg = str(e.value)
     assert e.value.exit_code == 1 and "\n" not in msg
     assert "nan" in msg and "optimizer.lr=1000000.0 is probably too high" in msg
@@ -239,7 +239,7 @@ def test_nan_training_loss_stops_before_the_optimizer_step(tiny_cfg, tmp_path: P
         NonFiniteError,
         match=r"at epoch 1, step \d+: the training loss is nan .*no checkpoint had been written yet",
     ):
-        run(tiny_cfg("optimizer.lr=1e30", "trainer.max_epochs=3"))
+        run(tiny_cfg("optimizer.lr=1e30", "trainer.max_epochs=3", "strategy.head_fit=sgd"))
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
 
 
@@ -264,6 +264,7 @@ def test_cli_nan_is_one_line_exit_1(tmp_path: Path, tiny_data: Path) -> None:
         *TINY,
         f"dataset.root={tiny_data}",
         "optimizer.lr=1e30",
+        "strategy.head_fit=sgd",  # the L-BFGS head has no LR to blow up
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert r.returncode == 1

@@ -85,7 +85,7 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
     assert r.returncode == 0 and "finetune" in r.stdout
     r = tl("train", "--cfg", "job")
     assert r.returncode == 0, r.stderr
-    assert "efficientnet_lite0" in r.stdout and "SampleDataModule" in r.stdout
+    assert "efficientnet_lite0" in r.stdout and "name: sample" in r.stdout
     where = subprocess.run(
         [str(bin_dir / "python"), "-c", "import tl_cli; print(tl_cli.__file__)"],
         cwd=elsewhere,

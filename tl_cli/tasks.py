@@ -192,8 +192,12 @@ class TransferTask(pl.LightningModule):
         from tl_cli.console import say
         from tl_cli.probe import class_weights, fit_probe
 
-        linear = self.head[-1] if isinstance(self.head, torch.nn.Sequential) else self.head
-        if not self.supports_head_fit() or not isinstance(linear, torch.nn.Linear):
+        layers = list(self.head) if isinstance(self.head, torch.nn.Sequential) else [self.head]
+        linear = layers[-1]
+        plain_linear = isinstance(linear, torch.nn.Linear) and all(
+            isinstance(m, torch.nn.Dropout | torch.nn.Identity) for m in layers[:-1]
+        )  # an MLP head is not a convex problem on the features: it trains by SGD
+        if not self.supports_head_fit() or not plain_linear:
             say(
                 "strategy.head_fit=lbfgs fits a linear classification head only: "
                 "the head trains by SGD (strategy.head_fit=sgd)"
@@ -241,6 +245,14 @@ class TransferTask(pl.LightningModule):
     def on_after_backward(self) -> None:
         self.policy.sync_late_grads()
 
+    def on_train_start(self) -> None:
+        if self.head_converged and self.trainer.world_size > 1:
+            # DDP steps on every batch (see training_step): with no weight decay, a zero gradient
+            # leaves the fitted head exactly as it is (SGD, Adam and AdamW alike)
+            for opt in self.trainer.optimizers:
+                for group in opt.param_groups:
+                    group["weight_decay"] = 0.0
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = batch
@@ -251,6 +263,10 @@ class TransferTask(pl.LightningModule):
                 out = self.outputs(x)
                 self.log("train/loss", self.loss(out, y, "train"), on_step=False, on_epoch=True)
                 self.update_metrics(out, y, "train")
+            if self.trainer.world_size > 1:
+                # DDP cannot skip a step (training_step returning None): a zero loss through the
+                # head gives every rank the same all-zero gradients
+                return self.head(self.features(x).detach()).sum() * 0.0
             return None
         out = self.outputs(x)
         loss = self.loss(out, y, "train")
