@@ -475,3 +475,32 @@ def test_checkpoints_store_absolute_dataset_roots(tmp_path: Path, tiny_data: Pat
         TLError, match=r"dataset.root .* does not exist here; pass dataset.root=DIR"
     ):
         dataset_for(ckpt["tl"], ecfg, "best.ckpt")
+
+
+def test_resume_never_copies_a_file_the_checkpoint_names_unless_it_is_a_tl_checkpoint(
+    tmp_path: Path, tiny_cfg
+) -> None:
+    """A resumed checkpoint names its run's best file; a crafted one must not pull e.g. a secret
+    into the new run dir as best.ckpt."""
+    from tl_cli.train import run
+
+    run(tiny_cfg("trainer.max_epochs=1", f"output_dir={tmp_path / 'a'}"))
+    secret = tmp_path / "secret.ckpt"
+    secret.write_text("token=s3cret\n")
+    ckpt = torch.load(tmp_path / "a/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    touched = 0
+    for key, state in ckpt["callbacks"].items():
+        if isinstance(state, dict) and "best.ckpt" in str(state.get("best_model_path", "")):
+            state["best_model_path"] = str(secret)
+            touched += 1
+    assert touched
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    run(
+        tiny_cfg(
+            "trainer.max_epochs=2",
+            f"ckpt_path={tmp_path / 'evil.ckpt'}",
+            f"output_dir={tmp_path / 'b'}",
+        )
+    )
+    best = tmp_path / "b/checkpoints/best.ckpt"
+    assert best.is_file() and b"s3cret" not in best.read_bytes()

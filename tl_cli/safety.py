@@ -104,7 +104,7 @@ class RunCheckpoint(pl.callbacks.ModelCheckpoint):
         old_best = state_dict.get("best_model_path") or ""
         if self.monitor is None:  # last.ckpt: nothing to carry over
             return
-        if old_best and Path(old_best).is_file():
+        if old_best and _is_tl_checkpoint(old_best):
             new_best = str(Path(self.dirpath) / Path(old_best).name)
             from pytorch_lightning.utilities import rank_zero_only
 
@@ -125,6 +125,19 @@ class RunCheckpoint(pl.callbacks.ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         if self._restarted:
             self.first_epoch = trainer.current_epoch
+
+
+def _is_tl_checkpoint(path: str) -> bool:
+    """The resumed checkpoint names its run's best file: copy it only if it really is a tl
+    checkpoint (a crafted path must not pull an arbitrary file into the run dir)."""
+    p = Path(path)
+    if p.suffix != ".ckpt" or not p.is_file():
+        return False
+    try:
+        read_untrusted_checkpoint(p)
+    except TLError:
+        return False
+    return True
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
