@@ -550,3 +550,21 @@ def test_ddp_text_freeze_unfreeze_keeps_ranks_identical(tiny_bert, text_csv, tmp
     assert [row["epoch"] for row in rows] == [0, 1, 2] and all(row["world"] == 2 for row in rows)
     assert rows[0]["moved_from_start"] == 0.0 and rows[-1]["moved_from_start"] > 1e-4
     assert all(row["max_rank_diff"] == 0.0 for row in rows), rows
+
+
+def test_a_stored_hf_config_never_names_remote_code():
+    """A checkpoint's backbone config is data: an ``auto_map`` in it is dropped, nothing is fetched."""
+    from transformers import BertModel
+
+    from tl_cli.text import _hf_model_from_config
+
+    cfg = {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        "vocab_size": 50,
+        "auto_map": {"AutoModel": "someone/evil--modeling_evil.EvilModel"},
+    }
+    assert isinstance(_hf_model_from_config(cfg), BertModel)

@@ -391,6 +391,8 @@ def _hf_model_from_config(cfg: dict[str, Any]) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     cfg = dict(cfg)
+    # a stored config never names code to fetch or run (checkpoints are data)
+    cfg.pop("auto_map", None)
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise TLError("backbone.config has no model_type")
@@ -398,7 +400,7 @@ def _hf_model_from_config(cfg: dict[str, Any]) -> nn.Module:
         config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as e:
         raise TLError(f"backbone.config: {str(e).splitlines()[0]}") from None
-    return _strip_pooler(AutoModel.from_config(config))
+    return _strip_pooler(AutoModel.from_config(config, trust_remote_code=False))
 
 
 def _strip_pooler(model: nn.Module) -> nn.Module:
