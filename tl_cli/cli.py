@@ -8,32 +8,36 @@ from pathlib import Path
 
 from tl_cli import __version__
 
+#: command -> (Hydra config name, tl_cli module whose ``run(cfg)`` it calls, one-line help)
 COMMANDS = {
-    "train": ("train", "train a head (and optionally the backbone) on your images"),
-    "finetune": ("finetune", "tl train with strategy=finetune: the whole network trains"),
-    "eval": ("eval", "score a checkpoint: tl eval checkpoint=RUN/checkpoints/best.ckpt"),
+    "train": ("train", "train", "train a head (and optionally the backbone) on your data"),
+    "finetune": ("finetune", "train", "tl train with strategy=finetune: the whole network trains"),
+    "eval": ("eval", "evaluate", "score a checkpoint: tl eval checkpoint=RUN/checkpoints/best.ckpt"),
     "predict": (
         "predict",
-        "label images: tl predict checkpoint=CKPT inputs=DIR|FILE|GLOB output=preds.csv",
+        "predict",
+        "label inputs: tl predict checkpoint=CKPT inputs=DIR|FILE|GLOB output=preds.csv",
     ),
     "export": (
+        "export",
         "export",
         "write ONNX / TorchScript / safetensors + a JSON sidecar: tl export checkpoint=CKPT format=onnx",
     ),
     "backbones": (
+        None,
         None,
         "list backbones (name, source, params, size, offline weights): tl backbones [filter]",
     ),
 }
 
 USAGE = (
-    f"""tl {__version__}: transfer learning for image classifiers (Hydra + Lightning)
+    f"""tl {__version__}: transfer learning for image, text and audio classifiers (Hydra + Lightning)
 
 usage: tl <command> [hydra overrides...]
 
 commands:
 """
-    + "\n".join(f"  {k:<9} {v[1]}" for k, v in COMMANDS.items())
+    + "\n".join(f"  {k:<9} {v[2]}" for k, v in COMMANDS.items())
     + """
 
 Every word after the command is a Hydra override (group=option, key=value); Hydra's flags work
@@ -76,9 +80,7 @@ def _task(command: str):
         if os.environ.get("LOCAL_RANK", "0") == "0":
             # a first line before the imports and the data scan (seconds on a cold start)
             print(f"tl {command}: {cfg.get('output_dir')}", flush=True)
-        module = {"eval": "evaluate", "predict": "predict", "export": "export"}.get(
-            command, "train"
-        )
+        module = COMMANDS[command][1]
         run = importlib.import_module(f"tl_cli.{module}").run
         try:
             return objective(cfg, run(cfg))  # a float only for sweepers (optimized_metric set)
