@@ -489,7 +489,7 @@ def test_resume_never_copies_a_file_the_checkpoint_names_unless_it_is_a_tl_check
     secret.write_text("token=s3cret\n")
     ckpt = torch.load(tmp_path / "a/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     touched = 0
-    for key, state in ckpt["callbacks"].items():
+    for state in ckpt["callbacks"].values():
         if isinstance(state, dict) and "best.ckpt" in str(state.get("best_model_path", "")):
             state["best_model_path"] = str(secret)
             touched += 1
