@@ -12,7 +12,11 @@ from tl_cli import __version__
 COMMANDS = {
     "train": ("train", "train", "train a head (and optionally the backbone) on your data"),
     "finetune": ("finetune", "train", "tl train with strategy=finetune: the whole network trains"),
-    "eval": ("eval", "evaluate", "score a checkpoint: tl eval checkpoint=RUN/checkpoints/best.ckpt"),
+    "eval": (
+        "eval",
+        "evaluate",
+        "score a checkpoint: tl eval checkpoint=RUN/checkpoints/best.ckpt",
+    ),
     "predict": (
         "predict",
         "predict",
@@ -23,8 +27,16 @@ COMMANDS = {
         "export",
         "write ONNX / TorchScript / safetensors + a JSON sidecar: tl export checkpoint=CKPT format=onnx",
     ),
-    "fewshot": ("fewshot", "fewshot", "episodic N-way K-shot accuracy: tl fewshot dataset.root=DIR n_shot=[1,5]"),
-    "zeroshot": ("zeroshot", "zeroshot", "a classifier from class names alone: tl zeroshot dataset.root=DIR"),
+    "fewshot": (
+        "fewshot",
+        "fewshot",
+        "episodic N-way K-shot accuracy: tl fewshot dataset.root=DIR n_shot=[1,5]",
+    ),
+    "zeroshot": (
+        "zeroshot",
+        "zeroshot",
+        "a classifier from class names alone: tl zeroshot dataset.root=DIR",
+    ),
     "backbones": (
         None,
         None,
