@@ -50,7 +50,13 @@ def proto_run(tmp_path_factory, tiny_data):
     from tl_cli.train import run
 
     out = tmp_path_factory.mktemp("proto")
-    metrics = run(_cfg([*TINY, f"dataset.root={tiny_data}", "strategy=prototypes"], out, "train"))
+    metrics = run(
+        _cfg(
+            [*TINY, f"dataset.root={tiny_data}", "strategy=prototypes", "strategy.center=true"],
+            out,
+            "train",
+        )
+    )
     return out, metrics
 
 
@@ -125,6 +131,7 @@ def test_prototypes_from_one_image_per_class(tmp_path):
     assert m["train_size"] == 3 and m["val_size"] == 3
     assert m["defaults"]["head_fit"]["loo_acc"] is None  # no class has a second item
     module, _ = load_module(tmp_path / "r" / "checkpoints" / "best.ckpt")
+    assert float(module.head.center.abs().max()) == 0.0  # default: no centring (L2N)
     f, y = _features(module, data, module.class_names)
     with torch.no_grad():
         assert torch.equal(module.head(f.float()).argmax(1), y)  # each image is its prototype
@@ -190,6 +197,7 @@ def test_episode_accuracy_and_ci():
     support = np.arange(0, 50, 10).reshape(5, 1)
     query = support + 1
     assert episode_accuracy(feats, support, query) == 1.0
+    assert episode_accuracy(feats, support, query, center="support") == 1.0
 
 
 @pytest.mark.parametrize(
