@@ -38,17 +38,35 @@ AMAZON = SHARED / "sentiment-amazon" / "amazon_cells.csv"
 OUT = ROOT / "build" / "bench" / "fewshot"
 
 
-def fresh(run_dir: Path) -> Path:
+REUSE = False  # --reuse: keep a run whose result file exists (rerun the tables only)
+
+
+def fresh(run_dir: Path, result: str) -> Path | None:
+    """The run dir, emptied; None (reuse it) with --reuse when its result exists."""
+    if REUSE and (run_dir / result).is_file():
+        return None
     shutil.rmtree(run_dir, ignore_errors=True)
     return run_dir
 
 
+def tl(command: str, overrides: list[str], run_dir: Path, result: str) -> dict:
+    """``_bench_util.run_tl``, or the earlier result with --reuse."""
+    import json
+
+    from _bench_util import display_cmd
+
+    if fresh(run_dir, result) is None:
+        return {"cmd": display_cmd(command, overrides), "wall_seconds": None,
+                "metrics": json.loads((run_dir / result).read_text())}  # fmt: skip
+    return run_tl(command, overrides, run_dir, result=result)
+
+
 def fewshot(name: str, overrides: list[str], episodes: int) -> dict:
-    r = run_tl(
+    r = tl(
         "fewshot",
         [*overrides, f"episodes={episodes}", f"cache_dir={OUT / 'cache'}"],
-        fresh(OUT / "runs" / name),
-        result="fewshot.json",
+        OUT / "runs" / name,
+        "fewshot.json",
     )
     print(f"{name}: {r['metrics']['results']} ({r['wall_seconds']} s)", flush=True)
     return r
@@ -100,7 +118,10 @@ def fmt(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--episodes", type=int, default=600)
+    ap.add_argument("--reuse", action="store_true", help="keep runs whose results exist")
     args = ap.parse_args()
+    global REUSE
+    REUSE = args.reuse
     t0 = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
     cpu = ["dataset.num_workers=1", "device=cpu"]
@@ -111,13 +132,14 @@ def main() -> None:
     fs["omniglot"] = fewshot(
         "omniglot", [f"dataset.root={OMNI}", "dataset.image_size=112", *cpu], args.episodes
     )
-    fs["omniglot_nocenter"] = fewshot(
-        "omniglot_nocenter",
-        [f"dataset.root={OMNI}", "dataset.image_size=112", "center=none", *cpu],
+    fs["omniglot_center"] = fewshot(
+        "omniglot_center",
+        [f"dataset.root={OMNI}", "dataset.image_size=112", "center=support", *cpu],
         args.episodes,
     )
     cifar_fs = [f"dataset.root={CIFAR}", "split=test", "dataset.image_size=128", *cpu]
     fs["cifar"] = fewshot("cifar", cifar_fs, args.episodes)
+    fs["cifar_center"] = fewshot("cifar_center", [*cifar_fs, "center=support"], args.episodes)
     fs["cifar_10way"] = fewshot("cifar_10way", [*cifar_fs, "n_way=10"], args.episodes)
     fs["amazon"] = fewshot(
         "amazon", ["task=text", f"dataset.root={AMAZON}", "n_way=2", "device=cpu"], args.episodes
@@ -126,24 +148,26 @@ def main() -> None:
 
     # ---------------------------------------------------------------- zero-shot
     zs = {}
-    zs["cifar"] = run_tl(
+    zs["cifar"] = tl(
         "zeroshot",
         [f"dataset.root={CIFAR}", "dataset.image_size=128", *cpu],
-        fresh(OUT / "runs" / "zs_cifar"),
-        result="eval.json",
+        OUT / "runs" / "zs_cifar",
+        "eval.json",
     )
     print(f"zeroshot cifar: {zs['cifar']['metrics']['acc']:.3f}", flush=True)
-    zs["amazon_all"] = run_tl(
+    zs["amazon_all"] = tl(
         "zeroshot",
         ["task=text", f"dataset.root={AMAZON}", "device=cpu"],
-        fresh(OUT / "runs" / "zs_amazon"),
-        result="eval.json",
+        OUT / "runs" / "zs_amazon",
+        "eval.json",
     )
     zs_ckpt = OUT / "runs" / "zs_amazon" / "checkpoints" / "zeroshot.ckpt"
-    zs["amazon_test"] = run_tl(
-        "eval", [f"checkpoint={zs_ckpt}", "device=cpu"], fresh(OUT / "runs" / "zs_amazon_eval"),
-        result="eval.json",
-    )  # fmt: skip
+    zs["amazon_test"] = tl(
+        "eval",
+        [f"checkpoint={zs_ckpt}", "device=cpu"],
+        OUT / "runs" / "zs_amazon_eval",
+        "eval.json",
+    )
     print(f"zeroshot amazon: {zs['amazon_all']['metrics']['acc']:.3f} (all), "
           f"{zs['amazon_test']['metrics']['acc']:.3f} (test carve)", flush=True)  # fmt: skip
     feats, labels = cached_features(OUT / "cache", zs["cifar"]["metrics"]["num_samples"])
@@ -161,11 +185,12 @@ def main() -> None:
     pt = {}
     for n in (1, 5):
         root = cifar_slice(n)
-        pt[n] = run_tl(
+        pt[n] = tl(
             "train",
             ["dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=128",
              "dataset.num_workers=1", "strategy=prototypes", "trainer.accelerator=cpu"],
             OUT / "runs" / f"proto_n{n}",
+            "metrics.json",
         )  # fmt: skip
         print(f"prototypes {n}/class: test acc {pt[n]['metrics']['test/acc']:.3f}", flush=True)
     res["prototypes"] = {n: {"cmd": v["cmd"], "test_acc": v["metrics"]["test/acc"],
@@ -178,8 +203,9 @@ def main() -> None:
     f = res["fewshot"]
     rows = [
         ["omniglot-demo/test (20 unseen classes x 20)", "112 px", "5", fmt(f["omniglot"]["results"]["1"]), fmt(f["omniglot"]["results"]["5"])],
-        ["  same, center=none", "112 px", "5", fmt(f["omniglot_nocenter"]["results"]["1"]), fmt(f["omniglot_nocenter"]["results"]["5"])],
+        ["  same, center=support (CL2N on the support mean)", "112 px", "5", fmt(f["omniglot_center"]["results"]["1"]), fmt(f["omniglot_center"]["results"]["5"])],
         ["cifar10-subset test/ (10 classes, 846)", "128 px", "5", fmt(f["cifar"]["results"]["1"]), fmt(f["cifar"]["results"]["5"])],
+        ["  same, center=support", "128 px", "5", fmt(f["cifar_center"]["results"]["1"]), fmt(f["cifar_center"]["results"]["5"])],
         ["  same, 10-way", "128 px", "10", fmt(f["cifar_10way"]["results"]["1"]), fmt(f["cifar_10way"]["results"]["5"])],
         ["amazon_cells.csv (text, 1000)", "MiniLM", "2", fmt(f["amazon"]["results"]["1"]), fmt(f["amazon"]["results"]["5"])],
     ]  # fmt: skip
@@ -216,8 +242,8 @@ def main() -> None:
 
 {res["machine"]}. Whole script: {res["seconds"]:.0f} s. One run each (the episodes are seeded, seed 0).
 
-**Few-shot** (`tl fewshot`): SimpleShot (centred, L2-normalised nearest class mean, Wang et al.
-2019) on frozen efficientnet_lite0 ImageNet features (MiniLM for text), features extracted once,
+**Few-shot** (`tl fewshot`): SimpleShot (L2-normalised nearest class mean, Wang et al. 2019; the
+default `center=none`, and `center=support`: centred on the episode's support mean first) on frozen efficientnet_lite0 ImageNet features (MiniLM for text), features extracted once,
 {args.episodes} seeded episodes per shot count, 15 query items per class; mean accuracy ± 1.96 x std
 / sqrt(episodes). Episodes draw from every image of the folder given (`split=test` for CIFAR).
 Omniglot's 105 px strokes are read at 112 px (its classes never appear in ImageNet or in
