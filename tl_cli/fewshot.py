@@ -19,6 +19,7 @@ after the centring and normalisation, times a scale (the softmax temperature).
 from __future__ import annotations
 
 import math
+import re
 import time
 import types
 from collections.abc import Sequence
@@ -160,8 +161,8 @@ def after_prepare(dm: Any) -> bool:
     if dm.splits.get("val"):
         return False
     dm.splits["val"] = list(dm.splits["train"])
-    dm.layout = (dm.layout or "").replace(", val carved", "").replace("val carved", "")
-    dm.layout = (dm.layout.rstrip(", ") + ", no carve: val = train").lstrip(", ")
+    layout = re.sub(r",?\s*val( \+ test)? carved( from train)?", "", dm.layout or "")
+    dm.layout = f"{layout}, no carve: val = train" if layout else "no carve: val = train"
     return True
 
 
