@@ -459,6 +459,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             c if c == d else f"{c} ({d!r})" for c, d in zip(class_names, descriptions, strict=True)
         )
     )
+    kind = source if source != "auto" else (spec.source if spec is not None else "auto")
+    if not text_task and kind not in ("auto", "bundled", "torchvision", "timm"):
+        raise TLError(
+            f"tl zeroshot reads images (ConSE) or text (task=text); backbone={cfg.backbone.get('name')} "
+            f"reads another modality, with no offline text-aligned classifier"
+        )
     build = build_text if text_task else build_image
     module = build(cfg, class_names, descriptions, overrides, device)
     if module.backbone.modality not in ("image", "text"):
