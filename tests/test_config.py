@@ -80,6 +80,8 @@ def test_backbone_options_instantiate(name: str):
 
 @pytest.mark.parametrize("name", options("strategy"))
 def test_strategy_options_instantiate(name: str):
+    import tl_cli.components  # noqa: F401 - every strategy registered (prototypes)
+
     s = STRATEGIES.build(compose_cfg([f"strategy={name}"]).strategy)
     assert isinstance(s, TransferStrategy) and s.name == name
     plans = s.group_plans(4)

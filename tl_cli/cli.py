@@ -23,6 +23,16 @@ COMMANDS = {
         "export",
         "write ONNX / TorchScript / safetensors + a JSON sidecar: tl export checkpoint=CKPT format=onnx",
     ),
+    "fewshot": (
+        "fewshot",
+        "fewshot",
+        "episodic N-way K-shot accuracy: tl fewshot dataset.root=DIR n_shot=[1,5]",
+    ),
+    "zeroshot": (
+        "zeroshot",
+        "zeroshot",
+        "a classifier from class names alone: tl zeroshot dataset.root=DIR",
+    ),
     "backbones": (
         None,
         None,

@@ -11,6 +11,7 @@ from tl_cli import (  # noqa: F401
     audio,
     backbones,
     data,
+    fewshot,
     heads,
     modalities,
     optimizers,
@@ -18,4 +19,5 @@ from tl_cli import (  # noqa: F401
     strategies,
     tasks,
     text,
+    zeroshot,
 )

@@ -54,6 +54,10 @@ def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) ->
     dcfg.update(over)
     dcfg["augment"] = "none"
     dm = DATASETS.build(dcfg)
+    if new_root:  # scored whole: no val carve, so one item per class is enough
+        from tl_cli.fewshot import use_every_item
+
+        use_every_item(dm)
     dm.prepare()
     return dm, new_root
 
@@ -75,7 +79,10 @@ def pick_split(dm: Any, split: str, new_root: bool) -> str:
         if not dm.has_split(split):
             raise TLError(f"split={split}: the dataset has {', '.join(dm.splits)}")
         return split
-    if new_root and dm.layout.startswith(("class folders", "single file")):
+    if new_root and (
+        dm.layout.startswith(("class folders", "single file"))
+        or not (dm.has_split("val") or dm.has_split("test"))  # train/ only: nothing carved
+    ):
         # a plain folder of class folders (or one text file) given for evaluation: score all of it
         dm.splits["all"] = dm.splits["train"] + dm.splits["val"] + dm.splits.get("test", [])
         return "all"

@@ -181,7 +181,7 @@ class TransferTask(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.policy.on_fit_start(self.trainer.world_size)
         if (
-            self.strategy.head_fit == "lbfgs"
+            self.strategy.head_fit != "sgd"  # lbfgs, or a strategy's own fit (prototypes)
             and not self.skip_head_fit
             and self.trainer.ckpt_path is None  # a resumed run keeps its trained head
         ):
@@ -189,6 +189,8 @@ class TransferTask(pl.LightningModule):
 
     def fit_head(self) -> None:
         """Fit the linear head to convergence on frozen features (``tl_cli.probe``)."""
+        if hasattr(self.strategy, "fit_head"):  # e.g. prototypes (tl_cli.fewshot)
+            return self.strategy.fit_head(self)
         from tl_cli.console import say
         from tl_cli.probe import class_weights, fit_probe
 

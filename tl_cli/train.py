@@ -42,6 +42,7 @@ from tl_cli.safety import (
     resume_command,
 )
 from tl_cli.safety import fit as safe_fit
+from tl_cli.strategies import STRATEGIES
 from tl_cli.tasks import TASKS, TransferTask
 from tl_cli.tuning import tune_lr
 from tl_cli.validate import check_train_config
@@ -96,7 +97,10 @@ def stored_dataset_config(dataset: Any) -> dict[str, Any]:
 def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
     """The data module (scanned) and the task module, from a composed config, via the registries."""
     dm = DATASETS.build(cfg.dataset)
+    strategy_cls = STRATEGIES.get(plain(cfg.strategy).get("name"))
+    getattr(strategy_cls, "adapt_data", lambda dm: None)(dm)  # prototypes: no val carve
     dm.prepare()
+    getattr(strategy_cls, "adapt_scanned", lambda dm: None)(dm)
     task = plain(cfg.get("task")) or {"name": "classification"}
     module = TASKS.build(
         task,
@@ -159,7 +163,7 @@ def data_warnings(dm: Any) -> list[str]:
             "batches); metrics.json reports balanced accuracy and macro-F1"
         )
     n_val = len(dm.splits.get("val", []))
-    if 0 < n_val < MIN_VAL_IMAGES:
+    if 0 < n_val < MIN_VAL_IMAGES and not getattr(dm, "val_is_train", False):
         out.append(
             f"the validation split has {n_val} images (one image = {100 / n_val:.1f} points of "
             "val/acc): too few to pick a checkpoint reliably; add a val/ folder or raise "
@@ -413,7 +417,7 @@ def describe_defaults(d: dict[str, Any]) -> str:
     head = (
         f"head L-BFGS (C={h['C']:.3g}, {h['folds']}-fold CV)"
         if h.get("method") == "lbfgs"
-        else "head SGD"
+        else h.get("summary", "head SGD")
     )
     steps = (
         "0 optimizer steps (head at its optimum, backbone frozen)"
