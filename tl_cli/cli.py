@@ -23,6 +23,11 @@ COMMANDS = {
         "export",
         "write ONNX / TorchScript / safetensors + a JSON sidecar: tl export checkpoint=CKPT format=onnx",
     ),
+    "distill": (
+        "distill",
+        "distill",
+        "train a small student on a trained teacher: tl distill teacher=RUN/checkpoints/best.ckpt",
+    ),
     "backbones": (
         None,
         None,
