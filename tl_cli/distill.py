@@ -194,13 +194,28 @@ class DistillTask(ClassificationTask):
         """What tl_cli.train's feature cache runs: student features and teacher logits together."""
         return PairedExtractor(self)
 
+    def uncached_data(self, dm: Any) -> Any:
+        """Un-augmented inputs and a student that trains: the teacher's logits computed once."""
+        augmented = self.backbone.modality != "text" and getattr(dm, "augment", None) not in (
+            None,
+            "none",
+            False,
+        )
+        if augmented or getattr(dm, "balance", None) == "sampler":
+            return dm  # every batch is a new view: the teacher labels it on the fly
+        return TeacherLogitData(dm, self)
+
     def features(self, x: Any) -> torch.Tensor:
+        if isinstance(x, dict) and "teacher_logits" in x:
+            x = x["inputs"]
         f = cached(x)
         if f is None:
             return self.backbone(x)
         return f[:, : self.backbone.num_features]
 
     def teacher_logits(self, x: Any) -> torch.Tensor:
+        if isinstance(x, dict) and "teacher_logits" in x:
+            return x["teacher_logits"].float()
         f = cached(x)
         if f is not None and f.shape[1] > self.backbone.num_features:
             return f[:, self.backbone.num_features :].float()
@@ -618,8 +633,13 @@ def run(
     metrics, objects = train(scfg, callbacks, logger, build_fn=build)
     module, dm = objects["module"], objects["datamodule"]
     info = dict(module.distill_info)
+    data = objects["data"]
     info["teacher_logits"] = (
-        "cached with the features" if objects["data"] is not dm else "computed every batch"
+        "cached with the student's features"
+        if data is not dm and not isinstance(data, TeacherLogitData)
+        else "cached once (inputs not augmented)"
+        if isinstance(data, TeacherLogitData)
+        else "computed every batch (augmented inputs)"
     )
     n_unlab = info["unlabeled_size"]
     metrics["train_size"] = len(dm.splits["train"]) - n_unlab
@@ -644,6 +664,101 @@ def run(
         tl_gates.print_gates(gates)
     tl_gates.enforce(gates, str(out / "metrics.json"))
     return metrics
+
+
+class TeacherOnInputs(nn.Module):
+    """Raw inputs -> the teacher's logits (what the logit cache extracts)."""
+
+    def __init__(self, task: DistillTask) -> None:
+        super().__init__()
+        self.teacher = task.teacher
+        self.teacher_input = task.teacher_input
+        self.num_features = task.num_outputs
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.teacher(self.teacher_input(x))
+
+
+class _WithLogits(torch.utils.data.Dataset):
+    def __init__(self, ds: Any, logits: Any) -> None:
+        self.ds, self.logits = ds, logits
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        x, y = self.ds[i]
+        return x, y, torch.from_numpy(self.logits[i].copy())
+
+
+class _CollateWithLogits:
+    def __init__(self, base: Any) -> None:
+        self.base = base or torch.utils.data.default_collate
+
+    def __call__(self, rows: list[Any]):
+        x, y = self.base([(r[0], r[1]) for r in rows])
+        return {"inputs": x, "teacher_logits": torch.stack([r[2] for r in rows])}, y
+
+
+class TeacherLogitData(pl.LightningDataModule):
+    """Un-augmented inputs with the teacher's logits, computed once per split (``setup``, inside
+    fit, on the trainer's device, sharded under DDP) by the feature cache's ``extract``."""
+
+    def __init__(self, dm: Any, module: DistillTask) -> None:
+        super().__init__()
+        self.inner = dm
+        self.module = module
+        self.logits: dict[str, Any] = {}
+
+    # what tl_cli.train and the head fit read from a data module
+    def __getattr__(self, name: str) -> Any:
+        if name in ("splits", "dataset", "make_loader", "batch_size", "has_split", "class_names"):
+            return getattr(self.__dict__["inner"], name)
+        raise AttributeError(name)
+
+    def setup(self, stage: str | None = None) -> None:
+        from tl_cli.features import extract
+
+        if self.logits:
+            return
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        net = TeacherOnInputs(self.module)
+        was = next(net.parameters()).device
+        net.to(device)
+        try:
+            for split in self.inner.splits:
+                ds = self.inner.dataset(split, train_aug=False)
+                self.logits[split], _ = extract(
+                    net, ds, self.inner, device, f"caching {split} teacher logits"
+                )
+        finally:
+            net.to(was)
+
+    def _loader(self, split: str, shuffle: bool) -> Any:
+        from tl_cli.data import EpochShuffle
+
+        dm = self.inner
+        ds = _WithLogits(dm.dataset(split, train_aug=False), self.logits[split])
+        n = len(ds)
+        return torch.utils.data.DataLoader(
+            ds,
+            batch_size=dm.batch_size,
+            sampler=EpochShuffle(n) if shuffle else None,
+            num_workers=dm.num_workers,
+            persistent_workers=dm.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=_CollateWithLogits(dm.collate_fn()),
+            drop_last=shuffle and n > dm.batch_size and n % dm.batch_size == 1,
+        )
+
+    def train_dataloader(self) -> Any:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test", False)
 
 
 @torch.inference_mode()

@@ -195,7 +195,9 @@ def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) ->
 def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]]:
     """Wrap the data in a feature cache when the policy says the backbone never trains."""
     if not module.can_cache_features():
-        return dm, {}
+        # a task may still cache what never changes (tl distill: the teacher's logits)
+        wrap = getattr(module, "uncached_data", None)
+        return (wrap(dm) if wrap else dm), {}
     from tl_cli.features import FeatureDataModule
 
     strat = module.strategy
