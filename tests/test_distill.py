@@ -111,20 +111,16 @@ def test_depth_cuts_a_transformer_to_its_first_layers():
     assert bb({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).shape == (1, 384)
 
 
-def test_depth_on_a_backbone_that_cannot_be_cut_is_one_line(tiny_data, tmp_path):
-    r = run_tl(
-        "train",
-        "backbone=resnet18",
-        "backbone.weights=none",
-        "backbone.depth=2",
-        f"dataset.root={tiny_data}",
-        f"hydra.run.dir={tmp_path / 'r'}",
-        timeout=120,
-    )
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [x for x in r.stderr.strip().splitlines() if x.startswith("tl: error")]
-    assert len(lines) == 1 and "backbone.depth" in lines[0] and "resnet18" in lines[0]
-    assert "Traceback" not in r.stderr
+def test_depth_on_a_backbone_that_cannot_be_cut_is_one_line():
+    from tl_cli.errors import TLError
+
+    with pytest.raises(TLError) as e:
+        build_backbone({"name": "resnet18", "weights": "none", "depth": 2}, pretrained=False)
+    msg = str(e.value)
+    assert "backbone.depth" in msg and "resnet18" in msg and "\n" not in msg
+    for bad in (0, "two", True):
+        with pytest.raises(TLError, match="positive integer"):
+            build_backbone({"name": "test_efficientnet", "source": "timm", "depth": bad}, False)
 
 
 # --------------------------------------------------------------------------- the run

@@ -175,6 +175,7 @@ def create_backbone(
     weights: str | None = "DEFAULT",
     weights_path: str | None = None,
     pretrained: bool = True,
+    depth: int | None = None,
 ) -> Backbone:
     """Build a backbone by name.
 
@@ -186,6 +187,7 @@ def create_backbone(
         weights_path: a local state dict (``.pth``/``.pt``/``.bin``/``.safetensors``) that
             replaces any download; for air-gapped machines.
         pretrained: False when the weights come from a `tl` checkpoint (nothing is loaded).
+        depth: keep the stem and the first ``depth`` blocks (:func:`cut_backbone`); None: all.
     """
     weights = _norm_weights(weights)
     if weights_path and pretrained:
@@ -205,7 +207,8 @@ def create_backbone(
     if pretrained and weights_path:
         _load_weights_file(model, Path(os.path.expanduser(str(weights_path))), name)
     _strip_classifier(model, src)
-    return Backbone(model, nf, prep, groups, name=name, source=src)
+    backbone = Backbone(model, nf, prep, groups, name=name, source=src)
+    return backbone if depth is None else cut_backbone(backbone, depth)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -309,7 +309,11 @@ def load_teacher(path: Any) -> tuple[Any, dict[str, Any]]:
         module, ckpt = load_module(p)
     except TLError as e:
         msg = str(e)
-        raise TLError(msg.replace("checkpoint=", "teacher=", 1) if msg.startswith("checkpoint=") else f"teacher={p}: {msg}") from None
+        raise TLError(
+            msg.replace("checkpoint=", "teacher=", 1)
+            if msg.startswith("checkpoint=")
+            else f"teacher={p}: {msg}"
+        ) from None
     if ckpt["tl"].get("task") != "classification":
         raise TLError(
             f"teacher={p}: a {ckpt['tl'].get('task')!r} checkpoint; distillation needs a classification teacher"
@@ -394,7 +398,9 @@ def unlabeled_items(root: Any, modality: str) -> list[Any]:
             from tl_cli.text import TextItem, TextModality
 
             if p.is_dir():
-                found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+                found = sorted(
+                    f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                )
                 txt = [f for f in found if f.suffix.lower() == ".txt"]
                 tables = [f for f in found if f.suffix.lower() in (".csv", ".tsv", ".jsonl")]
                 texts = [f.read_text(errors="replace") for f in txt]
@@ -432,9 +438,9 @@ def _make_build(
         if list(dm.class_names) != t_names:
             missing = [c for c in t_names if c not in dm.class_names]
             extra = [c for c in dm.class_names if c not in t_names]
-            detail = (
-                f"missing {', '.join(missing[:5])}" if missing else ""
-            ) + (f"{'; ' if missing else ''}extra {', '.join(extra[:5])}" if extra else "")
+            detail = (f"missing {', '.join(missing[:5])}" if missing else "") + (
+                f"{'; ' if missing else ''}extra {', '.join(extra[:5])}" if extra else ""
+            )
             raise TLError(
                 f"dataset classes differ from the teacher's (teacher={tckpt['path']}): "
                 + (detail or "same names in another order")
@@ -531,7 +537,9 @@ def _check_kd(cfg: DictConfig) -> tuple[float, float]:
     if not t > 0:
         raise TLError(f"distill.temperature={t} must be > 0 (1 = the raw softmax; 2-8 is usual)")
     if not 0.0 <= a <= 1.0:
-        raise TLError(f"distill.alpha={a} must be in [0, 1] (the weight of the teacher's soft targets)")
+        raise TLError(
+            f"distill.alpha={a} must be in [0, 1] (the weight of the teacher's soft targets)"
+        )
     return t, a
 
 
@@ -548,20 +556,32 @@ def _example_batch(dm: Any, n: int) -> Any:
     return x
 
 
+def _batch_size(x: Any) -> int:
+    return x.shape[0] if isinstance(x, torch.Tensor) else next(iter(x.values())).shape[0]
+
+
 @torch.inference_mode()
-def cpu_latency_ms(model: nn.Module, x: Any, warmup: int, iters: int) -> float:
-    """Median wall time of one forward pass, per input, in ms (CPU, inference mode)."""
-    model.eval()
-    for _ in range(warmup):
-        model(x)
-    times = []
+def cpu_latency_ms(models: list[tuple[nn.Module, Any]], warmup: int, iters: int) -> list[float]:
+    """Median wall time of one forward pass per input, in ms, for each (model, input) pair.
+
+    The models are timed in alternating rounds (A, B, A, B, ...), so a burst of load from other
+    processes hits both alike and their ratio stays meaningful on a shared machine.
+    """
+    for m, x in models:
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(iters):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    batch = x.shape[0] if isinstance(x, torch.Tensor) else next(iter(x.values())).shape[0]
-    return 1000.0 * times[len(times) // 2] / batch
+        for i, (m, x) in enumerate(models):
+            t0 = time.perf_counter()
+            m(x)
+            times[i].append(time.perf_counter() - t0)
+    out = []
+    for (_, x), ts in zip(models, times, strict=True):
+        ts.sort()
+        out.append(1000.0 * ts[len(ts) // 2] / _batch_size(x))
+    return out
 
 
 def size_and_speed(module: DistillTask, dm: Any) -> dict[str, Any]:
@@ -577,11 +597,10 @@ def size_and_speed(module: DistillTask, dm: Any) -> dict[str, Any]:
         x = _example_batch(dm, b)
         with torch.inference_mode():
             xt = adapter(x) if isinstance(x, torch.Tensor) else x
-        out[f"student_latency_ms_b{b}"] = round(cpu_latency_ms(student, x, warm, iters), 3)
-        out[f"teacher_latency_ms_b{b}"] = round(cpu_latency_ms(teacher, xt, warm, iters), 3)
-        out[f"speedup_b{b}"] = round(
-            out[f"teacher_latency_ms_b{b}"] / max(out[f"student_latency_ms_b{b}"], 1e-9), 3
-        )
+        s_ms, t_ms = cpu_latency_ms([(student, x), (teacher, xt)], warm, iters)
+        out[f"student_latency_ms_b{b}"] = round(s_ms, 3)
+        out[f"teacher_latency_ms_b{b}"] = round(t_ms, 3)
+        out[f"speedup_b{b}"] = round(t_ms / max(s_ms, 1e-9), 3)
     out["param_ratio"] = round(out["teacher_params"] / max(1, out["student_params"]), 3)
     return out
 
@@ -660,7 +679,9 @@ def run(
         summary_table(f"tl distill: {out}", metrics, [*TRAIN_SUMMARY, *DISTILL_METRICS])
         say(f"[bold]defaults[/] {describe_defaults(metrics['defaults'])}")
         ckpt = out / "checkpoints" / "best.ckpt"
-        say(f"student checkpoint {ckpt} (an ordinary tl checkpoint)\nnext: tl eval checkpoint={ckpt}")
+        say(
+            f"student checkpoint {ckpt} (an ordinary tl checkpoint)\nnext: tl eval checkpoint={ckpt}"
+        )
         tl_gates.print_gates(gates)
     tl_gates.enforce(gates, str(out / "metrics.json"))
     return metrics
@@ -721,7 +742,9 @@ class TeacherLogitData(pl.LightningDataModule):
 
         if self.logits:
             return
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        device = (
+            self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        )
         net = TeacherOnInputs(self.module)
         was = next(net.parameters()).device
         net.to(device)
