@@ -234,7 +234,11 @@ def main() -> None:
     global REUSE_TEACHERS
     REUSE_TEACHERS = args.reuse_teachers
     t0 = time.time()
-    out: dict[str, Any] = {"machine": machine(), "command": command_line(), "args": vars(args)}
+    out: dict[str, Any] = {
+        "machine": machine(),
+        "command": command_line(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
     sections = []
     if not args.skip_image:
         lab, unl, n_lab, n_unl = image_data(
