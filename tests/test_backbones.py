@@ -55,7 +55,8 @@ IMAGE_SOURCES = {"bundled", "torchvision", "timm"}
 def _options(source: str) -> set[str]:
     from tl_cli.backbones import SOURCES
 
-    return {"name", "source", *SOURCES.options(source)} - {"pretrained"}
+    # depth: every source (build_backbone cuts the built backbone; tl_cli/distill.py docs)
+    return {"name", "source", "depth", *SOURCES.options(source)} - {"pretrained"}
 
 
 def test_every_registered_backbone_composes_as_backbone_equals_name():
@@ -67,6 +68,7 @@ def test_every_registered_backbone_composes_as_backbone_equals_name():
                 "source": spec.source,
                 "weights": "DEFAULT",
                 "weights_path": None,
+                "depth": None,
             }, name
         else:  # text / audio sources: their own options, every one known to the builder
             assert (cfg["name"], cfg["source"]) == (name, spec.source)
@@ -80,7 +82,7 @@ def test_every_backbone_config_names_a_registered_backbone():
         raw = OmegaConf.load(f)
         assert "_target_" not in raw and set(raw) <= _options(raw.source), f
         if raw.source in IMAGE_SOURCES:
-            assert set(raw) == {"name", "source", "weights", "weights_path"}, f
+            assert set(raw) == {"name", "source", "weights", "weights_path", "depth"}, f
         if f.stem in GENERIC:
             assert raw.source == f.stem, f
             if f.stem != "hf":  # hf: backbone.name or backbone.path

@@ -123,6 +123,42 @@ class Backbone(nn.Module):
         """Parameter names (relative to this module, e.g. ``model.blocks.0...``) per group."""
         return [[f"model.{n}" for n in g] for g in self._groups]
 
+    def cut(self, depth: int) -> None:
+        """``backbone.depth=K``: keep the stem and the first K blocks (see :func:`cut_backbone`).
+
+        timm EfficientNet family (the bundled EfficientNet-Lite included): blocks are the
+        MBConv blocks in forward order (16 for Lite0); the 1x1 ``conv_head`` (+ its BN) expects the
+        last stage's width, so a cut model drops it and pools the last kept block's output
+        (``num_features`` = that block's channels). ``depth`` = the number of blocks keeps the
+        whole model, head conv included.
+        """
+        m = self.model
+        blocks = getattr(m, "blocks", None)
+        if type(m).__name__ != "EfficientNet" or not isinstance(blocks, nn.Sequential):
+            raise TLError(
+                f"backbone.depth: {self.name} ({self.source}) cannot be cut; image backbones "
+                "that can: the timm EfficientNet family (efficientnet_lite0/1/2, efficientnet_b*, "
+                "mobilenetv2_*)"
+            )
+        flat = [(s, j) for s, stage in enumerate(blocks) for j in range(len(stage))]
+        if not 1 <= depth <= len(flat):
+            raise TLError(
+                f"backbone.depth={depth} must be between 1 and {len(flat)} (the blocks of {self.name})"
+            )
+        if depth == len(flat):
+            return
+        s_last, j_last = flat[depth - 1]
+        kept = [blocks[s] for s in range(s_last)] + [blocks[s_last][: j_last + 1]]
+        m.blocks = nn.Sequential(*kept)
+        m.conv_head = nn.Identity()
+        m.bn2 = nn.Identity()
+        width = [c for c in kept[-1][-1].modules() if isinstance(c, nn.Conv2d)][-1].out_channels
+        for attr in ("num_features", "head_hidden_size"):
+            if hasattr(m, attr):
+                setattr(m, attr, width)
+        self.num_features = int(width)
+        self._groups = _timm_groups(m)
+
     #: what the backbone reads; predict, export and the data modules follow it
     modality = "image"
 
@@ -139,6 +175,7 @@ def create_backbone(
     weights: str | None = "DEFAULT",
     weights_path: str | None = None,
     pretrained: bool = True,
+    depth: int | None = None,
 ) -> Backbone:
     """Build a backbone by name.
 
@@ -150,6 +187,7 @@ def create_backbone(
         weights_path: a local state dict (``.pth``/``.pt``/``.bin``/``.safetensors``) that
             replaces any download; for air-gapped machines.
         pretrained: False when the weights come from a `tl` checkpoint (nothing is loaded).
+        depth: keep the stem and the first ``depth`` blocks (:func:`cut_backbone`); None: all.
     """
     weights = _norm_weights(weights)
     if weights_path and pretrained:
@@ -169,7 +207,8 @@ def create_backbone(
     if pretrained and weights_path:
         _load_weights_file(model, Path(os.path.expanduser(str(weights_path))), name)
     _strip_classifier(model, src)
-    return Backbone(model, nf, prep, groups, name=name, source=src)
+    backbone = Backbone(model, nf, prep, groups, name=name, source=src)
+    return backbone if depth is None else cut_backbone(backbone, depth)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -549,9 +588,38 @@ for _src in _IMAGE_SOURCES:
     SOURCES.register(_src, functools.partial(create_backbone, source=_src))
 
 
+def cut_backbone(backbone: nn.Module, depth: Any) -> nn.Module:
+    """``backbone.depth=K`` (any run): keep the stem/embeddings and the first K blocks, in place.
+
+    DistilBERT-style: a transformer keeps its first K layers, an EfficientNet its first K MBConv
+    blocks. The architecture is cut before any weights are loaded into it from a tl checkpoint,
+    so the checkpoint (which stores ``backbone.depth``) rebuilds the same cut model.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int | str):
+        raise TLError(f"backbone.depth={depth!r} must be a positive integer (or null)")
+    try:
+        k = int(depth)
+    except ValueError:
+        raise TLError(f"backbone.depth={depth!r} must be a positive integer (or null)") from None
+    if k < 1:
+        raise TLError(f"backbone.depth={depth!r} must be a positive integer (or null)")
+    cut = getattr(backbone, "cut", None)
+    if cut is None:
+        raise TLError(
+            f"backbone.depth: {backbone.name} ({backbone.source}) cannot be cut; backbones that "
+            "can: the timm EfficientNet family and transformer text encoders (minilm, hf)"
+        )
+    cut(k)
+    return backbone
+
+
 def build_backbone(cfg: Any, pretrained: bool = True) -> nn.Module:
-    """A backbone from ``{name, source, weights, weights_path, ...}`` (a config or a checkpoint)."""
+    """A backbone from ``{name, source, weights, weights_path, ...}`` (a config or a checkpoint).
+
+    ``depth`` (any source): keep the first ``depth`` blocks (:func:`cut_backbone`).
+    """
     cfg = dict(plain(cfg) or {})
+    depth = cfg.pop("depth", None)
     source = cfg.pop("source", "auto")
     spec = _REGISTRY.get(cfg.get("name"))
     if source == "auto" and spec is not None and spec.source not in _IMAGE_SOURCES:
@@ -566,4 +634,5 @@ def build_backbone(cfg: Any, pretrained: bool = True) -> nn.Module:
         )
     if not isinstance(cfg.get("name"), str) or not cfg["name"]:
         raise TLError("backbone.name is not set: pick a backbone (tl backbones lists them)")
-    return builder(**cfg, pretrained=pretrained)
+    backbone = builder(**cfg, pretrained=pretrained)
+    return backbone if depth is None else cut_backbone(backbone, depth)

@@ -33,6 +33,11 @@ COMMANDS = {
         "zeroshot",
         "a classifier from class names alone: tl zeroshot dataset.root=DIR",
     ),
+    "distill": (
+        "distill",
+        "distill",
+        "train a small student on a trained teacher: tl distill teacher=RUN/checkpoints/best.ckpt",
+    ),
     "backbones": (
         None,
         None,

@@ -27,6 +27,21 @@ FINAL_METRICS = (
 )
 #: the summary table of `tl train`
 TRAIN_SUMMARY = (*FINAL_METRICS, "best_epoch", "epochs", "fit_seconds")
+#: what `tl distill` adds to metrics.json (besides ``teacher/test/acc``, the teacher measured on
+#: the same split in the same run): sizes, measured CPU latency per input, teacher/student ratios
+DISTILL_METRICS = (
+    "teacher/test/acc",
+    "acc_ratio",
+    "student_params",
+    "teacher_params",
+    "param_ratio",
+    "student_latency_ms_b1",
+    "teacher_latency_ms_b1",
+    "speedup_b1",
+    "student_latency_ms_b32",
+    "teacher_latency_ms_b32",
+    "speedup_b32",
+)
 #: the summary table of `tl eval` (eval.json keys)
 EVAL_SUMMARY = ("acc", "top5_acc", "macro_f1", "loss", "num_samples")
 #: the metric that picks best.ckpt unless the task says otherwise

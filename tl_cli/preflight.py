@@ -352,13 +352,18 @@ class Preflight:
                 raise self.bare_word(a)
             prefix, key, value = s
             value = _expand_home(value)
-            if key in ("checkpoint", "ckpt_path") and not prefix:
+            if key in ("checkpoint", "ckpt_path", "teacher") and not prefix:
                 value = self.run_dir_checkpoint(key, value)
             a = f"{prefix}{key}={value}"
             overrides.append(a)
             out.append(a)
             i += 1
         first = [self.first_value(o) for o in overrides] if multirun else overrides
+        task = self.teacher_task(overrides)
+        if task:  # tl distill: the task group follows the teacher's modality
+            out.insert(next(i for i, a in enumerate(out) if a in overrides), task)
+            overrides.insert(0, task)
+            first = [self.first_value(o) for o in overrides] if multirun else overrides
         try:
             cfg = self.compose(first)
         except Exception as e:  # noqa: BLE001 - Hydra's errors, translated
@@ -372,6 +377,22 @@ class Preflight:
             cfg = self.compose(first)
         self.check_added_keys(cfg, first)
         return out
+
+    def teacher_task(self, overrides: list[str]) -> str | None:
+        """``task=<the teacher's modality>`` for tl distill when the command line names none."""
+        if self.command != "distill":
+            return None
+        keys = {s[1]: s[2] for o in overrides if (s := _split_override(o))}
+        if "task" in keys or "teacher" not in keys:
+            return None
+        try:
+            from tl_cli.checkpoint import read_checkpoint
+
+            meta = read_checkpoint(os.path.expanduser(keys["teacher"].strip("'\""))).get("tl", {})
+        except Exception:  # noqa: BLE001 - tl distill itself reports a bad teacher, in one line
+            return None
+        modality = meta.get("modality", "image")
+        return f"task={modality}" if isinstance(modality, str) and modality.isidentifier() else None
 
     def check_run_dir(self, cfg: Any, multirun: bool) -> None:
         """The run (sweep) dir must be a folder tl can create and write in."""
@@ -414,7 +435,7 @@ class Preflight:
     def run_dir_checkpoint(self, key: str, value: str) -> str:
         raw = value.strip("'\"")
         p = Path(os.path.expanduser(raw))
-        name = "best.ckpt" if key == "checkpoint" else "last.ckpt"
+        name = "best.ckpt" if key in ("checkpoint", "teacher") else "last.ckpt"
         for cand in (p / "checkpoints" / name, p / name):
             if p.is_dir() and cand.is_file():
                 _say(f"{key}={raw} is a run directory: using {cand}")

@@ -230,6 +230,30 @@ class TextBackbone(nn.Module):
     def block_groups(self) -> list[list[str]]:
         return [[f"model.{n}" for n in g] for g in self._groups]
 
+    def cut(self, depth: int) -> None:
+        """``backbone.depth=K``: keep the embeddings and the first K transformer layers."""
+        for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "layer"):
+            try:
+                layers = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(layers, nn.ModuleList) and len(layers):
+                break
+        else:
+            raise TLError(f"backbone.depth: {self.name} has no layer list to cut")
+        if not 1 <= depth <= len(layers):
+            raise TLError(
+                f"backbone.depth={depth} must be between 1 and {len(layers)} (the layers of {self.name})"
+            )
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        setattr(parent, attr, nn.ModuleList(list(layers)[:depth]))
+        config = getattr(self.model, "config", None)
+        for key in ("num_hidden_layers", "n_layers", "num_layers"):
+            if config is not None and hasattr(config, key):
+                setattr(config, key, depth)
+        self._groups = transformer_groups(self.model)
+
     def effective_preprocessing(self, overrides: dict[str, Any]) -> dict[str, Any]:
         return effective_text_preprocessing(self.preprocessing, overrides.get("max_length"))
 

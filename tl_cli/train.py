@@ -152,7 +152,8 @@ def data_warnings(dm: Any) -> list[str]:
     out = []
     counts = [0] * dm.num_classes
     for _, y in dm.splits["train"]:
-        counts[y] += 1
+        if y >= 0:  # -1: an unlabelled input (tl distill dataset.unlabeled_root)
+            counts[y] += 1
     lo = min(counts)
     hi = max(counts)
     if lo > 0 and hi / lo > IMBALANCE_RATIO and not getattr(dm, "balance", None):
@@ -198,14 +199,18 @@ def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) ->
 def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]]:
     """Wrap the data in a feature cache when the policy says the backbone never trains."""
     if not module.can_cache_features():
-        return dm, {}
+        # a task may still cache what never changes (tl distill: the teacher's logits)
+        wrap = getattr(module, "uncached_data", None)
+        return (wrap(dm) if wrap else dm), {}
     from tl_cli.features import FeatureDataModule
 
     strat = module.strategy
     views = int(getattr(strat, "cache_views", 0))
     # features are computed in setup(), inside fit: per rank under DDP, on the trainer's device
+    # a task may cache more than the backbone's features (tl distill: the teacher's logits too)
+    extractor = getattr(module, "cache_extractor", None)
     data = FeatureDataModule(
-        module.backbone,
+        extractor() if extractor else module.backbone,
         dm,
         cache_dir=getattr(strat, "cache_dir", None) or _sweep_cache(),
         views=views,
@@ -219,9 +224,14 @@ def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]
 
 
 def train(
-    cfg: DictConfig, callbacks: list[pl.Callback] | None = None, logger: Any = None
+    cfg: DictConfig,
+    callbacks: list[pl.Callback] | None = None,
+    logger: Any = None,
+    build_fn: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build, fit, test the best checkpoint. Writes checkpoints only (no reports, no gates).
+
+    ``build_fn(cfg) -> (module, datamodule)`` replaces :func:`build` (``tl distill``).
 
     Returns:
         (metrics, objects): the metrics dict and ``module``, ``datamodule``, ``data`` (what was
@@ -239,7 +249,7 @@ def train(
         raise TLError(f"seed={cfg.seed!r} must be an integer") from None
     pl.seed_everything(seed, workers=True, verbose=False)
 
-    module, dm = build(cfg)
+    module, dm = (build_fn or build)(cfg)
     if cfg.get("channels_last"):
         module = module.to(memory_format=torch.channels_last)
     say(
