@@ -76,6 +76,8 @@ def test_every_registered_backbone_composes_as_backbone_equals_name():
 
 
 def test_every_backbone_config_names_a_registered_backbone():
+    import tl_cli.components  # noqa: F401 - text and audio backbones register on import
+
     files = sorted(BACKBONE_CONFIGS.glob("*.yaml"))
     assert {f.stem for f in files} == set(registered_backbones()) | GENERIC
     for f in files:
