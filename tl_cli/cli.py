@@ -23,6 +23,11 @@ COMMANDS = {
         "export",
         "write ONNX / TorchScript / safetensors + a JSON sidecar: tl export checkpoint=CKPT format=onnx",
     ),
+    "pretrain": (
+        "pretrain",
+        "pretrain",
+        "self-supervised pretraining on unlabelled images: tl pretrain dataset.root=DIR",
+    ),
     "backbones": (
         None,
         None,
