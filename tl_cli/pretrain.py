@@ -142,6 +142,9 @@ class SimCLRModule(pl.LightningModule):
                     m.eval()
         return self
 
+    def on_train_epoch_start(self) -> None:
+        self.train()  # Lightning keeps modules' modes as they are: set them (BN frozen) here
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
