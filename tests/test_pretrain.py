@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,13 @@ def _pretrain_cfg(root: Path, out: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """18 images: 12 in class folders (names to be ignored) + 6 two levels deeper."""
-    return make_image_folder(tmp_path_factory.mktemp("unl"), {"": 4, "deep/er": 2}, size=24)
+    """18 images: 12 in class folders (names to be ignored) + 6 two levels deeper; a symlink loop
+    and a hidden folder that add none."""
+    root = make_image_folder(tmp_path_factory.mktemp("unl"), {"": 4, "deep/er": 2}, size=24)
+    (root / "deep" / "loop").symlink_to(root, target_is_directory=True)  # walked once
+    (root / ".hidden").mkdir()
+    shutil.copy(root / "cat" / "cat_000.png", root / ".hidden" / "x.png")  # skipped
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -59,18 +59,19 @@ BN_MODES = ("frozen", "train")
 
 
 def find_images(root: Path) -> list[Path]:
-    """Every image under ``root`` (any depth; hidden files and folders skipped), sorted."""
-    from tl_cli.data import IMG_EXTS
+    """Every image under ``root`` at any depth, sorted; hidden files and folders are skipped.
 
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [
-            Path(dirpath) / f
-            for f in filenames
-            if not f.startswith(".") and f.lower().endswith(IMG_EXTS)
-        ]
-    return sorted(out)
+    Folder symlinks are followed but no folder is entered twice (no loops), and an image reached
+    by two paths counts once (`tl_cli.inputs`, the finder tl predict uses).
+    """
+    from tl_cli.data import IMG_EXTS
+    from tl_cli.inputs import _unique_files, _walk
+
+    def wanted(f: str) -> bool:
+        rel = Path(f).relative_to(root).parts
+        return f.lower().endswith(IMG_EXTS) and not any(p.startswith(".") for p in rel)
+
+    return [Path(f) for f in _unique_files(sorted(f for f in _walk(str(root)) if wanted(f)))]
 
 
 class TwoViews(torch.utils.data.Dataset):
