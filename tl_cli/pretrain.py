@@ -338,11 +338,13 @@ def _settings(cfg: DictConfig) -> tuple[dict[str, Any], int, int]:
 
 
 def _images(cfg: DictConfig) -> tuple[Path, list[Path], int]:
+    from omegaconf import OmegaConf
+
     from tl_cli.data import IMG_EXTS
     from tl_cli.scan import drop_corrupt
 
-    root_s = cfg.dataset.get("root")
-    if not root_s or str(root_s) == "???":
+    root_s = None if OmegaConf.is_missing(cfg.dataset, "root") else cfg.dataset.get("root")
+    if not root_s:
         raise TLError("dataset.root is required: tl pretrain dataset.root=DIR (unlabelled images)")
     root = Path(os.path.expanduser(str(root_s)))
     if not root.is_dir():
@@ -388,13 +390,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed = int(cfg.seed)
     pl.seed_everything(seed, workers=True, verbose=False)
 
+    root, paths, n_bad = _images(cfg)  # the data first: a bad root fails before any model load
     backbone = build_backbone(cfg.backbone, pretrained=True)
     modality = getattr(backbone, "modality", "image")
     if modality != "image":
         raise TLError(
             f"backbone {backbone.name} reads {modality}: tl pretrain supports image backbones for now"
         )
-    root, paths, n_bad = _images(cfg)
     if len(paths) < 2:
         raise TLError(
             f"dataset.root={root}: {len(paths)} image; contrastive pretraining needs >= 2"
