@@ -25,9 +25,9 @@ from .trained_run import LEARN, trained_run
 RUN_FOR_REAL = [ROOT / "README.md"]
 COMPOSE_ONLY = [
     ROOT / "docs" / f"{n}.md"
-    for n in ("configuration", "strategies", "outputs", "failure_modes", "development")
+    for n in ("configuration", "strategies", "outputs", "failure_modes", "development", "pretrain")
 ]
-HYDRA_COMMANDS = {"train", "finetune", "eval", "predict", "export"}
+HYDRA_COMMANDS = {"train", "finetune", "eval", "predict", "export", "pretrain"}
 #: overrides that would download weights or data, or need a GPU / several processes
 OFFLINE_UNSAFE = re.compile(
     r"^(backbone=(resnet|efficientnet_b|mobilenet|convnext|vit|torchvision)"
@@ -132,6 +132,10 @@ def test_readme_command_runs(argv, places, monkeypatch, capsys):
                 args = [a for a in args if a.partition("=")[0] not in tiny_keys] + TINY
                 if any(a.startswith("ckpt_path=") for a in args):
                     args += [*LEARN, "trainer.max_epochs=5"]  # the trained run's config, +1 epoch
+            if word == "pretrain":  # the tiny model, a few steps
+                tiny_keys = {t.partition("=")[0] for t in TINY}
+                args = [a for a in args if a.partition("=")[0] not in tiny_keys]
+                args += [*TINY, "trainer.max_steps=2"]
     code = run_tl(args, monkeypatch)
     err = capsys.readouterr().err
     assert code == expected(argv), f"tl {' '.join(args)} exited {code}:\n{err[-2000:]}"

@@ -38,6 +38,11 @@ COMMANDS = {
         "distill",
         "train a small student on a trained teacher: tl distill teacher=RUN/checkpoints/best.ckpt",
     ),
+    "pretrain": (
+        "pretrain",
+        "pretrain",
+        "self-supervised pretraining on unlabelled images: tl pretrain dataset.root=DIR",
+    ),
     "backbones": (
         None,
         None,

@@ -238,6 +238,10 @@ def train(
         fitted: the feature cache or the data module), ``trainer`` and ``checkpoint``.
     """
     out = Path(str(cfg.output_dir))
+    if cfg.get("init"):  # init=RUN: a tl pretrain run's weights, checked against backbone.name
+        from tl_cli.pretrain import apply_init
+
+        apply_init(cfg)
     check_train_config(cfg)  # every value, the Trainer's included, before any work
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
