@@ -25,9 +25,34 @@ from .trained_run import LEARN, trained_run
 RUN_FOR_REAL = [ROOT / "README.md"]
 COMPOSE_ONLY = [
     ROOT / "docs" / f"{n}.md"
-    for n in ("configuration", "strategies", "outputs", "failure_modes", "development", "pretrain")
+    for n in (
+        "configuration",
+        "strategies",
+        "outputs",
+        "failure_modes",
+        "development",
+        "pretrain",
+        "adaptation",
+        "distillation",
+        "fewshot",
+    )
 ]
-HYDRA_COMMANDS = {"train", "finetune", "eval", "predict", "export", "pretrain"}
+HYDRA_COMMANDS = {
+    "train",
+    "finetune",
+    "eval",
+    "predict",
+    "export",
+    "pretrain",
+    "distill",
+    "fewshot",
+    "zeroshot",
+}
+#: README commands that need real pretrained weights (lite0 + MiniLM): composed only here; their
+#: real runs are tests/test_zeroshot.py's slow tests
+COMPOSE_ONLY_WORDS = {"zeroshot"}
+#: the tiny model for commands that only extract features (no trainer)
+TINY_FEATURES = [t for t in TINY if t.startswith(("backbone", "dataset.image_size", "dataset.num"))]
 #: overrides that would download weights or data, or need a GPU / several processes
 OFFLINE_UNSAFE = re.compile(
     r"^(backbone=(resnet|efficientnet_b|mobilenet|convnext|vit|torchvision)"
@@ -81,7 +106,7 @@ def substitute(argv: list[str], p: dict) -> list[str]:
     out = []
     for tok in argv:
         key, eq, val = tok.partition("=")
-        if eq and key == "dataset.root":
+        if eq and key in ("dataset.root", "dataset.target_root", "dataset.unlabeled_root"):
             val = str(p["data"])
         elif eq and key == "inputs":
             val = val.replace("photos/", f"{p['photos']}/").replace("a.jpg", str(photo))
@@ -121,7 +146,7 @@ def test_readme_command_runs(argv, places, monkeypatch, capsys):
     word, args = argv[0], substitute(argv, places)
     assert word in HYDRA_COMMANDS | {"backbones"}, f"unknown command in README: tl {word}"
     if word in HYDRA_COMMANDS and "--cfg" not in args:
-        if any(OFFLINE_UNSAFE.match(a) for a in args):
+        if word in COMPOSE_ONLY_WORDS or any(OFFLINE_UNSAFE.match(a) for a in args):
             args += ["--cfg", "job"]  # would download on this offline machine: compose only
         else:
             n = len(list(places["out"].iterdir()))
@@ -136,6 +161,10 @@ def test_readme_command_runs(argv, places, monkeypatch, capsys):
                 tiny_keys = {t.partition("=")[0] for t in TINY}
                 args = [a for a in args if a.partition("=")[0] not in tiny_keys]
                 args += [*TINY, "trainer.max_steps=2"]
+            if word == "distill":  # the tiny run is the teacher; its data, one epoch
+                args += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_epochs=1"]
+            if word == "fewshot":  # the tiny model's features, a few episodes
+                args += [*TINY_FEATURES, "episodes=20"]
     code = run_tl(args, monkeypatch)
     err = capsys.readouterr().err
     assert code == expected(argv), f"tl {' '.join(args)} exited {code}:\n{err[-2000:]}"

@@ -12,7 +12,11 @@ from tl_cli import __version__
 COMMANDS = {
     "train": ("train", "train", "train a head (and optionally the backbone) on your data"),
     "finetune": ("finetune", "train", "tl train with strategy=finetune: the whole network trains"),
-    "eval": ("eval", "evaluate", "score a checkpoint: tl eval checkpoint=RUN/checkpoints/best.ckpt"),
+    "eval": (
+        "eval",
+        "evaluate",
+        "score a checkpoint: tl eval checkpoint=RUN/checkpoints/best.ckpt",
+    ),
     "predict": (
         "predict",
         "predict",

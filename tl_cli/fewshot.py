@@ -197,13 +197,13 @@ class Prototypes(FeatureExtraction):
         self.center = bool(center)
 
     @staticmethod
-    def adapt_data(dm: Any) -> None:
-        """Called by ``tl_cli.train.build`` before the data is scanned."""
+    def before_scan(dm: Any) -> None:
+        """No validation carve: every item is a support item."""
         use_every_item(dm)
 
     @staticmethod
-    def adapt_scanned(dm: Any) -> None:
-        """Called by ``tl_cli.train.build`` after the data is scanned."""
+    def after_scan(dm: Any) -> None:
+        """Without a val split, validation runs on the train items (said in the summary)."""
         dm.val_is_train = after_prepare(dm)
 
     def fit_head(self, module: Any) -> None:

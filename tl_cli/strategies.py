@@ -12,6 +12,7 @@ Lightning's distribution strategy is a different thing: it stays ``trainer.strat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tl_cli.registry import Registry
 
@@ -73,6 +74,14 @@ class TransferStrategy:
         self.backbone_lr_mult = float(backbone_lr_mult)
         self.layer_decay = layer_decay
         self.train_bn = bool(train_bn)
+
+    @staticmethod
+    def before_scan(dm: Any) -> None:
+        """Called by ``tl_cli.train.build`` before the data module scans its source."""
+
+    @staticmethod
+    def after_scan(dm: Any) -> None:
+        """Called by ``tl_cli.train.build`` after the scan (class names and splits known)."""
 
     def lr_mults(self, n_groups: int) -> list[float]:
         d = self.layer_decay or 1.0

@@ -98,9 +98,10 @@ def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
     """The data module (scanned) and the task module, from a composed config, via the registries."""
     dm = DATASETS.build(cfg.dataset)
     strategy_cls = STRATEGIES.get(plain(cfg.strategy).get("name"))
-    getattr(strategy_cls, "adapt_data", lambda dm: None)(dm)  # prototypes: no val carve
+    strategy_cls = getattr(strategy_cls, "func", strategy_cls)  # a functools.partial: its class
+    strategy_cls.before_scan(dm)  # prototypes: no val carve
     dm.prepare()
-    getattr(strategy_cls, "adapt_scanned", lambda dm: None)(dm)
+    strategy_cls.after_scan(dm)
     task = plain(cfg.get("task")) or {"name": "classification"}
     module = TASKS.build(
         task,
