@@ -73,6 +73,23 @@ def run_one(root: Path, src: str, tgt: str, method: str, seed: int, size: int) -
     }
 
 
+def read_one(src: str, tgt: str, method: str, seed: int) -> dict:
+    """A finished run's numbers from its metrics.json."""
+    import json
+
+    m = json.loads((OUT / "runs" / f"{src}-{tgt}-{method}-s{seed}" / "metrics.json").read_text())
+    return {
+        "pair": f"{src}->{tgt}",
+        "method": method,
+        "seed": seed,
+        "target_acc": m["target/acc"],
+        "source_val_acc": m["source/val/acc"],
+        "target_entropy": m["target/entropy"],
+        "fit_seconds": m["fit_seconds"],
+        "cmd": "",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
@@ -80,13 +97,34 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--methods", nargs="+", default=["none", "adabn", "dann", "self_training"])
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    ap.add_argument(
+        "--pairs", nargs="+", default=[f"{a}:{b}" for a, b in PAIRS], help="e.g. coil2:coil1"
+    )
+    ap.add_argument(
+        "--table-only",
+        action="store_true",
+        help="no runs: the table from the run dirs of earlier (e.g. parallel) invocations",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: tiny head-sized ops on a shared machine run far faster)",
+    )
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     root = args.root.resolve()
     results = []
-    for src, tgt in PAIRS:
+    for pair in args.pairs:
+        src, tgt = pair.split(":")
         for method in args.methods:
             for seed in args.seeds:
-                r = run_one(root, src, tgt, method, seed, args.image_size)
+                if args.table_only:
+                    r = read_one(src, tgt, method, seed)
+                else:
+                    r = run_one(root, src, tgt, method, seed, args.image_size)
                 print(
                     f"BENCH {r['pair']} {method} seed {seed}: target/acc {r['target_acc']:.4f}",
                     flush=True,
@@ -104,7 +142,8 @@ def main() -> None:
         "fit s (mean)",
     ]
     rows = []
-    for src, tgt in PAIRS:
+    for pair_arg in args.pairs:
+        src, tgt = pair_arg.split(":")
         pair = f"{src}->{tgt}"
         base = None
         for method in args.methods:
@@ -167,7 +206,7 @@ Command:
 One run of the table, e.g.:
 
 ```bash
-{results[0]["cmd"]}
+tl train dataset=imagefolder dataset.root=../shared/data/coil20-domains/coil1 dataset.target_root=../shared/data/coil20-domains/coil2 dataset.image_size={args.image_size} adapt=dann seed=0
 ```
 """
     write_section("adapt", body)
