@@ -463,7 +463,11 @@ class SelfTraining(Adapter):
     """Pseudo-labels on the target: source cross-entropy + ``weight`` x cross-entropy on the target
     predictions whose confidence is at least ``threshold`` (FixMatch's rule), plus optionally
     ``im_weight`` x SHOT's information maximisation (mean entropy minus the entropy of the mean
-    prediction). Pseudo-labels come from the model being trained, recomputed every step."""
+    prediction). Pseudo-labels come from the model being trained, recomputed every step.
+
+    With a linear head fitted by L-BFGS on a frozen backbone (the default), the head is instead
+    refitted ``rounds`` times by L-BFGS on the source plus the confident target pseudo-labels of
+    the previous fit, and the epochs take no steps (``weight`` and ``im_weight`` are SGD options)."""
 
     trains = True
     needs_target = True
