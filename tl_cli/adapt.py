@@ -540,6 +540,8 @@ class SelfTraining(Adapter):
                     batch_size=len(ys),
                 )
                 module.update_metrics(out, ys, "train")
+            if module.trainer.world_size > 1:  # DDP cannot skip a step: all-zero gradients
+                return module.head(module.features(xs).detach()).sum() * 0.0
             return None
         fs, ft = module.features(xs), module.features(xt)
         ns = fs.shape[0]
