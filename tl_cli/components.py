@@ -8,6 +8,7 @@ this module first. A new modality or task adds its module here (one line).
 from __future__ import annotations
 
 from tl_cli import (  # noqa: F401
+    adapt,
     audio,
     backbones,
     data,

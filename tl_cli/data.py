@@ -301,6 +301,8 @@ class TransferDataModule(pl.LightningDataModule):
         augment: ``light`` or ``none`` for training images.
         balance: imbalanced classes: ``weights`` (class-weighted training loss), ``sampler``
             (class-balanced batches, drawn with replacement) or null (as the data comes).
+        target_root: a target-domain folder for ``adapt=...`` (``tl_cli.adapt``); its labels,
+            if any, only score the target.
     """
 
     name = "data"
@@ -314,6 +316,7 @@ class TransferDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         augment: str = "light",
         balance: str | None = None,
+        target_root: str | None = None,
     ) -> None:
         super().__init__()
         from tl_cli.validate import check_dataset_values
@@ -322,6 +325,8 @@ class TransferDataModule(pl.LightningDataModule):
         if balance not in BALANCE:
             raise TLError(f"dataset.balance={balance!r} must be weights, sampler or null")
         self.balance = None if balance == "none" else balance
+        #: the target domain (tl_cli.adapt scans it with this reader; labels never train)
+        self.target_root = target_root
         self.image_size = image_size
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)

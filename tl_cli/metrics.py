@@ -25,8 +25,17 @@ FINAL_METRICS = (
     "test/balanced_acc",
     "test/loss",
 )
+#: domain adaptation (dataset.target_root, tl_cli.adapt): the target's scores (accuracy and
+#: macro-F1 only when the target has class folders) and unsupervised signals
+TARGET_METRICS = (
+    "source/val/acc",
+    "target/acc",
+    "target/macro_f1",
+    "target/entropy",
+    "target/pred_classes",
+)
 #: the summary table of `tl train`
-TRAIN_SUMMARY = (*FINAL_METRICS, "best_epoch", "epochs", "fit_seconds")
+TRAIN_SUMMARY = (*FINAL_METRICS, *TARGET_METRICS, "best_epoch", "epochs", "fit_seconds")
 #: what `tl distill` adds to metrics.json (besides ``teacher/test/acc``, the teacher measured on
 #: the same split in the same run): sizes, measured CPU latency per input, teacher/student ratios
 DISTILL_METRICS = (

@@ -65,6 +65,8 @@ class TransferTask(pl.LightningModule):
     frozen: tuple[str, ...] = ()
     #: the validation metric that picks best.ckpt, and its direction
     monitor: tuple[str, str] = DEFAULT_MONITOR
+    #: domain adaptation (``tl_cli.adapt``, set by tl_cli.train): not a submodule, never saved
+    adapter: Any = None
 
     def __init__(
         self,
@@ -186,6 +188,8 @@ class TransferTask(pl.LightningModule):
             and self.trainer.ckpt_path is None  # a resumed run keeps its trained head
         ):
             self.fit_head()
+        if self.adapter is not None:
+            self.adapter.on_fit_start(self)
 
     def fit_head(self) -> None:
         """Fit the linear head to convergence on frozen features (``tl_cli.probe``)."""
@@ -257,6 +261,8 @@ class TransferTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if self.adapter is not None and self.adapter.trains:
+            return self.adapter.training_step(self, batch)  # source + target batches
         x, y = batch
         if self.head_converged:
             # the head is at the optimum of its convex objective (L-BFGS) and the backbone never
@@ -306,6 +312,8 @@ class TransferTask(pl.LightningModule):
                     f"scheduler.monitor={monitor!r} is not a logged metric (try val/loss or val/acc)"
                 )
             self.plateau.update(float(self.trainer.callback_metrics[monitor]))
+        if self.adapter is not None and not self.trainer.sanity_checking:
+            self.adapter.on_validation_epoch_end(self)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -313,6 +321,8 @@ class TransferTask(pl.LightningModule):
         base_lr = float(opt_cfg.get("lr", 1e-3))
         wd = float(opt_cfg.get("weight_decay", 0.0))
         groups = self.policy.param_groups(base_lr, wd)
+        if self.adapter is not None:  # e.g. DANN's domain discriminator
+            groups += self.adapter.param_groups(base_lr, wd)
         if not groups:
             raise TLError("nothing to train: the strategy freezes every parameter")
         optimizer = self.make_optimizer(groups)

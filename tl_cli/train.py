@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import tl_cli.components  # noqa: F401 - every registry complete
+from tl_cli import adapt
 from tl_cli import gates as tl_gates
 from tl_cli.backbones import count_params
 from tl_cli.console import (
@@ -102,12 +103,17 @@ def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
     strategy_cls.before_scan(dm)  # prototypes: no val carve
     dm.prepare()
     strategy_cls.after_scan(dm)
+    # dataset.target_root + adapt=NAME: the target scanned into dm.splits["target"] (tl_cli.adapt)
+    adapter = adapt.setup(cfg, dm)
+    head, strategy = plain(cfg.head), plain(cfg.strategy)
+    if adapter is not None:
+        head, strategy = adapter.configure(head, strategy)
     task = plain(cfg.get("task")) or {"name": "classification"}
     module = TASKS.build(
         task,
         backbone=plain(cfg.backbone),
-        head=plain(cfg.head),
-        strategy=plain(cfg.strategy),
+        head=head,
+        strategy=strategy,
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
         class_names=dm.class_names,
@@ -115,6 +121,9 @@ def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
         label_smoothing=cfg.get("label_smoothing", 0.0),
     )
     module.dataset_config = stored_dataset_config(cfg.dataset)
+    if adapter is not None:
+        adapter.bind(module)
+        module.adapter = adapter
     dm.set_preprocessing(module.preprocessing)  # the backbone owns preprocessing; data follows it
     balance = getattr(dm, "balance", None)
     module.balance = balance
@@ -267,6 +276,7 @@ def train(
         warn(line)
     t_fit = time.time()
     data, trainer_extra = _cached_features(module, dm)
+    data = adapt.wrap(data, dm, module.adapter)  # + target batches when the adapter trains
     history = History()
     ckpt_dir = out / "checkpoints"
     monitor, mode = module.monitor
@@ -325,6 +335,12 @@ def train(
         )
         if res:
             metrics.update({k: float(v) for k, v in res[0].items()})
+    if module.adapter is not None:  # target/acc, source/val/acc, domains.png
+        metrics.update(
+            adapt.finish(
+                module.adapter, module, dm, data, trainer, checkpoint_cb.best_model_path, out, metrics
+            )
+        )
     metrics.update(
         {
             "schema_version": METRICS_SCHEMA_VERSION,
