@@ -338,7 +338,14 @@ def train(
     if module.adapter is not None:  # target/acc, source/val/acc, domains.png
         metrics.update(
             adapt.finish(
-                module.adapter, module, dm, data, trainer, checkpoint_cb.best_model_path, out, metrics
+                module.adapter,
+                module,
+                dm,
+                data,
+                trainer,
+                checkpoint_cb.best_model_path,
+                out,
+                metrics,
             )
         )
     metrics.update(
