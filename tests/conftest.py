@@ -17,7 +17,7 @@ from PIL import Image
 
 from tl_cli.cli import config_dir
 
-from .tiny_config import TINY  # noqa: F401 - re-exported: tests import TINY from conftest
+from .tiny_config import TINY, TINY_FEATURES  # noqa: F401 - re-exported: tests import them from conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-subset"
@@ -50,6 +50,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compose_cfg(overrides: list[str], config_name: str = "train") -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
+
+
+def run_cfg(overrides: list[str], out: Path, name: str) -> DictConfig:
+    """A composed config of command ``name`` writing into ``out``."""
+    cfg = compose_cfg(overrides, config_name=name)
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import open_dict
 
 from tl_cli import evaluate, export, predict
 from tl_cli.checkpoint import load_module
@@ -23,25 +22,7 @@ from tl_cli.fewshot import (
     sample_episode,
 )
 
-from .conftest import TINY, compose_cfg, make_image_folder, run_tl
-
-#: tl fewshot with the fast tier's tiny random backbone
-TINY_FEWSHOT = [
-    "backbone=timm",
-    "backbone.name=test_efficientnet",
-    "backbone.weights=none",
-    "dataset.image_size=32",
-    "dataset.batch_size=16",
-    "dataset.num_workers=0",
-    "device=cpu",
-]
-
-
-def _cfg(overrides: list[str], out: Path, name: str):
-    cfg = compose_cfg(overrides, config_name=name)
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return cfg
+from .conftest import TINY, TINY_FEATURES, make_image_folder, run_cfg, run_tl
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +32,7 @@ def proto_run(tmp_path_factory, tiny_data):
 
     out = tmp_path_factory.mktemp("proto")
     metrics = run(
-        _cfg(
+        run_cfg(
             [*TINY, f"dataset.root={tiny_data}", "strategy=prototypes", "strategy.center=true"],
             out,
             "train",
@@ -102,12 +83,14 @@ def test_prototype_checkpoint_eval_predict_export(proto_run, tiny_data, tmp_path
     out, _ = proto_run
     ckpt = out / "checkpoints" / "best.ckpt"
     res = evaluate.run(
-        _cfg([f"checkpoint={ckpt}", f"dataset.root={tiny_data / 'test'}"], tmp_path / "ev", "eval")
+        run_cfg(
+            [f"checkpoint={ckpt}", f"dataset.root={tiny_data / 'test'}"], tmp_path / "ev", "eval"
+        )
     )
     assert res["num_samples"] == 12 and res["split"] == "all"
     preds = tmp_path / "p.csv"
     predict.run(
-        _cfg(
+        run_cfg(
             [f"checkpoint={ckpt}", f"inputs={tiny_data / 'test' / 'cat'}", f"output={preds}"],
             tmp_path / "pr",
             "predict",
@@ -117,7 +100,7 @@ def test_prototype_checkpoint_eval_predict_export(proto_run, tiny_data, tmp_path
     pytest.importorskip("onnxruntime")
     onnx = tmp_path / "m.onnx"
     r = export.run(
-        _cfg([f"checkpoint={ckpt}", "format=onnx", f"output={onnx}"], tmp_path / "ex", "export")
+        run_cfg([f"checkpoint={ckpt}", "format=onnx", f"output={onnx}"], tmp_path / "ex", "export")
     )
     assert onnx.is_file() and r["passed"] is True
 
@@ -127,7 +110,9 @@ def test_prototypes_from_one_image_per_class(tmp_path):
     from tl_cli.train import run
 
     data = make_image_folder(tmp_path / "one", {"": 1})
-    m = run(_cfg([*TINY, f"dataset.root={data}", "strategy=prototypes"], tmp_path / "r", "train"))
+    m = run(
+        run_cfg([*TINY, f"dataset.root={data}", "strategy=prototypes"], tmp_path / "r", "train")
+    )
     assert m["train_size"] == 3 and m["val_size"] == 3
     assert m["defaults"]["head_fit"]["loo_acc"] is None  # no class has a second item
     module, _ = load_module(tmp_path / "r" / "checkpoints" / "best.ckpt")
@@ -136,7 +121,7 @@ def test_prototypes_from_one_image_per_class(tmp_path):
     with torch.no_grad():
         assert torch.equal(module.head(f.float()).argmax(1), y)  # each image is its prototype
     res = evaluate.run(
-        _cfg([f"checkpoint={tmp_path / 'r/checkpoints/best.ckpt'}", f"dataset.root={data}"],
+        run_cfg([f"checkpoint={tmp_path / 'r/checkpoints/best.ckpt'}", f"dataset.root={data}"],
              tmp_path / "ev", "eval")
     )  # fmt: skip
     assert res["acc"] == 1.0 and res["num_samples"] == 3
@@ -223,8 +208,8 @@ def test_fewshot_command_writes_fewshot_json(tiny_data, tmp_path):
 
     out = tmp_path / "fs"
     doc = fewshot.run(
-        _cfg(
-            [*TINY_FEWSHOT, f"dataset.root={tiny_data}", "n_way=3", "n_shot=[1,2]", "episodes=40"],
+        run_cfg(
+            [*TINY_FEATURES, f"dataset.root={tiny_data}", "n_way=3", "n_shot=[1,2]", "episodes=40"],
             out,
             "fewshot",
         )
@@ -241,7 +226,7 @@ def test_fewshot_command_writes_fewshot_json(tiny_data, tmp_path):
 def test_fewshot_cli_error_exit_2_one_line(tiny_data, tmp_path):
     r = run_tl(
         "fewshot",
-        *TINY_FEWSHOT,
+        *TINY_FEATURES,
         f"dataset.root={tiny_data}",
         "n_way=4",
         f"hydra.run.dir={tmp_path / 'run'}",

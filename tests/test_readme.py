@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, TINY_FEATURES
 from .trained_run import LEARN, trained_run
 
 RUN_FOR_REAL = [ROOT / "README.md"]
@@ -51,8 +51,6 @@ HYDRA_COMMANDS = {
 #: README commands that need real pretrained weights (lite0 + MiniLM): composed only here; their
 #: real runs are tests/test_zeroshot.py's slow tests
 COMPOSE_ONLY_WORDS = {"zeroshot"}
-#: the tiny model for commands that only extract features (no trainer)
-TINY_FEATURES = [t for t in TINY if t.startswith(("backbone", "dataset.image_size", "dataset.num"))]
 #: overrides that would download weights or data, or need a GPU / several processes
 OFFLINE_UNSAFE = re.compile(
     r"^(backbone=(resnet|efficientnet_b|mobilenet|convnext|vit|torchvision)"

@@ -10,31 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import open_dict
 
 from tl_cli import evaluate, export, predict, zeroshot
 from tl_cli.checkpoint import load_module
 from tl_cli.errors import TLError
 from tl_cli.zeroshot import ConSEHead, class_descriptions, describe_class
 
-from .conftest import compose_cfg, run_tl
-
-TINY_ZS = [
-    "backbone=timm",
-    "backbone.name=test_efficientnet",
-    "backbone.weights=none",
-    "dataset.image_size=32",
-    "dataset.batch_size=16",
-    "dataset.num_workers=0",
-    "device=cpu",
-]
-
-
-def _cfg(overrides: list[str], out: Path, name: str):
-    cfg = compose_cfg(overrides, config_name=name)
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return cfg
+from .conftest import TINY_FEATURES, run_cfg, run_tl
 
 
 @pytest.mark.parametrize(
@@ -132,7 +114,7 @@ def stub_conse(monkeypatch):
 
 def test_image_zeroshot_checkpoint_is_ordinary(stub_conse, tiny_data, tmp_path):
     out = tmp_path / "zs"
-    res = zeroshot.run(_cfg([*TINY_ZS, f"dataset.root={tiny_data}"], out, "zeroshot"))
+    res = zeroshot.run(run_cfg([*TINY_FEATURES, f"dataset.root={tiny_data}"], out, "zeroshot"))
     ckpt = out / "checkpoints" / "zeroshot.ckpt"
     module, meta = load_module(ckpt)
     assert meta["hyper_parameters"]["head"]["name"] == "conse"
@@ -141,12 +123,12 @@ def test_image_zeroshot_checkpoint_is_ordinary(stub_conse, tiny_data, tmp_path):
     saved = json.loads((out / "eval.json").read_text())
     assert saved["split"] == "test" and saved["num_samples"] == 12 and res["acc"] == saved["acc"]
     ev = evaluate.run(
-        _cfg([f"checkpoint={ckpt}", f"dataset.root={tiny_data}"], tmp_path / "ev", "eval")
+        run_cfg([f"checkpoint={ckpt}", f"dataset.root={tiny_data}"], tmp_path / "ev", "eval")
     )
     assert set(saved) - {"descriptions"} == set(ev) and ev["acc"] == saved["acc"]
     preds = tmp_path / "p.csv"
     predict.run(
-        _cfg(
+        run_cfg(
             [f"checkpoint={ckpt}", f"inputs={tiny_data / 'test'}", f"output={preds}"],
             tmp_path / "pr",
             "predict",
@@ -155,7 +137,7 @@ def test_image_zeroshot_checkpoint_is_ordinary(stub_conse, tiny_data, tmp_path):
     assert len(preds.read_text().splitlines()) == 13
     pytest.importorskip("onnxruntime")
     r = export.run(
-        _cfg(
+        run_cfg(
             [f"checkpoint={ckpt}", "format=onnx", f"output={tmp_path / 'm.onnx'}"],
             tmp_path / "ex",
             "export",
@@ -166,7 +148,7 @@ def test_image_zeroshot_checkpoint_is_ordinary(stub_conse, tiny_data, tmp_path):
 
 def test_zeroshot_from_class_names_alone(stub_conse, tmp_path):
     out = tmp_path / "zs"
-    zeroshot.run(_cfg([*TINY_ZS, "classes=[Cats,golden_retriever]"], out, "zeroshot"))
+    zeroshot.run(run_cfg([*TINY_FEATURES, "classes=[Cats,golden_retriever]"], out, "zeroshot"))
     module, _ = load_module(out / "checkpoints" / "zeroshot.ckpt")
     assert module.class_names == ["Cats", "golden_retriever"]
     assert not (out / "eval.json").exists()  # nothing labelled to score
@@ -174,15 +156,15 @@ def test_zeroshot_from_class_names_alone(stub_conse, tmp_path):
 
 def test_zeroshot_refuses_an_existing_checkpoint_and_bad_input(stub_conse, tiny_data, tmp_path):
     out = tmp_path / "zs"
-    zeroshot.run(_cfg([*TINY_ZS, "classes=[a,b]"], out, "zeroshot"))
+    zeroshot.run(run_cfg([*TINY_FEATURES, "classes=[a,b]"], out, "zeroshot"))
     with pytest.raises(TLError, match="zeroshot.ckpt already exists"):
-        zeroshot.run(_cfg([*TINY_ZS, "classes=[a,b]"], out, "zeroshot"))
+        zeroshot.run(run_cfg([*TINY_FEATURES, "classes=[a,b]"], out, "zeroshot"))
     with pytest.raises(TLError, match="needs class names"):
-        zeroshot.run(_cfg(TINY_ZS, tmp_path / "z2", "zeroshot"))
+        zeroshot.run(run_cfg(TINY_FEATURES, tmp_path / "z2", "zeroshot"))
     with pytest.raises(TLError, match="classes lists 2 names but the data has 3"):
         zeroshot.run(
-            _cfg(
-                [*TINY_ZS, f"dataset.root={tiny_data}", "classes=[a,b]"],
+            run_cfg(
+                [*TINY_FEATURES, f"dataset.root={tiny_data}", "classes=[a,b]"],
                 tmp_path / "z3",
                 "zeroshot",
             )
@@ -218,7 +200,7 @@ def test_text_zeroshot_real_minilm_obvious_sentences(tmp_path):
         + "".join(f'"{t}",negative\n' for t in neg)
     )
     out = tmp_path / "zs"
-    res = zeroshot.run(_cfg(["task=text", f"dataset.root={csv}", "device=cpu"], out, "zeroshot"))
+    res = zeroshot.run(run_cfg(["task=text", f"dataset.root={csv}", "device=cpu"], out, "zeroshot"))
     assert res["split"] == "all" and res["num_samples"] == 8
     assert res["acc"] == 1.0, res["confusion_matrix"]
     module, meta = load_module(out / "checkpoints" / "zeroshot.ckpt")
@@ -241,7 +223,7 @@ def test_image_zeroshot_real_conse_on_the_sample(tmp_path):
             shutil.copy(f, root / d.name / f.name)
     out = tmp_path / "zs"
     res = zeroshot.run(
-        _cfg(
+        run_cfg(
             [
                 f"dataset.root={root}",
                 "dataset.image_size=128",

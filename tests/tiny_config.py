@@ -17,3 +17,14 @@ TINY = [
     "trainer.max_epochs=2",
     "trainer.log_every_n_steps=1",
 ]
+
+#: commands that only extract features (tl fewshot, tl zeroshot): the tiny model, no trainer
+TINY_FEATURES = [
+    "backbone=timm",
+    "backbone.name=test_efficientnet",
+    "backbone.weights=none",
+    "dataset.image_size=32",
+    "dataset.batch_size=16",
+    "dataset.num_workers=0",
+    "device=cpu",
+]

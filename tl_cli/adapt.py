@@ -264,7 +264,6 @@ class AdaBN(Adapter):
         if module.trainer.ckpt_path is not None:
             return  # a resumed run keeps its statistics and head
         from tl_cli.console import say as _say
-        from tl_cli.probe import class_weights, fit_probe
 
         feats, labels = module._train_features()
         norm = module.head[0]
@@ -278,24 +277,7 @@ class AdaBN(Adapter):
             z = norm(
                 torch.as_tensor(np.asarray(feats), dtype=torch.float32).to(norm.running_mean.device)
             )
-        cw = None
-        if getattr(module, "balance", None) in ("weights", "sampler"):
-            cw = class_weights(labels, module.num_outputs)
-        fit = fit_probe(z.cpu().numpy(), labels, module.num_outputs, class_weight=cw)
-        linear = module.head[-1]
-        with torch.no_grad():
-            linear.weight.copy_(fit.weight.to(linear.weight))
-            linear.bias.copy_(fit.bias.to(linear.bias))
-        module.head_converged = not module.policy.backbone_ever_trains
-        module.head_fit_info = {
-            "method": "lbfgs",
-            "C": fit.C,
-            "folds": fit.folds,
-            "cv_acc": fit.cv_acc,
-            "train_acc": fit.train_acc,
-            "seconds": round(fit.seconds, 2),
-        }
-        _say(f"[bold]head[/] fitted by L-BFGS to convergence: {fit.describe()}")
+        module.fit_linear(module.head[-1], z.cpu().numpy(), labels)
 
     def after_fit(
         self, module: Any, dm: Any, device: torch.device, target_feats: np.ndarray

@@ -196,7 +196,6 @@ class TransferTask(pl.LightningModule):
         if hasattr(self.strategy, "fit_head"):  # e.g. prototypes (tl_cli.fewshot)
             return self.strategy.fit_head(self)
         from tl_cli.console import say
-        from tl_cli.probe import class_weights, fit_probe
 
         layers = list(self.head) if isinstance(self.head, torch.nn.Sequential) else [self.head]
         linear = layers[-1]
@@ -210,6 +209,14 @@ class TransferTask(pl.LightningModule):
             )
             return
         feats, labels = self._train_features()
+        self.fit_linear(linear, feats, labels)
+
+    def fit_linear(self, linear: torch.nn.Linear, feats: Any, labels: Any) -> None:
+        """Set ``linear`` to the L-BFGS probe on ``feats`` (L2 chosen by CV; class weights when
+        ``dataset.balance`` asks), and record how it was chosen for the summary."""
+        from tl_cli.console import say
+        from tl_cli.probe import class_weights, fit_probe
+
         cw = None
         if getattr(self, "balance", None) in ("weights", "sampler"):
             cw = class_weights(labels, self.num_outputs)
