@@ -76,6 +76,10 @@ examples:
   tl predict checkpoint=RUN/checkpoints/best.ckpt inputs='photos/*.jpg' output=preds.csv topk=3
   tl export checkpoint=RUN/checkpoints/best.ckpt format=onnx output=model.onnx
   tl backbones resnet
+  tl train dataset.root=~/data/src dataset.target_root=~/data/new_domain adapt=dann
+  tl distill teacher=RUN dataset.unlabeled_root=~/data/unlabelled
+  tl fewshot dataset.root=~/data/classes n_way=5 n_shot=[1,5]
+  tl zeroshot dataset.root=~/photos
 """
 )
 
