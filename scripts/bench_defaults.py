@@ -44,7 +44,7 @@ from _bench_util import (
 )
 
 SHARED = (ROOT.parent / "shared" / "data").resolve()
-ROWS = ["cifar_all", "cifar_n10", "cifar_n20", "cifar_n50", "coil1", "omniglot"]
+ROWS = ["cifar_all", "cifar_n10", "cifar_n20", "cifar_n50", "cifar_n100", "coil1", "omniglot"]
 TEST_FRACTION = 0.3
 
 

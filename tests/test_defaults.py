@@ -175,3 +175,87 @@ def test_resume_keeps_the_lbfgs_head_and_takes_no_steps(tiny_cfg, tmp_path):
     a = weights(tmp_path / "part/checkpoints/last.ckpt")
     b = weights(tmp_path / "resumed/checkpoints/last.ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("head"))
+
+
+# --------------------------------------------------------------------------- trainer.max_epochs=auto
+
+
+def test_auto_budget_gives_small_sets_more_epochs_and_large_sets_the_base():
+    from tl_cli import budget
+
+    assert budget.steps_per_epoch(90, 32) == 3
+    assert budget.steps_per_epoch(4194, 32) == 132
+    assert budget.steps_per_epoch(4194, 32, world_size=2, accumulate=2) == 33
+    assert budget.auto_epochs(3) == budget.MAX_EPOCHS  # 90 images: capped
+    assert budget.auto_epochs(132) == budget.MIN_EPOCHS  # large set: the base epochs
+    mid = budget.auto_epochs(9)  # ~280 images
+    assert budget.MIN_EPOCHS < mid < budget.MAX_EPOCHS and mid * 9 >= budget.MIN_STEPS
+    # monotone: fewer steps per epoch never get fewer epochs
+    epochs = [budget.auto_epochs(s) for s in range(1, 200)]
+    assert all(a >= b for a, b in zip(epochs, epochs[1:], strict=False))
+
+
+def test_auto_budget_in_real_runs(tmp_path, monkeypatch):
+    from tl_cli import budget
+
+    # the real constants made small so the runs stay short: 12 steps, 2..8 epochs
+    monkeypatch.setattr(budget, "MIN_STEPS", 12)
+    monkeypatch.setattr(budget, "MIN_EPOCHS", 2)
+    monkeypatch.setattr(budget, "MAX_EPOCHS", 8)
+
+    root = make_set(tmp_path / "data", {"a": 12, "b": 12}, test_per_class=2)
+    # feature extraction with the L-BFGS head: nothing to train after the fit -> one epoch
+    m = run_tiny(root, tmp_path / "fe", "trainer.max_epochs=auto")
+    assert m["epochs"] == 1 and m["defaults"]["optimizer_steps"] == 0
+    # an SGD head takes steps: 21 train images at batch 8 = 3 steps/epoch -> the auto epochs
+    m = run_tiny(
+        root,
+        tmp_path / "sgd",
+        "trainer.max_epochs=auto",
+        "strategy.head_fit=sgd",
+        "dataset.batch_size=8",
+    )
+    spe = budget.steps_per_epoch(m["train_size"], 8)
+    assert spe == 3 and m["epochs"] == budget.auto_epochs(spe) == 4
+    assert m["defaults"]["optimizer_steps"] == m["epochs"] * spe
+    # an explicit integer is kept as given
+    m = run_tiny(root, tmp_path / "fixed", "trainer.max_epochs=3", "strategy.head_fit=sgd")
+    assert m["epochs"] == 3
+
+
+def test_epochs_without_a_step_do_not_rewrite_last_ckpt(tmp_path):
+    import pytorch_lightning as pl
+
+    from tl_cli.checkpoint import read_checkpoint
+
+    class Saves(pl.Callback):
+        def __init__(self):
+            self.epochs = []
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            self.epochs.append(trainer.current_epoch)
+
+    root = make_set(tmp_path / "data", {"a": 12, "b": 12}, test_per_class=2)
+    # frozen backbone + L-BFGS head: 5 epochs that take no step -> best.ckpt and last.ckpt at
+    # epoch 1, last.ckpt again only at the end
+    cfg = compose_cfg(
+        [*TINY, f"dataset.root={root}", f"output_dir={tmp_path / 'fe'}", "trainer.max_epochs=5"]
+    )
+    spy = Saves()
+    m = train.run(cfg, callbacks=[spy])
+    assert m["defaults"]["optimizer_steps"] == 0
+    assert spy.epochs == [0, 0, 4]
+    assert read_checkpoint(tmp_path / "fe/checkpoints/last.ckpt")["epoch"] == 4
+    # an SGD head steps every epoch: last.ckpt every epoch
+    cfg = compose_cfg(
+        [
+            *TINY,
+            f"dataset.root={root}",
+            f"output_dir={tmp_path / 'sgd'}",
+            "trainer.max_epochs=3",
+            "strategy.head_fit=sgd",
+        ]
+    )
+    spy = Saves()
+    train.run(cfg, callbacks=[spy])
+    assert sorted(set(spy.epochs)) == [0, 1, 2]  # every epoch wrote last.ckpt

@@ -150,14 +150,46 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+class LastCheckpoint(RunCheckpoint):
+    """``last.ckpt`` at the end of every epoch that changed the weights, and of the last epoch.
+
+    An epoch of a task whose weights cannot change (``head_converged``: a frozen backbone whose
+    linear head was fitted by L-BFGS, so the epochs only validate) leaves the weights exactly as
+    they were, so rewriting the whole checkpoint, frozen backbone included, would only cost time
+    (on a small data set most of a 20-epoch run's overhead). Such epochs are skipped, except the
+    first and the last: last.ckpt always holds the current weights, and at worst a resume
+    repeats a few epochs that change nothing. (Lightning's ``global_step`` cannot tell: it counts
+    a step even when ``training_step`` returns None.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._saved = False
+
+    def _save_none_monitor_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
+    ) -> None:
+        final = trainer.should_stop or (
+            trainer.max_epochs is not None
+            and trainer.max_epochs > 0
+            and trainer.current_epoch + 1 >= trainer.max_epochs
+        )
+        frozen = bool(getattr(trainer.lightning_module, "head_converged", False))
+        if self._saved and frozen and not final:
+            return  # nothing trains: the same weights as the last write
+        super()._save_none_monitor_checkpoint(trainer, monitor_candidates)
+        self._saved = True
+
+
 def last_checkpoint_callback(ckpt_dir: str | os.PathLike[str]) -> pl.callbacks.ModelCheckpoint:
-    """A ModelCheckpoint that rewrites ``last.ckpt`` at the end of every epoch.
+    """A ModelCheckpoint that rewrites ``last.ckpt`` at the end of every epoch (LastCheckpoint:
+    except epochs that took no optimizer step).
 
     ``ModelCheckpoint(save_last=True)`` with a monitor writes last.ckpt only when it also writes a
     top-k checkpoint (Lightning 2.6: "saves a last.ckpt copy whenever a checkpoint file gets
     saved"), so after the best epoch last.ckpt would go stale and a resume would redo epochs.
     """
-    return RunCheckpoint(
+    return LastCheckpoint(
         dirpath=str(ckpt_dir),
         filename="last",
         monitor=None,
@@ -239,10 +271,23 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def _first_nonfinite(tensors: dict[str, Any]) -> str | None:
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not _finite(t):
-            return name
-    return None
+    """The name of the first floating tensor holding a NaN/inf, or None.
+
+    One fused check over all tensors of a device (a single ``isfinite`` over their concatenation)
+    instead of one small kernel per tensor: a checkpoint of a few hundred tensors took 0.7 s per
+    save on a busy 2-core machine the per-tensor way. Only when that finds something is the
+    culprit located tensor by tensor.
+    """
+    floats = {
+        n: t for n, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+    }
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in floats.values():
+        by_device.setdefault(t.device, []).append(t.detach().reshape(-1))
+    with torch.no_grad():
+        if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_device.values()):
+            return None
+    return next((n for n, t in floats.items() if not _finite(t)), None)
 
 
 class TrainingGuard(pl.Callback):

@@ -129,6 +129,8 @@ class TransferTask(pl.LightningModule):
         self.skip_head_fit = False
         #: what the run's schedule came to (steps, warm-up), for the summary
         self.budget_info: dict[str, Any] = {}
+        #: trainer.max_epochs=auto (tl_cli.budget): a converged head cuts the run to one epoch
+        self.auto_epochs = False
 
     # ------------------------------------------------------------------ for subclasses
     @property
@@ -190,6 +192,10 @@ class TransferTask(pl.LightningModule):
             self.fit_head()
         if self.adapter is not None:
             self.adapter.on_fit_start(self)
+        if self.auto_epochs and self.head_converged:
+            # trainer.max_epochs=auto and nothing left to train: one epoch scores the fitted head
+            self.trainer.fit_loop.max_epochs = 1
+            self.budget_info["epochs"] = 1
 
     def fit_head(self) -> None:
         """Fit the linear head to convergence on frozen features (``tl_cli.probe``)."""

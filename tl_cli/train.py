@@ -306,8 +306,12 @@ def train(
         callbacks.append(EpochBar())
     if logger:  # an lr column per param group in metrics.csv (and the other loggers)
         callbacks.append(pl.callbacks.LearningRateMonitor(logging_interval="epoch"))
+    from tl_cli import budget
+
+    auto = budget.is_auto(cfg.trainer)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
+        **({"max_epochs": budget.PLACEHOLDER} if auto else {}),
         callbacks=callbacks,
         logger=logger if logger is not None else False,
         default_root_dir=str(out),
@@ -316,6 +320,8 @@ def train(
         _convert_="all",
         **trainer_extra,
     )
+    if auto:  # trainer.max_epochs=auto (the default): epochs from the data's size (tl_cli.budget)
+        budget.resolve(trainer, dm, module)
     lr_find = tune_lr(cfg, module, data, out) if cfg.get("tune_lr") else None  # sets optimizer.lr
     # atomic checkpoint writes; Ctrl-C/SIGTERM -> one line naming the resume command (exit 130/143)
     safe_fit(

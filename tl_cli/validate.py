@@ -120,6 +120,8 @@ def check_trainer(trainer: dict[str, Any]) -> None:
 
     kw = trainer_kwargs(trainer)
     for key in ("max_epochs", "min_epochs"):
+        if key == "max_epochs" and kw.get(key) == "auto":  # tl_cli.budget
+            continue
         if kw.get(key) is not None:
             v = _integer(f"trainer.{key}", kw[key], ">= 1")
             if v < 1:
