@@ -235,3 +235,14 @@ def test_image_zeroshot_real_conse_on_the_sample(tmp_path):
         )
     )
     assert res["num_samples"] == 50 and res["acc"] >= 0.3, res["per_class"]
+
+
+def test_paths_with_a_dollar_brace_stay_literal_in_the_eval_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tl_cli.zeroshot import _literal
+
+    odd = str(tmp_path / "${oc.env:HOME}" / "data")
+    cfg = OmegaConf.create({"dataset": {"root": _literal(odd)}, "output_dir": _literal(odd)})
+    assert cfg.dataset.root == odd and cfg.output_dir == odd
+    assert OmegaConf.to_container(cfg.dataset, resolve=True)["root"] == odd

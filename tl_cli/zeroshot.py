@@ -378,6 +378,11 @@ def build_text(cfg: DictConfig, class_names: list[str], descriptions: list[str],
     return module
 
 
+def _literal(v: Any) -> str:
+    """A path as an OmegaConf string value: a ``${`` in a folder name is data, not an interpolation."""
+    return str(v).replace("${", "\\${")
+
+
 def save_checkpoint(module: Any, path: Path) -> None:
     """The task module as a tl checkpoint (what Lightning writes, without a Trainer)."""
     import pytorch_lightning as pl
@@ -487,17 +492,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ecfg = OmegaConf.create(
         {
             "command": "eval",
-            "checkpoint": str(ckpt_path),
+            "checkpoint": _literal(ckpt_path),
             "split": cfg.get("split", "auto"),
             "device": str(cfg.get("device", "auto")),
             "dataset": {
-                "root": str(Path(str(cfg.dataset.root)).expanduser().resolve()),
+                "root": _literal(Path(str(cfg.dataset.root)).expanduser().resolve()),
                 "batch_size": cfg.dataset.get("batch_size"),
                 "num_workers": cfg.dataset.get("num_workers"),
             },
             "overwrite": overwrite,
             "confusion_normalize": True,
-            "output_dir": str(out),
+            "output_dir": _literal(out),
             "fail_under": plain(cfg.get("fail_under")) or {},
             "fail_over": plain(cfg.get("fail_over")) or {},
         }
