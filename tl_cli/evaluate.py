@@ -35,7 +35,11 @@ def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) ->
     name. A new ``dataset.root`` uses the modality's folder dataset (images: ``imagefolder``).
     """
     dcfg = dict(meta.get("dataset") or {})
-    over = {k: v for k, v in (OmegaConf.to_container(cfg.dataset, resolve=True) or {}).items() if v is not None}
+    over = {
+        k: v
+        for k, v in (OmegaConf.to_container(cfg.dataset, resolve=True) or {}).items()
+        if v is not None
+    }
     new_root = "root" in over
     if new_root:
         # how labels are read carries over (audio: label_from, label_regex, max_seconds; text: the
