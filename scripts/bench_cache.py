@@ -100,6 +100,92 @@ def bare_forward(root: Path, image_size: int, batch_size: int, num_workers: int 
     }
 
 
+def bare_process(root: Path, image_size: int, batch_size: int, num_workers: int) -> dict:
+    """The bare forward pass as a program of its own (``--bare-process``): torch, timm (through
+    tl_cli.backbones, which imports neither Lightning nor Hydra), PIL and torchvision's
+    transforms; tl's eval transform (resize to size/crop_pct, centre crop, normalise) rebuilt
+    here so that no tl data module (and so no Lightning) is imported. Every image under root."""
+    import math
+
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from tl_cli.backbones import create_backbone
+
+    backbone = create_backbone("efficientnet_lite0").eval()
+    prep = backbone.preprocessing
+    tf = T.Compose(
+        [
+            T.Resize(int(math.floor(image_size / float(prep.get("crop_pct", 0.875))))),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(prep["mean"], prep["std"]),
+        ]
+    )
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(files)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            with Image.open(files[i]) as im:
+                return tf(im.convert("RGB"))
+
+    loader = torch.utils.data.DataLoader(Files(), batch_size=batch_size, num_workers=num_workers)
+    t0 = time.perf_counter()
+    n = 0
+    with torch.inference_mode():
+        for x in loader:
+            backbone(x)
+            n += len(x)
+    return {"seconds": round(time.perf_counter() - t0, 1), "images": n}
+
+
+def whole_process_pairs(args: argparse.Namespace, root: Path, common: list[str], out: Path) -> dict:
+    """(d) The whole ``tl train`` process against the bare forward pass as a whole process, in
+    turn (bare, tl, bare, tl, ...), ``--whole-runs`` pairs; the ratio pair by pair, its median."""
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    workers = (
+        args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    )
+    bare_cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--bare-process",
+        f"--root={root}",
+        f"--image-size={args.image_size}",
+        f"--batch-size={args.batch_size}",
+        f"--num-workers={workers}",
+    ]
+    pairs = []
+    for i in range(args.whole_runs):
+        t0 = time.perf_counter()
+        subprocess.run(bare_cmd, check=True, capture_output=True, text=True)
+        bare_wall = time.perf_counter() - t0
+        r = run_tl("train", [*common, f"trainer.max_epochs={args.epochs}"], out / f"whole_{i}")
+        pairs.append(
+            {
+                "bare_wall": round(bare_wall, 2),
+                "tl_wall": r["wall_seconds"],
+                "ratio": round(r["wall_seconds"] / bare_wall, 3),
+            }
+        )
+        print(f"    pair {i + 1}: {pairs[-1]}", flush=True)
+    return {
+        "pairs": pairs,
+        "bare_command": " ".join(["python", "scripts/bench_cache.py", *bare_cmd[3:]]),
+        "median_ratio": round(statistics.median(p["ratio"] for p in pairs), 3),
+        "median_bare": round(statistics.median(p["bare_wall"] for p in pairs), 1),
+        "median_tl": round(statistics.median(p["tl_wall"] for p in pairs), 1),
+    }
+
+
 CACHE_LINE = re.compile(r"caching (\w+) features: (\d+) batches in ([\d.]+)s")
 
 
@@ -131,6 +217,13 @@ def main() -> None:
         "(e.g. 40 x 10 classes = 400 images; with --image-size 224)",
     )
     ap.add_argument("--uncached-epochs", type=int, default=2)
+    ap.add_argument(
+        "--whole-runs",
+        type=int,
+        default=3,
+        help="(d): pairs of whole processes, the bare forward program vs tl train (0: skip)",
+    )
+    ap.add_argument("--bare-process", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "build" / "bench" / "cache"))
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument(
@@ -140,6 +233,15 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    if args.bare_process:  # (d)'s bare program: print its result and exit
+        print(
+            json.dumps(
+                bare_process(
+                    Path(args.root), args.image_size, args.batch_size, args.num_workers or 0
+                )
+            )
+        )
+        return
     out = Path(args.out)
     if args.render_only:
         r = json.loads((out / "results.json").read_text())
@@ -153,6 +255,7 @@ def main() -> None:
             r["uncached"],
             r["command"],
             record=False,
+            whole=r.get("whole"),
         )
         return
     root = Path(args.root).resolve()
@@ -195,7 +298,14 @@ def main() -> None:
     )
     um = unc["metrics"]
     print(f"    fit {um['fit_seconds']}s, wall {unc['wall_seconds']}s", flush=True)
-    report(args, out, root, bare1, bare2, cached, unc, command_line(), record=True)
+    whole = None
+    if args.whole_runs:
+        print(
+            f"(d) whole processes: bare program vs tl train, {args.whole_runs} pairs ...",
+            flush=True,
+        )
+        whole = whole_process_pairs(args, root, common, out)
+    report(args, out, root, bare1, bare2, cached, unc, command_line(), record=True, whole=whole)
 
 
 def report(
@@ -208,6 +318,7 @@ def report(
     unc: dict,
     cmd_line: str,
     record: bool,
+    whole: dict | None = None,
 ) -> None:
     """Table, results.json + history.json (when `record`), and the doc section."""
     cm, um = cached["metrics"], unc["metrics"]
@@ -293,6 +404,7 @@ def report(
         "uncached_epoch_seconds": u_epochs,
         "uncached_estimate_seconds": round(u_est, 1),
         "uncached_estimate_ratio": round(u_est / bare, 2),
+        "whole": whole,
     }
     # every run of this script is kept, so the doc can show the spread between runs
     hist_file = out / "history.json"
@@ -363,6 +475,19 @@ pass: the test images are not in it, and a frozen backbone runs in eval mode, fo
 {args.epochs} epochs cost about {u_est / bare:.0f}x. Timings are from a
 shared 2-core machine, one run each (the two bare passes show the spread: {bare1["seconds"]:.1f} s
 and {bare2["seconds"]:.1f} s).
+"""
+    if whole:
+        ok = "met" if whole["median_ratio"] <= TARGET else "missed"
+        body += f"""
+**(d) Whole process against whole process** ({len(whole["pairs"])} pairs, run in turn, bare first):
+the bare forward pass as a program of its own (`{whole["bare_command"]}`: torch, timm, PIL and
+torchvision's transforms, the same eval transform, loader workers and images, no Lightning, Hydra
+or report) against the whole `tl train ... trainer.max_epochs={args.epochs}` command (start-up,
+scan, caching, L-BFGS head, {args.epochs} epochs, checkpoints, reports). Median wall: bare
+{whole["median_bare"]} s, tl {whole["median_tl"]} s; **ratio, pair by pair, median
+{whole["median_ratio"]:.2f}x: target {TARGET}x {ok}** (pairs: {
+            ", ".join(f"{p['tl_wall']:.1f}/{p['bare_wall']:.1f}" for p in whole["pairs"])
+        } s).
 """
     if len(same) > 1:
         body += (
