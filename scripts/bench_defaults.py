@@ -196,7 +196,7 @@ def report(results: dict, no_doc: bool) -> None:
         "per class (train)",
         "probe acc / bal. acc / fit s",
         "tl train acc / bal. acc / fit s",
-        "tl finetune acc / bal. acc / fit s",
+        "tl finetune acc / bal. acc / fit s (epochs)",
         "train >= probe - 1pt",
         "finetune >= train",
     ]
@@ -208,10 +208,11 @@ def report(results: dict, no_doc: bool) -> None:
         s = row["sizes"]
         per_class = (s["train_size"] + s["val_size"]) / s["num_classes"]
 
-        def cell(d: dict | None) -> str:
+        def cell(d: dict | None, epochs: bool = False) -> str:
             if not d:
                 return "not run"
-            return f"{d['test/acc']:.3f} / {d['test/balanced_acc']:.3f} / {d['fit_seconds']:.0f}"
+            ep = f" ({d['epochs']} ep)" if epochs and d.get("epochs") else ""
+            return f"{d['test/acc']:.3f} / {d['test/balanced_acc']:.3f} / {d['fit_seconds']:.0f}{ep}"
 
         tr, pr, ft = row.get("train"), row.get("probe"), row.get("finetune")
         ok_probe = "yes" if tr["test/acc"] >= pr["test/acc"] - 0.01 else "**no**"
@@ -227,7 +228,7 @@ def report(results: dict, no_doc: bool) -> None:
                 f"{per_class:.0f}",
                 cell(pr),
                 cell(tr),
-                cell(ft),
+                cell(ft, epochs=True),
                 ok_probe,
                 ok_ft,
             ]

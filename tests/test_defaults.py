@@ -259,3 +259,16 @@ def test_epochs_without_a_step_do_not_rewrite_last_ckpt(tmp_path):
     spy = Saves()
     train.run(cfg, callbacks=[spy])
     assert sorted(set(spy.epochs)) == [0, 1, 2]  # every epoch wrote last.ckpt
+
+
+def test_early_stopping_patience_stops_when_val_stops_improving(tmp_path):
+    root = make_set(tmp_path / "data", {"a": 12, "b": 12}, test_per_class=2)
+    # the L-BFGS head takes no steps: val/score never improves after epoch 1 -> stop after 1 + 2
+    m = run_tiny(root, tmp_path / "es", "trainer.max_epochs=8", "early_stopping_patience=2")
+    assert m["epochs"] == 3 and m["best_epoch"] == 1
+    import pytest
+
+    from tl_cli.errors import TLError
+
+    with pytest.raises(TLError, match="early_stopping_patience=0 must be an integer >= 1 or null"):
+        run_tiny(root, tmp_path / "bad", "early_stopping_patience=0")

@@ -300,6 +300,12 @@ def train(
         *(callbacks or []),
         *(instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values()),
     ]
+    if cfg.get("early_stopping_patience"):
+        callbacks.append(
+            pl.callbacks.EarlyStopping(
+                monitor=monitor, mode=mode, patience=int(cfg.early_stopping_patience)
+            )
+        )
     # one line per finished epoch (numbered from 1) everywhere; a live bar on a terminal
     callbacks += [EpochLines(history), UnfreezeLines()]
     if interactive():

@@ -123,9 +123,10 @@ def check_trainer(trainer: dict[str, Any]) -> None:
         if key == "max_epochs" and kw.get(key) == "auto":  # tl_cli.budget
             continue
         if kw.get(key) is not None:
-            v = _integer(f"trainer.{key}", kw[key], ">= 1")
+            allowed = ">= 1 or auto" if key == "max_epochs" else ">= 1"
+            v = _integer(f"trainer.{key}", kw[key], allowed)
             if v < 1:
-                raise TLError(f"trainer.{key}={kw[key]!r} must be an integer >= 1")
+                raise TLError(f"trainer.{key}={kw[key]!r} must be an integer {allowed}")
     if os.environ.get("LOCAL_RANK") not in (None, "0"):
         return
     probe = {
@@ -179,6 +180,9 @@ def check_train_config(cfg: Any) -> None:
     if not 0.0 <= ls < 1.0:
         raise TLError(f"label_smoothing={cfg.get('label_smoothing')!r} must be in [0, 1)")
     check_trainer(plain(cfg.trainer) or {})
+    patience = cfg.get("early_stopping_patience")
+    if patience is not None and _integer("early_stopping_patience", patience, ">= 1 or null") < 1:
+        raise TLError(f"early_stopping_patience={patience!r} must be an integer >= 1 or null")
     check_scheduler(plain(cfg.get("scheduler")) or {})
     OPTIMIZERS.build(plain(cfg.optimizer))
     STRATEGIES.build(plain(cfg.strategy))
