@@ -165,7 +165,7 @@ def test_trainer_options_compose_to_their_settings(name: str):
     assert name in TRAINERS, f"add what configs/trainer/{name}.yaml sets to TRAINERS"
     cfg = compose_cfg([f"trainer={name}"]).trainer
     assert {k: cfg[k] for k in TRAINERS[name]} == TRAINERS[name]
-    assert cfg.max_epochs == 10 and cfg.num_sanity_val_steps == 0
+    assert cfg.max_epochs == "auto" and cfg.num_sanity_val_steps == 0  # tl_cli.budget
 
 
 @pytest.mark.parametrize("name", ["default", "cpu", "ddp"])
@@ -176,8 +176,18 @@ def test_trainer_options_instantiate(name: str, tmp_path: Path):
     # ddp on CPU processes is what the tests and CPU-only machines run (accelerator=auto picks a GPU)
     extra = ["trainer.accelerator=cpu"] if name == "ddp" else []
     cfg = compose_cfg([f"trainer={name}", *extra]).trainer
-    t = instantiate(cfg, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
-    assert t.max_epochs == 10 and t.precision == "32-true"
+    from tl_cli import budget
+
+    # max_epochs=auto: train.py gives Lightning a placeholder, replaced once the data is scanned
+    assert budget.is_auto(cfg)
+    t = instantiate(
+        cfg,
+        max_epochs=budget.PLACEHOLDER,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+    )
+    assert t.max_epochs == budget.PLACEHOLDER and t.precision == "32-true"
     if name == "ddp":
         assert isinstance(t.strategy, DDPStrategy) and t.num_devices == 2
         assert isinstance(t.accelerator, CPUAccelerator)
