@@ -441,8 +441,10 @@ def shared_digits() -> Path:
 def test_real_speech_digits(tmp_path: Path):
     """Digits 0-9, speakers george+jackson (train, 8 takes each) -> lucas (test, 4 takes each).
 
-    Measured: test acc 0.85 (fit 33 s; the whole test 50-95 s on 2 busy CPU cores). The
-    threshold, 0.70, leaves room for run-to-run noise on 100 test clips of an unseen speaker.
+    Measured: test acc 1.00 with the config's windows (pad_frames=38, stride 16, meanstd; 0.85
+    with the earlier single centred window, fit 33 s); fit 106 s, the whole test 200 s on 2 CPU
+    cores shared with two benchmarks. The threshold, 0.85, is the old recipe's score: the frozen
+    head is deterministic, and it leaves room for platform differences on 40 test clips.
     """
     src = shared_digits()
     root = tmp_path / "digits"
@@ -472,7 +474,7 @@ def test_real_speech_digits(tmp_path: Path):
     assert np.abs(ref - mine).max() < speech.MEL_TOLERANCE
     m = _train(root, tmp_path / "run", "trainer.max_epochs=20")
     print(f"real speech digits: test acc {m['test/acc']:.3f}, fit {m['fit_seconds']:.0f} s")
-    assert m["test/acc"] >= 0.70, m["test/acc"]
+    assert m["test/acc"] >= 0.85, m["test/acc"]
 
 
 def test_predict_and_export(tones: Path, tmp_path: Path):

@@ -19,8 +19,9 @@ A clip of any length: ``pad_frames`` frames (10 ms each) of silence added before
 seen at many positions in the window instead of once, centred), padded to one window (12,512
 samples, 0.78 s) if still shorter, log-mel, then ``mel/10 + 2`` (openWakeWord's transform),
 76-frame windows with a stride of ``window_stride`` frames (openWakeWord's 8 = 80 ms; the
-config's 16: half the windows, measured no less accurate on pooled clips), one embedding per window, pooled over the
-clip's windows: ``mean``; ``meanstd``, the mean and standard deviation of every dimension
+config's 16: half the windows, measured no less accurate on pooled clips), one embedding per
+window, pooled over the clip's windows: ``mean``; ``meanstd``, the mean and standard deviation
+of every dimension
 (statistics pooling, as in x-vector speaker and keyword models: 192 features); or ``attention``,
 a learned softmax weighting, zero-initialised so it starts as the mean. Batches are padded
 waveforms with their lengths; windows in the batch padding are masked out of the pool.
