@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tl_cli import audio, speech
 from tl_cli.audio import AudioFolderDataModule, check_audio, decode, load_audio
@@ -342,6 +343,39 @@ def test_attention_pooling_starts_as_mean():
         speech.build_speech(name="wav2vec2")
 
 
+def test_meanstd_pooling_and_context_padding():
+    """The config's windows (pad_frames=38 of silence each side, window_stride=16) and statistics
+    pooling: 192 features whose first half is pooling=mean's; batch padding stays masked out."""
+    kw = {"pad_frames": 38, "window_stride": 16, "normalize": False}
+    ms = speech.build_speech(pooling="meanstd", **kw).eval()
+    mean = speech.build_speech(pooling="mean", **kw).eval()
+    assert ms.num_features == 192 and mean.num_features == 96
+    assert ms.preprocessing["pad_frames"] == 38 and ms.preprocessing["window_stride"] == 16
+    # the model's own padding makes up one window: the data pads far less
+    assert ms.preprocessing["min_samples"] < speech.MIN_SAMPLES
+    x = torch.from_numpy(clip(300.0, 16000, 0.5, np.random.default_rng(2)))
+    with torch.no_grad():
+        alone = ms(x[None])
+        padded = torch.cat([x, torch.zeros(9000)])[None]
+        batched = ms({"audio": padded, "lengths": torch.tensor([len(x)])})
+        m = mean(x[None])
+        short = ms(x[None, :600])  # 38 ms: padded to one window by the model
+        # 0.5 s + 2 x 0.38 s of silence: 3 windows at stride 16, not 1 as without padding
+        mel = ms.frontend(F.pad(x, (38 * speech.HOP, 38 * speech.HOP))[None])
+        assert ms.windows(mel).shape[1] == 3
+    assert alone.shape == (1, 192) and torch.allclose(alone, batched, atol=1e-4)
+    assert torch.allclose(alone[:, :96], m, atol=1e-4)
+    assert float(alone[:, 96:].mean()) > 0.1  # a spread over the windows, not the eps floor
+    assert short.shape == (1, 192) and torch.isfinite(short).all()
+    # one window: the std is 0 and its gradient must stay finite
+    one = speech.build_speech(pooling="meanstd")
+    one(torch.randn(1, speech.MIN_SAMPLES) * 0.1).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in one.parameters() if p.grad is not None)
+    for bad in ({"pad_frames": -1}, {"pad_frames": 1.5}, {"window_stride": 0}):
+        with pytest.raises(TLError, match=next(iter(bad))):
+            speech.build_speech(**bad)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -407,8 +441,10 @@ def shared_digits() -> Path:
 def test_real_speech_digits(tmp_path: Path):
     """Digits 0-9, speakers george+jackson (train, 8 takes each) -> lucas (test, 4 takes each).
 
-    Measured: test acc 0.85 (fit 33 s; the whole test 50-95 s on 2 busy CPU cores). The
-    threshold, 0.70, leaves room for run-to-run noise on 100 test clips of an unseen speaker.
+    Measured: test acc 1.00 with the config's windows (pad_frames=38, stride 16, meanstd; 0.85
+    with the earlier single centred window, fit 33 s); fit 106 s, the whole test 200 s on 2 CPU
+    cores shared with two benchmarks. The threshold, 0.85, is the old recipe's score: the frozen
+    head is deterministic, and it leaves room for platform differences on 40 test clips.
     """
     src = shared_digits()
     root = tmp_path / "digits"
@@ -438,7 +474,7 @@ def test_real_speech_digits(tmp_path: Path):
     assert np.abs(ref - mine).max() < speech.MEL_TOLERANCE
     m = _train(root, tmp_path / "run", "trainer.max_epochs=20")
     print(f"real speech digits: test acc {m['test/acc']:.3f}, fit {m['fit_seconds']:.0f} s")
-    assert m["test/acc"] >= 0.70, m["test/acc"]
+    assert m["test/acc"] >= 0.85, m["test/acc"]
 
 
 def test_predict_and_export(tones: Path, tmp_path: Path):
@@ -460,6 +496,9 @@ def test_predict_and_export(tones: Path, tmp_path: Path):
         side = json.loads(model.with_suffix(".json").read_text())
         assert side["modality"] == "audio" and side["input"]["sample_rate"] == 16000
         assert side["preprocessing"]["window_frames"] == 76
+        # the config's defaults: statistics pooling over windows padded with context
+        assert side["preprocessing"]["pooling"] == "meanstd"
+        assert side["input"]["front_end"]["pad_frames"] == 38
         assert side["verification"]["passed"] is True, side["verification"]
         if fmt == "onnx":  # the graph takes any batch and any clip length from one window up
             assert "torch.export" in side["exporter"], side["exporter"]

@@ -418,7 +418,8 @@ class AudioModality(Modality):
                 f"decode, mean of channels, resample to {rate} Hz (soxr HQ), samples in [-1, 1]; "
                 f"centre-pad with zeros to at least {prep.get('min_samples')} samples, crop "
                 f"to {prep.get('max_seconds')} s (centre); batch: zero-pad at the end to the "
-                "longest clip, lengths = samples before that padding"
+                "longest clip, lengths = samples before that padding (the model itself adds "
+                f"{prep.get('pad_frames', 0)} frames of silence before and after each clip)"
             ),
             "front_end": {
                 k: prep[k]
@@ -430,6 +431,7 @@ class AudioModality(Modality):
                     "mel_transform",
                     "window_frames",
                     "window_stride",
+                    "pad_frames",
                     "pooling",
                     "normalize",
                 )
