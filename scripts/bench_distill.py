@@ -70,6 +70,7 @@ TEXT_CSV = (ROOT.parent / "shared" / "data" / "sentiment-amazon" / "amazon_cells
 CPU = ["trainer.accelerator=cpu", "trainer.devices=1"]
 RESUME = False
 ONLY_SAVED = False
+VARIANTS: list[str] = []  # --variants: run only these rows (e.g. '+ unlabelled')
 EPOCHS = 10  # trainer.max_epochs of tl finetune / tl distill (configs/trainer/default.yaml)
 
 
@@ -166,6 +167,8 @@ def group(
     results: dict[str, Any] = {"teacher": t, "rows": []}
     for label, variants in students:
         for variant, cmd, args, shared in variants:
+            if VARIANTS and variant not in VARIANTS:
+                continue
             args = [a.replace("TEACHER", str(teacher_ckpt)) for a in args]
             runs = []
             for s in seeds:
@@ -349,6 +352,11 @@ def main() -> None:
         help="students of the fine-tuned Lite2 teacher (same choices)",
     )
     ap.add_argument("--text-depths", type=int, nargs="+", default=[2, 3])
+    ap.add_argument(
+        "--text-ablation",
+        action="store_true",
+        help="text: also distil with distill.alpha=0 (the teacher's init only) and with T=1",
+    )
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--unlabeled", type=int, default=100)
@@ -360,10 +368,16 @@ def main() -> None:
         action="store_true",
         help="run nothing: tables of the runs earlier invocations saved (rows show their seed count)",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        help="only these rows of each student: alone, distilled, '+ unlabelled' (default: all)",
+    )
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
-    global RESUME, ONLY_SAVED
-    RESUME, ONLY_SAVED = args.resume, args.only_saved
+    global RESUME, ONLY_SAVED, VARIANTS
+    RESUME, ONLY_SAVED, VARIANTS = args.resume, args.only_saved, args.variants
     t0 = time.time()
     out: dict[str, Any] = {
         "machine": machine(),
@@ -432,6 +446,19 @@ def main() -> None:
                             [*kd, f"dataset.unlabeled_root={unl}", f"trainer.max_epochs={e_unl}"],
                             None,
                         ),
+                    ]
+                    + [  # diagnostics of the defaults (T 4, alpha 0.9), not a tuning sweep
+                        (
+                            f"distilled, {name}",
+                            "distill",
+                            [*kd, f"trainer.max_epochs={e}", override],
+                            None,
+                        )
+                        for name, override in (
+                            ("alpha 0 (CE only)", "distill.alpha=0"),
+                            ("T 1", "distill.temperature=1"),
+                        )
+                        if args.text_ablation
                     ],
                 )
             )
