@@ -164,7 +164,7 @@ def group(
         f"[{name}] teacher test/acc {t['metrics']['test/acc']:.3f}  wall {t['wall_seconds']:.0f}s",
         flush=True,
     )
-    results: dict[str, Any] = {"teacher": t, "rows": []}
+    results: dict[str, Any] = {"teacher": t, "rows": [], "teacher_ckpt": str(teacher_ckpt)}
     for label, variants in students:
         for variant, cmd, args, shared in variants:
             if VARIANTS and variant not in VARIANTS:
@@ -190,6 +190,7 @@ def group(
                     + ("  (reused)" if r.get("reused") else ""),
                     flush=True,
                 )
+                r["run_dir"] = str(run_dir)
                 runs.append(r)
             if runs:
                 results["rows"].append({"student": label, "variant": variant, "runs": runs})
@@ -290,6 +291,96 @@ def table(res: dict[str, Any]) -> str:
     )
 
 
+def speed_table(res: dict[str, Any], inputs: dict[int, Any], rounds: dict[int, int]) -> str:
+    """CPU latency per input of the teacher and of each student (one saved checkpoint each),
+    measured here, in one process, in alternating rounds (T, S1, S2, ..., T, S1, ...); the
+    minimum over rounds (the least disturbed pass on a shared machine) and the median."""
+    import torch
+    from torch import nn
+
+    from tl_cli.checkpoint import load_module
+
+    def net(ckpt: Path) -> nn.Module:
+        m, _ = load_module(ckpt)
+        return nn.Sequential(m.backbone, m.head).cpu().eval()
+
+    names, models = ["teacher"], []
+    teacher_ckpt = Path(res["teacher_ckpt"])
+    models.append(net(teacher_ckpt))
+    for row in res["rows"]:
+        if row["student"] in names:
+            continue
+        r = next((r for r in row["runs"] if r.get("run_dir")), None)
+        if r is None:
+            continue
+        names.append(row["student"])
+        models.append(net(Path(r["run_dir"]) / "checkpoints" / "best.ckpt"))
+    stats: dict[int, list[tuple[float, float]]] = {}
+    torch.manual_seed(0)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []  # per input at batch 1: independent of the machine's load
+    for m in models:
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            m(inputs[1])
+        flops.append(fc.get_total_flops())
+    with torch.inference_mode():
+        for b, x in inputs.items():
+            for m in models:
+                m(x)  # warm-up
+            times: list[list[float]] = [[] for _ in models]
+            for _ in range(rounds[b]):
+                for i, m in enumerate(models):
+                    t0 = time.perf_counter()
+                    m(x)
+                    times[i].append(1000 * (time.perf_counter() - t0) / b)
+            stats[b] = [(min(ts), statistics.median(ts)) for ts in times]
+    rows = []
+    for i, n in enumerate(names):
+        cells = [
+            n,
+            f"{sum(p.numel() for p in models[i].parameters()) / 1e6:.2f}M",
+            f"{flops[i] / 1e6:.0f}M ({flops[0] / max(flops[i], 1):.1f}x fewer)",
+        ]
+        for b in inputs:
+            mn, md = stats[b][i]
+            t_mn, t_md = stats[b][0]
+            cells += [f"{mn:.2f} / {md:.2f}", f"{t_mn / mn:.1f}x / {t_md / md:.1f}x"]
+        rows.append(cells)
+    heads = ["model", "params", "FLOPs/input (vs teacher)"]
+    for b in inputs:
+        heads += [f"ms/input b{b} (min / median)", f"speed-up b{b} (min / median)"]
+    return md_table(heads, rows, "l" + "r" * (len(heads) - 1))
+
+
+SPEED_HEAD = (
+    "Speed measured again after the runs (`--speed`), all models in one process, alternating "
+    "rounds, on the same inputs (images: random tensors at the bench size; text: test sentences, "
+    "padded to the batch's longest); the minimum over rounds is the least disturbed pass on the "
+    "shared machine, the median shows the noise:\n\n"
+)
+
+
+def text_batch(test_csv: Path, res: dict[str, Any], b: int) -> dict[str, Any]:
+    """The first ``b`` test sentences, tokenised by the teacher's tokenizer (all students share it)."""
+    import torch
+
+    from tl_cli.checkpoint import load_module
+    from tl_cli.text import get_tokenizer
+
+    m, _ = load_module(res["teacher_ckpt"])
+    tok = get_tokenizer(m.backbone.preprocessing)
+    texts = [r["text"] for r in csv.DictReader(test_csv.open())][:b]
+    ids = [e.ids[:256] for e in tok.encode_batch(texts)]
+    n = max(len(i) for i in ids)
+    input_ids = torch.zeros(b, n, dtype=torch.long)
+    mask = torch.zeros(b, n, dtype=torch.long)
+    for k, i in enumerate(ids):
+        input_ids[k, : len(i)] = torch.tensor(i)
+        mask[k, : len(i)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def image_students(
     which: list[str], img: list[str], unl: Path, e_unl: int, shared_ok: bool
 ) -> list[tuple[str, list[tuple[str, str, list[str], str | None]]]]:
@@ -357,6 +448,11 @@ def main() -> None:
         action="store_true",
         help="text: also distil with distill.alpha=0 (the teacher's init only) and with T=1",
     )
+    ap.add_argument(
+        "--speed",
+        action="store_true",
+        help="also time the teacher and one saved checkpoint of each student here (min of rounds)",
+    )
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--unlabeled", type=int, default=100)
@@ -422,6 +518,11 @@ def main() -> None:
             out[g] = res
             if res["teacher"] is not None:
                 sections.append(f"### Images, {title}: {what}\n\n" + table(res))
+                if args.speed:
+                    import torch
+
+                    x = {b: torch.randn(b, 3, args.size, args.size) for b in (1, 32)}
+                    sections.append(SPEED_HEAD + speed_table(res, x, {1: 60, 32: 12}))
     if "text" in args.groups:
         d, unl, n_lab, n_unl = text_data()
         txt = ["task=text", f"dataset.root={d}", "dataset.num_workers=0"]
@@ -471,6 +572,9 @@ def main() -> None:
                 f"### Text: Amazon sentences, {n_lab} labelled (10% carved as val), 400 test, "
                 f"{n_unl} unlabelled, {e} epochs\n\n" + table(res)
             )
+            if args.speed:
+                x = {b: text_batch(d / "test.csv", res, b) for b in (1, 32)}
+                sections.append(SPEED_HEAD + speed_table(res, x, {1: 40, 32: 8}))
     out["seconds"] = round(time.time() - t0)
     # the wall time of every run the tables use (teachers included), whichever invocation ran it
     out["run_seconds"] = round(
