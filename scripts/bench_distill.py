@@ -522,7 +522,7 @@ def main() -> None:
                     import torch
 
                     x = {b: torch.randn(b, 3, args.size, args.size) for b in (1, 32)}
-                    sections.append(SPEED_HEAD + speed_table(res, x, {1: 60, 32: 12}))
+                    sections.append(SPEED_HEAD + speed_table(res, x, {1: 30, 32: 6}))
     if "text" in args.groups:
         d, unl, n_lab, n_unl = text_data()
         txt = ["task=text", f"dataset.root={d}", "dataset.num_workers=0"]
@@ -574,7 +574,7 @@ def main() -> None:
             )
             if args.speed:
                 x = {b: text_batch(d / "test.csv", res, b) for b in (1, 32)}
-                sections.append(SPEED_HEAD + speed_table(res, x, {1: 40, 32: 8}))
+                sections.append(SPEED_HEAD + speed_table(res, x, {1: 30, 32: 6}))
     out["seconds"] = round(time.time() - t0)
     # the wall time of every run the tables use (teachers included), whichever invocation ran it
     out["run_seconds"] = round(
