@@ -1,51 +1,77 @@
 #!/usr/bin/env python
-"""Distillation: a small student trained alone vs distilled vs distilled + unlabelled inputs.
+"""Distillation: students trained alone vs distilled vs distilled + unlabelled inputs.
 
-    python scripts/bench_distill.py [--seeds 0 1 2] [--size 64] [--per-class 50] [--unlabeled 100]
-                                    [--test-per-class 40] [--skip-image] [--skip-text] [--write-doc]
+    python scripts/bench_distill.py [--seeds 0 1 2] [--groups image image_ft text] [--resume]
+                                    [--size 64] [--per-class 50] [--unlabeled 100]
+                                    [--test-per-class 40] [--write-doc]
 
-Runs the real ``tl`` executable (``tl train`` / ``tl finetune`` for teachers and students trained
-alone, ``tl distill`` for the rest), each in a subprocess, and reads their metrics.json. Sized for
-a shared 2-core CPU machine (the development machine ran fine-tuning at ~0.7 s per 64 px image
-under its usual load), so:
+Runs the real ``tl`` executable (``tl train`` / ``tl finetune`` for teachers and for students
+trained alone, ``tl distill`` for the rest), each in a subprocess, and reads their metrics.json.
+Every number of the "Distillation" section of docs/benchmarks.md comes from here. Sized for a
+shared 2-core CPU machine:
 
 * Images: the shared CIFAR subset at ``--size`` px: ``--per-class`` labelled training images per
   class (the first files by name; 10% carved as val), the next ``--unlabeled`` per class as a flat
   folder of unlabelled inputs (``dataset.unlabeled_root``), the first ``--test-per-class`` test
-  images per class. Teacher: ``efficientnet_lite2`` (bundled ImageNet weights), frozen features +
-  an L-BFGS-fitted head (``tl train``; fine-tuning it did not fit the time budget). Student:
-  ``efficientnet_lite0`` cut to its first 8 of 16 blocks (``backbone.depth=8``, ImageNet
-  weights), frozen, its head trained: alone (``tl train``: L-BFGS head on true labels) or by
-  distillation (``tl distill strategy=feature_extraction``: the L-BFGS head, then 10 epochs of the
-  KD loss; the student's features and the teacher's logits are cached together, once).
-* Text: the shared Amazon sentences (a fixed shuffle: 200 labelled, 400 test, 400 unlabelled).
-  Teacher: fine-tuned MiniLM-L6 (``tl finetune task=text``); student: its first 2 layers
-  (``backbone.depth=2``) fine-tuned, alone from MiniLM's pretrained first 2 layers or distilled
-  from the fine-tuned teacher's first 2 (DistilBERT-style); the teacher's logits are cached once.
-* Same budget per row: the same settings and (text) the same optimizer steps: a row with
-  unlabelled inputs runs proportionally fewer epochs over its larger train split. Each teacher is
-  trained once (seed 0); every student row runs with each seed.
+  images per class.
 
-Prints markdown tables; ``--write-doc`` appends them under ``## Distillation`` at the end of
-docs/benchmarks.md (replacing an earlier copy of that section).
+  - group ``image``: teacher ``efficientnet_lite2`` (bundled ImageNet weights), frozen features +
+    an L-BFGS-fitted head (``tl train``).
+  - group ``image_ft``: teacher ``efficientnet_lite2`` fine-tuned (``tl finetune``, its defaults).
+  - students, all fine-tuned end to end for 10 epochs (the ``tl distill`` default,
+    ``strategy=finetune``): the command's default student (no ``backbone=``: the teacher's
+    backbone cut to half its 21 blocks, ``backbone.depth=10``, starting from the teacher's weights),
+    other cuts (``backbone.depth=K``), and ``efficientnet_lite0`` (a different backbone, from its
+    own ImageNet weights). "Alone" is ``tl finetune`` of the same architecture from ImageNet
+    weights (the same run serves both teachers' tables: no teacher is involved).
+* Text (group ``text``): the shared Amazon sentences (a fixed shuffle: 200 labelled, 400 test,
+  400 unlabelled). Teacher: fine-tuned MiniLM-L6 (``tl finetune task=text``); students: its first
+  2 and 3 layers (``backbone.depth=K``) fine-tuned, alone from MiniLM's pretrained first K layers or
+  distilled from the fine-tuned teacher's first K (DistilBERT-style).
+* Same budget per row: the same settings and the same number of optimizer steps: a row with
+  unlabelled inputs runs proportionally fewer epochs over its larger train split ("+ unlabelled").
+  The default student also gets "+ unlabelled, 10 epochs": what the bare command does (3x the
+  steps), kept apart from the equal-budget rows. Each teacher is trained once (seed 0); every
+  student row runs with each seed.
+* Latency and speed-ups are measured inside each distill run (teacher and student timed in
+  alternating rounds on the run's own inputs, medians); the tables show the median over runs.
+
+``--resume`` reuses every run whose result an earlier invocation saved (``bench_result.json`` in
+its run dir), so an interrupted benchmark continues where it stopped. Prints markdown tables;
+``--write-doc`` rewrites the ``distill`` section of docs/benchmarks.md (between its
+``<!-- BEGIN distill -->`` / ``<!-- END distill -->`` markers).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import random
+import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from _bench_util import DEFAULT_DATA, ROOT, command_line, machine, md_table, run_tl, save_json
+from _bench_util import (
+    DEFAULT_DATA,
+    ROOT,
+    command_line,
+    machine,
+    md_table,
+    run_tl,
+    save_json,
+    write_section,
+)
 
 OUT = ROOT / "build" / "bench" / "distill"
 TEXT_CSV = (ROOT.parent / "shared" / "data" / "sentiment-amazon" / "amazon_cells.csv").resolve()
-CPU = ["trainer.accelerator=cpu", "trainer.devices=1", "overwrite=true"]
-REUSE_TEACHERS = False
+CPU = ["trainer.accelerator=cpu", "trainer.devices=1"]
+RESUME = False
+ONLY_SAVED = False
+VARIANTS: list[str] = []  # --variants: run only these rows (e.g. '+ unlabelled')
+EPOCHS = 10  # trainer.max_epochs of tl finetune / tl distill (configs/trainer/default.yaml)
 
 
 def image_data(src: Path, per_class: int, unlabeled: int, test_per_class: int):
@@ -98,101 +124,149 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def run(command: str, overrides: list[str], run_dir: Path) -> dict[str, Any] | None:
+    """run_tl, or (``--resume``) the result an earlier invocation saved for this run dir; None
+    for a run not saved yet under ``--only-saved``."""
+    saved = run_dir / "bench_result.json"
+    if (RESUME or ONLY_SAVED) and saved.is_file():
+        r = json.loads(saved.read_text())
+        if r.get("cmd_args") == [command, *overrides]:
+            r["reused"] = True
+            return r
+    if ONLY_SAVED:
+        return None
+    # (run_tl adds overwrite=true to tl train / finetune: the benchmark reruns into its run dirs)
+    extra = [] if command in ("train", "finetune") else ["overwrite=true"]
+    r = run_tl(command, [*overrides, *extra], run_dir)
+    r["cmd_args"] = [command, *overrides]
+    save_json(saved, r)
+    return r
+
+
 def group(
     name: str,
     teacher_cmd: tuple[str, list[str]],
-    students: list[tuple[str, list[tuple[str, str, list[str]]]]],
+    students: list[tuple[str, list[tuple[str, str, list[str], str | None]]]],
     seeds: list[int],
 ) -> dict[str, Any]:
-    """Teacher once, then each student's variants (name, command, overrides), per seed."""
+    """Teacher once, then each student's variants (name, command, overrides, shared run-dir
+    name or None), per seed. A shared name puts the run outside the group's folder, so one run
+    serves several groups (a student trained alone involves no teacher)."""
     out = OUT / name
     command, ov = teacher_cmd
-    done = out / "teacher" / "metrics.json"
-    if REUSE_TEACHERS and done.is_file():  # --reuse-teachers: an earlier run's teacher
-        import json
-
-        print(f"[{name}] teacher: reusing {done.parent}", flush=True)
-        t = {"metrics": json.loads(done.read_text()), "reused": True}
-    else:
-        print(f"[{name}] teacher: tl {command} ...", flush=True)
-        t = run_tl(command, [*ov, "seed=0", *CPU], out / "teacher")
+    print(f"[{name}] teacher: tl {command} ...", flush=True)
+    t = run(command, [*ov, "seed=0", *CPU], out / "teacher")
+    if t is None:
+        print(f"[{name}] teacher not run (--only-saved)", flush=True)
+        return {"teacher": None, "rows": []}
     teacher_ckpt = out / "teacher" / "checkpoints" / "best.ckpt"
-    print(f"[{name}] teacher test/acc {t['metrics']['test/acc']:.3f}", flush=True)
-    results: dict[str, Any] = {"teacher": t, "rows": []}
+    print(
+        f"[{name}] teacher test/acc {t['metrics']['test/acc']:.3f}  wall {t['wall_seconds']:.0f}s",
+        flush=True,
+    )
+    results: dict[str, Any] = {"teacher": t, "rows": [], "teacher_ckpt": str(teacher_ckpt)}
     for label, variants in students:
-        for variant, cmd, args in variants:
+        for variant, cmd, args, shared in variants:
+            if VARIANTS and variant not in VARIANTS:
+                continue
             args = [a.replace("TEACHER", str(teacher_ckpt)) for a in args]
             runs = []
             for s in seeds:
-                run_dir = out / f"{label}-{variant}-s{s}".replace(" ", "_").replace("+", "")
+                base = OUT / "shared_runs" / shared if shared else out / label
+                # a plain name: Hydra's override grammar reserves ( ) , and friends
+                leaf = re.sub(
+                    r"[^A-Za-z0-9_.-]+", "_", f"{base.name}-{variant}-s{s}".replace("+", "plus")
+                )
+                run_dir = base.parent / leaf
                 print(f"[{name}] {label} {variant} seed {s} ...", flush=True)
-                r = run_tl(cmd, [*args, f"seed={s}", *CPU], run_dir)
+                r = run(cmd, [*args, f"seed={s}", *CPU], run_dir)
+                if r is None:
+                    print("    not run (--only-saved)", flush=True)
+                    continue
                 m = r["metrics"]
                 print(
                     f"    test/acc {m['test/acc']:.3f}  steps {m['defaults']['optimizer_steps']}  "
-                    f"fit {m['fit_seconds']:.0f}s  wall {r['wall_seconds']:.0f}s",
+                    f"fit {m['fit_seconds']:.0f}s  wall {r['wall_seconds']:.0f}s"
+                    + ("  (reused)" if r.get("reused") else ""),
                     flush=True,
                 )
+                r["run_dir"] = str(run_dir)
                 runs.append(r)
-            results["rows"].append({"student": label, "variant": variant, "runs": runs})
+            if runs:
+                results["rows"].append({"student": label, "variant": variant, "runs": runs})
     return results
 
 
-def table(name: str, res: dict[str, Any]) -> str:
-    t = res["teacher"]["metrics"]
+SPEED_KEYS = (
+    "speedup_b1",
+    "speedup_b32",
+    "student_params",
+    "teacher_params",
+    "teacher_latency_ms_b1",
+    "teacher_latency_ms_b32",
+    "student_latency_ms_b1",
+    "student_latency_ms_b32",
+)
+
+
+def table(res: dict[str, Any]) -> str:
+    t = res["teacher"]
+    tm = t["metrics"]
     alone: dict[str, float] = {}
-    speed: dict[str, dict[str, Any]] = {}
-    # latency is measured inside each distill run, on a shared machine: the median over runs
-    keys = (
-        "speedup_b1",
-        "speedup_b32",
-        "student_params",
-        "teacher_params",
-        "teacher_latency_ms_b1",
-        "teacher_latency_ms_b32",
-    )
+    speed: dict[str, dict[str, list[float]]] = {}
     for row in res["rows"]:
         for r in row["runs"]:
             if "speedup_b1" in r["metrics"]:
-                sp = speed.setdefault(row["student"], {k: [] for k in keys})
-                for k in keys:
+                sp = speed.setdefault(row["student"], {k: [] for k in SPEED_KEYS})
+                for k in SPEED_KEYS:
                     sp[k].append(r["metrics"][k])
-    speed = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in speed.items()}
+    med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in speed.items()}
+    # the teacher measured inside the distill runs of the default (same-backbone) student: the
+    # same split and the same input pipeline as the teacher's own run
     in_run = [
         r["metrics"]["teacher/test/acc"]
         for row in res["rows"]
         for r in row["runs"]
         if "teacher/test/acc" in r["metrics"]
     ]
-    # the teacher measured inside the distill runs: same split, the student's input pipeline
-    t_acc = statistics.median(in_run) if in_run else t["test/acc"]
+    t_acc = tm["test/acc"]
     rows = []
     for row in res["rows"]:
         accs = [r["metrics"]["test/acc"] for r in row["runs"]]
         mean = statistics.mean(accs)
         if row["variant"] == "alone":
             alone[row["student"]] = mean
-        sp = speed.get(row["student"], {})
+        sp = med.get(row["student"], {})
+        a = alone.get(row["student"])
         rows.append(
             [
                 row["student"],
                 row["variant"],
+                str(len(accs)),
                 mean_sd(accs),
-                f"{100 * (mean - alone[row['student']]):+.1f}" if row["variant"] != "alone" else "",
+                f"{100 * (mean - a):+.1f}" if row["variant"] != "alone" and a is not None else "",
                 f"{100 * mean / t_acc:.0f}%",
                 f"{sp.get('speedup_b1', float('nan')):.1f}x / {sp.get('speedup_b32', float('nan')):.1f}x",
                 f"{sp.get('student_params', 0) / 1e6:.2f}M",
                 str(row["runs"][0]["metrics"]["defaults"]["optimizer_steps"]),
                 f"{statistics.mean(r['metrics']['fit_seconds'] for r in row['runs']):.0f}",
+                f"{statistics.mean(r['wall_seconds'] for r in row['runs']):.0f}",
             ]
         )
+    any_sp = next(iter(med.values()), {})
+    in_run_s = (
+        f"{min(in_run):.3f}-{max(in_run):.3f} measured inside the distill runs (through each "
+        "student's input pipeline; the 'of teacher' column uses its own run's)"
+        if in_run
+        else "no distill run"
+    )
     head = (
-        f"Teacher {t['backbone']}: test acc {t['test/acc']:.3f} in its own run, {t_acc:.3f} "
-        "measured inside the distill runs (the 'of teacher' column), "
-        f"{next(iter(speed.values()), {}).get('teacher_params', 0) / 1e6:.2f}M params, CPU "
-        f"{next(iter(speed.values()), {}).get('teacher_latency_ms_b1', float('nan')):.1f} ms/input "
-        f"at batch 1, {next(iter(speed.values()), {}).get('teacher_latency_ms_b32', float('nan')):.2f} at batch 32 "
-        "(medians over the distill runs; the speed-up column too)."
+        f"Teacher `{tm['backbone']}` (`{t['cmd']}`): test acc **{t_acc:.3f}** in its own run "
+        f"({t['wall_seconds']:.0f} s wall), {in_run_s}; "
+        f"{any_sp.get('teacher_params', 0) / 1e6:.2f}M params, CPU "
+        f"{any_sp.get('teacher_latency_ms_b1', float('nan')):.1f} ms/input at batch 1, "
+        f"{any_sp.get('teacher_latency_ms_b32', float('nan')):.2f} at batch 32 (medians over the "
+        "distill runs)."
     )
     return (
         head
@@ -201,6 +275,7 @@ def table(name: str, res: dict[str, Any]) -> str:
             [
                 "student",
                 "trained",
+                "seeds",
                 "test acc (mean ± sd)",
                 "vs alone (points)",
                 "of teacher",
@@ -208,31 +283,197 @@ def table(name: str, res: dict[str, Any]) -> str:
                 "params",
                 "steps",
                 "fit s",
+                "wall s",
             ],
             rows,
-            "llrrrrrrr",
+            "llrrrrrrrrr",
         )
     )
+
+
+def speed_table(res: dict[str, Any], inputs: dict[int, Any], rounds: dict[int, int]) -> str:
+    """CPU latency per input of the teacher and of each student (one saved checkpoint each),
+    measured here, in one process, in alternating rounds (T, S1, S2, ..., T, S1, ...); the
+    minimum over rounds (the least disturbed pass on a shared machine) and the median."""
+    import torch
+    from torch import nn
+
+    from tl_cli.checkpoint import load_module
+
+    def net(ckpt: Path) -> nn.Module:
+        m, _ = load_module(ckpt)
+        return nn.Sequential(m.backbone, m.head).cpu().eval()
+
+    names, models = ["teacher"], []
+    teacher_ckpt = Path(res["teacher_ckpt"])
+    models.append(net(teacher_ckpt))
+    for row in res["rows"]:
+        if row["student"] in names:
+            continue
+        r = next((r for r in row["runs"] if r.get("run_dir")), None)
+        if r is None:
+            continue
+        names.append(row["student"])
+        models.append(net(Path(r["run_dir"]) / "checkpoints" / "best.ckpt"))
+    stats: dict[int, list[tuple[float, float]]] = {}
+    torch.manual_seed(0)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []  # per input at batch 1: independent of the machine's load
+    for m in models:
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            m(inputs[1])
+        flops.append(fc.get_total_flops())
+    with torch.inference_mode():
+        for b, x in inputs.items():
+            for m in models:
+                m(x)  # warm-up
+            times: list[list[float]] = [[] for _ in models]
+            for _ in range(rounds[b]):
+                for i, m in enumerate(models):
+                    t0 = time.perf_counter()
+                    m(x)
+                    times[i].append(1000 * (time.perf_counter() - t0) / b)
+            stats[b] = [(min(ts), statistics.median(ts)) for ts in times]
+    rows = []
+    for i, n in enumerate(names):
+        cells = [
+            n,
+            f"{sum(p.numel() for p in models[i].parameters()) / 1e6:.2f}M",
+            f"{flops[i] / 1e6:.0f}M ({flops[0] / max(flops[i], 1):.1f}x fewer)",
+        ]
+        for b in inputs:
+            mn, md = stats[b][i]
+            t_mn, t_md = stats[b][0]
+            cells += [f"{mn:.2f} / {md:.2f}", f"{t_mn / mn:.1f}x / {t_md / md:.1f}x"]
+        rows.append(cells)
+    heads = ["model", "params", "FLOPs/input (vs teacher)"]
+    for b in inputs:
+        heads += [f"ms/input b{b} (min / median)", f"speed-up b{b} (min / median)"]
+    return md_table(heads, rows, "l" + "r" * (len(heads) - 1))
+
+
+SPEED_HEAD = (
+    "Speed measured again after the runs (`--speed`), all models in one process, alternating "
+    "rounds, on the same inputs (images: random tensors at the bench size; text: test sentences, "
+    "padded to the batch's longest); the minimum over rounds is the least disturbed pass on the "
+    "shared machine, the median shows the noise:\n\n"
+)
+
+
+def text_batch(test_csv: Path, res: dict[str, Any], b: int) -> dict[str, Any]:
+    """The first ``b`` test sentences, tokenised by the teacher's tokenizer (all students share it)."""
+    import torch
+
+    from tl_cli.checkpoint import load_module
+    from tl_cli.text import get_tokenizer
+
+    m, _ = load_module(res["teacher_ckpt"])
+    tok = get_tokenizer(m.backbone.preprocessing)
+    texts = [r["text"] for r in csv.DictReader(test_csv.open())][:b]
+    ids = [e.ids[:256] for e in tok.encode_batch(texts)]
+    n = max(len(i) for i in ids)
+    input_ids = torch.zeros(b, n, dtype=torch.long)
+    mask = torch.zeros(b, n, dtype=torch.long)
+    for k, i in enumerate(ids):
+        input_ids[k, : len(i)] = torch.tensor(i)
+        mask[k, : len(i)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def image_students(
+    which: list[str], img: list[str], unl: Path, e_unl: int, shared_ok: bool
+) -> list[tuple[str, list[tuple[str, str, list[str], str | None]]]]:
+    """The image students: 'default' (lite2 cut to 10 blocks, the command's default), 'default10'
+    (its '+ unlabelled' row with the command's 10 epochs), 'dK' (lite2 cut to K blocks), 'lite0'
+    (efficientnet_lite0 whole). A student's rows after the first entry with its label reuse that
+    entry's 'alone' row and speed-ups."""
+    out = []
+    u = f"dataset.unlabeled_root={unl}"
+    for w in which:
+        if w == "lite0":
+            label, arch, kd = (
+                "lite0 (whole)",
+                ["backbone=efficientnet_lite0"],
+                ["backbone=efficientnet_lite0"],
+            )
+        else:
+            default = w.startswith("default")
+            depth = 10 if default else int(w[1:])
+            arch = ["backbone=efficientnet_lite2", f"backbone.depth={depth}"]
+            kd = [] if default else [f"backbone.depth={depth}"]
+            label = f"lite2 depth {depth}" + (" (default)" if default else "")
+        alone_dir = "image-" + label.split(" (")[0].replace(" ", "_")
+        variants: list[tuple[str, str, list[str], str | None]] = [
+            ("alone", "finetune", [*img, *arch], alone_dir if shared_ok else None),
+            ("distilled", "distill", ["teacher=TEACHER", *kd], None),
+            (
+                "+ unlabelled",
+                "distill",
+                ["teacher=TEACHER", *kd, u, f"trainer.max_epochs={e_unl}"],
+                None,
+            ),
+        ]
+        if w == "default10":  # the bare command with unlabelled inputs: 10 epochs, 3x the steps
+            variants = [("+ unlabelled, 10 epochs", "distill", ["teacher=TEACHER", u], None)]
+        out.append((label, variants))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--groups",
+        nargs="+",
+        default=["image", "image_ft", "text"],
+        choices=["image", "image_ft", "text"],
+    )
+    ap.add_argument(
+        "--image-students",
+        nargs="+",
+        default=["default", "d7", "lite0", "default10"],
+        help="students of the frozen-feature Lite2 teacher: default, default10, dK, lite0",
+    )
+    ap.add_argument(
+        "--image-ft-students",
+        nargs="+",
+        default=["default"],
+        help="students of the fine-tuned Lite2 teacher (same choices)",
+    )
+    ap.add_argument("--text-depths", type=int, nargs="+", default=[2, 3])
+    ap.add_argument(
+        "--text-ablation",
+        action="store_true",
+        help="text: also distil with distill.alpha=0 (the teacher's init only) and with T=1",
+    )
+    ap.add_argument(
+        "--speed",
+        action="store_true",
+        help="also time the teacher and one saved checkpoint of each student here (min of rounds)",
+    )
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--unlabeled", type=int, default=100)
     ap.add_argument("--test-per-class", type=int, default=40)
     ap.add_argument("--text-epochs", type=int, default=5)
-    ap.add_argument("--skip-image", action="store_true")
-    ap.add_argument("--skip-text", action="store_true")
-    ap.add_argument("--write-doc", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="reuse runs an earlier invocation saved")
     ap.add_argument(
-        "--reuse-teachers", action="store_true", help="keep a teacher an earlier run trained"
+        "--only-saved",
+        action="store_true",
+        help="run nothing: tables of the runs earlier invocations saved (rows show their seed count)",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        help="only these rows of each student: alone, distilled, '+ unlabelled' (default: all)",
+    )
+    ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
-    global REUSE_TEACHERS
-    REUSE_TEACHERS = args.reuse_teachers
+    global RESUME, ONLY_SAVED, VARIANTS
+    RESUME, ONLY_SAVED, VARIANTS = args.resume, args.only_saved, args.variants
     t0 = time.time()
     out: dict[str, Any] = {
         "machine": machine(),
@@ -240,7 +481,7 @@ def main() -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     sections = []
-    if not args.skip_image:
+    if {"image", "image_ft"} & set(args.groups):
         lab, unl, n_lab, n_unl = image_data(
             args.data, args.per_class, args.unlabeled, args.test_per_class
         )
@@ -249,94 +490,115 @@ def main() -> None:
             f"dataset.root={lab}",
             f"dataset.image_size={args.size}",
             "dataset.num_workers=0",
-            f"strategy.cache_dir={OUT / 'cache'}",
         ]
-        student = ["backbone=efficientnet_lite0", "backbone.depth=8"]
-        kd = ["teacher=TEACHER", "strategy=feature_extraction", *img, *student]
-        res = group(
-            "image",
-            ("train", [*img, "backbone=efficientnet_lite2"]),
-            [
-                (
-                    "lite0 depth 8",
-                    [
-                        ("alone", "train", [*img, *student]),
-                        ("distilled", "distill", kd),
-                        (
-                            "distilled + unlabelled",
-                            "distill",
-                            [*kd, f"dataset.unlabeled_root={unl}"],
-                        ),
-                    ],
-                )
-            ],
-            args.seeds,
+        e_unl = steps_epochs(EPOCHS, n_lab, n_unl)
+        what = (
+            f"CIFAR subset at {args.size} px, {n_lab} labelled (10% carved as val), {n_unl} "
+            f"unlabelled, {10 * args.test_per_class} test"
         )
-        out["image"] = res
-        sections.append(
-            f"### Images: CIFAR subset at {args.size} px, {n_lab} labelled, {n_unl} unlabelled, "
-            f"{10 * args.test_per_class} test\n\n" + table("image", res)
-        )
-    if not args.skip_text:
+        for g, teacher, which, title in (
+            (
+                "image",
+                ("train", [*img, "backbone=efficientnet_lite2"]),
+                args.image_students,
+                "teacher Lite2, frozen features + L-BFGS head",
+            ),
+            (
+                "image_ft",
+                ("finetune", [*img, "backbone=efficientnet_lite2"]),
+                args.image_ft_students,
+                "teacher Lite2 fine-tuned",
+            ),
+        ):
+            if g not in args.groups:
+                continue
+            tg = time.time()
+            res = group(g, teacher, image_students(which, img, unl, e_unl, True), args.seeds)
+            res["seconds"] = round(time.time() - tg)
+            out[g] = res
+            if res["teacher"] is not None:
+                sections.append(f"### Images, {title}: {what}\n\n" + table(res))
+                if args.speed:
+                    import torch
+
+                    x = {b: torch.randn(b, 3, args.size, args.size) for b in (1, 32)}
+                    sections.append(SPEED_HEAD + speed_table(res, x, {1: 30, 32: 6}))
+    if "text" in args.groups:
         d, unl, n_lab, n_unl = text_data()
         txt = ["task=text", f"dataset.root={d}", "dataset.num_workers=0"]
         e, e_unl = args.text_epochs, steps_epochs(args.text_epochs, n_lab, n_unl)
-        kd = ["teacher=TEACHER", *txt, "backbone.depth=2"]
-        res = group(
-            "text",
-            ("finetune", [*txt, f"trainer.max_epochs={e}"]),
-            [
+        students = []
+        for k in args.text_depths:
+            kd = ["teacher=TEACHER", *txt, f"backbone.depth={k}"]
+            students.append(
                 (
-                    "MiniLM depth 2",
+                    f"MiniLM depth {k}",
                     [
                         (
                             "alone",
                             "finetune",
-                            [*txt, "backbone.depth=2", f"trainer.max_epochs={e}"],
+                            [*txt, f"backbone.depth={k}", f"trainer.max_epochs={e}"],
+                            None,
                         ),
-                        ("distilled", "distill", [*kd, f"trainer.max_epochs={e}"]),
+                        ("distilled", "distill", [*kd, f"trainer.max_epochs={e}"], None),
                         (
-                            "distilled + unlabelled",
+                            "+ unlabelled",
                             "distill",
                             [*kd, f"dataset.unlabeled_root={unl}", f"trainer.max_epochs={e_unl}"],
+                            None,
                         ),
+                    ]
+                    + [  # diagnostics of the defaults (T 4, alpha 0.9), not a tuning sweep
+                        (
+                            f"distilled, {name}",
+                            "distill",
+                            [*kd, f"trainer.max_epochs={e}", override],
+                            None,
+                        )
+                        for name, override in (
+                            ("alpha 0 (CE only)", "distill.alpha=0"),
+                            ("T 1", "distill.temperature=1"),
+                        )
+                        if args.text_ablation
                     ],
                 )
-            ],
-            args.seeds,
-        )
+            )
+        tg = time.time()
+        res = group("text", ("finetune", [*txt, f"trainer.max_epochs={e}"]), students, args.seeds)
+        res["seconds"] = round(time.time() - tg)
         out["text"] = res
-        sections.append(
-            f"### Text: Amazon sentences, {n_lab} labelled, 400 test, {n_unl} unlabelled\n\n"
-            + table("text", res)
-        )
+        if res["teacher"] is not None:
+            sections.append(
+                f"### Text: Amazon sentences, {n_lab} labelled (10% carved as val), 400 test, "
+                f"{n_unl} unlabelled, {e} epochs\n\n" + table(res)
+            )
+            if args.speed:
+                x = {b: text_batch(d / "test.csv", res, b) for b in (1, 32)}
+                sections.append(SPEED_HEAD + speed_table(res, x, {1: 30, 32: 6}))
     out["seconds"] = round(time.time() - t0)
-    if sections:
-        out["sections"] = sections
-        tag = "_".join(g for g in ("image", "text") if g in out)
-        save_json(OUT / f"results_{tag}.json", out)
-    else:  # --skip-image --skip-text: the tables of the saved results (e.g. two parallel runs)
-        import json
-
-        for f in sorted(OUT.glob("results_*.json")):
-            saved = json.loads(f.read_text())
-            sections += saved["sections"]
-            out["seconds"] += saved["seconds"]
-            out["command"] = out["command"] + f"; {saved['command']} ({saved['seconds'] // 60} min)"
+    # the wall time of every run the tables use (teachers included), whichever invocation ran it
+    out["run_seconds"] = round(
+        sum(
+            (g["teacher"]["wall_seconds"] if g.get("teacher") else 0)
+            + sum(r["wall_seconds"] for row in g["rows"] for r in row["runs"])
+            for k, g in out.items()
+            if k in ("image", "image_ft", "text")
+        )
+    )
+    out["sections"] = sections
+    save_json(OUT / f"results_{'_'.join(args.groups)}.json", out)
     body = "\n\n".join(sections)
     print()
     print(body)
-    print(f"\n{out['seconds']} s")
+    print(
+        f"\n{out['seconds']} s this invocation; the runs behind the tables: {out['run_seconds']} s"
+    )
     if args.write_doc:
-        doc = ROOT / "docs" / "benchmarks.md"
-        text = doc.read_text()
-        text = text.split("\n## Distillation\n", 1)[0].rstrip() + "\n"
-        text += (
-            f"\n## Distillation\n\n`{out['command']}` ({out['seconds'] // 60} min). {out['machine']}\n\n"
-            + body
-            + "\n"
+        write_section(
+            "distill",
+            f"`{out['command']}`: the runs behind these tables took {out['run_seconds'] // 60} min "
+            f"of wall time in all (sum over runs, teachers included). {out['machine']}\n\n" + body,
         )
-        doc.write_text(text)
 
 
 if __name__ == "__main__":
