@@ -223,44 +223,6 @@ def test_auto_budget_in_real_runs(tmp_path, monkeypatch):
     assert m["epochs"] == 3
 
 
-def test_epochs_without_a_step_do_not_rewrite_last_ckpt(tmp_path):
-    import pytorch_lightning as pl
-
-    from tl_cli.checkpoint import read_checkpoint
-
-    class Saves(pl.Callback):
-        def __init__(self):
-            self.epochs = []
-
-        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            self.epochs.append(trainer.current_epoch)
-
-    root = make_set(tmp_path / "data", {"a": 12, "b": 12}, test_per_class=2)
-    # frozen backbone + L-BFGS head: 5 epochs that take no step -> best.ckpt and last.ckpt at
-    # epoch 1, last.ckpt again only at the end
-    cfg = compose_cfg(
-        [*TINY, f"dataset.root={root}", f"output_dir={tmp_path / 'fe'}", "trainer.max_epochs=5"]
-    )
-    spy = Saves()
-    m = train.run(cfg, callbacks=[spy])
-    assert m["defaults"]["optimizer_steps"] == 0
-    assert spy.epochs == [0, 0, 4]
-    assert read_checkpoint(tmp_path / "fe/checkpoints/last.ckpt")["epoch"] == 4
-    # an SGD head steps every epoch: last.ckpt every epoch
-    cfg = compose_cfg(
-        [
-            *TINY,
-            f"dataset.root={root}",
-            f"output_dir={tmp_path / 'sgd'}",
-            "trainer.max_epochs=3",
-            "strategy.head_fit=sgd",
-        ]
-    )
-    spy = Saves()
-    train.run(cfg, callbacks=[spy])
-    assert sorted(set(spy.epochs)) == [0, 1, 2]  # every epoch wrote last.ckpt
-
-
 def test_early_stopping_patience_stops_when_val_stops_improving(tmp_path):
     root = make_set(tmp_path / "data", {"a": 12, "b": 12}, test_per_class=2)
     # the L-BFGS head takes no steps: val/score never improves after epoch 1 -> stop after 1 + 2

@@ -150,46 +150,14 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-class LastCheckpoint(RunCheckpoint):
-    """``last.ckpt`` at the end of every epoch that changed the weights, and of the last epoch.
-
-    An epoch of a task whose weights cannot change (``head_converged``: a frozen backbone whose
-    linear head was fitted by L-BFGS, so the epochs only validate) leaves the weights exactly as
-    they were, so rewriting the whole checkpoint, frozen backbone included, would only cost time
-    (on a small data set most of a 20-epoch run's overhead). Such epochs are skipped, except the
-    first and the last: last.ckpt always holds the current weights, and at worst a resume
-    repeats a few epochs that change nothing. (Lightning's ``global_step`` cannot tell: it counts
-    a step even when ``training_step`` returns None.)
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._saved = False
-
-    def _save_none_monitor_checkpoint(
-        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
-    ) -> None:
-        final = trainer.should_stop or (
-            trainer.max_epochs is not None
-            and trainer.max_epochs > 0
-            and trainer.current_epoch + 1 >= trainer.max_epochs
-        )
-        frozen = bool(getattr(trainer.lightning_module, "head_converged", False))
-        if self._saved and frozen and not final:
-            return  # nothing trains: the same weights as the last write
-        super()._save_none_monitor_checkpoint(trainer, monitor_candidates)
-        self._saved = True
-
-
 def last_checkpoint_callback(ckpt_dir: str | os.PathLike[str]) -> pl.callbacks.ModelCheckpoint:
-    """A ModelCheckpoint that rewrites ``last.ckpt`` at the end of every epoch (LastCheckpoint:
-    except epochs that took no optimizer step).
+    """A ModelCheckpoint that rewrites ``last.ckpt`` at the end of every epoch.
 
     ``ModelCheckpoint(save_last=True)`` with a monitor writes last.ckpt only when it also writes a
     top-k checkpoint (Lightning 2.6: "saves a last.ckpt copy whenever a checkpoint file gets
     saved"), so after the best epoch last.ckpt would go stale and a resume would redo epochs.
     """
-    return LastCheckpoint(
+    return RunCheckpoint(
         dirpath=str(ckpt_dir),
         filename="last",
         monitor=None,
