@@ -212,7 +212,9 @@ def report(results: dict, no_doc: bool) -> None:
             if not d:
                 return "not run"
             ep = f" ({d['epochs']} ep)" if epochs and d.get("epochs") else ""
-            return f"{d['test/acc']:.3f} / {d['test/balanced_acc']:.3f} / {d['fit_seconds']:.0f}{ep}"
+            return (
+                f"{d['test/acc']:.3f} / {d['test/balanced_acc']:.3f} / {d['fit_seconds']:.0f}{ep}"
+            )
 
         tr, pr, ft = row.get("train"), row.get("probe"), row.get("finetune")
         ok_probe = "yes" if tr["test/acc"] >= pr["test/acc"] - 0.01 else "**no**"
