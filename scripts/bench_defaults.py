@@ -46,6 +46,13 @@ from _bench_util import (
 SHARED = (ROOT.parent / "shared" / "data").resolve()
 ROWS = ["cifar_all", "cifar_n10", "cifar_n20", "cifar_n50", "cifar_n100", "coil1", "omniglot"]
 TEST_FRACTION = 0.3
+# item 3 of the defaults issue: each fine-tuning default against its alternative, one at a time
+VARIANTS = {
+    "bn=train": ["strategy.bn=train"],
+    "head_fit=sgd": ["strategy.head_fit=sgd"],
+    "backbone_lr_mult=1.0": ["strategy.backbone_lr_mult=1.0"],
+    "augment=none": ["dataset.augment=none"],
+}
 
 
 def _link_split(files: list[Path], dst: Path) -> None:
@@ -119,6 +126,12 @@ def main() -> None:
     )
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--finetune-rows", default="cifar_n10,cifar_n20,omniglot")
+    ap.add_argument(
+        "--variant-rows",
+        default="",
+        help="rows on which each fine-tuning default is also run against its alternative "
+        f"({', '.join(VARIANTS)}), one change at a time",
+    )
     ap.add_argument("--out", default=str(ROOT / "build" / "bench" / "defaults"))
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--render-only", action="store_true")
@@ -133,6 +146,7 @@ def main() -> None:
     results = json.loads(res_file.read_text()) if res_file.exists() else {"rows": {}}
     if not args.render_only:
         ft_rows = set(filter(None, args.finetune_rows.split(",")))
+        var_rows = set(filter(None, args.variant_rows.split(",")))
         for name in filter(None, args.rows.split(",")):
             root = build_row(name, out / "data")
             row = results["rows"].setdefault(name, {})
@@ -158,6 +172,14 @@ def main() -> None:
                 r = run(args, "finetune", common, out / "runs" / f"{name}_finetune")
                 row["finetune"] = _keep(r)
                 print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
+            if name in var_rows:
+                for key, extra in VARIANTS.items():
+                    print(f"[{name}] tl finetune {' '.join(extra)} ...", flush=True)
+                    slug = key.replace("=", "_")
+                    r = run(args, "finetune", [*common, *extra], out / "runs" / f"{name}_ft_{slug}")
+                    row.setdefault("variants", {})[key] = _keep(r)
+                    print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
+                    save_json(res_file, results)
             results.update({"command": command_line(), "machine": machine()})
             save_json(res_file, results)
     report(results, args.no_doc)
@@ -187,6 +209,32 @@ def _keep(r: dict) -> dict:
         "warnings",
     )
     return {"cmd": r["cmd"], "wall_seconds": r["wall_seconds"], **{k: m.get(k) for k in keys}}
+
+
+def variant_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["data set", "defaults", *VARIANTS]
+    rows = []
+    for name in ROWS:
+        row = results["rows"].get(name) or {}
+        var = row.get("variants")
+        if not var or not row.get("finetune"):
+            continue
+        base = row["finetune"]["test/acc"]
+
+        def cell(d: dict | None, base: float = base) -> str:
+            if not d:
+                return "not run"
+            delta = (d["test/acc"] - base) * 100
+            return f"{d['test/acc']:.3f} / {d['test/balanced_acc']:.3f} ({delta:+.1f})"
+
+        rows.append(
+            [
+                name,
+                cell(row["finetune"]).replace(" (+0.0)", ""),
+                *map(cell, (var.get(k) for k in VARIANTS)),
+            ]
+        )
+    return headers, rows
 
 
 def report(results: dict, no_doc: bool) -> None:
@@ -239,8 +287,23 @@ def report(results: dict, no_doc: bool) -> None:
         if ft:
             cmds.append(ft["cmd"])
     print(text_table(headers, rows))
+    vheaders, vrows = variant_table(results)
+    if vrows:
+        print(text_table(vheaders, vrows))
     if no_doc:
         return
+    variants = (
+        f"""### Fine-tuning defaults against their alternatives
+
+`tl finetune` with defaults, then with one default changed at a time (`--variant-rows`). Test
+accuracy / balanced accuracy (best epoch); the defaults are `strategy.bn=frozen`,
+`strategy.head_fit=lbfgs` (head first), `strategy.backbone_lr_mult=0.1`, `dataset.augment=light`.
+
+{md_table(vheaders, vrows, "l" + "l" * (len(vheaders) - 1))}
+"""
+        if vrows
+        else ""
+    )
     body = f"""## Defaults: `tl train` / `tl finetune` vs a logistic-regression probe
 
 ```bash
@@ -260,6 +323,7 @@ test split: the last 30% of each class's files (by name) are the test images. Ma
 
 {results.get("notes", "")}
 
+{variants}
 Commands (plus `hydra.run.dir=... overwrite=true`; `strategy.cache_dir` only lets the probe read
 the same features):
 

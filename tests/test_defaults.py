@@ -234,3 +234,35 @@ def test_early_stopping_patience_stops_when_val_stops_improving(tmp_path):
 
     with pytest.raises(TLError, match="early_stopping_patience=0 must be an integer >= 1 or null"):
         run_tiny(root, tmp_path / "bad", "early_stopping_patience=0")
+
+
+def test_epochs_of_a_converged_head_are_one_batch_each_with_the_same_metrics(tmp_path):
+    """A frozen backbone with the L-BFGS head takes no step: each epoch is one whole batch of the
+    cached train features (Lightning's per-step overhead was most of a cached epoch), and the
+    train metrics are those of the whole train split, as with the usual batches."""
+    import pytorch_lightning as pl
+
+    class Count(pl.Callback):
+        def __init__(self) -> None:
+            self.batches: dict[int, int] = {}
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            self.batches[trainer.current_epoch] = self.batches.get(trainer.current_epoch, 0) + 1
+
+    root = make_set(tmp_path / "data", {"a": 12, "b": 12}, test_per_class=2)
+    fe, sgd = Count(), Count()
+    cfg = compose_cfg(
+        [*TINY, f"dataset.root={root}", f"output_dir={tmp_path / 'fe'}", "trainer.max_epochs=3"]
+        + ["dataset.batch_size=8"]
+    )
+    m = train.run(cfg, callbacks=[fe])
+    assert fe.batches == {0: 1, 1: 1, 2: 1} and m["defaults"]["optimizer_steps"] == 0
+    accs = {h["train/acc"] for h in m["history"]}
+    assert len(accs) == 1 and math.isclose(accs.pop(), m["defaults"]["head_fit"]["train_acc"])
+    # an SGD head steps on the usual batches: 21 train images at batch 8
+    cfg = compose_cfg(
+        [*TINY, f"dataset.root={root}", f"output_dir={tmp_path / 'sgd'}", "trainer.max_epochs=2"]
+        + ["dataset.batch_size=8", "strategy.head_fit=sgd"]
+    )
+    train.run(cfg, callbacks=[sgd])
+    assert sgd.batches == {0: 3, 1: 3}

@@ -125,6 +125,11 @@ def restore_sigint():
     signal.signal(signal.SIGINT, old)
 
 
+# Interrupts land mid-epoch (batch 1): on a head that trains by SGD every batch is a step. (An
+# L-BFGS head on a frozen backbone takes no step and serves each epoch as one batch.)
+SGD = "strategy.head_fit=sgd"
+
+
 class RaiseAt(pl.Callback):
     """Simulate a signal arriving at (epoch, batch) of training."""
 
@@ -284,7 +289,7 @@ def test_ctrl_c_after_an_epoch_keeps_last_ckpt_and_resume_completes(
     from tl_cli.train import run
 
     with pytest.raises(TLError) as e:
-        run(tiny_cfg("trainer.max_epochs=4"), callbacks=[RaiseAt(2, 1, _keyboard_interrupt)])
+        run(tiny_cfg("trainer.max_epochs=4", SGD), callbacks=[RaiseAt(2, 1, _keyboard_interrupt)])
     last = _run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     assert e.value.exit_code == 130
     assert f"training interrupted (SIGINT); kept {last} from the last finished epoch" in str(
@@ -295,7 +300,7 @@ def test_ctrl_c_after_an_epoch_keeps_last_ckpt_and_resume_completes(
         in str(e.value)
     )
     assert read_checkpoint(last)["epoch"] == 1  # epochs 1 and 2 (0-based 0, 1) finished
-    metrics = run(tiny_cfg("trainer.max_epochs=4", f"ckpt_path={last}"))
+    metrics = run(tiny_cfg("trainer.max_epochs=4", SGD, f"ckpt_path={last}"))
     assert metrics["epochs"] == 4 and [h["epoch"] for h in metrics["history"]] == [0, 1, 2, 3]
 
 
@@ -305,12 +310,12 @@ def test_ctrl_c_in_the_first_epoch_saves_the_current_state(
     from tl_cli.train import run
 
     with pytest.raises(TLError, match=r"saved the current state to .*last.ckpt") as e:
-        run(tiny_cfg("trainer.max_epochs=3"), callbacks=[RaiseAt(0, 1, _keyboard_interrupt)])
+        run(tiny_cfg("trainer.max_epochs=3", SGD), callbacks=[RaiseAt(0, 1, _keyboard_interrupt)])
     assert e.value.exit_code == 130
     last = _run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     ckpt = read_checkpoint(last)
     assert ckpt["global_step"] == 2 and finite_weights(ckpt)
-    metrics = run(tiny_cfg("trainer.max_epochs=3", f"ckpt_path={last}"))
+    metrics = run(tiny_cfg("trainer.max_epochs=3", SGD, f"ckpt_path={last}"))
     assert metrics["epochs"] == 3
 
 
@@ -319,7 +324,7 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(tiny_cfg, tmp_path: Path, resto
 
     old = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TLError, match=r"training interrupted \(SIGTERM\)") as e:
-        run(tiny_cfg("trainer.max_epochs=4"), callbacks=[RaiseAt(1, 1, _sigterm)])
+        run(tiny_cfg("trainer.max_epochs=4", SGD), callbacks=[RaiseAt(1, 1, _sigterm)])
     assert signal.getsignal(signal.SIGTERM) == old  # Lightning restored the handler
     assert e.value.exit_code == 143
     last = _run_dir(tmp_path) / "checkpoints" / "last.ckpt"
@@ -548,3 +553,16 @@ def test_second_run_into_the_same_dir_is_refused_unless_overwrite(tiny_cfg, tmp_
     run(tiny_cfg("trainer.max_epochs=1", "seed=7", "overwrite=true"))
     assert best.read_bytes() != before
     read_checkpoint(best)
+
+
+def test_nonfinite_check_finds_the_tensor_and_ignores_an_overflowing_sum() -> None:
+    from tl_cli.safety import _first_nonfinite
+
+    ok = {"a": torch.ones(3), "n": torch.tensor([1, 2])}
+    assert _first_nonfinite(ok) is None
+    # finite weights whose sum overflows float32: the quick pass flags them, the exact one clears
+    assert _first_nonfinite({**ok, "big": torch.full((4,), 3e38)}) is None
+    assert _first_nonfinite({**ok, "b": torch.tensor([1.0, float("nan")])}) == "b"
+    # inf and -inf: a sum of NaN, still caught; and a lone -inf in half precision
+    assert _first_nonfinite({**ok, "c": torch.tensor([float("inf"), float("-inf")])}) == "c"
+    assert _first_nonfinite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.half)}) == "h"

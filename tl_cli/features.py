@@ -331,6 +331,9 @@ class FeatureDataModule(pl.LightningDataModule):
         self.splits: dict[str, list[ArrayFeatures]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
+        # set by the task when nothing trains (a head fitted by L-BFGS on a frozen backbone): the
+        # train epochs then only measure the train metrics, so each is served as one batch
+        self.whole_train_batch = False
 
     # -- building
     def setup(self, stage: str | None = None) -> None:
@@ -433,14 +436,14 @@ class FeatureDataModule(pl.LightningDataModule):
         return ArrayFeatures(np.load(fpath, mmap_mode="r"), np.load(ypath))
 
     # -- loaders
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         n = len(ds)  # type: ignore[arg-type]
         sampler = EpochShuffle(n) if shuffle else None
         if shuffle and getattr(self.images, "balance", None) == "sampler":
             sampler = EpochBalanced(np.asarray(ds.labels).tolist())  # type: ignore[attr-defined]
         return DataLoader(
             ds,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             sampler=sampler,
             num_workers=0,
         )
@@ -448,7 +451,8 @@ class FeatureDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         views = self.splits["train"]
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self._loader(views[epoch % len(views)], True)
+        ds = views[epoch % len(views)]
+        return self._loader(ds, True, max(1, len(ds)) if self.whole_train_batch else None)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.splits["val"][0], False)

@@ -241,19 +241,24 @@ def _finite(t: torch.Tensor) -> bool:
 def _first_nonfinite(tensors: dict[str, Any]) -> str | None:
     """The name of the first floating tensor holding a NaN/inf, or None.
 
-    One fused check over all tensors of a device (a single ``isfinite`` over their concatenation)
-    instead of one small kernel per tensor: a checkpoint of a few hundred tensors took 0.7 s per
-    save on a busy 2-core machine the per-tensor way. Only when that finds something is the
-    culprit located tensor by tensor.
+    A quick pass first (one sum per tensor, one ``isfinite`` over the stacked sums per device: a
+    checkpoint of 300 tensors and 3.4M weights in about 2 ms); only when that finds something is
+    the culprit located tensor by tensor with an exact ``isfinite``.
     """
     floats = {
         n: t for n, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
     }
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in floats.values():
-        by_device.setdefault(t.device, []).append(t.detach().reshape(-1))
+        by_device.setdefault(t.device, []).append(t.detach())
     with torch.no_grad():
-        if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_device.values()):
+        # a NaN or inf anywhere makes its tensor's sum NaN or inf, so finite sums clear every
+        # tensor at once (about 10x faster than an isfinite over their concatenation: no copy).
+        # A sum can also overflow on finite values: then the exact check below decides.
+        if all(
+            bool(torch.isfinite(torch.stack([t.sum() for t in ts])).all())
+            for ts in by_device.values()
+        ):
             return None
     return next((n for n, t in floats.items() if not _finite(t)), None)
 

@@ -192,6 +192,20 @@ class TransferTask(pl.LightningModule):
             self.fit_head()
         if self.adapter is not None:
             self.adapter.on_fit_start(self)
+        dm = getattr(self.trainer, "datamodule", None)
+        if (
+            self.head_converged
+            and self.trainer.world_size == 1
+            and hasattr(dm, "whole_train_batch")
+        ):
+            # nothing steps (training_step returns None): an epoch only measures the fitted head
+            # on the cached train features, the same mean whatever the batching, so one batch per
+            # epoch saves Lightning's per-step overhead (most of a cached epoch on a small set)
+            dm.whole_train_batch = True
+            # configure_optimizers (estimated_stepping_batches) built the train loader already:
+            # drop it so the fit loop asks the data module again (Lightning's own reload path)
+            if getattr(self.trainer.fit_loop, "_combined_loader", None) is not None:
+                self.trainer.fit_loop._combined_loader = None
         if self.auto_epochs and self.head_converged:
             # trainer.max_epochs=auto and nothing left to train: one epoch scores the fitted head
             self.trainer.fit_loop.max_epochs = 1
