@@ -53,6 +53,19 @@ def run_one(root: Path, src: str, tgt: str, method: str, seed: int, size: int) -
         cfg.output_dir = str(OUT / "runs" / f"{src}-{tgt}-{method}-s{seed}")
     t0 = time.perf_counter()
     m = run(cfg)
+    shown = (o for o in overrides if not o.startswith(HIDDEN))
+    return {
+        **_numbers(src, tgt, method, seed, m),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "cmd": "tl train " + " ".join(shown),
+    }
+
+
+# overrides that only place the bench's files or pin the machine: left out of the printed command
+HIDDEN = ("strategy.cache_dir", "overwrite", "trainer.accelerator", "dataset.num_workers")
+
+
+def _numbers(src: str, tgt: str, method: str, seed: int, m: dict) -> dict:
     return {
         "pair": f"{src}->{tgt}",
         "method": method,
@@ -61,15 +74,6 @@ def run_one(root: Path, src: str, tgt: str, method: str, seed: int, size: int) -
         "source_val_acc": m["source/val/acc"],
         "target_entropy": m["target/entropy"],
         "fit_seconds": m["fit_seconds"],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-        "cmd": "tl train "
-        + " ".join(
-            o
-            for o in overrides
-            if not o.startswith(
-                ("strategy.cache_dir", "overwrite", "trainer.accelerator", "dataset.num_workers")
-            )
-        ),
     }
 
 
@@ -78,16 +82,7 @@ def read_one(src: str, tgt: str, method: str, seed: int) -> dict:
     import json
 
     m = json.loads((OUT / "runs" / f"{src}-{tgt}-{method}-s{seed}" / "metrics.json").read_text())
-    return {
-        "pair": f"{src}->{tgt}",
-        "method": method,
-        "seed": seed,
-        "target_acc": m["target/acc"],
-        "source_val_acc": m["source/val/acc"],
-        "target_entropy": m["target/entropy"],
-        "fit_seconds": m["fit_seconds"],
-        "cmd": "",
-    }
+    return {**_numbers(src, tgt, method, seed, m), "cmd": ""}
 
 
 def main() -> None:
