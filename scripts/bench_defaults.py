@@ -132,6 +132,11 @@ def main() -> None:
         help="rows on which each fine-tuning default is also run against its alternative "
         f"({', '.join(VARIANTS)}), one change at a time",
     )
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="which alternatives --variant-rows runs (default: all)",
+    )
     ap.add_argument("--out", default=str(ROOT / "build" / "bench" / "defaults"))
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--render-only", action="store_true")
@@ -173,7 +178,8 @@ def main() -> None:
                 row["finetune"] = _keep(r)
                 print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
             if name in var_rows:
-                for key, extra in VARIANTS.items():
+                wanted = set(filter(None, args.variants.split(",")))
+                for key, extra in ((k, v) for k, v in VARIANTS.items() if k in wanted):
                     print(f"[{name}] tl finetune {' '.join(extra)} ...", flush=True)
                     slug = key.replace("=", "_")
                     r = run(args, "finetune", [*common, *extra], out / "runs" / f"{name}_ft_{slug}")
