@@ -305,6 +305,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+WHOLE_BATCH_MAX = 16384
+
+
 class FeatureDataModule(pl.LightningDataModule):
     """Serves cached ``(features, label)`` batches in place of images.
 
@@ -452,7 +455,10 @@ class FeatureDataModule(pl.LightningDataModule):
         views = self.splits["train"]
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         ds = views[epoch % len(views)]
-        return self._loader(ds, True, max(1, len(ds)) if self.whole_train_batch else None)
+        # one batch up to WHOLE_BATCH_MAX inputs (84 MB of 1280-d features): beyond that the
+        # per-step overhead is small against the epoch anyway
+        whole = min(max(1, len(ds)), WHOLE_BATCH_MAX) if self.whole_train_batch else None
+        return self._loader(ds, True, whole)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.splits["val"][0], False)
