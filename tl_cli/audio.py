@@ -236,6 +236,8 @@ class AudioFolderDataModule(ImageFolderDataModule):
         augment: ``light`` (time shift, gain, noise; SpecAugment masking in the backbone) or ``none``.
     """
 
+    item_noun = "recordings"
+
     name = "audiofolder"
     kind = AUDIO_FILES
     scan_files = staticmethod(scan_audio)

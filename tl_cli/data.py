@@ -305,6 +305,9 @@ class TransferDataModule(pl.LightningDataModule):
             if any, only score the target.
     """
 
+    #: what one input is called in messages (warnings about the splits)
+    item_noun = "images"
+
     name = "data"
 
     def __init__(

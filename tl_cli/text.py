@@ -737,6 +737,8 @@ class TextDataModule(TransferDataModule):
             split; every row lands in train and is scored whole.
     """
 
+    item_noun = "texts"
+
     name = "text"
 
     def __init__(

@@ -160,6 +160,7 @@ MIN_VAL_IMAGES = 30
 def data_warnings(dm: Any) -> list[str]:
     """One line per problem a practitioner would point out before training."""
     out = []
+    noun = getattr(dm, "item_noun", "images")
     counts = [0] * dm.num_classes
     for _, y in dm.splits["train"]:
         if y >= 0:  # -1: an unlabelled input (tl distill dataset.unlabeled_root)
@@ -169,14 +170,14 @@ def data_warnings(dm: Any) -> list[str]:
     if lo > 0 and hi / lo > IMBALANCE_RATIO and not getattr(dm, "balance", None):
         big, small = dm.class_names[counts.index(hi)], dm.class_names[counts.index(lo)]
         out.append(
-            f"classes are imbalanced {hi / lo:.1f}:1 in train ({big!r} {hi} images, {small!r} {lo}): "
+            f"classes are imbalanced {hi / lo:.1f}:1 in train ({big!r} {hi} {noun}, {small!r} {lo}): "
             "dataset.balance=weights (class-weighted loss) or dataset.balance=sampler (balanced "
             "batches); metrics.json reports balanced accuracy and macro-F1"
         )
     n_val = len(dm.splits.get("val", []))
     if 0 < n_val < MIN_VAL_IMAGES and not getattr(dm, "val_is_train", False):
         out.append(
-            f"the validation split has {n_val} images (one image = {100 / n_val:.1f} points of "
+            f"the validation split has {n_val} {noun} (one = {100 / n_val:.1f} points of "
             "val/acc): too few to pick a checkpoint reliably; add a val/ folder or raise "
             "dataset.val_fraction"
         )
