@@ -209,6 +209,14 @@ def main() -> None:
             f"({tm['epochs']} epochs). Student: its first {args.depth} layers.\n\n" + table(res)
         )
     out["seconds"] = round(time.time() - t0)
+    # the wall time of every run the tables use (teachers included), whichever invocation ran it
+    out["run_seconds"] = round(
+        sum(
+            (g["teacher"]["wall_seconds"] if g.get("teacher") else 0)
+            + sum(r["wall_seconds"] for row in g["rows"] for r in row["runs"])
+            for g in out["sets"].values()
+        )
+    )
     out["sections"] = sections
     save_json(OUT / "results.json", out)
     body = "\n\n".join(sections)
@@ -218,8 +226,8 @@ def main() -> None:
     if args.write_doc:
         write_section(
             "distill_text",
-            f"`{out['command']}` ({out['seconds'] // 60} min this invocation). {out['machine']}\n\n"
-            + body,
+            f"`{out['command']}`: the runs behind these tables took {out['run_seconds'] // 60} min "
+            f"of wall time in all (teachers included). {out['machine']}\n\n" + body,
         )
 
 

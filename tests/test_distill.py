@@ -64,6 +64,26 @@ def test_unlabelled_rows_only_feed_the_kd_term():
     assert ce.item() == 0.0 and math.isfinite(total.item())
 
 
+def test_kd_settings_auto_follows_the_teachers_modality_and_explicit_values_win():
+    from tl_cli.distill import _check_kd, kd_settings
+    from tl_cli.errors import TLError
+
+    assert _check_kd({"distill": {"temperature": "auto", "alpha": "auto"}}) == (None, None)
+    assert _check_kd({"distill": {"temperature": "3", "alpha": 0.25}}) == (3.0, 0.25)
+    assert kd_settings(None, None, "image") == (4.0, 0.9)
+    assert kd_settings(None, None, "audio") == (4.0, 0.9)
+    assert kd_settings(None, None, "text") == (2.0, 0.5)
+    assert kd_settings(3.0, None, "text") == (3.0, 0.5)
+    assert kd_settings(None, 0.0, "image") == (4.0, 0.0)
+    for bad, what in (
+        ({"temperature": "hot"}, "distill.temperature='hot'"),
+        ({"alpha": 2}, "alpha=2.0"),
+    ):
+        with pytest.raises(TLError) as e:
+            _check_kd({"distill": bad})
+        assert what in str(e.value) and "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- backbone.depth
 
 
@@ -202,6 +222,8 @@ def test_metrics_json_has_the_distillation_keys(distilled):
     assert 0.0 <= m["teacher/test/acc"] <= 1.0
     assert m["student_params"] < m["teacher_params"]
     assert m["distill"]["unlabeled_size"] == 9 and m["distill"]["student_init"] == "teacher"
+    # distill.temperature/alpha=auto on an image teacher: Hinton's T 4, alpha 0.9
+    assert (m["distill"]["temperature"], m["distill"]["alpha"]) == (4.0, 0.9)
     assert m["train_size"] == 33  # the labelled inputs; the 9 unlabelled ones are extra
     assert m["task"] == "classification"
 

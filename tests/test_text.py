@@ -449,6 +449,39 @@ def test_cli_train_task_text(tiny_bert, text_csv, tmp_path):
     assert r.returncode == 2 and "missing.csv does not exist" in r.stderr + r.stdout
 
 
+def test_distill_a_text_teacher_into_its_first_layer(tiny_bert, text_csv, tmp_path):
+    """tl distill on a text teacher: the student is its first layer, KD settings auto -> text's."""
+    from tl_cli.checkpoint import load_module
+    from tl_cli.distill import blocks_of
+    from tl_cli.distill import run as distill
+    from tl_cli.train import run
+
+    run(text_cfg(tiny_bert, text_csv, tmp_path / "teacher", "strategy=finetune"))
+    teacher = tmp_path / "teacher" / "checkpoints" / "best.ckpt"
+    for extra, kd in (
+        ([], (2.0, 0.5)),
+        (["distill.temperature=3", "distill.alpha=0.8"], (3.0, 0.8)),
+    ):
+        ov = [
+            "task=text",
+            f"teacher={teacher}",
+            "backbone.depth=1",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.max_epochs=1",
+            *extra,
+        ]
+        out = tmp_path / f"student{len(extra)}"
+        with open_dict(cfg := compose_cfg(ov, "distill")):
+            cfg.output_dir = str(out)
+        m = distill(cfg, overrides=ov)
+        assert (m["distill"]["temperature"], m["distill"]["alpha"]) == kd
+        assert m["distill"]["student_init"] == "teacher" and m["test_size"] == 12
+        assert m["student_params"] < m["teacher_params"]
+        student, _ = load_module(out / "checkpoints" / "best.ckpt")
+        assert student.backbone.modality == "text" and blocks_of(student.backbone) == 1
+
+
 # --------------------------------------------------------------------------- real MiniLM (slow)
 
 

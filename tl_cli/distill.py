@@ -47,9 +47,11 @@ from tl_cli.errors import TLError
 from tl_cli.registry import plain
 from tl_cli.tasks import ClassificationTask, cached
 
-#: the defaults of configs/distill.yaml (docs/distillation.md says why)
+#: ``distill.temperature=auto`` / ``distill.alpha=auto`` (configs/distill.yaml), by the teacher's
+#: modality; docs/distillation.md says why and shows the measurements
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.9
+KD_DEFAULTS = {"text": (2.0, 0.5)}
 
 
 def kd_loss(
@@ -490,16 +492,17 @@ def _make_build(
             extra = unlabeled_items(unlabeled_root, modality)
             n_unlab = len(extra)
             dm.splits["train"] = list(dm.splits["train"]) + [(x, -1) for x in extra]
+        temperature, alpha = kd_settings(*_check_kd(scfg), teacher.backbone.modality)
         task.attach_teacher(
             TeacherNet(teacher),
             adapter,
-            float(scfg.distill.temperature),
-            float(scfg.distill.alpha),
+            temperature,
+            alpha,
             info={
                 "teacher": tckpt["path"],
                 "teacher_backbone": teacher.backbone.name,
-                "temperature": float(scfg.distill.temperature),
-                "alpha": float(scfg.distill.alpha),
+                "temperature": temperature,
+                "alpha": alpha,
                 "student_init": "teacher" if from_teacher else "pretrained",
                 "unlabeled_size": n_unlab,
             },
@@ -527,20 +530,35 @@ def _make_build(
     return build
 
 
-def _check_kd(cfg: DictConfig) -> tuple[float, float]:
+def _check_kd(cfg: DictConfig) -> tuple[float | None, float | None]:
+    """distill.temperature / distill.alpha as numbers, None for ``auto`` (checked before any work)."""
     d = cfg.get("distill") or {}
-    try:
-        t = float(d.get("temperature", DEFAULT_TEMPERATURE))
-        a = float(d.get("alpha", DEFAULT_ALPHA))
-    except (TypeError, ValueError):
-        raise TLError("distill.temperature and distill.alpha must be numbers") from None
-    if not t > 0:
+    raw = {k: d.get(k, "auto") for k in ("temperature", "alpha")}
+    out: dict[str, float | None] = {}
+    for k, v in raw.items():
+        if v is None or str(v).strip().lower() == "auto":
+            out[k] = None
+            continue
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise TLError(f"distill.{k}={v!r} must be a number or auto") from None
+    t, a = out["temperature"], out["alpha"]
+    if t is not None and not t > 0:
         raise TLError(f"distill.temperature={t} must be > 0 (1 = the raw softmax; 2-8 is usual)")
-    if not 0.0 <= a <= 1.0:
+    if a is not None and not 0.0 <= a <= 1.0:
         raise TLError(
             f"distill.alpha={a} must be in [0, 1] (the weight of the teacher's soft targets)"
         )
     return t, a
+
+
+def kd_settings(
+    temperature: float | None, alpha: float | None, modality: str
+) -> tuple[float, float]:
+    """The KD temperature and alpha, ``auto`` (None) filled in from the teacher's modality."""
+    t, a = KD_DEFAULTS.get(modality, (DEFAULT_TEMPERATURE, DEFAULT_ALPHA))
+    return (t if temperature is None else temperature), (a if alpha is None else alpha)
 
 
 # --------------------------------------------------------------------------- size and speed
@@ -632,6 +650,7 @@ def run(
     gates = tl_gates.parse(cfg)
     tl_gates.check_train_names(gates)
     teacher, tckpt = load_teacher(teacher_path)
+    temperature, alpha = kd_settings(temperature, alpha, teacher.backbone.modality)
     dataset = resolve_dataset(cfg, tckpt["tl"].get("dataset"), keys)
     unlabeled_root = dataset.pop("unlabeled_root", None)
     student_bb, from_teacher = resolve_student(cfg, teacher, tckpt["hyper_parameters"], keys)
@@ -639,6 +658,8 @@ def run(
     with open_dict(scfg):
         scfg.dataset = {k: v for k, v in dataset.items()}
         scfg.backbone = {k: v for k, v in student_bb.items() if k not in ("config", "tokenizer")}
+        kd = OmegaConf.to_container(scfg.distill) if scfg.get("distill") else {}
+        scfg.distill = {**kd, "temperature": temperature, "alpha": alpha}
     init = "the teacher's first blocks" if from_teacher else "its pretrained weights"
     say(
         f"[bold]teacher[/] {teacher.backbone.name} ({count_params(teacher) / 1e6:.2f}M params) "
