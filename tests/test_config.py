@@ -254,6 +254,16 @@ def test_finetune_config_defaults_to_finetune_strategy():
     assert cfg.strategy.name == "finetune" and cfg.command == "finetune"
 
 
+def test_task_defaults_label_smoothing_per_modality():
+    """Images smooth labels (0.1); text and audio do not (measured: docs/benchmarks.md); the
+    command line still wins, and tl distill never smooths (its soft targets do)."""
+    assert compose_cfg([]).label_smoothing == 0.1
+    assert compose_cfg(["task=text"], "finetune").label_smoothing == 0.0
+    assert compose_cfg(["task=audio"], "finetune").label_smoothing == 0.0
+    assert compose_cfg(["task=text", "label_smoothing=0.2"], "finetune").label_smoothing == 0.2
+    assert compose_cfg(["task=image", "teacher=x"], "distill").label_smoothing == 0.0
+
+
 def test_unknown_option_lists_valid_ones():
     with pytest.raises(ConfigCompositionException) as e:
         compose_cfg(["backbone=nope"])
