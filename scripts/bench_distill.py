@@ -18,6 +18,8 @@ shared 2-core CPU machine:
   - group ``image``: teacher ``efficientnet_lite2`` (bundled ImageNet weights), frozen features +
     an L-BFGS-fitted head (``tl train``).
   - group ``image_ft``: teacher ``efficientnet_lite2`` fine-tuned (``tl finetune``, its defaults).
+  - group ``image_ft_ls0``: the same teacher fine-tuned with ``label_smoothing=0`` (a teacher trained
+    with label smoothing distils worse: Mueller, Kornblith, Hinton, NeurIPS 2019).
   - students, all fine-tuned end to end for 10 epochs (the ``tl distill`` default,
     ``strategy=finetune``): the command's default student (no ``backbone=``: the teacher's
     backbone cut to half its 21 blocks, ``backbone.depth=10``, starting from the teacher's weights),
@@ -428,7 +430,7 @@ def main() -> None:
         "--groups",
         nargs="+",
         default=["image", "image_ft", "text"],
-        choices=["image", "image_ft", "text"],
+        choices=["image", "image_ft", "image_ft_ls0", "text"],
     )
     ap.add_argument(
         "--image-students",
@@ -481,7 +483,7 @@ def main() -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     sections = []
-    if {"image", "image_ft"} & set(args.groups):
+    if {"image", "image_ft", "image_ft_ls0"} & set(args.groups):
         lab, unl, n_lab, n_unl = image_data(
             args.data, args.per_class, args.unlabeled, args.test_per_class
         )
@@ -508,6 +510,12 @@ def main() -> None:
                 ("finetune", [*img, "backbone=efficientnet_lite2"]),
                 args.image_ft_students,
                 "teacher Lite2 fine-tuned",
+            ),
+            (
+                "image_ft_ls0",
+                ("finetune", [*img, "backbone=efficientnet_lite2", "label_smoothing=0"]),
+                args.image_ft_students,
+                "teacher Lite2 fine-tuned without label smoothing",
             ),
         ):
             if g not in args.groups:
@@ -582,7 +590,7 @@ def main() -> None:
             (g["teacher"]["wall_seconds"] if g.get("teacher") else 0)
             + sum(r["wall_seconds"] for row in g["rows"] for r in row["runs"])
             for k, g in out.items()
-            if k in ("image", "image_ft", "text")
+            if k in ("image", "image_ft", "image_ft_ls0", "text")
         )
     )
     out["sections"] = sections

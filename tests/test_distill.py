@@ -222,6 +222,8 @@ def test_metrics_json_has_the_distillation_keys(distilled):
     assert 0.0 <= m["teacher/test/acc"] <= 1.0
     assert m["student_params"] < m["teacher_params"]
     assert m["distill"]["unlabeled_size"] == 9 and m["distill"]["student_init"] == "teacher"
+    # the teacher was trained with tl's image default label_smoothing=0.1: one warning says so
+    assert any("label_smoothing=0.1" in w and "\n" not in w for w in m["warnings"])
     # distill.temperature/alpha=auto on an image teacher: Hinton's T 4, alpha 0.9
     assert (m["distill"]["temperature"], m["distill"]["alpha"]) == (4.0, 0.9)
     assert m["train_size"] == 33  # the labelled inputs; the 9 unlabelled ones are extra

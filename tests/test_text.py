@@ -476,6 +476,7 @@ def test_distill_a_text_teacher_into_its_first_layer(tiny_bert, text_csv, tmp_pa
             cfg.output_dir = str(out)
         m = distill(cfg, overrides=ov)
         assert (m["distill"]["temperature"], m["distill"]["alpha"]) == kd
+        assert not any("label_smoothing" in w for w in m["warnings"])  # text: no smoothing
         assert m["distill"]["student_init"] == "teacher" and m["test_size"] == 12
         assert m["student_params"] < m["teacher_params"]
         student, _ = load_module(out / "checkpoints" / "best.ckpt")

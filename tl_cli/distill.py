@@ -553,6 +553,21 @@ def _check_kd(cfg: DictConfig) -> tuple[float | None, float | None]:
     return t, a
 
 
+def teacher_warnings(tckpt: dict[str, Any]) -> list[str]:
+    """What makes this teacher a worse teacher than it could be (one line each)."""
+    try:
+        ls = float(tckpt.get("hyper_parameters", {}).get("label_smoothing") or 0.0)
+    except (TypeError, ValueError):
+        ls = 0.0
+    if ls > 0:
+        return [
+            f"the teacher was trained with label_smoothing={ls:g}: smoothing erases the similarities "
+            "between classes its soft targets would teach (Mueller, Kornblith, Hinton 2019); a "
+            "teacher trained with label_smoothing=0 usually distils better"
+        ]
+    return []
+
+
 def kd_settings(
     temperature: float | None, alpha: float | None, modality: str
 ) -> tuple[float, float]:
@@ -634,7 +649,7 @@ def run(
         overrides: the command line's overrides (default: Hydra's), to tell which dataset and
             backbone keys the user set.
     """
-    from tl_cli.console import say, summary_table
+    from tl_cli.console import say, summary_table, warn
     from tl_cli.loggers import make_logger
     from tl_cli.metrics import DISTILL_METRICS, TRAIN_SUMMARY
     from tl_cli.outputs import release_run_dir, write_json
@@ -651,6 +666,9 @@ def run(
     tl_gates.check_train_names(gates)
     teacher, tckpt = load_teacher(teacher_path)
     temperature, alpha = kd_settings(temperature, alpha, teacher.backbone.modality)
+    teacher_notes = teacher_warnings(tckpt)
+    for line in teacher_notes:
+        warn(line)
     dataset = resolve_dataset(cfg, tckpt["tl"].get("dataset"), keys)
     unlabeled_root = dataset.pop("unlabeled_root", None)
     student_bb, from_teacher = resolve_student(cfg, teacher, tckpt["hyper_parameters"], keys)
@@ -691,6 +709,7 @@ def run(
     if t_acc:
         metrics["acc_ratio"] = round(float(metrics[acc_key]) / float(t_acc), 4)
     metrics["distill"] = info
+    metrics["warnings"] = teacher_notes + list(metrics.get("warnings") or [])
     metrics["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, metrics, "train")]
     if objects["trainer"].is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
