@@ -84,6 +84,25 @@ def test_kd_settings_auto_follows_the_teachers_modality_and_explicit_values_win(
         assert what in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_teacher_trained_with_label_smoothing_gets_one_warning_line():
+    from tl_cli.distill import teacher_warnings
+
+    ft = {"name": "finetune", "head_fit": "lbfgs"}
+    fe = {"name": "feature_extraction", "head_fit": "lbfgs"}
+    lin = {"name": "linear"}
+
+    def hp(ls, strategy, head=lin):
+        return {"hyper_parameters": {"label_smoothing": ls, "strategy": strategy, "head": head}}
+
+    (w,) = teacher_warnings(hp(0.1, ft))
+    assert "label_smoothing=0.1" in w and "label_smoothing=0" in w and "\n" not in w
+    assert teacher_warnings(hp(0.0, ft)) == []
+    assert teacher_warnings(hp(0.1, fe)) == []  # L-BFGS head on frozen features: no smoothed step
+    assert len(teacher_warnings(hp(0.1, {**fe, "head_fit": "sgd"}))) == 1
+    assert len(teacher_warnings(hp(0.1, fe, {"name": "mlp"}))) == 1
+    assert teacher_warnings({"hyper_parameters": {}}) == []
+
+
 # --------------------------------------------------------------------------- backbone.depth
 
 
@@ -222,8 +241,8 @@ def test_metrics_json_has_the_distillation_keys(distilled):
     assert 0.0 <= m["teacher/test/acc"] <= 1.0
     assert m["student_params"] < m["teacher_params"]
     assert m["distill"]["unlabeled_size"] == 9 and m["distill"]["student_init"] == "teacher"
-    # the teacher was trained with tl's image default label_smoothing=0.1: one warning says so
-    assert any("label_smoothing=0.1" in w and "\n" not in w for w in m["warnings"])
+    # a tl train teacher (frozen, L-BFGS head) took no smoothed step: no label-smoothing warning
+    assert not any("label_smoothing" in w for w in m["warnings"])
     # distill.temperature/alpha=auto on an image teacher: Hinton's T 4, alpha 0.9
     assert (m["distill"]["temperature"], m["distill"]["alpha"]) == (4.0, 0.9)
     assert m["train_size"] == 33  # the labelled inputs; the 9 unlabelled ones are extra

@@ -555,11 +555,20 @@ def _check_kd(cfg: DictConfig) -> tuple[float | None, float | None]:
 
 def teacher_warnings(tckpt: dict[str, Any]) -> list[str]:
     """What makes this teacher a worse teacher than it could be (one line each)."""
+    hp = tckpt.get("hyper_parameters") or {}
     try:
-        ls = float(tckpt.get("hyper_parameters", {}).get("label_smoothing") or 0.0)
+        ls = float(hp.get("label_smoothing") or 0.0)
     except (TypeError, ValueError):
         ls = 0.0
-    if ls > 0:
+    strategy, head = hp.get("strategy") or {}, hp.get("head") or {}
+    # a frozen backbone with a linear head fitted by L-BFGS (tl train's default) took no smoothed
+    # step: its outputs are not smoothed, whatever label_smoothing says
+    lbfgs_only = (
+        strategy.get("name") == "feature_extraction"
+        and strategy.get("head_fit") == "lbfgs"
+        and head.get("name") == "linear"
+    )
+    if ls > 0 and not lbfgs_only:
         return [
             f"the teacher was trained with label_smoothing={ls:g}: smoothing erases the similarities "
             "between classes its soft targets would teach (Mueller, Kornblith, Hinton 2019); a "
