@@ -146,6 +146,7 @@ def main() -> None:
         help="a run dir that already holds metrics.json is read, not run again",
     )
     args = ap.parse_args()
+    wanted = set(filter(None, args.variants.split(",")))  # --variants
     out = Path(args.out)
     res_file = out / "results.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {"rows": {}}
@@ -178,7 +179,6 @@ def main() -> None:
                 row["finetune"] = _keep(r)
                 print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
             if name in var_rows:
-                wanted = set(filter(None, args.variants.split(",")))
                 for key, extra in ((k, v) for k, v in VARIANTS.items() if k in wanted):
                     print(f"[{name}] tl finetune {' '.join(extra)} ...", flush=True)
                     slug = key.replace("=", "_")

@@ -91,6 +91,15 @@ def test_data_warnings_imbalance_and_small_val():
     assert train.data_warnings(dm([31, 10], 40, balance="weights")) == []  # already handled
     (w,) = train.data_warnings(dm([10, 10], 12))
     assert "validation split has 12 images" in w and "8.3 points" in w
+    # the data module names its inputs (TextDataModule: texts, AudioFolderDataModule: recordings)
+    from tl_cli.audio import AudioFolderDataModule
+    from tl_cli.text import TextDataModule
+
+    text_dm = dm([31, 10], 12)
+    text_dm.item_noun = TextDataModule.item_noun
+    imb, small = train.data_warnings(text_dm)
+    assert "'k0' 31 texts" in imb and "validation split has 12 texts" in small
+    assert AudioFolderDataModule.item_noun == "recordings"
 
 
 def test_collapse_warning_only_when_one_class_is_predicted():
