@@ -12,6 +12,7 @@ from PIL import Image
 
 from tl_cli.commands import train
 from tl_cli.core.console import History
+from tl_cli.run import training
 from tl_cli.run.tuning import falling_slope
 from tl_cli.tasks.classification import val_score
 
@@ -85,11 +86,11 @@ def test_data_warnings_imbalance_and_small_val():
             balance=balance,
         )
 
-    assert train.data_warnings(dm([30, 10], 40)) == []  # exactly 3:1 is fine
-    (w,) = train.data_warnings(dm([31, 10], 40))
+    assert training.data_warnings(dm([30, 10], 40)) == []  # exactly 3:1 is fine
+    (w,) = training.data_warnings(dm([31, 10], 40))
     assert "imbalanced 3.1:1" in w and "dataset.balance=weights" in w
-    assert train.data_warnings(dm([31, 10], 40, balance="weights")) == []  # already handled
-    (w,) = train.data_warnings(dm([10, 10], 12))
+    assert training.data_warnings(dm([31, 10], 40, balance="weights")) == []  # already handled
+    (w,) = training.data_warnings(dm([10, 10], 12))
     assert "validation split has 12 images" in w and "8.3 points" in w
     # the data module names its inputs (TextDataModule: texts, AudioFolderDataModule: recordings)
     from tl_cli.modalities.audio.data import AudioFolderDataModule
@@ -97,7 +98,7 @@ def test_data_warnings_imbalance_and_small_val():
 
     text_dm = dm([31, 10], 12)
     text_dm.item_noun = TextDataModule.item_noun
-    imb, small = train.data_warnings(text_dm)
+    imb, small = training.data_warnings(text_dm)
     assert "'k0' 31 texts" in imb and "validation split has 12 texts" in small
     assert AudioFolderDataModule.item_noun == "recordings"
 
@@ -105,10 +106,10 @@ def test_data_warnings_imbalance_and_small_val():
 def test_collapse_warning_only_when_one_class_is_predicted():
     hist = [{"epoch": 0, "val/pred_classes": 1.0}, {"epoch": 1, "val/pred_classes": 2.0}]
     mod = SimpleNamespace(pred_counts={"test": torch.tensor([0, 5])}, class_names=["x", "y"])
-    w = train.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
+    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
     assert len(w) == 2 and "'y' for all 5 test images" in w[1]
     mod.pred_counts["test"] = torch.tensor([1, 4])
-    assert train.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
+    assert training.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
 
 
 def test_checkpoint_tie_break_picks_the_lower_loss():
@@ -124,7 +125,7 @@ def test_checkpoint_tie_break_picks_the_lower_loss():
         h.epochs.append(
             {"epoch": e, "val/acc": acc, "val/loss": loss, "val/score": val_score(acc, loss, 10)}
         )
-    m = train.collect_metrics(h, None, None, 1.0, "val/score", "max")
+    m = training.collect_metrics(h, None, None, 1.0, "val/score", "max")
     assert m["best_epoch"] == 3 and m["val/loss"] == 0.4
 
 

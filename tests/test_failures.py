@@ -19,16 +19,10 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_cfg, run_tl
-from tl_cli.core.checkpoint import read_checkpoint
+from tl_cli.core.checkpoint import atomic_save, read_checkpoint
 from tl_cli.core.errors import TLError
 from tl_cli.run import safety
-from tl_cli.run.safety import (
-    AtomicCheckpointIO,
-    NonFiniteError,
-    TrainingGuard,
-    atomic_save,
-    stale_temp_files,
-)
+from tl_cli.run.safety import AtomicCheckpointIO, NonFiniteError, TrainingGuard, stale_temp_files
 
 # --------------------------------------------------------------------------- helpers
 
@@ -38,7 +32,7 @@ from tl_cli.run.safety import (
 # SIGKILL lands mid-write, with half a file on disk).
 CHILD = r"""
 import io, os, sys, time
-import tl_cli.run.safety as s
+import tl_cli.core.checkpoint as s
 from tl_cli.tasks.classification import ClassificationTask as _Task
 _orig, _n = s._serialize, [0]
 pause_at = int(os.environ.get("TL_TEST_PAUSE_AT_WRITE", "0"))

@@ -14,13 +14,12 @@ from tl_cli.commands import evaluate, export, predict
 from tl_cli.commands.fewshot import (
     check_episodes,
     episode_accuracy,
-    leave_one_out,
-    prototypes,
     run_episodes,
     sample_episode,
 )
-from tl_cli.core.checkpoint import load_module
 from tl_cli.core.errors import TLError
+from tl_cli.tasks.loading import load_module
+from tl_cli.transfer.prototypes import leave_one_out, prototypes
 
 from .conftest import TINY, TINY_FEATURES, make_image_folder, run_cfg, run_tl
 
@@ -43,7 +42,7 @@ def proto_run(tmp_path_factory, tiny_data):
 
 def _features(module, folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of every image under folder/<class>/ (the eval transform), by hand."""
-    from tl_cli.data.base import eval_transform, load_image
+    from tl_cli.modalities.image.data import eval_transform, load_image
 
     tf = eval_transform(module.preprocessing)
     xs, ys = [], []

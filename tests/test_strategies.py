@@ -49,7 +49,7 @@ def test_feature_extraction_freezes_backbone_and_bn_stats(tiny_cfg, cache):
         "scheduler=none",
     )
     spy = Spy()
-    from tl_cli.commands import train as train_mod
+    from tl_cli.run import training as train_mod
 
     built = {}
     orig_build = train_mod.build

@@ -23,7 +23,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tl_cli.core.errors import TLError
+from tl_cli.core.outputs import atomic_file
 
 #: format-1 ``_target_`` strings -> (section, registry name)
 LEGACY_TARGETS = {
@@ -42,6 +45,9 @@ LEGACY_TARGETS = {
     "tl_cli.data.SampleDataModule": ("dataset", "sample"),
     "tl_cli.data.TorchvisionDataModule": ("dataset", None),  # its own `name` is cifar10/cifar100
 }
+
+#: Checkpoint format: 2 = registry names and plain values (1 = Hydra ``_target_`` strings).
+CHECKPOINT_FORMAT = 2
 
 #: hyper_parameters sections that are component configs ({"name": ..., options})
 COMPONENTS = ("backbone", "head", "strategy", "optimizer", "scheduler")
@@ -188,40 +194,6 @@ def _without_legacy_targets(obj: Any) -> Any:
     return out
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and validate a tl checkpoint (see the module docstring)."""
-    from tl_cli.run.safety import read_untrusted_checkpoint
-
-    return read_untrusted_checkpoint(path)
-
-
-def load_module(path: str | os.PathLike[str]):
-    """Rebuild the trained model from a checkpoint alone (no network, no original config).
-
-    Returns:
-        (task module in eval mode, the validated checkpoint dict).
-    """
-    import tl_cli.components  # noqa: F401 - every registry complete
-    from tl_cli.tasks.base import TASKS
-
-    ckpt = read_checkpoint(path)
-    meta = ckpt["tl"]
-    cls = TASKS.get(meta["task"])
-    try:
-        module = cls(**ckpt["hyper_parameters"], pretrained=False)
-    except TLError as e:
-        raise TLError(f"checkpoint={path}: {e}") from None
-    try:
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise TLError(
-            f"checkpoint={path}: weights do not fit the model it describes ({detail[:300]})"
-        ) from None
-    module.eval()
-    return module, ckpt
-
-
 def stored_path(value: Any, key: str, path: Any) -> str | None:
     """A dataset path stored in a checkpoint: absolute, and said to be missing when it is."""
     if value is None:
@@ -236,3 +208,114 @@ def stored_path(value: Any, key: str, path: Any) -> str | None:
             f"checkpoint={path}: its {key} {p} does not exist here; pass dataset.root=DIR to score another folder"
         )
     return str(p)
+
+
+def _serialize(obj: Any, f: Any) -> None:
+    """Write ``obj`` to the open binary file ``f`` (a seam for fault-injection tests)."""
+    torch.save(obj, f)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` onto ``path``.
+
+    The temp file is ``.<name>.<random>.tmp`` (never ``*.ckpt``); see `tl_cli.core.outputs.atomic_file`.
+    """
+    with atomic_file(path, keep_suffix=False) as f:
+        _serialize(obj, f)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint that may be truncated, not a checkpoint at all, or crafted.
+
+    On top of ``torch.load(weights_only=True)``:
+
+    * an empty file, or one that is not a zip archive (text, a raw pickle, a truncated file: its
+      zip directory is at the end), is "not a readable checkpoint", before unpickling starts, so it
+      is never misreported as a checkpoint holding forbidden objects;
+    * a pickle that needs a non-plain global names that global (e.g. ``posix.system``);
+    * ``tl_cli.core.checkpoint.validate`` treats the stored configs as plain data: no interpolation,
+      no ``_target_``, a schema; objects are then built only through tl's registries.
+    """
+    import pickle
+    import re
+    import zipfile
+
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise TLError(f"checkpoint={p}: file not found")
+    if not p.is_file():
+        raise TLError(f"checkpoint={p}: not a file")
+    if p.stat().st_size == 0:
+        raise TLError(f"checkpoint={p}: not a readable checkpoint (empty file)")
+    if not zipfile.is_zipfile(p):
+        raise TLError(
+            f"checkpoint={p}: not a readable checkpoint (not a torch zip archive: truncated, or not a checkpoint)"
+        )
+    try:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({m.group(1)})" if m else ""
+        raise TLError(
+            f"checkpoint={p}: refused: it holds a Python object{what} that is not plain data; "
+            f"tl loads checkpoints with weights_only=True, so no code in a checkpoint runs"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any other failure: unreadable
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise TLError(
+            f"checkpoint={p}: not a readable checkpoint (truncated or not a torch file: {msg})"
+        ) from None
+    if (
+        not isinstance(ckpt, dict)
+        or "tl" not in ckpt
+        or "hyper_parameters" not in ckpt
+        or "state_dict" not in ckpt
+    ):
+        raise TLError(
+            f"checkpoint={p}: not a tl checkpoint (no 'tl' metadata, hyper_parameters or state_dict)"
+        )
+    return validate(ckpt, p)
+
+
+def save_module(module: Any, path: Path) -> None:
+    """The task module as a tl checkpoint (what Lightning writes, without a Trainer)."""
+    import pytorch_lightning as pl
+
+    from tl_cli.core.registry import plain
+
+    ckpt: dict[str, Any] = {
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": pl.__version__,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+        "hyper_parameters": plain(dict(module.hparams)),
+    }
+    module.on_save_checkpoint(ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(ckpt, path)
+
+
+def tl_section(
+    *,
+    task: str,
+    modality: str,
+    class_names: list[str],
+    preprocessing: dict[str, Any],
+    backbone: str,
+    strategy: str,
+    dataset: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``tl`` metadata of a checkpoint, as every tl writer stores it (`validate` reads it)."""
+    from tl_cli import __version__
+
+    return {
+        "version": __version__,
+        "format": CHECKPOINT_FORMAT,
+        "task": task,
+        "modality": modality,
+        "class_names": list(class_names),
+        "preprocessing": dict(preprocessing),
+        "backbone": backbone,
+        "strategy": strategy,
+        "dataset": dataset,
+    }

@@ -179,15 +179,16 @@ class UnfreezeLines(pl.Callback):
 class EpochLines(pl.Callback):
     """One line per finished epoch, numbered from 1, on a terminal and in logs alike."""
 
-    def __init__(self, history: History) -> None:
+    def __init__(self, history: History, keys: tuple[str, ...] | list[str] = EPOCH_METRICS) -> None:
         self.history = history
+        self.keys = tuple(keys)  # the task's epoch_metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.history.epochs:
             return
         row = self.history.epochs[-1]
         parts = [f"epoch {int(row['epoch']) + 1}/{trainer.max_epochs}"]
-        parts += [f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row]
+        parts += [f"{k} {row[k]:.4f}" for k in self.keys if k in row]
         if "lr" in row:
             parts.append(f"lr {row['lr']:.2e}")
         parts.append(f"{row['seconds']:.1f}s")

@@ -62,11 +62,6 @@ def _file_id(p: PathLike) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def same_file(a: PathLike, b: PathLike) -> bool:
-    ia, ib = _file_id(a), _file_id(b)
-    return ia is not None and ia == ib
-
-
 def check_output(
     path: PathLike,
     *,
@@ -363,3 +358,33 @@ def claim_pending(out: PathLike) -> None:
     except TLError:
         release_run_dir(out)
         raise
+
+
+def inside_run_dir(path: Path, out_dir: Path) -> None:
+    if path.is_symlink() or not path.resolve().is_relative_to(out_dir.resolve()):
+        raise TLError(
+            f"{path} points outside the run dir {out_dir}; pass output=PATH to write elsewhere"
+        )
+
+
+def output_path(cfg: Any, default_name: str, protect: list[str]) -> Path:
+    """Where to write: ``output`` as given (a folder, or a path ending in /, gets ``default_name``),
+    else the run dir.
+
+    The default stays inside the run dir (a symlink there that points elsewhere is refused). An
+    existing file is refused unless ``overwrite=true``, and one of ``protect`` (the checkpoint, the
+    inputs; the same file by device and inode) always: see `tl_cli.core.outputs.check_output`.
+    """
+    out_dir = Path(str(cfg.output_dir))
+    given = cfg.get("output")
+    if given:
+        raw = os.path.expanduser(str(given))
+        path = Path(raw)
+        if raw.endswith(("/", os.sep)) or path.is_dir():
+            if os.path.lexists(path) and not path.is_dir():
+                raise TLError(f"output={given}: {path} exists and is not a folder")
+            path = path / default_name  # a folder (created when written): the default name in it
+    else:
+        path = out_dir / default_name
+        inside_run_dir(path, out_dir)
+    return check_output(path, overwrite=bool(cfg.get("overwrite", False)), inputs=protect)

@@ -150,18 +150,29 @@ def _numeric_keys(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def _split_key(metric: str, metrics: dict[str, Any]) -> str | None:
+    """A bare name (``acc``, ``f1``, ``map_50``): the test metric when there is one, else val's."""
+    for split in ("test", "val"):
+        key = f"{split}/{metric}"
+        if key in metrics or _flagged(metrics, key):
+            return key
+    return None
+
+
 def resolve_train_key(metric: str, metrics: dict[str, Any] | None = None) -> str | None:
-    """The metrics.json key a train gate names; None if unknown (metrics None: names only)."""
-    if metric in _TRAIN_BARE:
-        if metrics is None:
-            return f"test/{metric}"
-        for split in ("test", "val"):
-            if f"{split}/{metric}" in metrics or _flagged(metrics, f"{split}/{metric}"):
-                return f"{split}/{metric}"
-        return None
-    slashed = metric.replace(".", "/", 1)
+    """The metrics.json key a train gate names; None if unknown (metrics None: names only).
+
+    A bare name means the final test metric when the run has a test split, else the best-epoch
+    validation metric; ``val.acc`` / ``test.acc`` pick one; any other number of metrics.json
+    (``best_epoch``, ``fit_seconds``) is itself.
+    """
     if metrics is None:
-        return slashed if slashed in TRAIN_METRICS else None
+        return metric.replace(".", "/", 1) if "." in metric else f"test/{metric}"
+    if "." not in metric:
+        key = _split_key(metric, metrics)
+        if key is not None or metric in _TRAIN_BARE:
+            return key
+    slashed = metric.replace(".", "/", 1)
     for cand in (slashed, metric):
         v = metrics.get(cand)
         if isinstance(v, int | float) and not isinstance(v, bool):
@@ -171,13 +182,18 @@ def resolve_train_key(metric: str, metrics: dict[str, Any] | None = None) -> str
     return None
 
 
-def check_train_names(gates: list[Gate]) -> None:
-    """Fail before training when a gate names no metric `tl train` produces."""
-    known = {*TRAIN_METRICS, "best_epoch", "epochs", "fit_seconds"}
+def check_train_names(
+    gates: list[Gate],
+    final: tuple[str, ...] = TRAIN_METRICS,
+    bare: tuple[str, ...] = _TRAIN_BARE,
+) -> None:
+    """Fail before training when a gate names no metric `tl train` produces; ``final`` and
+    ``bare`` are the task's declarations (``final_metrics``, ``gate_metrics``)."""
+    known = {*final, "best_epoch", "epochs", "fit_seconds"}
     for g in gates:
-        if g.metric in _TRAIN_BARE or g.metric.replace(".", "/", 1) in known:
+        if g.metric in bare or g.metric.replace(".", "/", 1) in known:
             continue
-        names = ", ".join([*_TRAIN_BARE, *(k.replace("/", ".") for k in TRAIN_METRICS)])
+        names = ", ".join([*bare, *(k.replace("/", ".") for k in final)])
         raise TLError(f"{g.name}: tl train has no metric {g.metric!r}; gate one of: {names}")
 
 

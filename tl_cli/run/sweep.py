@@ -29,6 +29,18 @@ from tl_cli.core.outputs import atomic_file, write_json, write_text
 
 #: Columns of the summary, in order, when the jobs wrote them (train: metrics.json; eval: eval.json).
 METRIC_COLUMNS = list(dict.fromkeys([*FINAL_METRICS, "best_epoch", "fit_seconds", *EVAL_SUMMARY]))
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The metric columns of a sweep: each job's task's final metrics (metrics.json
+    ``metric_names``), else classification's, then the eval summary; those some job has."""
+    declared = [
+        k for r in rows for k in ((r["metrics"].get("metric_names") or {}).get("final") or [])
+    ]
+    cols = dict.fromkeys([*declared, *METRIC_COLUMNS])
+    return [c for c in cols if any(c in r["metrics"] for r in rows)]
+
+
 FAILED_FILE = "failed.json"
 
 
@@ -165,7 +177,7 @@ def write_summary(
 ) -> tuple[Path, Path]:
     """summary.csv (every job, every column) and summary.md (the table a person reads)."""
     params = varying_keys(rows)
-    metric_cols = [c for c in METRIC_COLUMNS if any(c in r["metrics"] for r in rows)]
+    metric_cols = metric_columns(rows)
     header = ["job", "status", *params, *metric_cols, "error", "dir"]
     csv_path = sweep_dir / "summary.csv"
     with atomic_file(csv_path, "w", newline="") as f:  # beside it, then renamed
@@ -241,7 +253,7 @@ def print_summary(sweep_dir: Path, rows: list[dict[str, Any]], sort_by: str | No
     from tl_cli.core.console import console
 
     params = varying_keys(rows)
-    metric_cols = [c for c in METRIC_COLUMNS if any(c in r["metrics"] for r in rows)][:4]
+    metric_cols = metric_columns(rows)[:4]
     best = _best(rows, sort_by)
     t = Table(title=f"sweep: {len(rows)} runs ({sweep_dir})", header_style="bold")
     for c in ["job", "status", *params, *metric_cols]:

@@ -780,10 +780,10 @@ def finish(
     and return the metrics to add (``source/val/acc``, ``target/...``)."""
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-    from tl_cli.run.safety import read_untrusted_checkpoint
+    from tl_cli.core.checkpoint import read_checkpoint
 
     if best_path and Path(best_path).exists():
-        module.load_state_dict(read_untrusted_checkpoint(best_path)["state_dict"], strict=True)
+        module.load_state_dict(read_checkpoint(best_path)["state_dict"], strict=True)
     device = trainer.strategy.root_device
     module.to(device).eval()
     target = dm.splits["target"]

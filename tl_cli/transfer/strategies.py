@@ -77,11 +77,11 @@ class TransferStrategy:
 
     @staticmethod
     def before_scan(dm: Any) -> None:
-        """Called by ``tl_cli.commands.train.build`` before the data module scans its source."""
+        """Called by ``tl_cli.run.training.build`` before the data module scans its source."""
 
     @staticmethod
     def after_scan(dm: Any) -> None:
-        """Called by ``tl_cli.commands.train.build`` after the scan (class names and splits known)."""
+        """Called by ``tl_cli.run.training.build`` after the scan (class names and splits known)."""
 
     def lr_mults(self, n_groups: int) -> list[float]:
         d = self.layer_decay or 1.0

