@@ -157,7 +157,11 @@ def embedding_layers() -> nn.ModuleList:
 
     path = model_dir() / "embedding_model.onnx"
     proto = onnx.load(str(path))
-    gm = convert(proto)
+    # on the CPU even when a checkpoint's architecture is checked on the meta device
+    # (tl_cli.checkpoint): onnx2torch assigns the graph's weights to the new layers, and this
+    # fixed 1.3 MB graph is the same whatever a checkpoint says
+    with torch.device("cpu"):
+        gm = convert(proto)
     consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
     def bad(why: str) -> TLError:

@@ -23,7 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tl_cli.errors import EXIT_FAILED, TLError, full_errors
+from tl_cli.errors import EXIT_FAILED, TLError, full_errors, one_line
 from tl_cli.metrics import EVAL_SUMMARY, FINAL_METRICS
 from tl_cli.outputs import atomic_file, write_json, write_text
 
@@ -61,8 +61,10 @@ def keep_sweeping(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
                 int(e.code) if isinstance(e.code, int) else EXIT_FAILED,
             )
         except TLError as e:
-            message, code = str(e), e.exit_code
-        except Exception as e:  # noqa: BLE001 - one job's crash must not lose the others
+            message, code = one_line(e), e.exit_code
+        except GeneratorExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - one job's crash (a Rust panic too) must not lose the others
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             message, code = f"{type(e).__name__}: {first}", EXIT_FAILED
         print(f"tl: error: {message}", file=sys.stderr)
