@@ -358,6 +358,11 @@ def check_state_dict(sd: Any, path: Any) -> None:
             raise _refuse(path, f"state_dict[{k!r}]", type(v).__name__, "is not a tensor")
 
 
+def looks_like_interpolation(s: str) -> bool:
+    """``${...}`` in any spelling OmegaConf would resolve (escaped or nested included)."""
+    return "${" in s or "$\\{" in s or "\\${" in s
+
+
 def _walk(obj: Any, where: str, path: Any) -> None:
     """Refuse interpolation-looking strings and non-plain values anywhere in ``obj``."""
     if isinstance(obj, dict):
@@ -374,7 +379,7 @@ def _walk(obj: Any, where: str, path: Any) -> None:
         for i, v in enumerate(obj):
             _walk(v, f"{where}[{i}]", path)
     elif isinstance(obj, str):
-        if "${" in obj or "$\\{" in obj or "\\${" in obj:
+        if looks_like_interpolation(obj):
             raise TLError(
                 f"checkpoint={path}: refused: {where}={obj[:60]!r} looks like an interpolation; "
                 f"stored values are plain data and are never resolved"

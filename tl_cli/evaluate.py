@@ -22,7 +22,7 @@ from tl_cli import gates as tl_gates
 from tl_cli.checkpoint import load_module, stored_path
 from tl_cli.console import fmt, progress, say, show, summary_table
 from tl_cli.data import DATASETS, FOLDER_DATASETS, TorchvisionDataModule
-from tl_cli.errors import TLError
+from tl_cli.errors import EXIT_FAILED, TLError
 from tl_cli.metrics import EVAL_SCHEMA_VERSION, EVAL_SUMMARY
 from tl_cli.outputs import claim_run_dir, release_run_dir, write_json
 from tl_cli.report import eval_report
@@ -153,6 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "cuda" if want in ("auto", "cuda", "gpu") and torch.cuda.is_available() else "cpu"
     )
     logits, y = predict_logits(module, loader, device, f"evaluating {split}")
+    unusable = nonfinite_outputs(module, logits)
     metrics = score(logits, y, class_names)
     result = {
         "schema_version": EVAL_SCHEMA_VERSION,
@@ -162,7 +163,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "class_names": class_names,
         **metrics,
     }
-    result["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, result, "eval")]
+    if unusable:
+        result["unusable"] = unusable
+    result["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, result, "eval", unusable)]
     out = Path(str(cfg.output_dir))
     claim_run_dir(out, overwrite=bool(cfg.get("overwrite", False)))  # no earlier outputs; locked
     write_json(out / "eval.json", result)  # strict JSON (NaN -> null, "nonfinite": [keys])
@@ -207,4 +210,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tl_gates.enforce(
         gates, str(out / "eval.json")
     )  # exit 1 on a failed gate, after the outputs exist
+    if unusable:  # no gates: still no success for scores of a broken model
+        raise TLError(
+            f"checkpoint={cfg.checkpoint}: {unusable}; its scores mean nothing (see {out / 'eval.json'})",
+            exit_code=EXIT_FAILED,
+        )
     return result
+
+
+def nonfinite_outputs(module: torch.nn.Module, logits: torch.Tensor) -> str | None:
+    """Why a model's outputs cannot be scored (some are NaN/inf), naming a bad weight; else None."""
+    bad_rows = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if not bad_rows:
+        return None
+    from tl_cli.safety import _first_nonfinite
+
+    weight = _first_nonfinite(module.state_dict())
+    why = (
+        f"its weight {weight} is not finite (a corrupt or diverged checkpoint)"
+        if weight
+        else "the logits overflowed"
+    )
+    return f"the model's outputs are NaN/inf for {bad_rows} of {logits.shape[0]} inputs ({why})"
