@@ -263,16 +263,21 @@ def test_finite_metrics_still_pass_and_fail_as_before():
     gates.enforce(gs, "eval.json")  # no error
 
 
-def test_eval_cli_nan_checkpoint_fails_loss_gate(run_dir, tmp_path):
+def nan_head_checkpoint(run_dir: Path, path: Path) -> Path:
+    """The run's best.ckpt with every head weight NaN."""
     import torch
 
-    ckpt = torch.load(run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
     head = [k for k in ckpt["state_dict"] if k.startswith("head") and k.endswith("weight")]
     assert head
     for k in head:
         ckpt["state_dict"][k] = torch.full_like(ckpt["state_dict"][k], float("nan"))
-    nan_ckpt = tmp_path / "nan.ckpt"
-    torch.save(ckpt, nan_ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_eval_cli_nan_checkpoint_fails_loss_gate(run_dir, tmp_path):
+    nan_ckpt = nan_head_checkpoint(run_dir, tmp_path / "nan.ckpt")
     r = run_tl(
         "eval", f"checkpoint={nan_ckpt}", f"hydra.run.dir={tmp_path / 'e'}", "fail_over.loss=0.5"
     )
@@ -286,13 +291,7 @@ def test_eval_nan_model_fails_every_gate_whatever_its_accuracy(run_dir, tmp_path
     """Issue 23: NaN head weights gave acc 0.5 (an argmax over NaN logits) and passed
     fail_under.acc=0.1. A model with NaN/inf outputs fails every gate; without gates eval still
     exits 1 (its scores mean nothing), after writing eval.json."""
-    import torch
-
-    ckpt = torch.load(run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
-    for k in [k for k in ckpt["state_dict"] if k.startswith("head")]:
-        ckpt["state_dict"][k] = torch.full_like(ckpt["state_dict"][k], float("nan"))
-    nan_ckpt = tmp_path / "nan.ckpt"
-    torch.save(ckpt, nan_ckpt)
+    nan_ckpt = nan_head_checkpoint(run_dir, tmp_path / "nan.ckpt")
     r = run_tl(
         "eval", f"checkpoint={nan_ckpt}", f"hydra.run.dir={tmp_path / 'g'}", "fail_under.acc=0.1"
     )
