@@ -75,12 +75,16 @@ def keep_sweeping(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
 
 
 def _record_failure(cfg: DictConfig, message: str, code: int) -> None:
+    from tl_cli.outputs import CLAIMED, earlier_outputs
+
     try:
         from hydra.core.hydra_config import HydraConfig
 
         out = Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # noqa: BLE001
         out = Path(str(cfg.get("output_dir", ".")))
+    if earlier_outputs(out) and str(out.resolve()) not in CLAIMED:
+        return  # an earlier run's dir (the job was refused): its results are not this job's to mark
     write_json(out / FAILED_FILE, {"error": message, "exit_code": code})
 
 
@@ -291,6 +295,16 @@ class SweepSummary(Callback):
             if any(self.sort_by in r["metrics"] for r in rows)
             else ("acc" if any("acc" in r["metrics"] for r in rows) else None)
         )
+        from tl_cli.outputs import SWEEP_OUTPUTS, earlier_outputs
+
+        earlier = earlier_outputs(sweep_dir, SWEEP_OUTPUTS)
+        if earlier and not config.get("overwrite", False):
+            print(
+                f"tl: warning: {earlier[0]} is an earlier sweep's summary: kept (overwrite=true "
+                "replaces it)",
+                file=sys.stderr,
+            )
+            return
         try:
             write_summary(sweep_dir, rows, sort_by)
             print_summary(sweep_dir, rows, sort_by)
