@@ -234,3 +234,18 @@ def test_fewshot_cli_error_exit_2_one_line(tiny_data, tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "n_way=4 exceeds the 3 classes" in lines[0]
+
+
+def test_fewshot_episodes_are_bounded(tiny_data, tmp_path):
+    """Issue 23: episodes=1e11 ran unbounded; it is refused before any feature is extracted."""
+    r = run_tl(
+        "fewshot",
+        *TINY_FEATURES,
+        f"dataset.root={tiny_data}",
+        "episodes=1e11",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "episodes=100000000000 must be at most 100000" in lines[0], lines
+    assert not (tmp_path / "run" / "fewshot.json").exists()

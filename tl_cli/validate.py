@@ -197,6 +197,18 @@ def check_train_config(cfg: Any) -> None:
 MAX_IMAGE_SIZE = 1024
 
 
+def check_image_size(image_size: Any) -> None:
+    """``dataset.image_size``: null or [16, MAX_IMAGE_SIZE] (train, pretrain; and what a
+    checkpoint may hold: tl_cli.checkpoint.MAX_INPUT_SIZE)."""
+    if image_size is not None:
+        v = _integer("dataset.image_size", image_size, f"in [16, {MAX_IMAGE_SIZE}] (or null)")
+        if not 16 <= v <= MAX_IMAGE_SIZE:
+            raise TLError(
+                f"dataset.image_size={image_size!r} must be in [16, {MAX_IMAGE_SIZE}] pixels, or null "
+                f"for the backbone's own size (memory grows with its square)"
+            )
+
+
 def check_dataset_values(
     image_size: Any,
     batch_size: Any,
@@ -206,13 +218,7 @@ def check_dataset_values(
     augment: Any,
 ) -> None:
     """The data module's shared values (called by ``TransferDataModule.__init__``)."""
-    if image_size is not None:
-        v = _integer("dataset.image_size", image_size, f"in [16, {MAX_IMAGE_SIZE}] (or null)")
-        if not 16 <= v <= MAX_IMAGE_SIZE:
-            raise TLError(
-                f"dataset.image_size={image_size!r} must be in [16, {MAX_IMAGE_SIZE}] pixels, or null "
-                f"for the backbone's own size (memory grows with its square)"
-            )
+    check_image_size(image_size)
     if _integer("dataset.batch_size", batch_size, ">= 1") < 1:
         raise TLError(f"dataset.batch_size={batch_size!r} must be an integer >= 1")
     if num_workers is not None and _integer("dataset.num_workers", num_workers, ">= 0") < 0:
