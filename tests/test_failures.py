@@ -550,13 +550,13 @@ def test_second_run_into_the_same_dir_is_refused_unless_overwrite(tiny_cfg, tmp_
 
 
 def test_nonfinite_check_finds_the_tensor_and_ignores_an_overflowing_sum() -> None:
-    from tl_cli.run.safety import _first_nonfinite
+    from tl_cli.run.safety import first_nonfinite
 
     ok = {"a": torch.ones(3), "n": torch.tensor([1, 2])}
-    assert _first_nonfinite(ok) is None
+    assert first_nonfinite(ok) is None
     # finite weights whose sum overflows float32: the quick pass flags them, the exact one clears
-    assert _first_nonfinite({**ok, "big": torch.full((4,), 3e38)}) is None
-    assert _first_nonfinite({**ok, "b": torch.tensor([1.0, float("nan")])}) == "b"
+    assert first_nonfinite({**ok, "big": torch.full((4,), 3e38)}) is None
+    assert first_nonfinite({**ok, "b": torch.tensor([1.0, float("nan")])}) == "b"
     # inf and -inf: a sum of NaN, still caught; and a lone -inf in half precision
-    assert _first_nonfinite({**ok, "c": torch.tensor([float("inf"), float("-inf")])}) == "c"
-    assert _first_nonfinite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.half)}) == "h"
+    assert first_nonfinite({**ok, "c": torch.tensor([float("inf"), float("-inf")])}) == "c"
+    assert first_nonfinite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.half)}) == "h"

@@ -222,14 +222,23 @@ def test_fewshot_command_writes_fewshot_json(tiny_data, tmp_path):
     assert doc["results"] == saved["results"]
 
 
-def test_fewshot_cli_error_exit_2_one_line(tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    "arg,says",
+    [
+        ("n_way=4", "n_way=4 exceeds the 3 classes"),
+        # issue 23: episodes=1e11 ran unbounded; refused before any feature is extracted
+        ("episodes=1e11", "episodes=100000000000 must be at most 100000"),
+    ],
+)
+def test_fewshot_cli_error_exit_2_one_line(tiny_data, tmp_path, arg, says):
     r = run_tl(
         "fewshot",
         *TINY_FEATURES,
         f"dataset.root={tiny_data}",
-        "n_way=4",
+        arg,
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "n_way=4 exceeds the 3 classes" in lines[0]
+    assert len(lines) == 1 and says in lines[0], lines
+    assert not (tmp_path / "run" / "fewshot.json").exists()

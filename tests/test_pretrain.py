@@ -165,3 +165,19 @@ def test_cli_refuses_text(unlabelled: Path, tmp_path: Path):
     assert r.stderr.strip().splitlines()[-1] == (
         "tl: error: modality=text: tl pretrain supports images for now (modality=image)"
     )
+
+
+def test_cli_refuses_a_huge_image_size_up_front(unlabelled: Path, tmp_path: Path):
+    """Issue 23: dataset.image_size=100000 died in a DataLoader worker with a traceback."""
+    r = run_tl(
+        "pretrain",
+        *[a for a in TINY if a.startswith("backbone")],
+        f"dataset.root={unlabelled}",
+        "dataset.image_size=100000",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith("tl: error: dataset.image_size=100000 must be in [16, 1024]")
+    assert not (tmp_path / "run" / "backbone.safetensors").exists()

@@ -81,6 +81,10 @@ def episode_accuracy(
     return float((pred == np.repeat(np.arange(n_way), query.shape[1])).mean())
 
 
+#: the most episodes a run may ask for (each costs a few ms; 600 is the standard)
+MAX_EPISODES = 100_000
+
+
 def _ints(value: Any, key: str) -> list[int]:
     vals = list(value) if isinstance(value, list | tuple | ListConfig) else [value]
     out = []
@@ -229,6 +233,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if len(episodes) != 1:
         raise TLError(f"episodes={cfg.episodes!r} must be one integer")
     episodes = episodes[0]
+    if episodes > MAX_EPISODES:
+        raise TLError(
+            f"episodes={episodes} must be at most {MAX_EPISODES} (the 95% interval is "
+            f"already +-{1.96 * 0.5 / MAX_EPISODES**0.5:.4f} at most)"
+        )
     try:
         seed = int(cfg.get("seed", 0))
     except (TypeError, ValueError):

@@ -173,6 +173,9 @@ def _settings(cfg: DictConfig) -> tuple[dict[str, Any], int, int]:
     bs = cfg.dataset.get("batch_size")
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2:
         raise TLError(f"dataset.batch_size={bs!r} must be an integer >= 2 (contrastive pairs)")
+    from tl_cli.core.values import check_image_size
+
+    check_image_size(cfg.dataset.get("image_size"))  # as tl train: before any image is read
     try:
         int(cfg.seed)
     except (TypeError, ValueError):

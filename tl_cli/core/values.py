@@ -30,7 +30,20 @@ def integer(key: str, value: Any, allowed: str) -> int:
 
 
 #: the largest dataset.image_size accepted (a 100000 px input was OOM-killed at 23.6 GB)
+#: the largest dataset.image_size accepted (a 100000 px input was OOM-killed at 23.6 GB)
 MAX_IMAGE_SIZE = 1024
+
+
+def check_image_size(image_size: Any) -> None:
+    """``dataset.image_size``: null or [16, MAX_IMAGE_SIZE] (train, pretrain; and what a
+    checkpoint may hold: tl_cli.core.checkpoint.MAX_INPUT_SIZE)."""
+    if image_size is not None:
+        v = integer("dataset.image_size", image_size, f"in [16, {MAX_IMAGE_SIZE}] (or null)")
+        if not 16 <= v <= MAX_IMAGE_SIZE:
+            raise TLError(
+                f"dataset.image_size={image_size!r} must be in [16, {MAX_IMAGE_SIZE}] pixels, or null "
+                f"for the backbone's own size (memory grows with its square)"
+            )
 
 
 def check_dataset_values(
@@ -42,13 +55,7 @@ def check_dataset_values(
     augment: Any,
 ) -> None:
     """The data module's shared values (called by ``TransferDataModule.__init__``)."""
-    if image_size is not None:
-        v = integer("dataset.image_size", image_size, f"in [16, {MAX_IMAGE_SIZE}] (or null)")
-        if not 16 <= v <= MAX_IMAGE_SIZE:
-            raise TLError(
-                f"dataset.image_size={image_size!r} must be in [16, {MAX_IMAGE_SIZE}] pixels, or null "
-                f"for the backbone's own size (memory grows with its square)"
-            )
+    check_image_size(image_size)
     if integer("dataset.batch_size", batch_size, ">= 1") < 1:
         raise TLError(f"dataset.batch_size={batch_size!r} must be an integer >= 1")
     if num_workers is not None and integer("dataset.num_workers", num_workers, ">= 0") < 0:

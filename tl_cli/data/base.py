@@ -249,6 +249,16 @@ class TransferDataModule(pl.LightningDataModule):
         """Scan the source once: class names, splits. Safe to call repeatedly."""
         if not self._scanned:
             self._scan()
+            from tl_cli.core.checkpoint import looks_like_interpolation
+
+            # a checkpoint stores the class names and refuses any that reads as an interpolation:
+            # refused here too, so no run trains to a checkpoint that predict then refuses
+            bad = next((c for c in self.class_names if looks_like_interpolation(str(c))), None)
+            if bad is not None:
+                raise TLError(
+                    f"class {bad!r}: a class name may not contain '${{' (it reads as an OmegaConf "
+                    "interpolation, which tl checkpoints refuse); rename that folder or label"
+                )
             self._scanned = True
         return self
 

@@ -16,13 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from tl_cli.core.checkpoint import stored_path
 from tl_cli.core.console import say, summary_table
-from tl_cli.core.errors import TLError
+from tl_cli.core.errors import EXIT_FAILED, TLError
 from tl_cli.core.metrics import EVAL_SCHEMA_VERSION
 from tl_cli.core.outputs import claim_run_dir, release_run_dir, write_json
 from tl_cli.data.base import DATASETS
 from tl_cli.modalities.base import modality_of
 from tl_cli.run import gates as tl_gates
 from tl_cli.run.report import eval_report
+from tl_cli.run.safety import first_nonfinite
 
 #: dataset names whose ``root`` is a download cache, not the user's folder (stored as given)
 DOWNLOADED_SETS = ("cifar10", "cifar100")
@@ -99,6 +100,7 @@ def evaluate_module(
     )
     noun = getattr(dm, "item_noun", "inputs")
     ev = module.evaluate(loader, device, f"evaluating {split}")
+    unusable = unusable_reason(module, ev)
     result = {
         "schema_version": EVAL_SCHEMA_VERSION,
         "checkpoint": str(Path(str(checkpoint)).resolve()),
@@ -109,7 +111,9 @@ def evaluate_module(
         **ev.metrics,
         "num_samples": ev.num_samples,
     }
-    result["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, result, "eval")]
+    if unusable:
+        result["unusable"] = unusable
+    result["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, result, "eval", unusable)]
     out = Path(str(cfg.output_dir))
     claim_run_dir(out, overwrite=bool(cfg.get("overwrite", False)))  # no earlier outputs; locked
     write_json(out / "eval.json", result)  # strict JSON (NaN -> null, "nonfinite": [keys])
@@ -122,4 +126,22 @@ def evaluate_module(
     summary_table(f"tl eval: {out / 'eval.json'}", result, list(module.eval_summary))
     tl_gates.print_gates(gates)
     tl_gates.enforce(gates, str(out / "eval.json"))  # exit 1 on a failed gate
+    if unusable:  # no gates: still no success for scores of a broken model
+        raise TLError(
+            f"checkpoint={checkpoint}: {unusable}; its scores mean nothing (see {out / 'eval.json'})",
+            exit_code=EXIT_FAILED,
+        )
     return result
+
+
+def unusable_reason(module: Any, ev: Any) -> str | None:
+    """Why a model's outputs cannot be scored (some are NaN/inf), naming a bad weight; else None."""
+    if not ev.nonfinite:
+        return None
+    weight = first_nonfinite(module.state_dict())
+    why = (
+        f"its weight {weight} is not finite (a corrupt or diverged checkpoint)"
+        if weight
+        else "its outputs overflowed"
+    )
+    return f"the model's outputs are NaN/inf for {ev.nonfinite} of {ev.num_samples} inputs ({why})"

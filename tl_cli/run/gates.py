@@ -13,7 +13,8 @@ Metric names:
   slash: Hydra keys cannot hold ``/``) pick one explicitly. Any other number in metrics.json works too.
 
 A metric that is NaN or infinite fails every gate that names it, ``fail_under`` and ``fail_over``
-alike (a NaN compares false with anything, so a plain comparison would pass it). Such a value may
+alike (a NaN compares false with anything, so a plain comparison would pass it). A model whose
+outputs are NaN/inf fails every gate, whatever the metrics computed from them say. Such a value may
 arrive as a float or, from strict JSON, as ``None`` with its key listed in ``"nonfinite"``.
 """
 
@@ -61,6 +62,8 @@ class Gate:
     error: str | None = None  # the gate names a metric that is not there
     #: set when the metric is NaN/inf: "nan", "inf", "-inf" or "not finite" (None + nonfinite flag)
     nonfinite: str | None = field(default=None, repr=False)
+    #: set when the model itself is unusable (NaN/inf outputs): the gate fails whatever the value
+    unusable: str | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -70,13 +73,18 @@ class Gate:
         """The JSON form (no NaN/inf in it: a non-finite value is ``None``, ``passed`` False)."""
         d = asdict(self)
         d.pop("nonfinite")
+        d.pop("unusable")
         if self.nonfinite:
             d["value"] = None
+        if self.unusable:
+            d["error"] = self.unusable
         return d
 
     def failure(self) -> str:
         """This failed gate, for the one-line error."""
         what = self.key or self.metric
+        if self.unusable:
+            return f"{what} {self.value:.4f} is not usable: {self.unusable} ({self.name})"
         if self.nonfinite == "not finite":
             return f"{what} is not finite ({self.name})"
         if self.nonfinite:
@@ -197,11 +205,15 @@ def check_train_names(
         raise TLError(f"{g.name}: tl train has no metric {g.metric!r}; gate one of: {names}")
 
 
-def evaluate(gates: list[Gate], data: dict[str, Any], kind: str) -> list[Gate]:
+def evaluate(
+    gates: list[Gate], data: dict[str, Any], kind: str, unusable: str | None = None
+) -> list[Gate]:
     """Fill in each gate's value and result. kind: ``train`` (metrics.json) or ``eval`` (eval.json).
 
     Never raises, so the caller can write its outputs first; a gate naming a metric that is not
-    there gets ``error`` set, and :func:`enforce` reports it as bad input.
+    there gets ``error`` set, and :func:`enforce` reports it as bad input. ``unusable`` (why the
+    model's outputs cannot be trusted: NaN/inf logits) fails every gate, whatever the metrics
+    computed from those outputs say (an argmax over NaN logits still gives an accuracy).
     """
     where = "metrics.json" if kind == "train" else "eval.json"
     for g in gates:
@@ -240,6 +252,8 @@ def evaluate(gates: list[Gate], data: dict[str, Any], kind: str) -> list[Gate]:
             continue
         g.key, g.value = key, float(value)
         g.passed = not (g.value < g.threshold if g.rule == "fail_under" else g.value > g.threshold)
+        if unusable:
+            g.passed, g.unusable = False, unusable
     return gates
 
 

@@ -379,6 +379,7 @@ class Preflight:
         except Exception as e:  # noqa: BLE001 - Hydra's errors, translated
             raise self.translate(e, first) from None
         self.check_run_dir(cfg, multirun)
+        self.check_earlier_run(cfg, multirun)
         added = self.folder_dataset(cfg, overrides)
         if added:
             at = next(i for i, a in enumerate(out) if a in overrides)
@@ -429,6 +430,26 @@ class Preflight:
             raise TLError(
                 f"{key}={raw}: cannot write in {anc} (read-only or no permission); choose another {key}"
             )
+
+    def check_earlier_run(self, cfg: Any, multirun: bool) -> None:
+        """A run (sweep) dir that holds an earlier run's outputs is refused here, before Hydra
+        writes ``.hydra/{config,overrides,hydra}.yaml`` into it (a refused rerun, or ``tl predict
+        hydra.run.dir=<a train run>``, would otherwise rewrite that run's recorded config). The
+        commands check again before they write (`tl_cli.core.outputs.claim_run_dir`), with the same
+        list of outputs."""
+        from tl_cli.core.outputs import refuse_earlier_run, refuse_earlier_sweep
+
+        try:
+            raw = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+            overwrite = bool(cfg.get("overwrite", False))
+            resume = cfg.get("ckpt_path") if self.command in ("train", "finetune") else None
+        except Exception:  # noqa: BLE001 - an interpolation only Hydra's run can resolve
+            return
+        d = Path(os.path.expanduser(raw))
+        if multirun:
+            refuse_earlier_sweep(d, overwrite)
+        else:
+            refuse_earlier_run(d, overwrite, resume)
 
     def first_value(self, o: str) -> str:
         """A sweep override reduced to its first value (what job 0 composes)."""

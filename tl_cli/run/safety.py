@@ -170,7 +170,7 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.detach()).all())
 
 
-def _first_nonfinite(tensors: dict[str, Any]) -> str | None:
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
     """The name of the first floating tensor holding a NaN/inf, or None.
 
     A quick pass first (one sum per tensor, one ``isfinite`` over the stacked sums per device: a
@@ -284,7 +284,7 @@ class TrainingGuard(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # The last line of defence: no checkpoint with NaN/inf weights is ever written.
-        bad = _first_nonfinite(checkpoint.get("state_dict", {}))
+        bad = first_nonfinite(checkpoint.get("state_dict", {}))
         if bad is not None:
             where = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
             raise self._stop(

@@ -23,7 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tl_cli.core.errors import EXIT_FAILED, TLError, full_errors
+from tl_cli.core.errors import EXIT_FAILED, TLError, full_errors, one_line
 from tl_cli.core.metrics import EVAL_SUMMARY, FINAL_METRICS
 from tl_cli.core.outputs import atomic_file, write_json, write_text
 
@@ -73,8 +73,10 @@ def keep_sweeping(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
                 int(e.code) if isinstance(e.code, int) else EXIT_FAILED,
             )
         except TLError as e:
-            message, code = str(e), e.exit_code
-        except Exception as e:  # noqa: BLE001 - one job's crash must not lose the others
+            message, code = one_line(e), e.exit_code
+        except GeneratorExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - one job's crash (a Rust panic too) must not lose the others
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             message, code = f"{type(e).__name__}: {first}", EXIT_FAILED
         print(f"tl: error: {message}", file=sys.stderr)
@@ -85,12 +87,16 @@ def keep_sweeping(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
 
 
 def _record_failure(cfg: DictConfig, message: str, code: int) -> None:
+    from tl_cli.core.outputs import CLAIMED, earlier_outputs
+
     try:
         from hydra.core.hydra_config import HydraConfig
 
         out = Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # noqa: BLE001
         out = Path(str(cfg.get("output_dir", ".")))
+    if earlier_outputs(out) and str(out.resolve()) not in CLAIMED:
+        return  # an earlier run's dir (the job was refused): its results are not this job's to mark
     write_json(out / FAILED_FILE, {"error": message, "exit_code": code})
 
 
@@ -301,6 +307,16 @@ class SweepSummary(Callback):
             if any(self.sort_by in r["metrics"] for r in rows)
             else ("acc" if any("acc" in r["metrics"] for r in rows) else None)
         )
+        from tl_cli.core.outputs import SWEEP_OUTPUTS, earlier_outputs
+
+        earlier = earlier_outputs(sweep_dir, SWEEP_OUTPUTS)
+        if earlier and not config.get("overwrite", False):
+            print(
+                f"tl: warning: {earlier[0]} is an earlier sweep's summary: kept (overwrite=true "
+                "replaces it)",
+                file=sys.stderr,
+            )
+            return
         try:
             write_summary(sweep_dir, rows, sort_by)
             print_summary(sweep_dir, rows, sort_by)

@@ -76,6 +76,8 @@ class Evaluation:
     metrics: dict[str, Any]
     num_samples: int
     details: dict[str, Any] = field(default_factory=dict)
+    #: inputs whose outputs were NaN/inf: the model is unusable, whatever the scores say
+    nonfinite: int = 0
 
 
 @dataclass

@@ -273,8 +273,13 @@ class AudioFolderDataModule(ClassFolderDataModule):
                     f"dataset.label_regex={label_regex!r} must have exactly one group (the label), "
                     f"it has {self.pattern.groups}"
                 )
-        if max_seconds is not None and not float(max_seconds) > 0:
-            raise TLError(f"dataset.max_seconds={max_seconds} must be a positive number of seconds")
+        from tl_cli.core.checkpoint import MAX_AUDIO_SECONDS
+
+        if max_seconds is not None and not 0 < float(max_seconds) <= MAX_AUDIO_SECONDS:
+            raise TLError(
+                f"dataset.max_seconds={max_seconds} must be a number of seconds in (0, "
+                f"{MAX_AUDIO_SECONDS:g}] (longer clips are cropped; memory grows with it)"
+            )
         self.max_seconds = max_seconds
         if self.augment not in (None, "none", False, "light"):
             raise TLError(f"dataset.augment={self.augment!r} must be 'light' or 'none'")

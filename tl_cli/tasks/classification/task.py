@@ -181,7 +181,8 @@ class ClassificationTask(TransferTask):
                 advance()
         logits, y = torch.cat(outs), torch.cat(ys)
         metrics = score(logits, y, self.class_names)
-        return Evaluation(metrics, int(y.numel()), {"logits": logits, "labels": y})
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+        return Evaluation(metrics, int(y.numel()), {"logits": logits, "labels": y}, bad)
 
     def evaluation_outputs(
         self, ev: Evaluation, out: Path, dataset: Any, cfg: Any, split: str, noun: str
