@@ -205,17 +205,15 @@ def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]
     """Wrap the data in a feature cache when the policy says the backbone never trains."""
     if not module.can_cache_features():
         # a task may still cache what never changes (tl distill: the teacher's logits)
-        wrap = getattr(module, "uncached_data", None)
-        return (wrap(dm) if wrap else dm), {}
+        return module.uncached_data(dm), {}
     from tl_cli.data.features import FeatureDataModule
 
     strat = module.strategy
     views = int(getattr(strat, "cache_views", 0))
     # features are computed in setup(), inside fit: per rank under DDP, on the trainer's device
     # a task may cache more than the backbone's features (tl distill: the teacher's logits too)
-    extractor = getattr(module, "cache_extractor", None)
     data = FeatureDataModule(
-        extractor() if extractor else module.backbone,
+        module.cache_extractor(),
         dm,
         cache_dir=getattr(strat, "cache_dir", None) or _sweep_cache(),
         views=views,

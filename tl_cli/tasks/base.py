@@ -295,6 +295,16 @@ class TransferTask(pl.LightningModule):
     def can_cache_features(self) -> bool:
         return self.policy.can_cache_features
 
+    def cache_extractor(self) -> torch.nn.Module:
+        """What the feature cache runs once over the inputs (a task may cache more: tl distill
+        stores the teacher's logits beside the student's features)."""
+        return self.backbone
+
+    def uncached_data(self, dm: Any) -> Any:
+        """The data to fit when the backbone trains (no feature cache); a task may still cache
+        what never changes (tl distill: the teacher's logits)."""
+        return dm
+
     # ------------------------------------------------------------------ policy hooks
     def train(self, mode: bool = True) -> TransferTask:
         super().train(mode)
@@ -355,7 +365,7 @@ class TransferTask(pl.LightningModule):
                 "the head trains by SGD (strategy.head_fit=sgd)"
             )
             return
-        feats, labels = self._train_features()
+        feats, labels = self.train_features()
         self.fit_linear(linear, feats, labels)
 
     def fit_linear(self, linear: torch.nn.Linear, feats: Any, labels: Any) -> None:
@@ -382,7 +392,7 @@ class TransferTask(pl.LightningModule):
         }
         say(f"[bold]head[/] fitted by L-BFGS to convergence: {fit.describe()}")
 
-    def _train_features(self) -> tuple[np.ndarray, np.ndarray]:
+    def train_features(self) -> tuple[np.ndarray, np.ndarray]:
         """Train-split features: from the feature cache, else one eval-mode pass of the backbone."""
         from tl_cli.data.features import extract
 

@@ -176,7 +176,7 @@ class DistillTask(ClassificationTask):
 
     # -- inputs
     def cache_extractor(self) -> nn.Module:
-        """What tl_cli.commands.train's feature cache runs: student features and teacher logits together."""
+        """What the feature cache runs: student features and teacher logits together."""
         return PairedExtractor(self)
 
     def uncached_data(self, dm: Any) -> Any:
@@ -209,8 +209,8 @@ class DistillTask(ClassificationTask):
         with torch.no_grad():
             return self.teacher(self.teacher_input(x)).float()
 
-    def _train_features(self):
-        feats, labels = super()._train_features()
+    def train_features(self):
+        feats, labels = super().train_features()
         keep = labels >= 0  # the head fit sees labelled inputs only
         return feats[keep][:, : self.backbone.num_features], labels[keep]
 

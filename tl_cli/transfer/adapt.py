@@ -265,7 +265,7 @@ class AdaBN(Adapter):
             return  # a resumed run keeps its statistics and head
         from tl_cli.core.console import say as _say
 
-        feats, labels = module._train_features()
+        feats, labels = module.train_features()
         norm = module.head[0]
         norm.set_statistics(feats)
         _say(
@@ -487,7 +487,7 @@ class SelfTraining(Adapter):
     def _refit_rounds(self, module: Any) -> None:
         from tl_cli.transfer.probe import fit_probe
 
-        feats, labels = module._train_features()
+        feats, labels = module.train_features()
         tf = _target_features(module)
         linear = module.head[-1]
         for r in range(self.rounds):

@@ -181,7 +181,7 @@ class Prototypes(FeatureExtraction):
                 "cannot hold prototypes (drop head=...)"
             )
         t0 = time.time()
-        feats, labels = module._train_features()
+        feats, labels = module.train_features()
         labels = np.asarray(labels, dtype=np.int64)
         n = module.num_outputs
         counts = np.bincount(labels, minlength=n)
