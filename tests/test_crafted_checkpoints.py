@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from tl_cli.core.checkpoint import read_checkpoint
-from tl_cli.tasks.loading import load_module
 from tl_cli.core.errors import TLError
+from tl_cli.tasks.loading import load_module
 
 from .conftest import ROOT, run_tl
 from .test_text import make_texts, tiny_bert, write_csv  # noqa: F401 - tiny_bert: a fixture

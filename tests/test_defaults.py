@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -276,3 +277,85 @@ def test_epochs_of_a_converged_head_are_one_batch_each_with_the_same_metrics(tmp
     )
     train.run(cfg, callbacks=[sgd])
     assert sgd.batches == {0: 3, 1: 3}
+
+
+# --------------------------------------------------------------------------- head-only epoch (#24)
+
+
+def test_finetune_that_gets_worse_keeps_the_head_only_weights_in_best_ckpt(tmp_path):
+    """Fine-tuning from an L-BFGS head starts with a head-only epoch (no optimizer step) whose
+    validation makes the head alone a best.ckpt candidate: a fine-tune that destroys the network
+    (AdamW at LR 0.3 on everything) leaves best.ckpt holding the fitted head on the untouched backbone."""
+    from .test_resume import weights
+
+    root = make_set(tmp_path / "data", {"a": 16, "b": 16}, test_per_class=6)
+    m = run_tiny(
+        root,
+        tmp_path / "run",
+        "strategy=finetune",
+        "strategy.backbone_lr_mult=1.0",
+        "optimizer.lr=0.3",
+        "scheduler=none",
+        "dataset.val_fraction=0.25",
+        "trainer.max_epochs=2",
+    )
+    assert m["epochs"] == 3  # the head-only epoch, then trainer.max_epochs=2 of fine-tuning
+    head, tuned = m["stages"]
+    assert (head["stage"], head["epoch"], tuned["stage"]) == ("head only", 1, "fine-tuned")
+    assert head["val/acc"] == 1.0 and tuned["val/score"] < head["val/score"], m["stages"]
+    assert m["best_epoch"] == 1 and head["in_best_ckpt"] and not tuned["in_best_ckpt"]
+    assert m["defaults"]["optimizer_steps"] == 2 * m["defaults"]["steps_per_epoch"]
+    assert m["defaults"]["epochs"] == 2
+    best = weights(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    last = weights(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    # the backbone in best.ckpt is the initial one (no step in the head-only epoch); last moved
+    moved = [k for k in best if k.startswith("backbone.") and not torch.equal(best[k], last[k])]
+    assert moved
+    assert m["test/acc"] >= 0.9  # tested from best.ckpt: the head-only model
+
+
+def test_head_only_epoch_takes_no_step_and_the_schedule_starts_after_it(tiny_cfg):
+    from .test_strategies import Spy
+
+    spy = Spy()
+    m = train.run(
+        tiny_cfg("strategy=finetune", "trainer.max_epochs=2", "scheduler.warmup_fraction=0.5"),
+        callbacks=[spy],
+    )
+    by_epoch: dict[int, list] = {}
+    for r in spy.rows:
+        by_epoch.setdefault(r["epoch"], []).append(r)
+    assert sorted(by_epoch) == [0, 1, 2]
+    assert all(v == 0.0 for r in by_epoch[0] for v in r["lr"].values())  # nothing steps
+    assert all(r["bn_training"] == {False} for r in by_epoch[0])
+    first = by_epoch[1][0]["lr"]
+    # cosine warm-up starts at the first fine-tuning step, not inside the head-only epoch
+    warmup = m["defaults"]["warmup_steps"]
+    assert warmup == m["defaults"]["optimizer_steps"] // 2 > 1
+    assert first["head"] == pytest.approx(1e-3 / warmup)
+    assert first["backbone"] == pytest.approx(first["head"] * 0.1)
+    assert [s["stage"] for s in m["stages"]] == ["head only", "fine-tuned"]
+
+
+def test_feature_extraction_has_no_head_only_epoch(tmp_path):
+    root = make_set(tmp_path / "data", {"a": 8, "b": 8}, test_per_class=2)
+    m = run_tiny(root, tmp_path / "run", "trainer.max_epochs=2")
+    assert "stages" not in m and m["epochs"] == 2
+
+
+def test_collapse_advice_never_names_the_setting_in_use():
+    from tl_cli.transfer.strategies import Finetune
+
+    def module(head_fit, balance=None, trains=True):
+        return SimpleNamespace(
+            strategy=Finetune(head_fit=head_fit),
+            policy=SimpleNamespace(backbone_ever_trains=trains),
+            balance=balance,
+            supports_head_fit=lambda: True,
+        )
+
+    tip = train.collapse_advice(module("lbfgs"))
+    assert "head_fit=lbfgs" not in tip and "strategy=feature_extraction" in tip
+    assert "head_fit=lbfgs" in train.collapse_advice(module("sgd"))
+    tip = train.collapse_advice(module("lbfgs", balance="weights", trains=False))
+    assert "balance" not in tip and "feature_extraction" not in tip and "more data" in tip

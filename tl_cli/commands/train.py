@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from tl_cli.core.console import say, summary_table
+from tl_cli.core.console import say, stage_table, summary_table
 from tl_cli.core.metrics import train_summary
 from tl_cli.core.outputs import release_run_dir, write_json
 from tl_cli.run import gates as tl_gates
@@ -52,6 +52,8 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
             metrics,
             train_summary(metrics),
         )
+        if metrics.get("stages"):
+            stage_table(metrics["stages"])
         say(f"[bold]defaults[/] {describe_defaults(metrics['defaults'])}")
         val = next((k for k in task.final_metrics if k.startswith("val/")), task.monitor[0])
         shown = f"{val} {metrics[val]:.4f} " if isinstance(metrics.get(val), float) else ""

@@ -207,6 +207,27 @@ def summary_table(title: str, metrics: dict[str, Any], keys: list[str] | None = 
     show(t)
 
 
+def stage_table(rows: list[dict[str, Any]]) -> None:
+    """``head only`` vs ``fine-tuned``: each stage's best epoch, and which one best.ckpt holds."""
+    if not rank_zero():
+        return
+    t = Table(title="head only vs fine-tuned (best epoch of each)", header_style="bold")
+    cols = ["train/acc", "val/acc", "val/loss"]
+    t.add_column("stage")
+    t.add_column("epoch", justify="right")
+    for c in cols:
+        t.add_column(c, justify="right")
+    t.add_column("best.ckpt")
+    for r in rows:
+        t.add_row(
+            r["stage"],
+            str(r["epoch"]),
+            *(fmt(r[c], c) if c in r else "-" for c in cols),
+            "yes" if r.get("in_best_ckpt") else "",
+        )
+    show(t)
+
+
 class EpochBar(pl.callbacks.RichProgressBar):
     """Lightning's rich bar, numbered from 1 (``Epoch 3/3``), with the running train loss.
 

@@ -188,8 +188,8 @@ def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) ->
     if best.get("val/pred_classes") == 1 and num_classes > 1:
         out.append(
             f"predictions collapsed: the best checkpoint (epoch {metrics['best_epoch']}) predicts one "
-            "class for every validation image; the head has not learned the task (try "
-            "strategy.head_fit=lbfgs, dataset.balance=weights, or more data)"
+            f"class for every validation image; the head has not learned the task (try "
+            f"{collapse_advice(module)})"
         )
     counts = getattr(module, "pred_counts", {}).get("test")
     if counts is not None and int((counts > 0).sum()) == 1 and int(counts.sum()) > 1:
@@ -199,6 +199,20 @@ def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) ->
             f"{int(counts.sum())} test images"
         )
     return out
+
+
+def collapse_advice(module: Any) -> str:
+    """What to try after a collapse: only settings that differ from the run's own."""
+    tips = []
+    strat = getattr(module, "strategy", None)
+    if getattr(strat, "head_fit", None) == "sgd" and module.supports_head_fit():
+        tips.append("strategy.head_fit=lbfgs")
+    if getattr(module, "policy", None) is not None and module.policy.backbone_ever_trains:
+        tips.append("strategy=feature_extraction")
+    if not getattr(module, "balance", None):
+        tips.append("dataset.balance=weights")
+    tips.append("more data")
+    return ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
 
 
 def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]]:
@@ -330,6 +344,9 @@ def train(
 
     metrics = collect_metrics(history, checkpoint_cb, trainer, fit_seconds, monitor, mode)
     metrics["defaults"] = chosen_defaults(module, cfg)
+    stages = stage_rows(metrics, module.policy.head_only_epochs, monitor, mode)
+    if stages:
+        metrics["stages"] = stages
     if dm.has_split("test"):
         res = trainer.test(
             module,
@@ -396,6 +413,37 @@ def train(
         "checkpoint": checkpoint_cb,
     }
     return metrics, objects
+
+
+def stage_rows(
+    metrics: dict[str, Any], head_only_epochs: int, monitor: str, mode: str
+) -> list[dict[str, Any]]:
+    """``head only`` (the L-BFGS head before fine-tuning) and ``fine-tuned`` (the best epoch after
+    it), as fastai's ``fine_tune`` shows its frozen epoch; empty when there is no head-only epoch.
+
+    Each row: its best epoch (1-based), its train and val metrics, and whether best.ckpt holds it.
+    """
+    if not head_only_epochs:
+        return []
+    sign = 1.0 if mode == "max" else -1.0
+    rows = [r for r in metrics.get("history", []) if monitor in r]
+    out = []
+    for name, part in (
+        ("head only", [r for r in rows if r["epoch"] < head_only_epochs]),
+        ("fine-tuned", [r for r in rows if r["epoch"] >= head_only_epochs]),
+    ):
+        if not part:
+            continue
+        best = max(part, key=lambda r: (sign * r[monitor], -r["epoch"]))
+        out.append(
+            {
+                "stage": name,
+                "epoch": int(best["epoch"]) + 1,
+                **{k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
+                "in_best_ckpt": int(best["epoch"]) + 1 == metrics.get("best_epoch"),
+            }
+        )
+    return out
 
 
 def chosen_defaults(module: Any, cfg: DictConfig) -> dict[str, Any]:

@@ -258,6 +258,8 @@ class TransferTask(pl.LightningModule):
         self.budget_info: dict[str, Any] = {}
         #: trainer.max_epochs=auto (tl_cli.transfer.budget): a converged head cuts the run to one epoch
         self.auto_epochs = False
+        #: the head-only epoch was added to trainer.max_epochs (once per module)
+        self._head_epochs_added = False
 
     # ------------------------------------------------------------------ for subclasses
     @property
@@ -315,6 +317,21 @@ class TransferTask(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.policy.apply(0)
+            shift = self.policy.head_only_epochs
+            loop = self.trainer.fit_loop
+            if shift and not self.skip_head_fit and not self._head_epochs_added:
+                # trainer.max_epochs counts the fine-tuning epochs; the head-only epoch comes first
+                # (before configure_optimizers, which sizes the schedule from max_epochs)
+                if loop.max_epochs is not None and loop.max_epochs >= 0:
+                    loop.max_epochs += shift
+                self._head_epochs_added = True
+
+    def scores_only(self) -> bool:
+        """This epoch takes no optimizer step: the converged head of a frozen backbone, or the
+        head-only epoch before fine-tuning (``TransferPolicy.head_only``)."""
+        return self.head_converged or (
+            not self.skip_head_fit and self.policy.head_only(self.current_epoch)
+        )
 
     def on_train_epoch_start(self) -> None:
         self.policy.apply(self.current_epoch)
@@ -427,20 +444,31 @@ class TransferTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if self.adapter is not None and self.adapter.trains:
+        scores_only = self.scores_only()
+        if self.adapter is not None and self.adapter.trains and not scores_only:
             return self.adapter.training_step(self, batch)  # source + target batches
+        if scores_only and self.adapter is not None and self.adapter.trains:
+            batch = batch["source"] if isinstance(batch, dict) and "source" in batch else batch
         x, y = batch
-        if self.head_converged:
-            # the head is at the optimum of its convex objective (L-BFGS) and the backbone never
-            # trains: nothing to step. Log the train metrics of the fitted head and move on.
+        if scores_only:
+            # the head is at the optimum of its convex objective (L-BFGS) and, in this epoch, the
+            # backbone does not train: nothing to step. Log the fitted head's train metrics.
             with torch.no_grad():
                 out = self.outputs(x)
-                self.log("train/loss", self.loss(out, y, "train"), on_step=False, on_epoch=True)
+                self.log(
+                    "train/loss",
+                    self.loss(out, y, "train"),
+                    on_step=False,
+                    on_epoch=True,
+                    prog_bar=True,
+                    sync_dist=True,
+                )  # the same arguments as a training step's log (Lightning requires it)
                 self.update_metrics(out, y, "train")
             if self.trainer.world_size > 1:
-                # DDP cannot skip a step (training_step returning None): a zero loss through the
-                # head gives every rank the same all-zero gradients
-                return self.head(self.features(x).detach()).sum() * 0.0
+                # DDP cannot skip a step (training_step returning None): a zero loss through every
+                # trainable parameter gives every rank the same all-zero gradients (the LR is 0)
+                live = [p for p in self.parameters() if p.requires_grad]
+                return sum(p.sum() for p in live) * 0.0
             return None
         out = self.outputs(x)
         loss = self.loss(out, y, "train")
@@ -496,21 +524,24 @@ class TransferTask(pl.LightningModule):
         epochs = max(1, int(self.trainer.max_epochs or 1))
         spe = max(1, total // epochs)
         sched = {**dict(self.hparams.scheduler), "_state": self.plateau}
-        shape = shape_fn(sched, total, spe)
+        skipped = self.policy.head_only_epochs * spe if not self.skip_head_fit else 0
+        # the schedule covers the steps that train (after the head-only epoch, which takes none)
+        shape = shape_fn(sched, max(1, total - skipped), spe)
         self.budget_info = {
-            "steps": 0 if self.head_converged else total,
+            "steps": 0 if self.head_converged else total - skipped,
             "steps_per_epoch": spe,
-            "epochs": epochs,
+            "epochs": epochs - skipped // spe,  # the epochs that train
             "lr": base_lr,
-            "warmup_steps": warmup_steps(sched, total, spe),
+            "warmup_steps": warmup_steps(sched, total - skipped, spe),
+            "head_only_epochs": self.policy.head_only_epochs if not self.skip_head_fit else 0,
         }
         w = self.budget_info["warmup_steps"]
-        if w >= total and not self.head_converged and not self.skip_head_fit:
+        if w >= total - skipped and not self.head_converged and not self.skip_head_fit:
             from tl_cli.core.console import warn
 
             warn(
                 f"the warm-up ({w} optimizer steps, scheduler.warmup_epochs="
-                f"{sched.get('warmup_epochs')}) is as long as the whole run ({total} steps): the LR "
+                f"{sched.get('warmup_epochs')}) is as long as the whole run ({total - skipped} steps): the LR "
                 "never reaches optimizer.lr; use scheduler.warmup_fraction (warmup_epochs=null) or more epochs"
             )
         scheduler = LambdaLR(optimizer, self.policy.lr_lambdas(optimizer, shape, spe))
