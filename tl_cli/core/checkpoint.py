@@ -274,6 +274,19 @@ PREPROCESSING_OVERRIDES: dict[str, Rule] = {
 }
 
 
+#: task name -> its own hyper-parameters (beyond HPARAM_KEYS) and their rules: declared by each
+#: task class (``TransferTask.checkpoint_fields``) and registered with `register_task_fields`
+TASK_FIELDS: dict[str, dict[str, Rule]] = {}
+
+
+def register_task_fields(task: str, fields: dict[str, Rule]) -> None:
+    """A task's extra hyper-parameters, accepted in its checkpoints only, each within its rule."""
+    clash = sorted(set(fields) & HPARAM_KEYS)
+    if clash:
+        raise ValueError(f"task {task!r}: {clash[0]} is already a hyper-parameter of every task")
+    TASK_FIELDS[task] = dict(fields)
+
+
 def refuse(path: Any, key: str, value: Any, why: str) -> TLError:
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
@@ -466,9 +479,14 @@ def validate(ckpt: dict[str, Any], path: Any) -> dict[str, Any]:
     hp, meta = ckpt["hyper_parameters"], ckpt["tl"]
     _walk(hp, "hyper_parameters", path)
     _walk(meta, "tl", path)
-    unknown = sorted(set(hp) - HPARAM_KEYS)
+    task = meta.get("task", "classification")
+    fields = TASK_FIELDS.get(task, {}) if isinstance(task, str) else {}
+    unknown = sorted(set(hp) - HPARAM_KEYS - set(fields))
     if unknown:
         raise TLError(f"checkpoint={path}: hyper_parameters.{unknown[0]} is not a key tl writes")
+    for key, rule in fields.items():  # the task's own hyper-parameters: types and bounds
+        if key in hp:
+            _check(rule, hp[key], f"hyper_parameters.{key}", path)
     for section in COMPONENTS:
         if not isinstance(hp.get(section), dict):
             raise TLError(

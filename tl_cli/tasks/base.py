@@ -41,7 +41,7 @@ import pytorch_lightning as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from tl_cli.core.checkpoint import tl_section
+from tl_cli.core.checkpoint import register_task_fields, tl_section
 from tl_cli.core.errors import TLError
 from tl_cli.core.metrics import DEFAULT_MONITOR, EPOCH_METRICS, EVAL_SUMMARY, FINAL_METRICS
 from tl_cli.core.registry import Registry
@@ -52,8 +52,21 @@ from tl_cli.transfer.policy import TransferPolicy
 from tl_cli.transfer.schedulers import PlateauState, shape_fn, warmup_steps
 from tl_cli.transfer.strategies import STRATEGIES, TransferStrategy
 
+
+class TaskRegistry(Registry):
+    """``TASKS``: registering a task also registers its checkpoint fields with the schema."""
+
+    def register(self, name: str, builder: Any = None) -> Any:
+        def add(cls: Any) -> Any:
+            super(TaskRegistry, self).register(name, cls)
+            register_task_fields(name, getattr(cls, "checkpoint_fields", {}) or {})
+            return cls
+
+        return add(builder) if builder is not None else add
+
+
 #: task.name -> TransferTask subclass.
-TASKS: Registry[pl.LightningModule] = Registry("task")
+TASKS: TaskRegistry = TaskRegistry("task")
 
 
 def cached(x: Any) -> torch.Tensor | None:
@@ -192,6 +205,9 @@ class TransferTask(pl.LightningModule):
     eval_summary: tuple[str, ...] = EVAL_SUMMARY
     #: the `Predictor` of ``tl predict``
     predictor_class: type[Predictor] = Predictor
+    #: hyper-parameters the task adds to ``__init__`` beyond every task's (name -> a
+    #: ``tl_cli.core.checkpoint`` Rule: type and bounds); a checkpoint may hold only these
+    checkpoint_fields: dict[str, Any] = {}
     #: domain adaptation (``tl_cli.transfer.adapt``, set by tl_cli.commands.train): not a submodule, never saved
     adapter: Any = None
 
