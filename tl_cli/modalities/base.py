@@ -120,7 +120,7 @@ def collate_reads(collate_inputs: Callable[[list[Any]], Any]) -> Callable:
 _PROVIDERS = (
     "tl_cli.modalities.image.modality",
     "tl_cli.modalities.text.backbone",
-    "tl_cli.modalities.audio.data",
+    "tl_cli.modalities.audio.modality",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tl_cli.modalities.audio.backbone  # noqa: F401
 import tl_cli.modalities.audio.data  # noqa: F401
+import tl_cli.modalities.audio.modality  # noqa: F401
 import tl_cli.modalities.image.backbones  # noqa: F401
 import tl_cli.modalities.image.data  # noqa: F401
 import tl_cli.modalities.image.modality  # noqa: F401
