@@ -281,20 +281,29 @@ class TransferDataModule(pl.LightningDataModule):
         return bool(self.splits.get(split))
 
     # -- datasets and loaders
-    def dataset(self, split: str, train_aug: bool | None = None) -> ItemDataset:
+    def split_items(self, split: str) -> list[tuple[Any, int]]:
+        """The (item, label) pairs of a split, once the data is scanned and preprocessing set."""
         self.prepare()
         if self.preprocessing is None:
             raise RuntimeError("set_preprocessing() must be called before building datasets")
         if split not in self.splits:
             raise TLError(f"dataset has no {split!r} split (available: {', '.join(self.splits)})")
+        return self.splits[split]
+
+    def dataset(self, split: str, train_aug: bool | None = None) -> ItemDataset:
+        items = self.split_items(split)
         aug = split == "train" if train_aug is None else train_aug
-        return ItemDataset(self.splits[split], self.loader, self.transform(aug))
+        return ItemDataset(items, self.loader, self.transform(aug))
 
     def transform(self, train_aug: bool) -> Callable | None:
         """Raw input -> model input, following ``self.preprocessing`` (the modality's own)."""
         return None
 
-    def make_loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+    def make_loader(
+        self, ds: Dataset, shuffle: bool, collate_fn: Callable | None = None
+    ) -> DataLoader:
+        """A loader of ``ds``: epoch-seeded shuffling (balanced with ``dataset.balance=sampler``),
+        this module's batch size, workers and ``collate_fn(ds)`` unless one is given."""
         n = len(ds)  # type: ignore[arg-type]
         sampler: torch.utils.data.Sampler | None = EpochShuffle(n) if shuffle else None
         if shuffle and self.balance == "sampler" and hasattr(ds, "items"):
@@ -306,13 +315,14 @@ class TransferDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            collate_fn=self.collate_fn(),
+            collate_fn=collate_fn or self.collate_fn(ds),
             # a last batch of one image breaks BatchNorm in train mode
             drop_last=shuffle and n > self.batch_size and n % self.batch_size == 1,
         )
 
-    def collate_fn(self) -> Callable | None:
-        """How samples become a batch (None: torch's default); text pads per batch here."""
+    def collate_fn(self, ds: Dataset | None = None) -> Callable | None:
+        """How samples of ``ds`` become a batch (None: torch's default); text and audio pad per
+        batch here."""
         return None
 
     def setup(self, stage: str | None = None) -> None:

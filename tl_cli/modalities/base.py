@@ -31,9 +31,15 @@ class Modality:
     #: folders, a CSV, ...): ``tl eval dataset.root=DIR``, ``tl train modality=X dataset.root=...``
     folder_dataset = "imagefolder"
 
-    def find(self, inputs: Any) -> list[Any]:  # pragma: no cover - abstract
-        """The items ``inputs=`` names (paths, texts, ...), in order."""
-        raise NotImplementedError
+    #: the file extensions of this modality's inputs (``find``'s default reads files)
+    extensions: tuple[str, ...] = ()
+
+    def find(self, inputs: Any) -> list[Any]:
+        """The items ``inputs=`` names (paths, texts, ...), in order: by default the files with
+        one of ``extensions`` that ``inputs`` names (a folder, a file, a glob or a list)."""
+        from tl_cli.data.inputs import find_inputs
+
+        return find_inputs(inputs, self.extensions, self.noun)
 
     def protected(self, inputs: Any, items: list[Any]) -> list[str]:
         """Files an output must never replace (the inputs themselves)."""

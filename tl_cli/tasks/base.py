@@ -469,23 +469,7 @@ class TransferTask(pl.LightningModule):
         if scores_only:
             # the head is at the optimum of its convex objective (L-BFGS) and, in this epoch, the
             # backbone does not train: nothing to step. Log the fitted head's train metrics.
-            with torch.no_grad():
-                out = self.outputs(x)
-                self.log(
-                    "train/loss",
-                    self.loss(out, y, "train"),
-                    on_step=False,
-                    on_epoch=True,
-                    prog_bar=True,
-                    sync_dist=True,
-                )  # the same arguments as a training step's log (Lightning requires it)
-                self.update_metrics(out, y, "train")
-            if self.trainer.world_size > 1:
-                # DDP cannot skip a step (training_step returning None): a zero loss through every
-                # trainable parameter gives every rank the same all-zero gradients (the LR is 0)
-                live = [p for p in self.parameters() if p.requires_grad]
-                return sum(p.sum() for p in live) * 0.0
-            return None
+            return self.score_without_step(x, y)
         out = self.outputs(x)
         loss = self.loss(out, y, "train")
         if self.policy.l2sp_alpha:
@@ -495,6 +479,26 @@ class TransferTask(pl.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.update_metrics(out, y, "train")
         return loss
+
+    def score_without_step(self, x: Any, y: Any) -> torch.Tensor | None:
+        """Log the train metrics of the current model on a batch and take no optimizer step
+        (None), or, under DDP, which cannot skip a step, a zero loss through every trainable
+        parameter: every rank gets the same all-zero gradients."""
+        with torch.no_grad():
+            out = self.outputs(x)
+            self.log(
+                "train/loss",
+                self.loss(out, y, "train"),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                sync_dist=True,
+            )  # the same arguments as a training step's log (Lightning requires it)
+            self.update_metrics(out, y, "train")
+        if self.trainer.world_size > 1:
+            live = [p for p in self.parameters() if p.requires_grad]
+            return sum(p.sum() for p in live) * 0.0
+        return None
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y = batch

@@ -339,21 +339,11 @@ class TeacherLogitData(pl.LightningDataModule):
             net.to(was)
 
     def _loader(self, split: str, shuffle: bool) -> Any:
-        from tl_cli.data.base import EpochShuffle
 
         dm = self.inner
-        ds = _WithLogits(dm.dataset(split, train_aug=False), self.logits[split])
-        n = len(ds)
-        return torch.utils.data.DataLoader(
-            ds,
-            batch_size=dm.batch_size,
-            sampler=EpochShuffle(n) if shuffle else None,
-            num_workers=dm.num_workers,
-            persistent_workers=dm.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=_CollateWithLogits(dm.collate_fn()),
-            drop_last=shuffle and n > dm.batch_size and n % dm.batch_size == 1,
-        )
+        base = dm.dataset(split, train_aug=False)
+        ds = _WithLogits(base, self.logits[split])
+        return dm.make_loader(ds, shuffle, collate_fn=_CollateWithLogits(dm.collate_fn(base)))
 
     def train_dataloader(self) -> Any:
         return self._loader("train", True)

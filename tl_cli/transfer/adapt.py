@@ -512,19 +512,7 @@ class SelfTraining(Adapter):
     def training_step(self, module: Any, batch: Any) -> torch.Tensor | None:
         (xs, ys), xt = batch["source"], batch["target"]
         if self.refit:  # the head is at its optimum: log the source metrics, take no step
-            with torch.no_grad():
-                out = module.outputs(xs)
-                module.log(
-                    "train/loss",
-                    module.loss(out, ys, "train"),
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=len(ys),
-                )
-                module.update_metrics(out, ys, "train")
-            if module.trainer.world_size > 1:  # DDP cannot skip a step: all-zero gradients
-                return module.head(module.features(xs).detach()).sum() * 0.0
-            return None
+            return module.score_without_step(xs, ys)
         fs, ft = module.features(xs), module.features(xt)
         ns = fs.shape[0]
         out = module.head(torch.cat([fs, ft]))
@@ -691,7 +679,7 @@ class AdaptData(pl.LightningDataModule):
             workers, collate = 0, None
         else:
             ds = self.dm.dataset("target", train_aug=True)
-            workers, collate = self.dm.num_workers, self.dm.collate_fn()
+            workers, collate = self.dm.num_workers, self.dm.collate_fn(None)
         n = len(ds)
         bs = self.dm.batch_size
         # its own shuffle (a pure function of seed and epoch, like the source's), another stream

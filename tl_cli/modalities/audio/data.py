@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from tl_cli.core.errors import TLError
 from tl_cli.data.base import (
     DATASETS,
     ClassFolderDataModule,
-    EpochShuffle,
     FileKind,
 )
 from tl_cli.data.scan import BadImage
@@ -333,27 +332,14 @@ class AudioFolderDataModule(ClassFolderDataModule):
             self.preprocessing["max_seconds"] = float(self.max_seconds)
 
     def dataset(self, split: str, train_aug: bool | None = None) -> AudioDataset:  # type: ignore[override]
-        self.prepare()
-        if self.preprocessing is None:
-            raise RuntimeError("set_preprocessing() must be called before building datasets")
-        if split not in self.splits:
-            raise TLError(f"dataset has no {split!r} split (available: {', '.join(self.splits)})")
+        items = self.split_items(split)
         aug = split == "train" if train_aug is None else train_aug
         aug = bool(aug) and self.augment not in (None, "none", False)
-        return AudioDataset(self.splits[split], self.preprocessing, augment=aug)
+        return AudioDataset(items, self.preprocessing, augment=aug)
 
-    def make_loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        n = len(ds)  # type: ignore[arg-type]
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(n) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=functools.partial(pad_collate, spec_augment=getattr(ds, "augment", False)),
-            drop_last=shuffle and n > self.batch_size and n % self.batch_size == 1,
-        )
+    def collate_fn(self, ds: Dataset | None = None) -> Any:
+        """Zero-pad clips to the longest in the batch (+ lengths); SpecAugment on training sets."""
+        return functools.partial(pad_collate, spec_augment=getattr(ds, "augment", False))
 
 
 DATASETS.register("audiofolder", AudioFolderDataModule)

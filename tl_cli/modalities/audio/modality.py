@@ -18,11 +18,7 @@ class AudioModality(Modality):
     name = "audio"
     noun = "clips"
     folder_dataset = "audiofolder"
-
-    def find(self, inputs: Any) -> list[Any]:
-        from tl_cli.data.inputs import find_inputs
-
-        return find_inputs(inputs, AUDIO_EXTS, self.noun)
+    extensions = AUDIO_EXTS
 
     def loader(self, prep: dict[str, Any]):
         rate, min_len = int(prep["sample_rate"]), int(prep.get("min_samples", 0))

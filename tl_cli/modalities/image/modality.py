@@ -18,11 +18,7 @@ class ImageModality(Modality):
     name = "image"
     noun = "images"
     folder_dataset = "imagefolder"
-
-    def find(self, inputs: Any) -> list[Any]:
-        from tl_cli.data.inputs import find_inputs
-
-        return find_inputs(inputs, IMG_EXTS, self.noun)
+    extensions = IMG_EXTS
 
     def loader(self, prep: dict[str, Any]) -> Callable[[Any], Any]:
         tf = eval_transform(prep)

@@ -1026,14 +1026,9 @@ class TextDataModule(TransferDataModule):
 
     # -- datasets and loaders
     def dataset(self, split: str, train_aug: bool | None = None) -> TextDataset:
-        self.prepare()
-        if self.preprocessing is None:
-            raise RuntimeError("set_preprocessing() must be called before building datasets")
-        if split not in self.splits:
-            raise TLError(f"dataset has no {split!r} split (available: {', '.join(self.splits)})")
-        return TextDataset(self.splits[split], self.tokenizer)
+        return TextDataset(self.split_items(split), self.tokenizer)
 
-    def collate_fn(self) -> TextCollate:
+    def collate_fn(self, ds: Any = None) -> TextCollate:
         assert self.preprocessing is not None
         return TextCollate(self.preprocessing["pad_id"], self.preprocessing["max_length"])
 
