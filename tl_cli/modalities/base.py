@@ -125,7 +125,7 @@ def collate_reads(collate_inputs: Callable[[list[Any]], Any]) -> Callable:
 #: the modules that register modalities (imported on the first lookup)
 _PROVIDERS = (
     "tl_cli.modalities.image.modality",
-    "tl_cli.modalities.text.backbone",
+    "tl_cli.modalities.text.modality",
     "tl_cli.modalities.audio.modality",
 )
 

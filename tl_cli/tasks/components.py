@@ -16,6 +16,8 @@ import tl_cli.modalities.image.backbones  # noqa: F401
 import tl_cli.modalities.image.data  # noqa: F401
 import tl_cli.modalities.image.modality  # noqa: F401
 import tl_cli.modalities.text.backbone  # noqa: F401
+import tl_cli.modalities.text.data  # noqa: F401
+import tl_cli.modalities.text.modality  # noqa: F401
 import tl_cli.tasks.classification  # noqa: F401
 import tl_cli.tasks.distill  # noqa: F401
 import tl_cli.transfer.adapt  # noqa: F401

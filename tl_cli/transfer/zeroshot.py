@@ -188,7 +188,7 @@ class TextEncoder:
 
     def __init__(self, backbone_cfg: dict[str, Any] | None = None, device: Any = "cpu") -> None:
         from tl_cli.modalities.backbones import build_backbone
-        from tl_cli.modalities.text.backbone import tokenizer_for
+        from tl_cli.modalities.text.tokenizer import tokenizer_for
 
         self.backbone = build_backbone(backbone_cfg or {"name": "minilm"}, pretrained=True)
         if getattr(self.backbone, "modality", None) != "text":
@@ -201,7 +201,7 @@ class TextEncoder:
     @classmethod
     def from_backbone(cls, backbone: Any, prep: dict[str, Any], device: Any = "cpu") -> TextEncoder:
         """An encoder around a text backbone that is already built (a task's own)."""
-        from tl_cli.modalities.text.backbone import tokenizer_for
+        from tl_cli.modalities.text.tokenizer import tokenizer_for
 
         enc = cls.__new__(cls)
         enc.backbone, enc.device, enc.prep = backbone, torch.device(device), prep
@@ -211,7 +211,7 @@ class TextEncoder:
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], batch: int = 128) -> torch.Tensor:
-        from tl_cli.modalities.text.backbone import encode
+        from tl_cli.modalities.text.tokenizer import encode
 
         out = []
         for i in range(0, len(texts), batch):
