@@ -255,6 +255,44 @@ def train(
         fitted: the feature cache or the data module), ``trainer`` and ``checkpoint``.
     """
     out = Path(str(cfg.output_dir))
+    ckpt_path = prepare_run(cfg)
+    module, dm = (build_fn or build)(cfg)
+    if cfg.get("channels_last"):
+        module = module.to(memory_format=torch.channels_last)
+    announce(module, dm, cfg)
+    t_fit = time.time()
+    data, trainer_extra = _cached_features(module, dm)
+    data = adapt.wrap(data, dm, module.adapter)  # + target batches when the adapter trains
+    history, guard, checkpoint_cb, all_callbacks = make_callbacks(
+        cfg, module, out, callbacks, logger
+    )
+    trainer = make_trainer(cfg, dm, module, all_callbacks, logger, out, trainer_extra)
+    lr_find = None
+    if cfg.get("tune_lr"):
+        claim_pending(out)  # the finder writes lr_find.png: this run holds its dir from here on
+        lr_find = tune_lr(cfg, module, data, out)  # sets optimizer.lr
+    # atomic checkpoint writes; Ctrl-C/SIGTERM -> one line naming the resume command (exit 130/143)
+    last = out / "checkpoints" / "last.ckpt"
+    safe_fit(trainer, guard, module, data, ckpt_path, resume_command(cfg, last, out))
+    metrics = final_metrics(
+        cfg, module, dm, data, trainer, history, checkpoint_cb, time.time() - t_fit, out
+    )
+    if lr_find:
+        metrics["lr_find"] = lr_find
+    objects = {
+        "module": module,
+        "datamodule": dm,
+        "data": data,
+        "trainer": trainer,
+        "checkpoint": checkpoint_cb,
+    }
+    return metrics, objects
+
+
+def prepare_run(cfg: DictConfig) -> str | None:
+    """Before any work: ``init=RUN`` resolved, every config value checked, the checkpoint to
+    resume from read (a missing, corrupt or crafted file fails here), the seed set. Returns
+    ``ckpt_path``."""
     if cfg.get("init"):  # init=RUN: a tl pretrain run's weights, checked against backbone.name
         from tl_cli.transfer.simclr import apply_init
 
@@ -262,28 +300,37 @@ def train(
     check_train_config(cfg)  # every value, the Trainer's included, before any work
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
-        # a missing, corrupt or crafted file fails before any work
         read_checkpoint(ckpt_path)
     try:
         seed = int(cfg.seed)
     except (TypeError, ValueError):
         raise TLError(f"seed={cfg.seed!r} must be an integer") from None
     pl.seed_everything(seed, workers=True, verbose=False)
+    return ckpt_path
 
-    module, dm = (build_fn or build)(cfg)
-    if cfg.get("channels_last"):
-        module = module.to(memory_format=torch.channels_last)
+
+def announce(module: TransferTask, dm: Any, cfg: DictConfig) -> None:
+    """What will train on what, and what a practitioner would point out about the data."""
+    bb = module.backbone
     say(
         f"[bold]data[/] {dm.describe()}\n"
-        f"[bold]model[/] {module.backbone.name} ({module.backbone.source}, {count_params(module.backbone) / 1e6:.1f}M params, "
-        f"{module.backbone.num_features} features) + {cfg.head.get('name')} head, "
+        f"[bold]model[/] {bb.name} ({bb.source}, {count_params(bb) / 1e6:.1f}M params, "
+        f"{bb.num_features} features) + {cfg.head.get('name')} head, "
         f"strategy {module.strategy.name}, task {module.task_name}"
     )
     for line in data_warnings(dm):
         warn(line)
-    t_fit = time.time()
-    data, trainer_extra = _cached_features(module, dm)
-    data = adapt.wrap(data, dm, module.adapter)  # + target batches when the adapter trains
+
+
+def make_callbacks(
+    cfg: DictConfig,
+    module: TransferTask,
+    out: Path,
+    extra: list[pl.Callback] | None,
+    logger: Any,
+) -> tuple[History, TrainingGuard, RunCheckpoint, list[pl.Callback]]:
+    """The run's callbacks: history, the fault guard, best.ckpt on the task's monitor, last.ckpt
+    every epoch, the caller's and the config's callbacks, early stopping, console lines."""
     history = History()
     ckpt_dir = out / "checkpoints"
     monitor, mode = module.monitor
@@ -304,7 +351,7 @@ def train(
         guard,
         checkpoint_cb,
         last_checkpoint_callback(ckpt_dir),
-        *(callbacks or []),
+        *(extra or []),
         *(instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values()),
     ]
     if cfg.get("early_stopping_patience"):
@@ -319,6 +366,19 @@ def train(
         callbacks.append(EpochBar())
     if logger:  # an lr column per param group in metrics.csv (and the other loggers)
         callbacks.append(pl.callbacks.LearningRateMonitor(logging_interval="epoch"))
+    return history, guard, checkpoint_cb, callbacks
+
+
+def make_trainer(
+    cfg: DictConfig,
+    dm: Any,
+    module: TransferTask,
+    callbacks: list[pl.Callback],
+    logger: Any,
+    out: Path,
+    extra: dict[str, Any],
+) -> pl.Trainer:
+    """Lightning's Trainer from ``cfg.trainer`` (``max_epochs=auto``: from the data's size)."""
     from tl_cli.transfer import budget
 
     auto = budget.is_auto(cfg.trainer)
@@ -331,20 +391,28 @@ def train(
         enable_progress_bar=interactive(),
         plugins=checkpoint_plugins(),
         _convert_="all",
-        **trainer_extra,
+        **extra,
     )
-    if auto:  # trainer.max_epochs=auto (the default): epochs from the data's size (tl_cli.transfer.budget)
+    if auto:  # trainer.max_epochs=auto (the default): epochs from the data's size
         budget.resolve(trainer, dm, module)
-    lr_find = None
-    if cfg.get("tune_lr"):
-        claim_pending(out)  # the finder writes lr_find.png: this run holds its dir from here on
-        lr_find = tune_lr(cfg, module, data, out)  # sets optimizer.lr
-    # atomic checkpoint writes; Ctrl-C/SIGTERM -> one line naming the resume command (exit 130/143)
-    safe_fit(
-        trainer, guard, module, data, ckpt_path, resume_command(cfg, ckpt_dir / "last.ckpt", out)
-    )
-    fit_seconds = time.time() - t_fit
+    return trainer
 
+
+def final_metrics(
+    cfg: DictConfig,
+    module: TransferTask,
+    dm: Any,
+    data: Any,
+    trainer: pl.Trainer,
+    history: History,
+    checkpoint_cb: RunCheckpoint,
+    fit_seconds: float,
+    out: Path,
+) -> dict[str, Any]:
+    """metrics.json's content: the best epoch, the test split scored with best.ckpt, the
+    adaptation's target scores, the run's facts and the warnings."""
+    monitor, mode = module.monitor
+    ckpt_dir = out / "checkpoints"
     metrics = collect_metrics(history, checkpoint_cb, trainer, fit_seconds, monitor, mode)
     metrics["defaults"] = chosen_defaults(module, cfg)
     stages = stage_rows(metrics, module.policy.head_only_epochs, monitor, mode)
@@ -403,50 +471,10 @@ def train(
         for r in metrics["history"]
         if r.get("unfrozen")
     ]
-    if lr_find:
-        metrics["lr_find"] = lr_find
     metrics["warnings"] = data_warnings(dm) + collapse_warnings(metrics, module, dm.num_classes)
     for line in collapse_warnings(metrics, module, dm.num_classes):
         warn(line)
-    objects = {
-        "module": module,
-        "datamodule": dm,
-        "data": data,
-        "trainer": trainer,
-        "checkpoint": checkpoint_cb,
-    }
-    return metrics, objects
-
-
-def stage_rows(
-    metrics: dict[str, Any], head_only_epochs: int, monitor: str, mode: str
-) -> list[dict[str, Any]]:
-    """``head only`` (the L-BFGS head before fine-tuning) and ``fine-tuned`` (the best epoch after
-    it), as fastai's ``fine_tune`` shows its frozen epoch; empty when there is no head-only epoch.
-
-    Each row: its best epoch (1-based), its train and val metrics, and whether best.ckpt holds it.
-    """
-    if not head_only_epochs:
-        return []
-    sign = 1.0 if mode == "max" else -1.0
-    rows = [r for r in metrics.get("history", []) if monitor in r]
-    out = []
-    for name, part in (
-        ("head only", [r for r in rows if r["epoch"] < head_only_epochs]),
-        ("fine-tuned", [r for r in rows if r["epoch"] >= head_only_epochs]),
-    ):
-        if not part:
-            continue
-        best = max(part, key=lambda r: (sign * r[monitor], -r["epoch"]))
-        out.append(
-            {
-                "stage": name,
-                "epoch": int(best["epoch"]) + 1,
-                **{k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
-                "in_best_ckpt": int(best["epoch"]) + 1 == metrics.get("best_epoch"),
-            }
-        )
-    return out
+    return metrics
 
 
 def chosen_defaults(module: Any, cfg: DictConfig) -> dict[str, Any]:
@@ -529,3 +557,34 @@ def guard_run_dir(out: Path, cfg: DictConfig) -> None:
         resume_from=cfg.get("ckpt_path"),
         create=False,
     )
+
+
+def stage_rows(
+    metrics: dict[str, Any], head_only_epochs: int, monitor: str, mode: str
+) -> list[dict[str, Any]]:
+    """``head only`` (the L-BFGS head before fine-tuning) and ``fine-tuned`` (the best epoch after
+    it), as fastai's ``fine_tune`` shows its frozen epoch; empty when there is no head-only epoch.
+
+    Each row: its best epoch (1-based), its train and val metrics, and whether best.ckpt holds it.
+    """
+    if not head_only_epochs:
+        return []
+    sign = 1.0 if mode == "max" else -1.0
+    rows = [r for r in metrics.get("history", []) if monitor in r]
+    out = []
+    for name, part in (
+        ("head only", [r for r in rows if r["epoch"] < head_only_epochs]),
+        ("fine-tuned", [r for r in rows if r["epoch"] >= head_only_epochs]),
+    ):
+        if not part:
+            continue
+        best = max(part, key=lambda r: (sign * r[monitor], -r["epoch"]))
+        out.append(
+            {
+                "stage": name,
+                "epoch": int(best["epoch"]) + 1,
+                **{k: v for k, v in best.items() if k.startswith(("train/", "val/"))},
+                "in_best_ckpt": int(best["epoch"]) + 1 == metrics.get("best_epoch"),
+            }
+        )
+    return out

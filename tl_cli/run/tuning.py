@@ -59,25 +59,58 @@ def tune_lr(cfg: DictConfig, module: pl.LightningModule, data: Any, out: Path) -
     Returns what metrics.json records under ``lr_find``: the suggestion (None when the loss curve
     had too few points), the LR the run trains with, the configured LR and the plot's file name.
     """
-    from pytorch_lightning.tuner import Tuner
-
     from tl_cli.run.report import plot_lr_find
 
-    configured_lr = float(module.hparams.optimizer.get("lr", 1e-3))
-    strat = getattr(module, "strategy", None)
-    if getattr(strat, "head_fit", "sgd") == "lbfgs" and module.can_cache_features():
+    configured = float(module.hparams.optimizer.get("lr", 1e-3))
+    if module.strategy.head_fit == "lbfgs" and module.can_cache_features():
         say(
             "[bold]lr finder[/] skipped: the head is fitted by L-BFGS, which has no learning rate "
             "(strategy.head_fit=sgd trains it with optimizer.lr)"
         )
         return {
             "suggestion": None,
-            "lr": configured_lr,
-            "configured_lr": configured_lr,
+            "lr": configured,
+            "configured_lr": configured,
             "used": False,
             "reason": "strategy.head_fit=lbfgs",
         }
+    opts = finder_options(cfg)
+    lrs, losses, suggestion = run_finder(cfg, module, data, out, opts)
+    reason = (
+        falling_slope(lrs, losses, float(suggestion))
+        if suggestion is not None
+        else f"no suggestion ({len(losses)} points)"
+    )
+    lr = float(suggestion) if reason is None else configured
+    module.hparams.optimizer["lr"] = lr  # configure_optimizers reads it; the checkpoint records it
+    plot = plot_lr_find(lrs, losses, out / "lr_find.png", suggestion)
+    where = f"plot {escape(str(plot))}"
+    if suggestion is None:
+        say(
+            f"[bold]lr finder[/] no suggestion ({len(losses)} points); keeping optimizer.lr={configured:g}; {where}"
+        )
+    elif reason is not None:
+        say(
+            f"[bold]lr finder[/] suggests {float(suggestion):.3g} but not using it: {reason}; "
+            f"keeping optimizer.lr={configured:g}; {where}"
+        )
+    else:
+        say(
+            f"[bold]lr finder[/] suggests {lr:.3g} (configured {configured:g}), on the falling part of the curve; training with it; {where}"
+        )
+    return {
+        "suggestion": float(suggestion) if suggestion is not None else None,
+        "lr": lr,
+        "configured_lr": configured,
+        "used": reason is None,
+        "reason": reason,
+        "points": len(losses),
+        "plot": plot.name,
+    }
 
+
+def finder_options(cfg: DictConfig) -> dict[str, Any]:
+    """``lr_finder.*`` checked: 0 < min_lr < max_lr, at least 2 steps."""
     opts = dict(cfg.get("lr_finder") or {})
     min_lr, max_lr = float(opts.get("min_lr", 1e-6)), float(opts.get("max_lr", 1.0))
     num_training = int(opts.get("num_training", 100))
@@ -87,6 +120,19 @@ def tune_lr(cfg: DictConfig, module: pl.LightningModule, data: Any, out: Path) -
         )
     if num_training < 2:
         raise TLError(f"lr_finder.num_training={num_training} must be at least 2")
+    mode = str(opts.get("mode", "exponential"))
+    return {"min_lr": min_lr, "max_lr": max_lr, "num_training": num_training, "mode": mode}
+
+
+def run_finder(
+    cfg: DictConfig, module: pl.LightningModule, data: Any, out: Path, opts: dict[str, Any]
+) -> tuple[list[float], list[float], float | None]:
+    """Lightning's LR range test on a throwaway Trainer: (lrs, losses, its suggestion or None)."""
+    import functools
+
+    from pytorch_lightning.tuner import Tuner
+    from pytorch_lightning.tuner import lr_finder as pl_lr_finder
+
     work = out / "lr_find"
     work.mkdir(parents=True, exist_ok=True)
     trainer: pl.Trainer = instantiate(
@@ -96,29 +142,16 @@ def tune_lr(cfg: DictConfig, module: pl.LightningModule, data: Any, out: Path) -
         enable_checkpointing=False,
         enable_progress_bar=False,
         max_epochs=-1,
-        max_steps=num_training,
+        max_steps=opts["num_training"],
         default_root_dir=str(work),
         _convert_="all",
     )
-    configured = float(module.hparams.optimizer.get("lr", 1e-3))
-    import functools
-
-    from pytorch_lightning.tuner import lr_finder as pl_lr_finder
-
     bar = getattr(pl_lr_finder, "tqdm", None)  # the finder draws a tqdm bar; none in logs/CI
     if bar is not None and not interactive():
         pl_lr_finder.tqdm = functools.partial(bar, disable=True)
     module.skip_head_fit = True  # the finder's throwaway fit must not pay for a head fit
     try:
-        finder = Tuner(trainer).lr_find(
-            module,
-            datamodule=data,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            num_training=num_training,
-            mode=str(opts.get("mode", "exponential")),
-            update_attr=False,
-        )
+        finder = Tuner(trainer).lr_find(module, datamodule=data, update_attr=False, **opts)
     finally:
         module.skip_head_fit = False
         if bar is not None:
@@ -135,33 +168,4 @@ def tune_lr(cfg: DictConfig, module: pl.LightningModule, data: Any, out: Path) -
     suggestion = finder.suggestion() if len(losses) > 3 else None
     if suggestion is not None and not math.isfinite(float(suggestion)):
         suggestion = None
-    reason = (
-        falling_slope(lrs, losses, float(suggestion))
-        if suggestion is not None
-        else f"no suggestion ({len(losses)} points)"
-    )
-    lr = float(suggestion) if reason is None else configured
-    module.hparams.optimizer["lr"] = lr  # configure_optimizers reads it; the checkpoint records it
-    plot = plot_lr_find(lrs, losses, out / "lr_find.png", suggestion)
-    if suggestion is None:
-        say(
-            f"[bold]lr finder[/] no suggestion ({len(losses)} points); keeping optimizer.lr={configured:g}; plot {escape(str(plot))}"
-        )
-    elif reason is not None:
-        say(
-            f"[bold]lr finder[/] suggests {float(suggestion):.3g} but not using it: {reason}; "
-            f"keeping optimizer.lr={configured:g}; plot {escape(str(plot))}"
-        )
-    else:
-        say(
-            f"[bold]lr finder[/] suggests {lr:.3g} (configured {configured:g}), on the falling part of the curve; training with it; plot {escape(str(plot))}"
-        )
-    return {
-        "suggestion": float(suggestion) if suggestion is not None else None,
-        "lr": lr,
-        "configured_lr": configured,
-        "used": reason is None,
-        "reason": reason,
-        "points": len(losses),
-        "plot": plot.name,
-    }
+    return lrs, losses, suggestion
