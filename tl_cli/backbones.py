@@ -558,6 +558,14 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
     if bad:
         raise TLError(f"backbone.weights_path={path}: shape mismatch for {', '.join(bad[:3])}")
     filtered = {k: v for k, v in best.items() if k in target and v.shape == target[k].shape}
+    from tl_cli.safety import _first_nonfinite
+
+    nonfinite = _first_nonfinite(filtered)
+    if nonfinite is not None:  # else the first loss is NaN and the learning rate gets the blame
+        raise TLError(
+            f"backbone.weights_path={path}: tensor {nonfinite} is not finite (the weights of a "
+            "diverged or corrupt run)"
+        )
     model.load_state_dict(filtered, strict=False)
 
 

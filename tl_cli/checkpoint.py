@@ -555,6 +555,23 @@ def load_module(path: str | os.PathLike[str]):
     return module, ckpt
 
 
+def weights_misfit(model_sd: dict[str, Any], sd: dict[str, Any]) -> str | None:
+    """How stored weights ``sd`` do not fit a model's state dict (names and shapes), or None."""
+    want = {k: tuple(v.shape) for k, v in model_sd.items()}
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{k} is {tuple(sd[k].shape)}, the model has {want[k]}")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    return "; ".join(parts) or None
+
+
 def check_architecture(cls: Any, ckpt: dict[str, Any], path: Any) -> None:
     """Build the described model on the ``meta`` device (shapes only, nothing allocated) and
     refuse the checkpoint unless its ``state_dict`` has exactly those tensors and shapes, and its
@@ -570,22 +587,10 @@ def check_architecture(cls: Any, ckpt: dict[str, Any], path: Any) -> None:
             shell = cls(**ckpt["hyper_parameters"], pretrained=False)
     except TLError as e:
         raise TLError(f"checkpoint={path}: {e}") from None
-    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
-    sd = ckpt["state_dict"]
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{k} is {tuple(sd[k].shape)}, the model has {want[k]}")
-        if missing:
-            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    misfit = weights_misfit(shell.state_dict(), ckpt["state_dict"])
+    if misfit:
         raise TLError(
-            f"checkpoint={path}: weights do not fit the model it describes ({'; '.join(parts)}); "
+            f"checkpoint={path}: weights do not fit the model it describes ({misfit}); "
             "nothing was built"
         )
     prep = ckpt["tl"]["preprocessing"]

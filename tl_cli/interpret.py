@@ -7,35 +7,20 @@
 * ``top_losses.png``: the N inputs with the highest loss, each titled predicted / true /
   probability of the prediction (images only).
 
-Files are written atomically (a temp file in the same folder, then ``os.replace``).
+Files are written through `tl_cli.outputs` (atomically, with the mode of every other output).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+from tl_cli.outputs import write_bytes
 
 
 def _item_name(item: Any) -> str:
@@ -74,7 +59,7 @@ def write_misclassified(path: Path, rows: list[dict[str, Any]]) -> Path:
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    _atomic_write(path, buf.getvalue().encode())
+    write_bytes(path, buf.getvalue().encode())
     return path
 
 
@@ -138,7 +123,7 @@ def plot_top_losses(
         ax.axis("off")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
     return path
 
 

@@ -172,6 +172,8 @@ def _staged(path: PathLike, keep_suffix: bool) -> Iterator[tuple[int, Path]]:
             mode = 0o666 & ~umask()  # mkstemp makes 0600; give a new file the usual mode
         os.fchmod(fd, mode)
         yield fd, tmp
+        # a writer that recreates the file by name (safetensors does) leaves it 0600
+        os.chmod(tmp, mode)
         fd2 = os.open(tmp, os.O_RDONLY)  # the writer may have reopened the file by name
         try:
             os.fsync(fd2)

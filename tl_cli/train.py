@@ -255,9 +255,10 @@ def train(
         apply_init(cfg)
     check_train_config(cfg)  # every value, the Trainer's included, before any work
     ckpt_path = cfg.get("ckpt_path")
+    resumed = None
     if ckpt_path:
         # a missing, corrupt or crafted file fails before any work
-        read_untrusted_checkpoint(ckpt_path)
+        resumed = read_untrusted_checkpoint(ckpt_path)
     try:
         seed = int(cfg.seed)
     except (TypeError, ValueError):
@@ -265,6 +266,17 @@ def train(
     pl.seed_everything(seed, workers=True, verbose=False)
 
     module, dm = (build_fn or build)(cfg)
+    if resumed is not None:  # bad input (exit 2), not Lightning's load error (exit 1) mid-fit
+        from tl_cli.checkpoint import weights_misfit
+
+        frozen = tuple(getattr(module, "frozen", ()))  # a teacher: not in the file
+        own = {k: v for k, v in module.state_dict().items() if k.split(".", 1)[0] not in frozen}
+        misfit = weights_misfit(own, resumed["state_dict"])
+        if misfit:
+            raise TLError(
+                f"ckpt_path={ckpt_path}: its weights do not fit this run's model ({misfit}); "
+                "resume with the overrides of the run that wrote it"
+            )
     if cfg.get("channels_last"):
         module = module.to(memory_format=torch.channels_last)
     say(
