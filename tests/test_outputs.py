@@ -14,8 +14,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tl_cli import evaluate, export, outputs, predict, train
-from tl_cli.errors import TLError
+from tl_cli.commands import evaluate, export, predict, train
+from tl_cli.core import outputs
+from tl_cli.core.errors import TLError
+from tl_cli.modalities.image.modality import ImageModality
 
 from .conftest import compose_cfg, run_tl
 from .trained_run import trained_run
@@ -197,8 +199,10 @@ def test_full_disk_names_the_file_and_keeps_the_old_one(ckpt, images, tmp_path, 
     if fmt == "json":
         monkeypatch.setattr(outputs, "_write_file", half_then_full)
     else:
+        from tl_cli.tasks.classification import task as classification
+
         monkeypatch.setattr(
-            predict, "write_csv", lambda path, rows, k: half_then_full(open(path, "wb"))
+            classification, "write_csv", lambda path, rows, k: half_then_full(open(path, "wb"))
         )
     with pytest.raises(TLError) as e:
         predict.run(
@@ -341,10 +345,10 @@ def test_symlink_loop_glob_counts_each_image_once(tiny_data, tmp_path, monkeypat
     (d / "a" / "loop").symlink_to(d)  # a directory loop (the old glob found 292 "images" in 7)
     monkeypatch.chdir(tmp_path)
     for spec in ("d/**/*.png", str(d / "**" / "*.png"), "d", "d/**"):
-        found = predict.find_inputs(spec)
+        found = ImageModality().find(spec)
         assert len(found) == 7, (spec, len(found))
         assert len({os.path.realpath(f) for f in found}) == 7
-    assert len(predict.find_inputs("d/*/*.png")) == 7
+    assert len(ImageModality().find("d/*/*.png")) == 7
 
 
 def test_a_folder_reached_twice_counts_once(tiny_data, tmp_path, monkeypatch):
@@ -353,7 +357,7 @@ def test_a_folder_reached_twice_counts_once(tiny_data, tmp_path, monkeypatch):
     os.link(e / "b" / "0.png", e / "b" / "hard.png")  # the same file under two names
     monkeypatch.chdir(tmp_path)
     for spec in ("e/**/*.png", "e", "e/*/*.png", "[e/a,e/also_a,e/b]"):
-        found = predict.find_inputs(compose_cfg([f"inputs={spec}"], "predict").inputs)
+        found = ImageModality().find(compose_cfg([f"inputs={spec}"], "predict").inputs)
         assert len(found) == 7, (spec, found)
 
 
@@ -385,7 +389,7 @@ def test_eval_never_replaces_an_earlier_error_analysis(ckpt, tmp_path, name):
 
 
 def test_every_command_default_output_is_in_the_one_list():
-    from tl_cli import pretrain
+    from tl_cli.commands import pretrain
 
     names = set(outputs.RUN_OUTPUTS)
     assert set(pretrain.OUTPUTS) <= names
