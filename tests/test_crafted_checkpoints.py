@@ -168,9 +168,18 @@ def test_source_never_finds_or_imports_a_name_it_did_not_write() -> None:
     import ast
 
     # the variables that hold a name from a fixed table: BUNDLED backbones (module_name, module),
-    # the loggers' packages (module), BUNDLED_TOKENIZERS' packages (package, checked against the
-    # table), tl's own command modules (f"tl_cli.{module}")
-    from_tables = {"module", "module_name", "package", "f'tl_cli.{module}'"}
+    # a registered BackboneSpec's weights package (self.module), the loggers' packages (module),
+    # BUNDLED_TOKENIZERS' packages (package, checked against the table), the provider modules
+    # of the registries (m, over _PROVIDERS), tl's own command modules (COMMANDS)
+    from_tables = {
+        "module",
+        "module_name",
+        "self.module",
+        "package",
+        "m",
+        "f'tl_cli.{module}'",
+        "f'tl_cli.commands.{module}'",
+    }
     problems = []
     for src in sorted((ROOT / "tl_cli").rglob("*.py")):
         for node in ast.walk(ast.parse(src.read_text())):
