@@ -503,3 +503,25 @@ def test_predict_and_export(tones: Path, tmp_path: Path):
         assert side["verification"]["passed"] is True, side["verification"]
         if fmt == "onnx":  # the graph takes any batch and any clip length from one window up
             assert "torch.export" in side["exporter"], side["exporter"]
+
+
+def test_a_wav_cut_short_is_refused(tmp_path: Path):
+    """Issue 23: a WAV cut to half its length decoded as a clip of half the length, silently
+    (libsndfile reads what is there). Its header says how many bytes of samples it should hold."""
+    import soundfile as sf
+
+    x = (0.3 * np.sin(np.arange(16000) / 5.0)).astype(np.float32)
+    full = tmp_path / "full.wav"
+    sf.write(full, x, 16000, subtype="PCM_16")
+    data = full.read_bytes()
+    half = tmp_path / "half.wav"
+    half.write_bytes(data[: len(data) // 2])
+    assert len(sf.read(half)[0]) < 8000  # the control: the decoder takes it as a shorter clip
+    assert check_audio(full) is None
+    reason = check_audio(half)
+    assert reason is not None and reason.startswith("truncated WAV: its header says 32000 bytes")
+    with pytest.raises(TLError, match=r"half.wav: truncated WAV"):
+        load_audio(half, 16000)
+    nearly = tmp_path / "nearly.wav"
+    nearly.write_bytes(data[:-2])  # one sample short: within the tolerance of sloppy writers
+    assert check_audio(nearly) is None

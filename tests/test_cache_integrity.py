@@ -171,3 +171,34 @@ def test_disk_full_is_one_line_error_naming_the_path(tiny_cfg, tmp_path, monkeyp
     fdm = FeatureDataModule(module.backbone, dm, cache_dir=str(cache))
     fdm.setup("fit")
     assert fdm.cache_misses == 3 and len(list(cache.glob("*.meta.json"))) == 3
+
+
+@pytest.mark.parametrize(
+    ("what", "reason"),
+    [("labels", "labels are not this split's"), ("features", "features hold NaN/inf")],
+)
+def test_crafted_entry_with_a_matching_manifest_is_rebuilt(cached, capsys, what, reason):
+    """Issue 23: checksums only say the files are the ones the manifest names; labels out of
+    range (an IndexError) or NaN features (an overflow error in the L-BFGS probe) written with a
+    fresh manifest are caught by a content check and rebuilt."""
+    go, cache, first = cached
+    fpath, ypath, meta = _entry(cache, "train")
+    good = fpath.read_bytes(), ypath.read_bytes()
+    if what == "labels":
+        y = np.load(ypath)
+        y[0] = 99
+        np.save(ypath, y)
+    else:
+        f = np.load(fpath).copy()
+        f[0, 0] = np.nan
+        np.save(fpath, f)
+    doc = json.loads(meta.read_text())
+    features.write_manifest(meta, fpath, ypath, doc["rows"], doc["dim"])
+    assert check_entry(meta, fpath, ypath) is None  # the manifest vouches for the files
+    capsys.readouterr()
+    again = go("again")
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "damaged entry" in ln]
+    assert len(lines) == 1 and reason in lines[0], lines
+    assert (fpath.read_bytes(), ypath.read_bytes()) == good
+    assert again["val/acc"] == first["val/acc"]

@@ -168,14 +168,14 @@ def test_source_never_finds_or_imports_a_name_it_did_not_write() -> None:
     import ast
 
     # the variables that hold a name from a fixed table: BUNDLED backbones (module_name, module),
-    # a BackboneSpec's weights module (self.module), the loggers' packages (module),
-    # BUNDLED_TOKENIZERS' packages (package, checked against the table), tl's own command modules
-    # (f"tl_cli.commands.{module}") and the registries' provider modules (m, in _PROVIDERS)
+    # a registered BackboneSpec's weights package (self.module), the loggers' packages (module),
+    # BUNDLED_TOKENIZERS' packages (package, checked against the table), the provider modules
+    # of the registries (m, over _PROVIDERS), tl's own command modules (COMMANDS)
     from_tables = {
         "module",
         "module_name",
-        "package",
         "self.module",
+        "package",
         "m",
         "f'tl_cli.commands.{module}'",
     }
@@ -644,3 +644,106 @@ def test_report_errors_turns_any_base_exception_into_one_line(capsys) -> None:
         "tl: error: PanicException: Onig: Regex search error: retry-limit-in-match over "
         "(set HYDRA_FULL_ERROR=1 for the traceback)"
     ]
+
+
+# --------------------------------------------------------------------------- LOW
+
+
+def _nan(sd: dict) -> dict:
+    return {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in sd.items()
+    }
+
+
+def test_nonfinite_init_weights_are_one_line_not_an_overflow(tmp_path: Path) -> None:
+    """init=RUN / backbone.weights_path with NaN weights: named at load, not blamed on the LR."""
+    import timm
+    from safetensors.torch import save_file
+
+    from tl_cli.modalities.image.backbones import create_backbone
+
+    f = tmp_path / "backbone.safetensors"
+    sd = timm.create_model("test_efficientnet", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in _nan(sd).items()}, str(f))
+    with pytest.raises(
+        TLError, match=r"weights_path=.*backbone.safetensors: tensor .* is not finite"
+    ):
+        create_backbone("test_efficientnet", source="timm", weights_path=str(f))
+
+
+def test_the_probe_refuses_nonfinite_features_and_stray_labels() -> None:
+    import numpy as np
+
+    from tl_cli.transfer.probe import fit_probe
+
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    y = np.array([0, 1, 2] * 4)
+    assert fit_probe(x, y, 3).weight.shape == (3, 4)  # the control
+    x[3, 1] = np.inf
+    with pytest.raises(TLError, match=r"features are NaN/inf for 1 of 12 training inputs"):
+        fit_probe(x, y, 3)
+    with pytest.raises(TLError, match=r"a training label is 7, outside the 3 classes"):
+        fit_probe(np.nan_to_num(x, posinf=0.0), np.array([0, 1, 7] * 4), 3)
+
+
+def test_a_nan_teacher_is_named_not_blamed_on_the_learning_rate(
+    tmp_path: Path, good_ckpt: Path
+) -> None:
+    from tl_cli.commands.distill import load_teacher
+
+    evil = edit(
+        good_ckpt, tmp_path / "nan.ckpt", lambda c: c.update(state_dict=_nan(c["state_dict"]))
+    )
+    with pytest.raises(TLError, match=r"teacher=.*nan.ckpt: its weight .* is not finite") as e:
+        load_teacher(evil)
+    assert "lr" not in str(e.value)
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_bad_input(
+    tmp_path: Path, good_ckpt: Path, tiny_cfg
+) -> None:
+    from tl_cli.commands.train import run
+
+    with pytest.raises(TLError, match=r"ckpt_path=.*its weights do not fit this run's model") as e:
+        run(tiny_cfg(f"ckpt_path={good_ckpt}", "head=mlp", f"output_dir={tmp_path / 'r'}"))
+    assert e.value.exit_code == 2
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_class_folder_that_reads_as_an_interpolation_is_refused_before_training(
+    tmp_path: Path, tiny_data: Path, tiny_cfg
+) -> None:
+    """It trained (exit 0), and predict then refused the checkpoint it wrote."""
+    import shutil
+
+    from tl_cli.commands.train import run
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data / "train", root)
+    (root / "cat").rename(root / "${oc.env:HOME}")
+    with pytest.raises(TLError, match=r"class '\$\{oc.env:HOME\}': a class name may not contain"):
+        run(tiny_cfg(f"dataset.root={root}", f"output_dir={tmp_path / 'r'}"))
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_stored_torchvision_dataset_never_makes_eval_download(
+    tmp_path: Path, good_ckpt: Path, monkeypatch
+) -> None:
+    from tl_cli.core import network
+    from tl_cli.run.evaluation import dataset_for
+
+    from .conftest import compose_cfg
+
+    def no_network(url: str, timeout: float = 3.0) -> str | None:
+        raise AssertionError(f"tl eval probed {url} to download a dataset a checkpoint named")
+
+    monkeypatch.setattr(network, "probe", no_network)
+    evil = edit(
+        good_ckpt,
+        tmp_path / "c.ckpt",
+        lambda c: c["tl"].update(dataset={"name": "cifar10", "root": str(tmp_path / "dl")}),
+    )
+    ckpt = read_checkpoint(evil)
+    with pytest.raises(TLError, match=r"cifar10 not found at .*dataset.download=false"):
+        dataset_for(ckpt["tl"], compose_cfg([f"checkpoint={evil}"], "eval"), evil)
+    assert not (tmp_path / "dl").exists()

@@ -118,7 +118,10 @@ def test_explicit_output_and_sidecar_beside_it(ckpt, tmp_path):
     assert not (tmp_path / "run").exists()  # only where told
 
 
-def test_failed_check_exits_1_and_is_recorded(ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
+def test_failed_check_exits_1_and_leaves_no_files(ckpt, tmp_path, monkeypatch, fmt):
+    """Issue 23: a model file that fails its check is not left behind (nor its sidecar): the
+    check runs on the written temp file, before it is renamed into place."""
     real = export._run_export
 
     def off_by_a_bit(*args, **kwargs):
@@ -127,12 +130,13 @@ def test_failed_check_exits_1_and_is_recorded(ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "_run_export", off_by_a_bit)
     with pytest.raises(
-        TLError, match=r"export check failed: max \|diff\| 0\.01 > atol 0\.0001"
+        TLError,
+        match=r"export check failed: max \|diff\| 0\.01 > atol 0\.0001 .*nothing was written",
     ) as e:
-        export.run(ecfg(ckpt, tmp_path / "run", "format=safetensors"))
+        export.run(ecfg(ckpt, tmp_path / "run", f"format={fmt}"))
     assert e.value.exit_code == 1
-    v = json.loads((tmp_path / "run/model.json").read_text())["verification"]
-    assert v["passed"] is False and v["max_abs_diff"] == pytest.approx(0.01, abs=1e-6)
+    left = [p.name for p in (tmp_path / "run").iterdir()] if (tmp_path / "run").exists() else []
+    assert not [n for n in left if n != ".tl.lock"], left  # no model, no sidecar, no temp file
 
 
 def test_onnx_without_onnxruntime_is_written_but_reported_unchecked(ckpt, tmp_path, monkeypatch):

@@ -429,3 +429,30 @@ def test_a_refused_rerun_leaves_the_earlier_runs_hydra_config_alone(ckpt, images
             assert (run_dir / ".hydra" / f).read_text() == f"command: train  # {f}\n", name
             assert (run_dir / ".hydra" / f).stat().st_mtime_ns == mtime, name
         assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before, name
+
+
+def test_every_output_follows_the_umask(ckpt, tmp_path):
+    """Issue 23: model.safetensors (safetensors recreates its file), misclassified.csv and
+    top_losses.png (written through mkstemp) were created 0600, unlike every other output."""
+    old = os.umask(0o027)
+    try:
+        cfg = cfg_for("export", ckpt, tmp_path / "ex", "format=safetensors")
+        export.run(cfg)
+        c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        c["state_dict"] = {
+            k: -v if k.startswith("head.") else v for k, v in c["state_dict"].items()
+        }
+        wrong = tmp_path / "wrong.ckpt"  # a head that gets things wrong: errors to analyse
+        torch.save(c, wrong)
+        evaluate.run(cfg_for("eval", wrong, tmp_path / "ev"))
+    finally:
+        os.umask(old)
+    files = [
+        tmp_path / "ex" / "model.safetensors",
+        tmp_path / "ex" / "model.json",
+        tmp_path / "ev" / "misclassified.csv",
+        tmp_path / "ev" / "top_losses.png",
+        tmp_path / "ev" / "eval.json",
+    ]
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {"0o640"}, modes

@@ -84,6 +84,13 @@ def load_teacher(path: Any) -> tuple[Any, dict[str, Any]]:
         raise TLError(
             f"teacher={p}: a {ckpt['tl'].get('task')!r} checkpoint; distillation needs a classification teacher"
         )
+    from tl_cli.run.safety import first_nonfinite
+
+    bad = first_nonfinite(module.state_dict())
+    if bad is not None:  # else its NaN logits surface as the student's NaN loss, blamed on the LR
+        raise TLError(
+            f"teacher={p}: its weight {bad} is not finite (a corrupt or diverged checkpoint)"
+        )
     for q in module.parameters():
         q.requires_grad_(False)
     return module, {**ckpt, "path": str(p.resolve())}

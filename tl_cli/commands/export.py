@@ -104,22 +104,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             exporter = export_safetensors(net, tmp, meta)
 
-    verification: dict[str, Any] = {
-        "samples": n_samples,
-        "atol": atol,
-        "runtime": None,
-        "max_abs_diff": None,
-        "passed": None,
-    }
-    if cfg.get("verify", True):
-        with torch.inference_mode():
-            ref = net(*samples).float()
-        got, runtime = _run_export(fmt, out, samples, ckpt, modality)
-        if got is None:
-            verification["skipped"] = runtime
-        else:
-            diff = float((got.float() - ref).abs().max())
-            verification.update(runtime=runtime, max_abs_diff=diff, passed=diff <= atol)
+        # the check runs on the written file before it is renamed into place: a file that
+        # fails it is removed with its temp name, and no sidecar is written
+        verification: dict[str, Any] = {
+            "samples": n_samples,
+            "atol": atol,
+            "runtime": None,
+            "max_abs_diff": None,
+            "passed": None,
+        }
+        if cfg.get("verify", True):
+            with torch.inference_mode():
+                ref = net(*samples).float()
+            got, runtime = _run_export(fmt, tmp, samples, ckpt, modality)
+            if got is None:
+                verification["skipped"] = runtime
+            else:
+                diff = float((got.float() - ref).abs().max())
+                verification.update(runtime=runtime, max_abs_diff=diff, passed=diff <= atol)
+        if verification["passed"] is False:
+            raise TLError(
+                f"export check failed: max |diff| {verification['max_abs_diff']:.3g} > atol "
+                f"{atol:g} ({fmt} via {verification['runtime']}); nothing was written to {out}",
+                exit_code=EXIT_FAILED,
+            )
     hp = ckpt["hyper_parameters"]
     doc = {
         "schema_version": SIDECAR_SCHEMA_VERSION,
@@ -147,12 +155,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if in_run_dir:
         release_run_dir(out.parent)
     _print(out, sidecar, doc)
-    if verification["passed"] is False:
-        raise TLError(
-            f"export check failed: max |diff| {verification['max_abs_diff']:.3g} > atol {atol:g} "
-            f"({fmt} via {verification['runtime']}, {out})",
-            exit_code=EXIT_FAILED,
-        )
     return {"output": str(out), "sidecar": str(sidecar), **verification}
 
 

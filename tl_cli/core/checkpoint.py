@@ -42,16 +42,17 @@ import torch
 from tl_cli.core.errors import TLError
 from tl_cli.core.outputs import atomic_file
 
-#: format-1 ``_target_`` strings -> (section, registry name)
+#: format-1 ``_target_`` strings -> (section, registry name): tl 0.1's flat module paths, kept
+#: verbatim (they are data here: never imported)
 LEGACY_TARGETS = {
-    "tl_cli.modalities.backbones.create_backbone": ("backbone", None),
-    "tl_cli.transfer.heads.LinearHead": ("head", "linear"),
-    "tl_cli.transfer.heads.MLPHead": ("head", "mlp"),
-    "tl_cli.transfer.strategies.FeatureExtraction": ("strategy", "feature_extraction"),
-    "tl_cli.transfer.strategies.Finetune": ("strategy", "finetune"),
-    "tl_cli.transfer.strategies.FreezeUnfreeze": ("strategy", "freeze_unfreeze"),
-    "tl_cli.transfer.strategies.GradualUnfreeze": ("strategy", "gradual_unfreeze"),
-    "tl_cli.transfer.strategies.LPFT": ("strategy", "lp_ft"),
+    "tl_cli.backbones.create_backbone": ("backbone", None),
+    "tl_cli.heads.LinearHead": ("head", "linear"),
+    "tl_cli.heads.MLPHead": ("head", "mlp"),
+    "tl_cli.strategies.FeatureExtraction": ("strategy", "feature_extraction"),
+    "tl_cli.strategies.Finetune": ("strategy", "finetune"),
+    "tl_cli.strategies.FreezeUnfreeze": ("strategy", "freeze_unfreeze"),
+    "tl_cli.strategies.GradualUnfreeze": ("strategy", "gradual_unfreeze"),
+    "tl_cli.strategies.LPFT": ("strategy", "lp_ft"),
     "torch.optim.AdamW": ("optimizer", "adamw"),
     "torch.optim.Adam": ("optimizer", "adam"),
     "torch.optim.SGD": ("optimizer", "sgd"),
@@ -375,6 +376,23 @@ def check_state_dict(sd: Any, path: Any) -> None:
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise refuse(path, f"state_dict[{k!r}]", type(v).__name__, "is not a tensor")
+
+
+def weights_misfit(model_sd: dict[str, Any], sd: dict[str, Any]) -> str | None:
+    """How stored weights ``sd`` do not fit a model's state dict (names and shapes), or None."""
+    want = {k: tuple(v.shape) for k, v in model_sd.items()}
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{k} is {tuple(sd[k].shape)}, the model has {want[k]}")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    return "; ".join(parts) or None
 
 
 def looks_like_interpolation(s: str) -> bool:

@@ -167,6 +167,8 @@ def _staged(path: PathLike, keep_suffix: bool) -> Iterator[tuple[int, Path]]:
             mode = 0o666 & ~umask()  # mkstemp makes 0600; give a new file the usual mode
         os.fchmod(fd, mode)
         yield fd, tmp
+        # a writer that recreates the file by name (safetensors does) leaves it 0600
+        os.chmod(tmp, mode)
         fd2 = os.open(tmp, os.O_RDONLY)  # the writer may have reopened the file by name
         try:
             os.fsync(fd2)
@@ -386,6 +388,8 @@ def claim_run_dir(
     if not _rank_zero():
         return
     out = Path(out)
+    if str(out.resolve()) in _HELD:
+        return  # this process claimed it already (tl zeroshot scores into its own run dir)
     refuse_earlier_run(out, overwrite, resume_from)
     if not create and not out.is_dir():
         _PENDING.clear()

@@ -271,6 +271,23 @@ def check_entry(meta: Path, fpath: Path, ypath: Path) -> str | None:
     return None
 
 
+def check_content(fpath: Path, ypath: Path, labels: np.ndarray) -> str | None:
+    """None if an intact entry holds this split's labels and finite features, else what is wrong.
+
+    The manifest's checksums only say the files are those its writer meant; a cache dir is a
+    folder anyone may write into, so what the head trains on is checked too.
+    """
+    y = np.load(ypath)
+    if y.shape != labels.shape or not np.array_equal(y, labels):
+        return f"{ypath}: labels are not this split's ({len(y)} rows)"
+    feats = np.load(fpath, mmap_mode="r")
+    step = 1 << 16
+    for i in range(0, len(feats), step):  # in chunks: the file may be larger than memory
+        if not np.isfinite(feats[i : i + step]).all():
+            return f"{fpath}: features hold NaN/inf"
+    return None
+
+
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Remove temp files whose writer (the pid in the name) no longer exists; never a live one's."""
     removed: list[Path] = []
@@ -388,7 +405,8 @@ class FeatureDataModule(pl.LightningDataModule):
         problem: str | None = "absent"
         if rank == 0:
             if any(p.exists() for p in (meta, fpath, ypath)):
-                problem = check_entry(meta, fpath, ypath)
+                labels = np.asarray([y for _, y in self.images.splits[split]], dtype=np.int64)
+                problem = check_entry(meta, fpath, ypath) or check_content(fpath, ypath, labels)
                 if problem:
                     say(f"feature cache: damaged entry {problem}; rebuilding")
         if world > 1:  # rank 0's verdict for all: every rank takes the same path

@@ -54,6 +54,9 @@ def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) ->
             dcfg["carve"] = False  # scored whole: no val/test carve (and no per-class minimum)
     elif dcfg.get("root") is not None and dcfg.get("name") not in DOWNLOADED_SETS:
         dcfg["root"] = stored_path(dcfg["root"], "dataset.root", ckpt_path)
+    if dcfg.get("name") in DOWNLOADED_SETS:
+        # a checkpoint never makes tl download anything: the set must be there already
+        dcfg["download"] = False
     if not dcfg:
         raise TLError("the checkpoint records no dataset; pass dataset.root=DIR")
     dcfg.update(over)

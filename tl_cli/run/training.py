@@ -255,8 +255,9 @@ def train(
         fitted: the feature cache or the data module), ``trainer`` and ``checkpoint``.
     """
     out = Path(str(cfg.output_dir))
-    ckpt_path = prepare_run(cfg)
+    ckpt_path, resumed = prepare_run(cfg)
     module, dm = (build_fn or build)(cfg)
+    check_resume_fits(module, resumed, ckpt_path)
     if cfg.get("channels_last"):
         module = module.to(memory_format=torch.channels_last)
     announce(module, dm, cfg)
@@ -289,24 +290,42 @@ def train(
     return metrics, objects
 
 
-def prepare_run(cfg: DictConfig) -> str | None:
+def prepare_run(cfg: DictConfig) -> tuple[str | None, dict[str, Any] | None]:
     """Before any work: ``init=RUN`` resolved, every config value checked, the checkpoint to
     resume from read (a missing, corrupt or crafted file fails here), the seed set. Returns
-    ``ckpt_path``."""
+    ``ckpt_path`` and that checkpoint (validated), or None."""
     if cfg.get("init"):  # init=RUN: a tl pretrain run's weights, checked against backbone.name
         from tl_cli.transfer.simclr import apply_init
 
         apply_init(cfg)
     check_train_config(cfg)  # every value, the Trainer's included, before any work
     ckpt_path = cfg.get("ckpt_path")
+    resumed = None
     if ckpt_path:
-        read_checkpoint(ckpt_path)
+        # a missing, corrupt or crafted file fails before any work
+        resumed = read_checkpoint(ckpt_path)
     try:
         seed = int(cfg.seed)
     except (TypeError, ValueError):
         raise TLError(f"seed={cfg.seed!r} must be an integer") from None
     pl.seed_everything(seed, workers=True, verbose=False)
-    return ckpt_path
+    return ckpt_path, resumed
+
+
+def check_resume_fits(module: TransferTask, resumed: dict[str, Any] | None, ckpt_path: Any) -> None:
+    """The checkpoint to resume from holds this run's model: bad input (exit 2) before any work,
+    not Lightning's load error (exit 1) in the middle of fit."""
+    if resumed is None:
+        return
+    from tl_cli.core.checkpoint import weights_misfit
+
+    own = {k: v for k, v in module.state_dict().items() if k.split(".", 1)[0] not in module.frozen}
+    misfit = weights_misfit(own, resumed["state_dict"])
+    if misfit:
+        raise TLError(
+            f"ckpt_path={ckpt_path}: its weights do not fit this run's model ({misfit}); "
+            "resume with the overrides of the run that wrote it"
+        )
 
 
 def announce(module: TransferTask, dm: Any, cfg: DictConfig) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tl_cli.core.checkpoint import read_checkpoint, refuse
+from tl_cli.core.checkpoint import read_checkpoint, refuse, weights_misfit
 from tl_cli.core.errors import TLError
 from tl_cli.tasks.base import TASKS
 
@@ -55,22 +55,10 @@ def check_architecture(cls: Any, ckpt: dict[str, Any], path: Any) -> None:
             shell = cls(**ckpt["hyper_parameters"], pretrained=False)
     except TLError as e:
         raise TLError(f"checkpoint={path}: {e}") from None
-    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
-    sd = ckpt["state_dict"]
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{k} is {tuple(sd[k].shape)}, the model has {want[k]}")
-        if missing:
-            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    misfit = weights_misfit(shell.state_dict(), ckpt["state_dict"])
+    if misfit:
         raise TLError(
-            f"checkpoint={path}: weights do not fit the model it describes ({'; '.join(parts)}); "
+            f"checkpoint={path}: weights do not fit the model it describes ({misfit}); "
             "nothing was built"
         )
     prep = ckpt["tl"]["preprocessing"]

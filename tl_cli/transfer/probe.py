@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tl_cli.core.errors import TLError
+
 #: scikit-learn's LogisticRegressionCV default grid: C in logspace(-4, 4, 10)
 C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 10))
 
@@ -133,6 +135,18 @@ def _fit_probe(
     x = torch.as_tensor(np.asarray(feats), dtype=torch.float32)
     y_np = np.asarray(labels).astype(np.int64)
     y = torch.as_tensor(y_np)
+    bad = ~torch.isfinite(x).all(dim=1) if x.ndim == 2 else ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise TLError(
+            f"the backbone's features are NaN/inf for {int(bad.sum())} of {len(x)} training "
+            "inputs, so no head can be fitted: its weights are not finite (init=RUN or "
+            "backbone.weights_path from a diverged run?)"
+        )
+    if len(y_np) and (y_np.min() < 0 or y_np.max() >= num_classes):
+        raise TLError(
+            f"a training label is {int(y_np.min() if y_np.min() < 0 else y_np.max())}, outside "
+            f"the {num_classes} classes (0-{num_classes - 1})"
+        )
     mu = x.mean(0)
     sd = x.std(0, unbiased=False).clamp_min(1e-6)
     z = (x - mu) / sd

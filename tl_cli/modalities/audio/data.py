@@ -11,7 +11,8 @@ Decoding: WAV, FLAC and OGG (Vorbis) through libsndfile (``soundfile``), any sam
 mean of the channels), resampled with ``soxr`` (HQ) to the backbone's rate (16 kHz).
 
 Unreadable files fail the scan before training with one line naming the file (or are skipped
-and counted under ``dataset.skip_corrupt=true``): empty or truncated files, non-audio files with
+and counted under ``dataset.skip_corrupt=true``): empty or truncated files (a WAV whose header
+declares more samples than the file holds included), non-audio files with
 an audio extension, clips without samples, non-finite samples, silent clips (peak below
 ``SILENCE_PEAK``), sample rates outside the decoded range. The scan decodes every file once.
 """
@@ -70,6 +71,38 @@ def _decode_reason(e: BaseException) -> str:
     return f"corrupt or truncated audio ({msg})"
 
 
+def wav_shortfall(path: str | os.PathLike[str]) -> str | None:
+    """Why a WAV file is cut short, or None: its ``data`` chunk declares more bytes than the file
+    holds. libsndfile reads what is there without a word (a copy cut to half its length decodes
+    as a clip of half the length), so the header is read here. Streamed WAVs (data size 0 or
+    0xFFFFFFFF: length unknown), RF64 and other formats are left to the decoder."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+                return None
+            order = "big" if head[:4] == b"RIFX" else "little"
+            pos = 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                chunk = f.read(8)
+                n = int.from_bytes(chunk[4:], order)
+                if chunk[:4] == b"data":
+                    have = size - pos - 8
+                    # tolerance: writers that round the size, or leave a pad byte off
+                    if n in (0, 0xFFFFFFFF) or n - have <= max(64, n // 100):
+                        return None
+                    return (
+                        f"truncated WAV: its header says {n} bytes of samples, the file holds "
+                        f"{have} ({100 * have // n}%)"
+                    )
+                pos += 8 + n + (n & 1)
+    except OSError:
+        return None  # the decoder reports unreadable files
+    return None
+
+
 def decode(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
     """``(samples, rate)``: float32 mono samples in [-1, 1] at the file's own rate.
 
@@ -81,6 +114,9 @@ def decode(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
             raise TLError(f"{path}: empty file (0 bytes)")
     except FileNotFoundError:
         raise TLError(f"{path}: audio file not found") from None
+    short = wav_shortfall(path)
+    if short:
+        raise TLError(f"{path}: {short}")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except TLError:

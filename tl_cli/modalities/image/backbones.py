@@ -536,6 +536,15 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
     if bad:
         raise TLError(f"backbone.weights_path={path}: shape mismatch for {', '.join(bad[:3])}")
     filtered = {k: v for k, v in best.items() if k in target and v.shape == target[k].shape}
+    nonfinite = next(
+        (k for k, v in filtered.items() if v.is_floating_point() and not torch.isfinite(v).all()),
+        None,
+    )
+    if nonfinite is not None:  # else the first loss is NaN and the learning rate gets the blame
+        raise TLError(
+            f"backbone.weights_path={path}: tensor {nonfinite} is not finite (the weights of a "
+            "diverged or corrupt run)"
+        )
     model.load_state_dict(filtered, strict=False)
 
 

@@ -9,7 +9,7 @@ of `tl eval` (as fastai's ClassificationInterpretation).
   probability of the prediction (images only);
 * ``confusion_matrix.png``: rows = true class, columns = predicted.
 
-Files are written atomically (a temp file in the same folder, then ``os.replace``).
+Files are written through `tl_cli.core.outputs` (atomically, with the mode of every other output).
 """
 
 from __future__ import annotations
