@@ -21,9 +21,11 @@ from omegaconf import open_dict
 from PIL import Image
 
 from tests.conftest import COLORS, TINY, compose_cfg, make_image_folder, run_tl
-from tl_cli import adapt, evaluate, train
-from tl_cli.checkpoint import load_module
-from tl_cli.errors import TLError
+from tl_cli.commands import evaluate, train
+from tl_cli.core.errors import TLError
+from tl_cli.run import training
+from tl_cli.tasks.loading import load_module
+from tl_cli.transfer import adapt
 
 SHARED_COIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coil20-domains"
 
@@ -71,7 +73,7 @@ def test_dann_coefficient_ramps_from_zero_to_one() -> None:
 
 def test_adabn_changes_only_batchnorm_statistics(tiny_data: Path, target_dir: Path) -> None:
     cfg = cfg_for(tiny_data, target_dir, Path("unused"), "adapt=adabn", "adapt.layers=all")
-    module, dm = train.build(cfg)
+    module, dm = training.build(cfg)
     feats = np.random.default_rng(0).normal(size=(10, module.backbone.num_features))
     module.head[0].set_statistics(feats)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -188,7 +190,7 @@ def test_unlabelled_flat_target_reports_no_accuracy(tiny_data: Path, tmp_path: P
 
 
 def _setup_error(tiny_data: Path, target: Path | None, *extra: str) -> str:
-    from tl_cli.data import DATASETS
+    from tl_cli.data.base import DATASETS
 
     cfg = cfg_for(tiny_data, target, Path("unused"), *extra)
     dm = DATASETS.build(cfg.dataset)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tl_cli import train
-from tl_cli.console import History
-from tl_cli.tasks import val_score
-from tl_cli.tuning import falling_slope
+from tl_cli.commands import train
+from tl_cli.core.console import History
+from tl_cli.run import training
+from tl_cli.run.tuning import falling_slope
+from tl_cli.tasks.classification import val_score
 
 from .conftest import TINY, compose_cfg
 
@@ -86,19 +87,19 @@ def test_data_warnings_imbalance_and_small_val():
             balance=balance,
         )
 
-    assert train.data_warnings(dm([30, 10], 40)) == []  # exactly 3:1 is fine
-    (w,) = train.data_warnings(dm([31, 10], 40))
+    assert training.data_warnings(dm([30, 10], 40)) == []  # exactly 3:1 is fine
+    (w,) = training.data_warnings(dm([31, 10], 40))
     assert "imbalanced 3.1:1" in w and "dataset.balance=weights" in w
-    assert train.data_warnings(dm([31, 10], 40, balance="weights")) == []  # already handled
-    (w,) = train.data_warnings(dm([10, 10], 12))
+    assert training.data_warnings(dm([31, 10], 40, balance="weights")) == []  # already handled
+    (w,) = training.data_warnings(dm([10, 10], 12))
     assert "validation split has 12 images" in w and "8.3 points" in w
     # the data module names its inputs (TextDataModule: texts, AudioFolderDataModule: recordings)
-    from tl_cli.audio import AudioFolderDataModule
-    from tl_cli.text import TextDataModule
+    from tl_cli.modalities.audio.data import AudioFolderDataModule
+    from tl_cli.modalities.text.backbone import TextDataModule
 
     text_dm = dm([31, 10], 12)
     text_dm.item_noun = TextDataModule.item_noun
-    imb, small = train.data_warnings(text_dm)
+    imb, small = training.data_warnings(text_dm)
     assert "'k0' 31 texts" in imb and "validation split has 12 texts" in small
     assert AudioFolderDataModule.item_noun == "recordings"
 
@@ -106,10 +107,10 @@ def test_data_warnings_imbalance_and_small_val():
 def test_collapse_warning_only_when_one_class_is_predicted():
     hist = [{"epoch": 0, "val/pred_classes": 1.0}, {"epoch": 1, "val/pred_classes": 2.0}]
     mod = SimpleNamespace(pred_counts={"test": torch.tensor([0, 5])}, class_names=["x", "y"])
-    w = train.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
+    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
     assert len(w) == 2 and "'y' for all 5 test images" in w[1]
     mod.pred_counts["test"] = torch.tensor([1, 4])
-    assert train.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
+    assert training.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
 
 
 def test_checkpoint_tie_break_picks_the_lower_loss():
@@ -125,7 +126,7 @@ def test_checkpoint_tie_break_picks_the_lower_loss():
         h.epochs.append(
             {"epoch": e, "val/acc": acc, "val/loss": loss, "val/score": val_score(acc, loss, 10)}
         )
-    m = train.collect_metrics(h, None, None, 1.0, "val/score", "max")
+    m = training.collect_metrics(h, None, None, 1.0, "val/score", "max")
     assert m["best_epoch"] == 3 and m["val/loss"] == 0.4
 
 
@@ -191,7 +192,7 @@ def test_resume_keeps_the_lbfgs_head_and_takes_no_steps(tiny_cfg, tmp_path):
 
 
 def test_auto_budget_gives_small_sets_more_epochs_and_large_sets_the_base():
-    from tl_cli import budget
+    from tl_cli.transfer import budget
 
     assert budget.steps_per_epoch(90, 32) == 3
     assert budget.steps_per_epoch(4194, 32) == 132
@@ -206,7 +207,7 @@ def test_auto_budget_gives_small_sets_more_epochs_and_large_sets_the_base():
 
 
 def test_auto_budget_in_real_runs(tmp_path, monkeypatch):
-    from tl_cli import budget
+    from tl_cli.transfer import budget
 
     # the real constants made small so the runs stay short: 12 steps, 2..8 epochs
     monkeypatch.setattr(budget, "MIN_STEPS", 12)
@@ -240,7 +241,7 @@ def test_early_stopping_patience_stops_when_val_stops_improving(tmp_path):
     assert m["epochs"] == 3 and m["best_epoch"] == 1
     import pytest
 
-    from tl_cli.errors import TLError
+    from tl_cli.core.errors import TLError
 
     with pytest.raises(TLError, match="early_stopping_patience=0 must be an integer >= 1 or null"):
         run_tiny(root, tmp_path / "bad", "early_stopping_patience=0")
@@ -343,7 +344,7 @@ def test_feature_extraction_has_no_head_only_epoch(tmp_path):
 
 
 def test_collapse_advice_never_names_the_setting_in_use():
-    from tl_cli.strategies import Finetune
+    from tl_cli.transfer.strategies import Finetune
 
     def module(head_fit, balance=None, trains=True):
         return SimpleNamespace(
