@@ -17,7 +17,8 @@ from .test_strategies import Spy
 LR = 0.02
 STRATEGIES = {
     "finetune": (
-        ["strategy=finetune", "strategy.backbone_lr_mult=0.1"],
+        # a random head (the L-BFGS head's head-only epoch and LR: test_defaults)
+        ["strategy=finetune", "strategy.backbone_lr_mult=0.1", "strategy.head_fit=sgd"],
         lambda e: 0,
         0.1,
         lambda e: 1.0,

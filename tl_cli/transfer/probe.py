@@ -142,7 +142,9 @@ def _fit_probe(
     mu = x.mean(0)
     sd = x.std(0, unbiased=False).clamp_min(1e-6)
     if scale == "global":
-        sd = torch.full_like(sd, float(x.std(0, unbiased=False).pow(2).mean().sqrt().clamp_min(1e-6)))
+        sd = torch.full_like(
+            sd, float(x.std(0, unbiased=False).pow(2).mean().sqrt().clamp_min(1e-6))
+        )
     elif scale != "dim":
         raise ValueError(f"scale={scale!r} must be dim or global")
     z = (x - mu) / sd

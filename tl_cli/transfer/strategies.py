@@ -98,6 +98,25 @@ class TransferStrategy:
     def backbone_ever_trains(self) -> bool:
         return any(p.unfreeze_epoch is not None for p in self.group_plans(1)) or self.train_bn
 
+    #: the head's LR relative to ``optimizer.lr``; None: :attr:`head_lr_factor` decides
+    head_lr_mult: float | None = None
+
+    @property
+    def head_lr_factor(self) -> float:
+        """The head's LR as a multiple of ``optimizer.lr``.
+
+        A head fitted by L-BFGS starts at its optimum, so it trains at the backbone's LR (LP-FT,
+        Kumar et al. 2022: after the probe, everything at the small LR). At ``optimizer.lr`` an
+        AdamW step moves every one of its weights by about the LR, i.e. each logit by about
+        ``lr x ||features||_1`` (~0.5-1 for 1280 EfficientNet features at 1e-3): as large as the
+        fitted head's whole margin, so the head leaves its optimum in the first steps and the
+        backbone trains on the gradients of a thrashing head (issue 24's collapse). A head that
+        starts at random (``head_fit=sgd``) trains at ``optimizer.lr``.
+        """
+        if self.head_lr_mult is not None:
+            return float(self.head_lr_mult)
+        return self.backbone_lr_mult if self.head_only_epochs else 1.0
+
     @property
     def head_only_epochs(self) -> int:
         """Epochs before any optimizer step: 1 when the head is fitted by L-BFGS and the backbone
@@ -151,8 +170,12 @@ class Finetune(TransferStrategy):
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "lbfgs",
+        head_lr_mult: float | None = None,
     ) -> None:
         super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        if head_lr_mult is not None and head_lr_mult < 0:
+            raise ValueError(f"strategy.head_lr_mult={head_lr_mult} must be >= 0")
+        self.head_lr_mult = head_lr_mult
 
     def group_plans(self, n_groups: int) -> list[GroupPlan]:
         return [GroupPlan(0, m) for m in self.lr_mults(n_groups)]
