@@ -62,6 +62,8 @@ VARIANTS = {
     "bn=train": ["strategy.bn=train"],
     "head_fit=sgd": ["strategy.head_fit=sgd"],
     "backbone_lr_mult=1.0": ["strategy.backbone_lr_mult=1.0"],
+    # the fine-tuning LRs before issue 24 (backbone 1e-4, head 1e-3)
+    "lr_mult 0.1/1.0 (old)": ["strategy.backbone_lr_mult=0.1", "strategy.head_lr_mult=1.0"],
     "augment=none": ["dataset.augment=none"],
 }
 
@@ -227,7 +229,7 @@ def main() -> None:
             if name in var_rows:
                 for key, extra in ((k, v) for k, v in VARIANTS.items() if k in wanted):
                     print(f"[{name}] tl finetune {' '.join(extra)} ...", flush=True)
-                    slug = key.replace("=", "_")
+                    slug = "".join(c if c.isalnum() or c in "._" else "_" for c in key)
                     r = run(args, "finetune", [*common, *extra], out / "runs" / f"{name}_ft_{slug}")
                     row.setdefault("variants", {})[key] = _keep(r)
                     print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
@@ -392,7 +394,8 @@ def report(results: dict, no_doc: bool) -> None:
 
 `tl finetune` with defaults, then with one default changed at a time (`--variant-rows`). Test
 accuracy / balanced accuracy (best epoch); the defaults are `strategy.bn=frozen`,
-`strategy.head_fit=lbfgs` (head first), `strategy.backbone_lr_mult=0.1`, `dataset.augment=light`.
+`strategy.head_fit=lbfgs` (head first), `strategy.backbone_lr_mult=0.01`,
+`strategy.head_lr_mult=0.1`, `dataset.augment=light`.
 
 {md_table(vheaders, vrows, "l" + "l" * (len(vheaders) - 1))}
 """

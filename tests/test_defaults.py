@@ -332,10 +332,10 @@ def test_head_only_epoch_takes_no_step_and_the_schedule_starts_after_it(tiny_cfg
     # cosine warm-up starts at the first fine-tuning step, not inside the head-only epoch
     warmup = m["defaults"]["warmup_steps"]
     assert warmup == m["defaults"]["optimizer_steps"] // 2 > 1
-    # the L-BFGS head starts at its optimum: it trains at the backbone's LR (optimizer.lr x 0.1)
+    # both start at an optimum: head at optimizer.lr x 0.1, backbone at optimizer.lr x 0.01
     assert first["head"] == pytest.approx(1e-4 / warmup)
-    assert first["backbone"] == pytest.approx(first["head"])
-    assert m["defaults"]["head_lr_mult"] == 0.1
+    assert first["backbone"] == pytest.approx(first["head"] * 0.1)
+    assert m["defaults"]["head_lr_mult"] == 0.1 and m["defaults"]["backbone_lr_mult"] == 0.01
     assert [s["stage"] for s in m["stages"]] == ["head only", "fine-tuned"]
 
 

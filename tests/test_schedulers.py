@@ -18,7 +18,12 @@ LR = 0.02
 STRATEGIES = {
     "finetune": (
         # a random head (the L-BFGS head's head-only epoch and LR: test_defaults)
-        ["strategy=finetune", "strategy.backbone_lr_mult=0.1", "strategy.head_fit=sgd"],
+        [
+            "strategy=finetune",
+            "strategy.backbone_lr_mult=0.1",
+            "strategy.head_fit=sgd",
+            "strategy.head_lr_mult=1.0",
+        ],
         lambda e: 0,
         0.1,
         lambda e: 1.0,

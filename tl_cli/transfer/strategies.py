@@ -98,24 +98,18 @@ class TransferStrategy:
     def backbone_ever_trains(self) -> bool:
         return any(p.unfreeze_epoch is not None for p in self.group_plans(1)) or self.train_bn
 
-    #: the head's LR relative to ``optimizer.lr``; None: :attr:`head_lr_factor` decides
+    #: the head's LR as a multiple of ``optimizer.lr`` (None: 1.0); see :attr:`head_lr_factor`
     head_lr_mult: float | None = None
 
     @property
     def head_lr_factor(self) -> float:
-        """The head's LR as a multiple of ``optimizer.lr``.
+        """The head's LR as a multiple of ``optimizer.lr`` (``strategy.head_lr_mult``, default 1).
 
-        A head fitted by L-BFGS starts at its optimum, so it trains at the backbone's LR (LP-FT,
-        Kumar et al. 2022: after the probe, everything at the small LR). At ``optimizer.lr`` an
-        AdamW step moves every one of its weights by about the LR, i.e. each logit by about
-        ``lr x ||features||_1`` (~0.5-1 for 1280 EfficientNet features at 1e-3): as large as the
-        fitted head's whole margin, so the head leaves its optimum in the first steps and the
-        backbone trains on the gradients of a thrashing head (issue 24's collapse). A head that
-        starts at random (``head_fit=sgd``) trains at ``optimizer.lr``.
+        ``tl finetune`` sets 0.1: its head is fitted by L-BFGS and starts at its optimum, where
+        one AdamW step at 1e-3 moved the logit margin of a separable two-class set by 1.0 (of a
+        fitted margin of 2.5), at 1e-4 by 0.1 (scripts/bench_finetune_step.py, issue 24).
         """
-        if self.head_lr_mult is not None:
-            return float(self.head_lr_mult)
-        return self.backbone_lr_mult if self.head_only_epochs else 1.0
+        return 1.0 if self.head_lr_mult is None else float(self.head_lr_mult)
 
     @property
     def head_only_epochs(self) -> int:
@@ -158,19 +152,20 @@ class FeatureExtraction(TransferStrategy):
 
 @STRATEGIES.register("finetune")
 class Finetune(TransferStrategy):
-    """Everything trains from the start; the backbone at a lower LR."""
+    """Everything trains from the start (after the head-only epoch of an L-BFGS head), the backbone
+    at ``optimizer.lr x backbone_lr_mult`` and the head at ``optimizer.lr x head_lr_mult``."""
 
     name = "finetune"
 
     def __init__(
         self,
-        backbone_lr_mult: float = 0.1,
+        backbone_lr_mult: float = 0.01,
         layer_decay: float | None = None,
         train_bn: bool = False,
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "lbfgs",
-        head_lr_mult: float | None = None,
+        head_lr_mult: float | None = 0.1,
     ) -> None:
         super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
         if head_lr_mult is not None and head_lr_mult < 0:
