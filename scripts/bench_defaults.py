@@ -44,13 +44,26 @@ from _bench_util import (
 )
 
 SHARED = (ROOT.parent / "shared" / "data").resolve()
-ROWS = ["cifar_all", "cifar_n10", "cifar_n20", "cifar_n50", "cifar_n100", "coil1", "omniglot"]
+ROWS = [
+    "cifar_all",
+    "cifar_n10",
+    "cifar_n20",
+    "cifar_n50",
+    "cifar_n100",
+    "coil1",
+    "omniglot",
+    # a small grey two-class set like the medical one of issue 24: CIFAR cat vs dog in grey,
+    # 40 train images per class (4 carved for val per class: val is noisy), 200 test per class
+    "catdog_grey_n40",
+]
 TEST_FRACTION = 0.3
 # item 3 of the defaults issue: each fine-tuning default against its alternative, one at a time
 VARIANTS = {
     "bn=train": ["strategy.bn=train"],
     "head_fit=sgd": ["strategy.head_fit=sgd"],
     "backbone_lr_mult=1.0": ["strategy.backbone_lr_mult=1.0"],
+    # the fine-tuning LRs before issue 24 (backbone 1e-4, head 1e-3)
+    "lr_mult 0.1/1.0 (old)": ["strategy.backbone_lr_mult=0.1", "strategy.head_lr_mult=1.0"],
     "augment=none": ["dataset.augment=none"],
 }
 
@@ -69,6 +82,18 @@ def build_row(name: str, data: Path) -> Path:
     if name == "cifar_all":
         return cifar
     root = data / name
+    if name == "catdog_grey_n40":
+        from PIL import Image
+
+        for cls in ("cat", "dog"):
+            files = sorted((cifar / "train" / cls).glob("*.png"))
+            for split, part in (("train", files[:40]), ("test", files[40:240])):
+                d = root / split / cls
+                d.mkdir(parents=True, exist_ok=True)
+                for f in part:
+                    if not (d / f.name).exists():
+                        Image.open(f).convert("L").save(d / f.name)
+        return root
     if name.startswith("cifar_n"):
         n = int(name[len("cifar_n") :])
         for cls in sorted(p for p in (cifar / "train").iterdir() if p.is_dir()):
@@ -137,6 +162,17 @@ def main() -> None:
         default=",".join(VARIANTS),
         help="which alternatives --variant-rows runs (default: all)",
     )
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="fine-tuning rows run once per seed (seed=S dataset.split_seed=S: another val carve "
+        "and another training order), e.g. 0,1,2",
+    )
+    ap.add_argument(
+        "--extra",
+        default="",
+        help="overrides added to every tl command (e.g. dataset.image_size=96 on a slow machine)",
+    )
     ap.add_argument("--out", default=str(ROOT / "build" / "bench" / "defaults"))
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--render-only", action="store_true")
@@ -157,7 +193,7 @@ def main() -> None:
             root = build_row(name, out / "data")
             row = results["rows"].setdefault(name, {})
             cache = out / "cache" / name
-            common = ["dataset=imagefolder", f"dataset.root={root}"]
+            common = ["dataset=imagefolder", f"dataset.root={root}", *args.extra.split()]
             print(f"[{name}] tl train (defaults) ...", flush=True)
             r = run(
                 args,
@@ -174,14 +210,26 @@ def main() -> None:
             print(f"    probe test/acc {row['probe']['test/acc']:.3f}", flush=True)
             save_json(res_file, {**results, "command": command_line(), "machine": machine()})
             if name in ft_rows:
-                print(f"[{name}] tl finetune (defaults) ...", flush=True)
-                r = run(args, "finetune", common, out / "runs" / f"{name}_finetune")
-                row["finetune"] = _keep(r)
-                print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
+                for seed in filter(None, args.seeds.split(",")):
+                    print(f"[{name}] tl finetune (defaults) seed {seed} ...", flush=True)
+                    sargs = [f"seed={seed}", f"dataset.split_seed={seed}"] if seed != "0" else []
+                    sfx = f"_s{seed}" if seed != "0" else ""
+                    r = run(
+                        args, "finetune", [*common, *sargs], out / "runs" / f"{name}_finetune{sfx}"
+                    )
+                    row.setdefault("finetune_seeds", {})[seed] = _keep(r)
+                    if seed == "0":
+                        row["finetune"] = _keep(r)
+                    print(
+                        f"    test/acc {r['metrics'].get('test/acc'):.3f} "
+                        f"{collapse_check(row['finetune_seeds'][seed])}",
+                        flush=True,
+                    )
+                    save_json(res_file, results)
             if name in var_rows:
                 for key, extra in ((k, v) for k, v in VARIANTS.items() if k in wanted):
                     print(f"[{name}] tl finetune {' '.join(extra)} ...", flush=True)
-                    slug = key.replace("=", "_")
+                    slug = "".join(c if c.isalnum() or c in "._" else "_" for c in key)
                     r = run(args, "finetune", [*common, *extra], out / "runs" / f"{name}_ft_{slug}")
                     row.setdefault("variants", {})[key] = _keep(r)
                     print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
@@ -213,8 +261,31 @@ def _keep(r: dict) -> dict:
         "best_epoch",
         "defaults",
         "warnings",
+        "stages",
     )
-    return {"cmd": r["cmd"], "wall_seconds": r["wall_seconds"], **{k: m.get(k) for k in keys}}
+    hist = [
+        {k: v for k, v in h.items() if k in ("epoch", "train/acc", "train/loss", "val/acc")}
+        for h in m.get("history", [])
+    ]
+    return {
+        "cmd": r["cmd"],
+        "wall_seconds": r["wall_seconds"],
+        **{k: m.get(k) for k in keys},
+        "history": hist,
+    }
+
+
+def collapse_check(d: dict) -> str:
+    """Fine-tuning collapsed if an epoch's train/acc fell below the head-only epoch's (its start)."""
+    stages = d.get("stages") or []
+    hist = d.get("history") or []
+    if not stages or len(hist) < 2 or "train/acc" not in hist[0]:
+        return "(no head-only epoch)"
+    start = hist[0]["train/acc"]
+    low = min(h["train/acc"] for h in hist[1:] if "train/acc" in h)
+    best = "head only" if stages[0].get("in_best_ckpt") else "fine-tuned"
+    flag = "COLLAPSE" if low < start - 0.05 else "ok"
+    return f"(train/acc start {start:.3f}, lowest after {low:.3f}: {flag}; best.ckpt {best})"
 
 
 def variant_table(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -253,6 +324,7 @@ def report(results: dict, no_doc: bool) -> None:
         "tl finetune acc / bal. acc / fit s (epochs)",
         "train >= probe - 1pt",
         "finetune >= train",
+        "collapses (train/acc < start - 5pt)",
     ]
     rows, cmds = [], []
     for name in ROWS:
@@ -268,9 +340,27 @@ def report(results: dict, no_doc: bool) -> None:
             ep = f" ({d['epochs']} ep)" if epochs and d.get("epochs") else ""
             return (
                 f"{d['test/acc']:.3f} / {d['test/balanced_acc']:.3f} / {d['fit_seconds']:.0f}{ep}"
+                f"{d.get('spread', '')}"
             )
 
         tr, pr, ft = row.get("train"), row.get("probe"), row.get("finetune")
+        seeds = row.get("finetune_seeds") or {}
+        if len(seeds) > 1:  # mean over seeds, with the spread
+            accs = [d["test/acc"] for d in seeds.values()]
+            ft = {
+                **ft,
+                "test/acc": float(np.mean(accs)),
+                "test/balanced_acc": float(
+                    np.mean([d["test/balanced_acc"] for d in seeds.values()])
+                ),
+                "fit_seconds": float(np.mean([d["fit_seconds"] for d in seeds.values()])),
+                "spread": f" (sd {np.std(accs):.3f}, {len(accs)} seeds)",
+            }
+        collapses = [collapse_check(d) for d in seeds.values()]
+        n_coll = sum("COLLAPSE" in c for c in collapses)
+        head_best = sum(
+            bool((d.get("stages") or [{}])[0].get("in_best_ckpt")) for d in seeds.values()
+        )
         ok_probe = "yes" if tr["test/acc"] >= pr["test/acc"] - 0.01 else "**no**"
         ok_ft = (
             ("yes" if ft["test/acc"] >= tr["test/acc"] else "**no**")
@@ -287,6 +377,7 @@ def report(results: dict, no_doc: bool) -> None:
                 cell(ft, epochs=True),
                 ok_probe,
                 ok_ft,
+                (f"{n_coll} of {len(seeds)}; head only kept {head_best}" if seeds else "not run"),
             ]
         )
         cmds.append(tr["cmd"])
@@ -303,7 +394,8 @@ def report(results: dict, no_doc: bool) -> None:
 
 `tl finetune` with defaults, then with one default changed at a time (`--variant-rows`). Test
 accuracy / balanced accuracy (best epoch); the defaults are `strategy.bn=frozen`,
-`strategy.head_fit=lbfgs` (head first), `strategy.backbone_lr_mult=0.1`, `dataset.augment=light`.
+`strategy.head_fit=lbfgs` (head first), `strategy.backbone_lr_mult=0.01`,
+`strategy.head_lr_mult=0.1`, `dataset.augment=light`.
 
 {md_table(vheaders, vrows, "l" + "l" * (len(vheaders) - 1))}
 """
@@ -325,7 +417,7 @@ its fit seconds exclude the forward pass it shares with `tl train`. COIL-20 and 
 test split: the last 30% of each class's files (by name) are the test images. Machine:
 {results.get("machine", machine())}; one run each, timings +/- 20-30%.
 
-{md_table(headers, rows, "llrlllll")}
+{md_table(headers, rows, "llrllllll")}
 
 {results.get("notes", "")}
 

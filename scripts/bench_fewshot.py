@@ -142,7 +142,9 @@ def main() -> None:
     fs["cifar_center"] = fewshot("cifar_center", [*cifar_fs, "center=support"], args.episodes)
     fs["cifar_10way"] = fewshot("cifar_10way", [*cifar_fs, "n_way=10"], args.episodes)
     fs["amazon"] = fewshot(
-        "amazon", ["modality=text", f"dataset.root={AMAZON}", "n_way=2", "device=cpu"], args.episodes
+        "amazon",
+        ["modality=text", f"dataset.root={AMAZON}", "n_way=2", "device=cpu"],
+        args.episodes,
     )
     res["fewshot"] = {k: {"cmd": v["cmd"], **v["metrics"]} for k, v in fs.items()}
 

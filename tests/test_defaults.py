@@ -332,8 +332,10 @@ def test_head_only_epoch_takes_no_step_and_the_schedule_starts_after_it(tiny_cfg
     # cosine warm-up starts at the first fine-tuning step, not inside the head-only epoch
     warmup = m["defaults"]["warmup_steps"]
     assert warmup == m["defaults"]["optimizer_steps"] // 2 > 1
-    assert first["head"] == pytest.approx(1e-3 / warmup)
+    # both start at an optimum: head at optimizer.lr x 0.1, backbone at optimizer.lr x 0.01
+    assert first["head"] == pytest.approx(1e-4 / warmup)
     assert first["backbone"] == pytest.approx(first["head"] * 0.1)
+    assert m["defaults"]["head_lr_mult"] == 0.1 and m["defaults"]["backbone_lr_mult"] == 0.01
     assert [s["stage"] for s in m["stages"]] == ["head only", "fine-tuned"]
 
 
@@ -354,8 +356,31 @@ def test_collapse_advice_never_names_the_setting_in_use():
             supports_head_fit=lambda: True,
         )
 
-    tip = train.collapse_advice(module("lbfgs"))
+    tip = training.collapse_advice(module("lbfgs"))
     assert "head_fit=lbfgs" not in tip and "strategy=feature_extraction" in tip
-    assert "head_fit=lbfgs" in train.collapse_advice(module("sgd"))
-    tip = train.collapse_advice(module("lbfgs", balance="weights", trains=False))
+    assert "head_fit=lbfgs" in training.collapse_advice(module("sgd"))
+    tip = training.collapse_advice(module("lbfgs", balance="weights", trains=False))
     assert "balance" not in tip and "feature_extraction" not in tip and "more data" in tip
+
+
+def test_probe_scale_global_does_not_amplify_a_feature_that_is_flat_in_train():
+    """Issue 24, point 5: per-feature standardisation gives a feature that barely varies in train
+    a huge weight on the raw scale, so a shifted domain where it varies swamps the logits;
+    ``scale="global"`` (one scale for all features, as a probe on raw features) does not."""
+    from tl_cli.transfer.probe import fit_probe
+
+    rng = np.random.default_rng(0)
+    n = 60
+    y = np.repeat([0, 1], n // 2)
+    x = rng.normal(0, 1, (n, 8)).astype(np.float32)
+    x[:, 0] += np.where(y == 1, 2.0, -2.0)  # the real signal
+    x[:, 1] = np.where(y == 1, 1e-3, -1e-3) + rng.normal(0, 1e-4, n)  # flat, but separable
+    shifted = x.copy()
+    shifted[:, 1] = rng.normal(0, 1.0, n)  # the flat feature varies in the new domain
+    accs = {}
+    for scale in ("dim", "global"):
+        fit = fit_probe(x, y, 2, scale=scale)
+        logits = torch.as_tensor(shifted) @ fit.weight.T + fit.bias
+        accs[scale] = float((logits.argmax(1).numpy() == y).mean())
+        assert fit.train_acc == 1.0
+    assert accs["global"] >= 0.9 and accs["dim"] < accs["global"], accs

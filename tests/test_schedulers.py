@@ -17,7 +17,13 @@ from .test_strategies import Spy
 LR = 0.02
 STRATEGIES = {
     "finetune": (
-        ["strategy=finetune", "strategy.backbone_lr_mult=0.1"],
+        # a random head (the L-BFGS head's head-only epoch and LR: test_defaults)
+        [
+            "strategy=finetune",
+            "strategy.backbone_lr_mult=0.1",
+            "strategy.head_fit=sgd",
+            "strategy.head_lr_mult=1.0",
+        ],
         lambda e: 0,
         0.1,
         lambda e: 1.0,

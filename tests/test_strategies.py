@@ -93,6 +93,7 @@ def test_finetune_trains_everything_with_lower_backbone_lr(tiny_cfg):
             "strategy=finetune",
             "strategy.bn=train",  # BatchNorm in train mode (the default, bn=frozen: test_defaults)
             "strategy.backbone_lr_mult=0.1",
+            "strategy.head_lr_mult=1.0",  # the L-BFGS head's default is the backbone's LR
             "optimizer.lr=0.01",
             "scheduler=none",
         ),

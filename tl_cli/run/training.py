@@ -516,6 +516,7 @@ def chosen_defaults(module: Any, cfg: DictConfig) -> dict[str, Any]:
         if not module.policy.backbone_ever_trains
         else strat.backbone_lr_mult,
         "balance": getattr(module, "balance", None),
+        "head_lr_mult": getattr(strat, "head_lr_factor", 1.0),
     }
     return out
 
@@ -535,6 +536,8 @@ def describe_defaults(d: dict[str, Any]) -> str:
         f"LR {d['lr']:.3g}, warm-up {d['warmup_steps']} steps"
     )
     bb = f", backbone LR x{d['backbone_lr_mult']:g}" if d["backbone_lr_mult"] is not None else ""
+    if d["backbone_lr_mult"] is not None and d.get("head_lr_mult", 1.0) != 1.0:
+        bb += f", head LR x{d['head_lr_mult']:g}"
     bal = f", balance {d['balance']}" if d["balance"] else ""
     return f"{head}; {steps}; BN {d['bn']}{bb}{bal}"
 

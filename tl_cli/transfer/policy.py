@@ -87,7 +87,8 @@ class TransferPolicy:
             top = n.split(".", 1)[0]
             if top == "backbone":  # every backbone parameter must be in a group
                 raise RuntimeError(f"backbone parameter outside any block group: {n}")
-            out[n] = (None if top in self.frozen else shift, 1.0, top)
+            mult = self.strategy.head_lr_factor if top == "head" else 1.0
+            out[n] = (None if top in self.frozen else shift, mult, top)
         return out
 
     @property
