@@ -126,6 +126,8 @@ def _probe_stages(
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, 128, 128))
+    except (AssertionError, RuntimeError, ValueError):  # fixed-size models (ViT) refuse 128 px
+        shapes = {}
     finally:
         model.train(was)
         for h in hooks:
@@ -420,6 +422,11 @@ def build_detector(
     num_classes = len(class_names) + 1
     if head not in HEADS:
         raise TLError(f"head={head!r} must be one of {', '.join(HEADS)}")
+    if int(fpn_channels) < 32 or int(fpn_channels) % 32:
+        # FCOS's head normalises with GroupNorm(32 groups)
+        raise TLError(f"fpn_channels={fpn_channels} must be a positive multiple of 32")
+    if int(head_convs) < 1:
+        raise TLError(f"head_convs={head_convs} must be >= 1")
     if name in COCO_DETECTORS:
         return _coco_detector(name, class_names, image_size, pretrained)
     from tl_cli.modalities.backbones import build_backbone
