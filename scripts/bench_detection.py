@@ -44,7 +44,12 @@ def reference(data, args) -> dict:
     names = data.class_names
     index = {n: i + 1 for i, n in enumerate(names)}
     det = build_detector(
-        {"name": args.backbone}, names, args.head, args.image_size, args.fpn_channels, args.head_convs
+        {"name": args.backbone},
+        names,
+        args.head,
+        args.image_size,
+        args.fpn_channels,
+        args.head_convs,
     ).det
 
     class Raw(torch.utils.data.Dataset):
@@ -62,9 +67,15 @@ def reference(data, args) -> dict:
             t = make_target(s.boxes, [index[n] for n in s.names], s.ignore, *img.shape[-2:])
             img, t = self.tf(img, t)
             img = self.to_float(img)
-            return img, {"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"], "ignore": t["ignore"]}
+            return img, {
+                "boxes": t["boxes"].as_subclass(torch.Tensor),
+                "labels": t["labels"],
+                "ignore": t["ignore"],
+            }
 
-    train = DataLoader(Raw(data.splits["train"], True), batch_size=2, shuffle=True, collate_fn=collate)
+    train = DataLoader(
+        Raw(data.splits["train"], True), batch_size=2, shuffle=True, collate_fn=collate
+    )
     test = DataLoader(Raw(data.splits["test"], False), batch_size=2, collate_fn=collate)
     params = [p for p in det.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=0.0005)
@@ -150,9 +161,17 @@ def main() -> None:
                     cache_views=args.cache_views,
                     seed=args.seed,
                 )
-            res = {k: v for k, v in r.items() if k not in ("module", "data", "best_path", "classes")}
-        row = {"run": run, **common, **res, "wall_seconds": round(time.perf_counter() - t, 1),
-               "load_before": load_before, "load_after": load_avg()}
+            res = {
+                k: v for k, v in r.items() if k not in ("module", "data", "best_path", "classes")
+            }
+        row = {
+            "run": run,
+            **common,
+            **res,
+            "wall_seconds": round(time.perf_counter() - t, 1),
+            "load_before": load_before,
+            "load_after": load_avg(),
+        }
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

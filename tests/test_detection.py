@@ -301,6 +301,32 @@ def test_multiscale_features_timm_and_torchvision() -> None:
         MultiScaleFeatures(vit)
 
 
+def test_fine_tuning_keeps_the_stem_and_stride_4_stages_frozen() -> None:
+    from tl_cli.tasks.detection.module import DetectionModule
+
+    m = DetectionModule(
+        {"name": "efficientnet_lite0"},
+        ["a"],
+        image_size=64,
+        fpn_channels=32,
+        train_backbone=True,
+        pretrained=False,
+    )
+    body = m.detector.body
+    frozen = {n for n, p in body.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.split(".")[2] in ("conv_stem", "blocks") for n in frozen)
+    assert {n.split(".")[3] for n in frozen if ".blocks." in n} == {"0", "1"}  # strides 2 and 4
+    assert any(p.requires_grad for n, p in body.named_parameters() if ".blocks.2." in n)
+    rn = build_detector({"name": "resnet18", "weights": "none"}, ["a"], pretrained=False)
+    early = {id(p) for p in rn.early_parameters()}
+    names = {n.split(".")[2] for n, p in rn.body.named_parameters() if id(p) in early}
+    assert names == {"conv1", "layer1"}
+    frozen_train = DetectionModule(
+        TINY_BACKBONE, ["a"], image_size=64, fpn_channels=32, pretrained=False
+    )
+    assert not any(p.requires_grad for p in frozen_train.detector.body.parameters())
+
+
 def _batch(n: int = 2):
     torch.manual_seed(0)
     images = [torch.rand(3, 64, 96), torch.rand(3, 96, 64)][:n]

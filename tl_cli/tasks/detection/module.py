@@ -31,6 +31,7 @@ class DetectionModule(pl.LightningModule):
         head: fcos | retinanet | fasterrcnn.
         image_size, fpn_channels, head_convs: see :func:`model.build_detector`.
         train_backbone: False = ``tl train`` (frozen body); True = ``tl finetune``.
+        freeze_early: when fine-tuning, keep the stem and stride-2/4 stages frozen.
         lr, weight_decay, backbone_lr_mult: AdamW; the body trains at ``lr * backbone_lr_mult``.
         warmup_fraction, min_lr_ratio: the cosine schedule, stepped per batch.
         pretrained: False when rebuilding from a checkpoint.
@@ -47,6 +48,7 @@ class DetectionModule(pl.LightningModule):
         fpn_channels: int = 128,
         head_convs: int = 4,
         train_backbone: bool = False,
+        freeze_early: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         backbone_lr_mult: float = 0.1,
@@ -65,6 +67,9 @@ class DetectionModule(pl.LightningModule):
         self.train_backbone = bool(train_backbone)
         for p in self.detector.body_parameters():
             p.requires_grad_(self.train_backbone)
+        if freeze_early:
+            for p in self.detector.early_parameters():
+                p.requires_grad_(False)
         self.val_map = M.make_metric()
         self.test_map = M.make_metric(extended=True)
         #: test predictions/targets in original pixels (error analysis, drawings)
