@@ -536,7 +536,27 @@ def test_tiny_end_to_end_learns_boxes_and_exports(tmp_path: Path) -> None:
     assert r["cache_views"] == 2
     assert r["test/map_50"] > 0.3, r
     assert Path(r["best_path"]).is_file()
-    det = r["module"].detector.eval()
+    module = r["module"]
+    # tl eval's pieces: per-class AP, PR curve, drawn test images, error analysis
+    from tl_cli.tasks.detection.report import write_eval_artifacts
+
+    ev = write_eval_artifacts(
+        module.test_outputs,
+        r["data"].splits["test"],
+        module.test_result,
+        r["classes"],
+        tmp_path / "eval",
+    )
+    assert {row["class"] for row in ev["per_class"]} <= set(r["classes"]) and ev["per_class"]
+    assert all(Path(f).stat().st_size > 1000 for f in ev["files"].values())
+    assert set(ev["errors"]) == {"most_missed", "most_spurious"}
+    # the checkpoint holds plain values: rebuilt without any download, it predicts the same
+    from tl_cli.tasks.detection.module import DetectionModule
+
+    ck = torch.load(r["best_path"], map_location="cpu", weights_only=True)
+    again = DetectionModule(**ck["hyper_parameters"], pretrained=False)
+    again.load_state_dict(ck["state_dict"])
+    det = module.detector.eval()
     test = r["data"].splits["test"]
     preds = list(detect_files(det, [s.path for s in test], 96))
     # predictions come back in original pixels: the best box of each image overlaps its truth
@@ -547,6 +567,9 @@ def test_tiny_end_to_end_learns_boxes_and_exports(tmp_path: Path) -> None:
         if len(d["boxes"]) and s.num_boxes:
             hits += int(box_iou(d["boxes"][:1], torch.as_tensor(s.boxes)).max() > 0.5)
     assert hits >= len(test) // 2
+    again_preds = list(detect_files(again.detector, [s.path for s in test], 96))
+    for (_, _, a), (_, _, b) in zip(preds, again_preds, strict=True):
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
     assert rows(preds[0][0], preds[0][2], r["classes"], 0.0)
     example = DetectionDataset(test, r["classes"], 96)[0][0]
     sidecar = export_onnx(det, tmp_path / "det.onnx", example[None])
