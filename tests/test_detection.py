@@ -403,6 +403,7 @@ def test_coco_detector_gets_a_new_box_predictor() -> None:
         pretrained=False,
     )
     assert det.det.roi_heads.box_predictor.cls_score.out_features == 3
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in det.body.modules())
     assert det.det.transform.max_size == 160
     det.eval()
     with torch.no_grad():

@@ -515,6 +515,9 @@ def _coco_detector(
         raise TLError(
             f"cannot load torchvision detector {name}: {str(e).splitlines()[0]}"
         ) from None
+    # torchvision freezes BatchNorm only when it loads weights: freeze it either way, so a
+    # checkpoint rebuilt without weights has the same modules (and state dict keys)
+    det.backbone.body = freeze_bn(det.backbone.body)
     n = len(class_names) + 1
     if head == "fasterrcnn":
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
