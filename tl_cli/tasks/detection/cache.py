@@ -109,7 +109,7 @@ def _compute(detector: Detector, ds: DetectionDataset, device: Any, progress: An
             for j, (_, t) in enumerate(items):
                 h, w = sizes[j]
                 own = _crop_own(maps, j, h, w, detector.first_stride)
-                target = {k: t[k] for k in ("boxes", "labels", "ignore")}
+                target = {k: t[k] for k in ("boxes", "labels", "ignore", "scale", "index")}
                 out.append((own, (h, w), target))
                 if progress is not None:
                     progress()

@@ -99,10 +99,15 @@ def fit_detector(
             train_ds: Any = CachedMaps(
                 module.detector, data.splits["train"], names, image_size, augment, views, device
             )
+            # validation images are never augmented: their maps are cached once too
+            val_ds: Any = CachedMaps(
+                module.detector, data.splits["val"], names, image_size, augment, 1, device
+            )
             module.detector.cpu()
             cache_seconds = time.perf_counter() - t0
             say(
-                f"cached backbone maps: {views} views x {len(train_ds)} images in {cache_seconds:.0f}s"
+                f"cached backbone maps: {views} views x {len(train_ds)} train images and "
+                f"{len(val_ds)} val images in {cache_seconds:.0f}s"
             )
     if views:
         train_loader = DataLoader(
@@ -119,11 +124,14 @@ def fit_detector(
             shuffle=True,
             collate_fn=collate,
         )
-    val_loader = DataLoader(
-        DetectionDataset(data.splits["val"], names, image_size),
-        batch_size=batch_size,
-        collate_fn=collate,
-    )
+    if views:
+        val_loader = DataLoader(val_ds, batch_size=batch_size, collate_fn=collate_cached)
+    else:
+        val_loader = DataLoader(
+            DetectionDataset(data.splits["val"], names, image_size),
+            batch_size=batch_size,
+            collate_fn=collate,
+        )
     timer = _EpochTimer()
     ckpt = pl.callbacks.ModelCheckpoint(
         dirpath=str(Path(out_dir) / "checkpoints"),

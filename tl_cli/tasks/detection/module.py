@@ -102,9 +102,14 @@ class DetectionModule(pl.LightningModule):
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
-    def predict_original(self, images: list[Tensor], targets: list[dict[str, Tensor]]):
-        """Detections and targets in original pixels."""
-        dets = self.detector(images)
+    def predict_original(self, batch: Any):
+        """Detections and targets in original pixels, from images or cached maps."""
+        if isinstance(batch[0], OrderedDict):
+            maps, sizes, targets = batch
+            dets = self.detector.detect(maps, sizes)
+        else:
+            images, targets = batch
+            dets = self.detector(images)
         preds, gts = [], []
         for d, t in zip(dets, targets, strict=True):
             preds.append({**d, "boxes": to_original(d["boxes"], t["scale"])})
@@ -112,7 +117,7 @@ class DetectionModule(pl.LightningModule):
         return preds, gts
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        preds, gts = self.predict_original(*batch)
+        preds, gts = self.predict_original(batch)
         self.val_map.update(*M.metric_inputs(preds, gts))
 
     def on_validation_epoch_end(self) -> None:
@@ -122,7 +127,7 @@ class DetectionModule(pl.LightningModule):
             self.log(f"val/{k}", float(result[k]), prog_bar=k == "map_50")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        preds, gts = self.predict_original(*batch)
+        preds, gts = self.predict_original(batch)
         self.test_map.update(*M.metric_inputs(preds, gts))
         for p, t in zip(preds, gts, strict=True):
             self.test_outputs.append(
