@@ -112,7 +112,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench_detection.jsonl")
     ap.add_argument("--runs", default="train,finetune,reference", help="comma list")
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--head", default="fcos")
+    ap.add_argument("--head", default="fcos", help="head of the finetune/reference runs")
+    ap.add_argument(
+        "--heads",
+        default="",
+        help="comma list: frozen-backbone runs per head on one shared cache; finetune and "
+        "reference then use the head with the best val mAP@0.5",
+    )
     ap.add_argument("--image-size", type=int, default=384)
     ap.add_argument("--fpn-channels", type=int, default=128)
     ap.add_argument("--head-convs", type=int, default=4)
@@ -139,7 +145,19 @@ def main() -> None:
         "epochs": args.epochs,
         "threads": args.threads,
     }
+    jobs = []
     for run in args.runs.split(","):
+        if run == "train" and args.heads:
+            jobs += [("train", h) for h in args.heads.split(",")]
+        else:
+            jobs.append((run, None))
+    cache = None
+    best_val: dict[str, float] = {}
+    for run, head in jobs:
+        if head is None:
+            head = max(best_val, key=best_val.get) if best_val else args.head
+            args.head = head
+        common["head"] = head
         load_before = load_avg()
         t = time.perf_counter()
         if run == "reference":
@@ -151,7 +169,7 @@ def main() -> None:
                     tmp,
                     train_backbone=run == "finetune",
                     backbone={"name": args.backbone},
-                    head=args.head,
+                    head=head,
                     image_size=args.image_size,
                     fpn_channels=args.fpn_channels,
                     head_convs=args.head_convs,
@@ -160,10 +178,13 @@ def main() -> None:
                     lr=args.lr,
                     cache_views=args.cache_views,
                     seed=args.seed,
+                    cache=cache if run == "train" else None,
                 )
-            res = {
-                k: v for k, v in r.items() if k not in ("module", "data", "best_path", "classes")
-            }
+            if run == "train":
+                cache = r["cache"]
+                best_val[head] = r["best_val_map_50"] or 0.0
+            skip = ("module", "data", "best_path", "classes", "cache")
+            res = {k: v for k, v in r.items() if k not in skip}
         row = {
             "run": run,
             **common,

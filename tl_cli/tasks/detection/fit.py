@@ -65,8 +65,13 @@ def fit_detector(
     split_seed: int = 0,
     accelerator: str = "cpu",
     gradient_clip_val: float | None = 10.0,
+    cache: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fit and test; returns metrics (``test/map_50`` ...), timings and the module."""
+    """Fit and test; returns metrics (``test/map_50`` ...), timings and the module.
+
+    ``cache``: the ``(train, val)`` :class:`CachedMaps` of an earlier run with the same
+    backbone, data and image size (returned as ``out["cache"]``), reused instead of recomputed.
+    """
     pl.seed_everything(seed, workers=True, verbose=False)
     data = read_detection(root, val_fraction, test_fraction, split_seed)
     names = data.class_names
@@ -90,7 +95,10 @@ def fit_detector(
     t0 = time.perf_counter()
     cache_seconds = 0.0
     views = 0
-    if not train_backbone and cache_views > 0:
+    if not train_backbone and cache is not None:
+        train_ds, val_ds = cache
+        views = len(train_ds.views)
+    elif not train_backbone and cache_views > 0:
         views = plan_views(
             module.detector, len(data.splits["train"]), image_size, cache_views, cache_max_bytes
         )
@@ -185,4 +193,5 @@ def fit_detector(
     out["total_seconds"] = round(time.perf_counter() - t0, 1)
     out["module"] = module
     out["data"] = data
+    out["cache"] = (train_ds, val_ds) if views else None
     return out
