@@ -58,7 +58,7 @@ class CachedMaps(Dataset):
         samples, class_names, image_size, augment: as for :class:`DetectionDataset`.
         views: how many views per image (view 0 is not augmented).
         device: where the body runs; maps are stored on the CPU in float16.
-        progress: optional ``advance()`` callback per image and view.
+        progress: optional ``advance()`` callback per batch of ``batch_size`` images.
         batch_size: images per body pass (same-shape images batch together).
     """
 
@@ -111,8 +111,8 @@ def _compute(detector: Detector, ds: DetectionDataset, device: Any, progress: An
                 own = _crop_own(maps, j, h, w, detector.first_stride)
                 target = {k: t[k] for k in ("boxes", "labels", "ignore", "scale", "index")}
                 out.append((own, (h, w), target))
-                if progress is not None:
-                    progress()
+            if progress is not None:
+                progress()
     return out
 
 

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from tl_cli.core.console import say
+from tl_cli.core.console import progress, say
 from tl_cli.tasks.detection.cache import MAX_BYTES, CachedMaps, collate_cached, plan_views
 from tl_cli.tasks.detection.dataset import DetectionDataset, collate
 from tl_cli.tasks.detection.formats import read_detection
@@ -104,13 +104,30 @@ def fit_detector(
         )
         if views:
             module.detector.to(device)
-            train_ds: Any = CachedMaps(
-                module.detector, data.splits["train"], names, image_size, augment, views, device
-            )
-            # validation images are never augmented: their maps are cached once too
-            val_ds: Any = CachedMaps(
-                module.detector, data.splits["val"], names, image_size, augment, 1, device
-            )
+            n_tr, n_val = len(data.splits["train"]), len(data.splits["val"])
+            total = views * -(-n_tr // 8) + -(-n_val // 8)
+            with progress("caching backbone maps", total) as advance:
+                train_ds: Any = CachedMaps(
+                    module.detector,
+                    data.splits["train"],
+                    names,
+                    image_size,
+                    augment,
+                    views,
+                    device,
+                    advance,
+                )
+                # validation images are never augmented: their maps are cached once too
+                val_ds: Any = CachedMaps(
+                    module.detector,
+                    data.splits["val"],
+                    names,
+                    image_size,
+                    augment,
+                    1,
+                    device,
+                    advance,
+                )
             module.detector.cpu()
             cache_seconds = time.perf_counter() - t0
             say(
