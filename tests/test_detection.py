@@ -381,10 +381,12 @@ def test_frozen_batchnorm_in_backbone() -> None:
 
 
 def test_coco_detector_offline_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tl_cli.modalities.backbones as B
+    from tl_cli.core import network
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(B, "_probe", lambda url, timeout=3.0: "download.pytorch.org unreachable")
+    monkeypatch.setattr(
+        network, "probe", lambda url, timeout=3.0: "download.pytorch.org unreachable"
+    )
     t = time.time()
     with pytest.raises(
         TLError, match="cannot download pretrained weights for torchvision detector"

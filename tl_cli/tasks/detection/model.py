@@ -46,6 +46,7 @@ STRIDES = (8, 16, 32)
 
 
 class MultiScaleFeatures(nn.Module):
+    # (see __init__: the backbone is a submodule, or held by reference when a task owns it)
     """A tl :class:`~tl_cli.modalities.backbones.Backbone` as an ordered dict of feature maps.
 
     timm models (the bundled EfficientNet-Lite included) use timm's ``forward_intermediates``
@@ -58,9 +59,14 @@ class MultiScaleFeatures(nn.Module):
         strides: the output strides to return (ascending).
     """
 
-    def __init__(self, backbone: nn.Module, strides: tuple[int, ...] = STRIDES) -> None:
+    def __init__(
+        self, backbone: nn.Module, strides: tuple[int, ...] = STRIDES, register: bool = True
+    ) -> None:
         super().__init__()
-        self.backbone = backbone
+        if register:
+            self.backbone = backbone
+        else:  # the task owns it as ``task.backbone`` (the transfer policy's); not registered twice
+            self._unregistered = [backbone]
         self.strides = tuple(int(s) for s in strides)
         model = backbone.model
         self._hooks: list[Any] = []
@@ -95,14 +101,18 @@ class MultiScaleFeatures(nn.Module):
         """
         out = []
         prefix = self.first_deep + "."
-        for n, p in self.backbone.model.named_parameters():
+        for n, p in self.tl_backbone.model.named_parameters():
             if n.startswith(prefix):
                 break
             out.append(p)
         return out
 
+    @property
+    def tl_backbone(self) -> nn.Module:
+        return self.backbone if "backbone" in self._modules else self._unregistered[0]
+
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        model = self.backbone.model
+        model = self.tl_backbone.model
         if self.kind == "timm":
             maps = model.forward_intermediates(
                 x, indices=self.indices, intermediates_only=True, stop_early=True
@@ -457,7 +467,6 @@ def build_detector(
     the detector's own.
     """
     name = str(backbone_cfg.get("name", ""))
-    num_classes = len(class_names) + 1
     if head not in HEADS:
         raise TLError(f"head={head!r} must be one of {', '.join(HEADS)}")
     if int(fpn_channels) < 32 or int(fpn_channels) % 32:
@@ -470,10 +479,29 @@ def build_detector(
     from tl_cli.modalities.backbones import build_backbone
 
     backbone = build_backbone(backbone_cfg, pretrained=pretrained)
-    if getattr(backbone, "modality", "image") != "image":
-        raise TLError(f"backbone {name}: task=detection needs an image backbone")
     backbone.model = freeze_bn(backbone.model)
-    body = MultiScaleFeatures(backbone)
+    return detector_on(backbone, class_names, head, image_size, fpn_channels, head_convs)
+
+
+def detector_on(
+    backbone: nn.Module,
+    class_names: list[str],
+    head: str = "fcos",
+    image_size: int = 512,
+    fpn_channels: int = 128,
+    head_convs: int = 4,
+    register_backbone: bool = True,
+) -> Detector:
+    """Pyramid + torchvision head on a built tl backbone (``class_names``: objects only)."""
+    if getattr(backbone, "modality", "image") != "image":
+        raise TLError(f"backbone {backbone.name}: task=detection needs an image backbone")
+    if head not in HEADS:
+        raise TLError(f"head={head!r} must be one of {', '.join(HEADS)}")
+    if int(fpn_channels) < 32 or int(fpn_channels) % 32:
+        raise TLError(f"fpn_channels={fpn_channels} must be a positive multiple of 32")
+    if int(head_convs) < 1:
+        raise TLError(f"head_convs={head_convs} must be >= 1")
+    body = MultiScaleFeatures(backbone, register=register_backbone)
     extra = (
         LastLevelP6P7(fpn_channels, fpn_channels) if head != "fasterrcnn" else LastLevelMaxPool()
     )
@@ -481,7 +509,7 @@ def build_detector(
     neck = Neck(body, fpn, fpn_channels)
     prep = backbone.preprocessing
     det = build_torchvision_head(
-        head, neck, num_classes, image_size, prep["mean"], prep["std"], head_convs
+        head, neck, len(class_names) + 1, image_size, prep["mean"], prep["std"], head_convs
     )
     preprocessing = {
         "image_size": int(image_size),
@@ -497,7 +525,7 @@ def _coco_detector(
     """A torchvision COCO detector with a new box predictor for ``class_names``."""
     from torchvision.models import get_model, get_model_weights
 
-    from tl_cli.modalities.backbones import _offline_error, _probe
+    from tl_cli.core import network
 
     head = COCO_DETECTORS[name]
     weights = get_model_weights(name).DEFAULT if pretrained else None
@@ -506,9 +534,11 @@ def _coco_detector(
             Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
         )
         if not cache.is_file():
-            reason = _probe(weights.url)
+            reason = network.probe(weights.url)
             if reason:
-                raise _offline_error(f"torchvision detector {name}", str(cache), reason)
+                raise network.offline_weights_error(
+                    f"torchvision detector {name}", str(cache), reason
+                )
     try:
         det = get_model(name, weights=weights, weights_backbone=None)
     except (OSError, RuntimeError) as e:
