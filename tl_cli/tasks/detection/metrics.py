@@ -36,7 +36,12 @@ def backend() -> str:
 
 def make_metric(extended: bool = False):
     """torchmetrics' COCO mAP; ``extended`` keeps the precision arrays (PR curves)."""
+    import logging
+
     from torchmetrics.detection import MeanAveragePrecision
+
+    # faster_coco_eval prints its whole summary table at INFO on every compute()
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
     return MeanAveragePrecision(
         box_format="xyxy",
