@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,83 +111,77 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", default="bench_detection.jsonl")
-    ap.add_argument("--runs", default="train,finetune,reference", help="comma list")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--head", default="fcos", help="head of the finetune/reference runs")
     ap.add_argument(
-        "--heads",
-        default="",
-        help="comma list: frozen-backbone runs per head on one shared cache; finetune and "
-        "reference then use the head with the best val mAP@0.5",
+        "--runs",
+        default="finetune,reference,train",
+        help="comma list of finetune, reference, train, train:HEAD (a frozen run with another head)",
     )
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--head", default="fcos")
     ap.add_argument("--image-size", type=int, default=384)
     ap.add_argument("--fpn-channels", type=int, default=128)
     ap.add_argument("--head-convs", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--cache-views", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bench_detection"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _bench_util import run_tl
 
-    from tl_cli.tasks.detection.fit import fit_detector
     from tl_cli.tasks.detection.formats import read_detection
 
     data = read_detection(args.data)
     common = {
         "data": Path(args.data).name,
         "images": {k: len(v) for k, v in data.splits.items()},
-        "head": args.head,
         "backbone": args.backbone,
         "image_size": args.image_size,
-        "fpn_channels": args.fpn_channels,
         "epochs": args.epochs,
-        "threads": args.threads,
     }
-    jobs = []
     for run in args.runs.split(","):
-        if run == "train" and args.heads:
-            jobs += [("train", h) for h in args.heads.split(",")]
-        else:
-            jobs.append((run, None))
-    cache = None
-    best_val: dict[str, float] = {}
-    for run, head in jobs:
-        if head is None:
-            head = max(best_val, key=best_val.get) if best_val else args.head
-            args.head = head
-        common["head"] = head
         load_before = load_avg()
         t = time.perf_counter()
+        head = run.split(":")[1] if ":" in run else args.head
         if run == "reference":
+            args.head = head
             res = reference(data, args)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                r = fit_detector(
-                    args.data,
-                    tmp,
-                    train_backbone=run == "finetune",
-                    backbone={"name": args.backbone},
-                    head=head,
-                    image_size=args.image_size,
-                    fpn_channels=args.fpn_channels,
-                    head_convs=args.head_convs,
-                    epochs=args.epochs,
-                    batch_size=args.batch_size,
-                    lr=args.lr,
-                    cache_views=args.cache_views,
-                    seed=args.seed,
-                    cache=cache if run == "train" else None,
+            command = "finetune" if run == "finetune" else "train"
+            overrides = [
+                "task=detection",
+                f"dataset.root={args.data}",
+                f"dataset.image_size={args.image_size}",
+                f"backbone={args.backbone}",
+                f"head={head}",
+                f"head.fpn_channels={args.fpn_channels}",
+                f"head.head_convs={args.head_convs}",
+                f"trainer.max_epochs={args.epochs}",
+                "trainer.accelerator=cpu",
+                f"seed={args.seed}",
+            ]
+            r = run_tl(command, overrides, Path(args.work) / run.replace(":", "_"))
+            m = r["metrics"]
+            hist = [h for h in m.get("history", []) if "seconds" in h]
+            res = {
+                "cmd": r["cmd"],
+                **{
+                    k: round(float(m[k]), 4)
+                    for k in m
+                    if k.startswith(("test/", "val/")) and isinstance(m[k], int | float)
+                },
+                "fit_seconds": round(float(m.get("fit_seconds", 0)), 1),
+                "train_seconds_per_epoch": round(
+                    sum(h["seconds"] for h in hist) / len(hist), 1
                 )
-            if run == "train":
-                cache = r["cache"]
-                best_val[head] = r["best_val_map_50"] or 0.0
-            skip = ("module", "data", "best_path", "classes", "cache")
-            res = {k: v for k, v in r.items() if k not in skip}
+                if hist
+                else None,
+                "peak_rss_mb": r["peak_rss_mb"],
+            }
         row = {
             "run": run,
+            "head": head,
             **common,
             **res,
             "wall_seconds": round(time.perf_counter() - t, 1),
