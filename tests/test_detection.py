@@ -301,32 +301,6 @@ def test_multiscale_features_timm_and_torchvision() -> None:
         MultiScaleFeatures(vit)
 
 
-def test_fine_tuning_keeps_the_stem_and_stride_4_stages_frozen() -> None:
-    from tl_cli.tasks.detection.module import DetectionModule
-
-    m = DetectionModule(
-        {"name": "efficientnet_lite0"},
-        ["a"],
-        image_size=64,
-        fpn_channels=32,
-        train_backbone=True,
-        pretrained=False,
-    )
-    body = m.detector.body
-    frozen = {n for n, p in body.named_parameters() if not p.requires_grad}
-    assert frozen and all(n.split(".")[2] in ("conv_stem", "blocks") for n in frozen)
-    assert {n.split(".")[3] for n in frozen if ".blocks." in n} == {"0", "1"}  # strides 2 and 4
-    assert any(p.requires_grad for n, p in body.named_parameters() if ".blocks.2." in n)
-    rn = build_detector({"name": "resnet18", "weights": "none"}, ["a"], pretrained=False)
-    early = {id(p) for p in rn.early_parameters()}
-    names = {n.split(".")[2] for n, p in rn.body.named_parameters() if id(p) in early}
-    assert names == {"conv1", "layer1"}
-    frozen_train = DetectionModule(
-        TINY_BACKBONE, ["a"], image_size=64, fpn_channels=32, pretrained=False
-    )
-    assert not any(p.requires_grad for p in frozen_train.detector.body.parameters())
-
-
 def _batch(n: int = 2):
     torch.manual_seed(0)
     images = [torch.rand(3, 64, 96), torch.rand(3, 96, 64)][:n]
@@ -515,75 +489,113 @@ def test_prediction_rows_and_coco_results_in_original_pixels(tmp_path: Path) -> 
 # --------------------------------------------------------------------------- end to end
 
 
-def test_tiny_end_to_end_learns_boxes_and_exports(tmp_path: Path) -> None:
-    """Frozen bundled backbone, cached maps, FCOS on coloured shapes: the boxes are learnable;
-    the trained detector predicts in original pixels and exports to ONNX that agrees."""
-    from tl_cli.tasks.detection.export import check_onnx, export_onnx
-    from tl_cli.tasks.detection.fit import fit_detector
-    from tl_cli.tasks.detection.outputs import detect_files, rows
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    write_voc(tmp_path / "data", 36, size=(96, 72))
-    r = fit_detector(
-        tmp_path / "data",
-        tmp_path / "run",
-        image_size=96,
-        fpn_channels=64,  # GroupNorm(32) of a 1x1 P7 map needs 2+ channels per group
-        head_convs=2,
-        epochs=6,
-        batch_size=4,
-        cache_views=2,
-        val_fraction=0.2,
-        test_fraction=0.2,
-    )
-    assert r["cache_views"] == 2
-    assert r["test/map_50"] > 0.3, r
-    assert Path(r["best_path"]).is_file()
-    module = r["module"]
-    # tl eval's pieces: per-class AP, PR curve, drawn test images, error analysis
-    from tl_cli.tasks.detection.report import write_eval_artifacts
-
-    ev = write_eval_artifacts(
-        module.test_outputs,
-        r["data"].splits["test"],
-        module.test_result,
-        r["classes"],
-        tmp_path / "eval",
-    )
-    assert {row["class"] for row in ev["per_class"]} <= set(r["classes"]) and ev["per_class"]
-    assert all(Path(f).stat().st_size > 1000 for f in ev["files"].values())
-    assert set(ev["errors"]) == {"most_missed", "most_spurious"}
-    # the checkpoint holds plain values: rebuilt without any download, it predicts the same
-    from tl_cli.tasks.detection.module import DetectionModule
-
-    ck = torch.load(r["best_path"], map_location="cpu", weights_only=True)
-    again = DetectionModule(**ck["hyper_parameters"], pretrained=False)
-    again.load_state_dict(ck["state_dict"])
-    det = module.detector.eval()
-    test = r["data"].splits["test"]
-    preds = list(detect_files(det, [s.path for s in test], 96))
-    # predictions come back in original pixels: the best box of each image overlaps its truth
+def test_tiny_end_to_end_train_eval_predict_export(tmp_path: Path) -> None:
+    """tl train task=detection (frozen bundled backbone, cached maps, FCOS) on coloured shapes
+    (the boxes are learnable), then tl eval, tl predict (original pixels, drawn copies) and
+    tl export (ONNX, any batch), all through the unchanged commands."""
+    import onnxruntime as ort
+    from omegaconf import open_dict
     from torchvision.ops import box_iou
 
-    hits = 0
-    for (_, _, d), s in zip(preds, test, strict=True):
-        if len(d["boxes"]) and s.num_boxes:
-            hits += int(box_iou(d["boxes"][:1], torch.as_tensor(s.boxes)).max() > 0.5)
-    assert hits >= len(test) // 2
-    again_preds = list(detect_files(again.detector, [s.path for s in test], 96))
-    for (_, _, a), (_, _, b) in zip(preds, again_preds, strict=True):
-        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
-    assert rows(preds[0][0], preds[0][2], r["classes"], 0.0)
-    example = DetectionDataset(test, r["classes"], 96)[0][0]
-    sidecar = export_onnx(det, tmp_path / "det.onnx", example[None])
-    assert sidecar["class_names"] == r["classes"] and sidecar["image_size"] == 96
-    assert json.loads((tmp_path / "det.onnx.json").read_text())["batch"] == 1
-    images = [DetectionDataset(test, r["classes"], 96)[i][0] for i in range(len(test))]
-    diff = check_onnx(det, tmp_path / "det.onnx", images)
-    assert diff["compared"] > 0
-    assert diff["max_box_diff"] < 0.05 and diff["max_score_diff"] < 1e-3
-    with pytest.raises(TLError, match="exists"):
-        export_onnx(det, tmp_path / "det.onnx", example[None])
+    from tl_cli.commands import evaluate, export, predict
+    from tl_cli.commands.train import run
+    from tl_cli.tasks.detection.task import DetectionTask
+    from tl_cli.tasks.loading import load_module
+
+    from .conftest import compose_cfg, run_cfg
+
+    write_voc(tmp_path / "data", 36, size=(96, 72))
+    cfg = compose_cfg(
+        [
+            "task=detection",
+            f"dataset.root={tmp_path / 'data'}",
+            "dataset.image_size=96",
+            "dataset.cache_views=2",
+            "head.fpn_channels=64",  # GroupNorm(32) of a 1x1 P7 map needs 2+ channels per group
+            "head.head_convs=2",
+            "trainer.max_epochs=6",
+            "trainer.accelerator=cpu",
+            "fail_under.map_50=0.3",
+        ]
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    metrics = run(cfg)
+    assert metrics["task"] == "detection" and metrics["test/map_50"] > 0.3, metrics
+    assert {"val/map_50", "test/map", "test/map_75", "test/mar_100"} <= set(metrics)
+    assert metrics["class_names"] == ["__background__", "blue", "red"]
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    module, _ = load_module(ckpt)
+    assert isinstance(module, DetectionTask)
+
+    res = evaluate.run(run_cfg([f"checkpoint={ckpt}"], tmp_path / "ev", "eval"))
+    assert res["map_50"] == pytest.approx(metrics["test/map_50"], abs=1e-4)
+    for f in ("pr_curve.png", "test_detections.png", "report.md"):
+        assert (tmp_path / "ev" / f).is_file()
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "Per-class AP" in report and "most missed" in report
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert {r["class"] for r in saved["per_class"]} == {"blue", "red"}
+
+    images = tmp_path / "data" / "images"
+    out = tmp_path / "preds.csv"
+    predict.run(
+        run_cfg(
+            [f"checkpoint={ckpt}", f"inputs={images}", f"output={out}", "draw=true"],
+            tmp_path / "pr",
+            "predict",
+        )
+    )
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert rows and set(rows[0]) >= {"path", "label", "score", "x1", "y1", "x2", "y2"}
+    # boxes come back in original pixels: each image's best box overlaps one of its true boxes
+    data = read_detection(tmp_path / "data", 0.15, 0.15)
+    truth = {s.path.name: s for v in data.splits.values() for s in v}
+    best: dict[str, list[float]] = {}
+    for r in rows:
+        name = Path(r["path"]).name
+        if name not in best or float(r["score"]) > best[name][4]:
+            best[name] = [float(r[k]) for k in ("x1", "y1", "x2", "y2", "score")]
+    hits = sum(
+        int(box_iou(torch.tensor([b[:4]]), torch.as_tensor(truth[n].boxes)).max() > 0.5)
+        for n, b in best.items()
+    )
+    assert hits >= 0.6 * len(best)
+    assert len(list((tmp_path / "preds_drawn").glob("*.png"))) == len(best)
+
+    onnx = tmp_path / "det.onnx"
+    got = export.run(
+        run_cfg([f"checkpoint={ckpt}", "format=onnx", f"output={onnx}"], tmp_path / "ex", "export")
+    )
+    assert got["passed"] is True
+    side = json.loads(onnx.with_suffix(".json").read_text())
+    assert side["output"]["name"] == "detections" and side["class_names"][1:] == ["blue", "red"]
+    # on real images the graph agrees with the eager detector (torchvision's post-processing)
+    sess = ort.InferenceSession(str(onnx))
+    ds = DetectionDataset(data.splits["test"], ["blue", "red"], 96)
+    mean = torch.tensor(side["preprocessing"]["mean"]).view(3, 1, 1)
+    std = torch.tensor(side["preprocessing"]["std"]).view(3, 1, 1)
+    batch, eager = [], []
+    for i in range(len(ds)):
+        img = ds[i][0]
+        x = torch.zeros(3, 96, 96)
+        x[:, : img.shape[1], : img.shape[2]] = (img - mean) / std
+        batch.append(x)
+        with torch.no_grad():
+            eager.append(module.detector([img])[0])
+    dets = sess.run(None, {"image": torch.stack(batch).numpy()})[0]  # the whole split at once
+    compared = 0
+    for d, e in zip(dets, eager, strict=True):
+        keep = e["scores"] >= 0.3
+        mine = d[d[:, 4] >= 0.3]
+        assert len(mine) == int(keep.sum())
+        if len(mine):
+            assert np.allclose(mine[:, :4], e["boxes"][keep].numpy(), atol=0.05)
+            assert np.allclose(mine[:, 5], e["labels"][keep].numpy())
+            compared += len(mine)
+    assert compared > 0
 
 
 def test_collate_keeps_lists(tmp_path: Path) -> None:

@@ -82,30 +82,9 @@ class MultiScaleFeatures(nn.Module):
             self.kind = "timm"
             self.indices = [last[s] for s in self.strides]
             self.out_channels = [int(info[i]["num_chs"]) for i in self.indices]
-            first_deep = next(f["module"] for f in info if int(f["reduction"]) >= self.strides[0])
         else:
             self.kind = "hooks"
-            self.names, self.out_channels, first_deep = _probe_stages(
-                model, self.strides, backbone.name
-            )
-        #: the stage where the first returned stride starts: everything before it is "early"
-        self.first_deep = str(first_deep)
-
-    def early_parameters(self) -> list[nn.Parameter]:
-        """The stem and the stride-2/4 stages (parameters before the first returned stage).
-
-        Fine-tuning keeps them frozen, as torchvision's detectors do by default
-        (``trainable_backbone_layers=3``) and Detectron2's ``FREEZE_AT=2``: generic edges and
-        textures transfer as they are, and their high-resolution backward pass is the most
-        expensive part of a CPU step.
-        """
-        out = []
-        prefix = self.first_deep + "."
-        for n, p in self.tl_backbone.model.named_parameters():
-            if n.startswith(prefix):
-                break
-            out.append(p)
-        return out
+            self.names, self.out_channels = _probe_stages(model, self.strides, backbone.name)
 
     @property
     def tl_backbone(self) -> nn.Module:
@@ -164,12 +143,10 @@ def _probe_stages(
         for h in hooks:
             h.remove()
     last: dict[int, str] = {}
-    first: dict[int, str] = {}
     for n in cands:
         s = shapes.get(n)
         if s is not None and len(s) == 4 and s[-1] > 0:
             last[128 // s[-1]] = n
-            first.setdefault(128 // s[-1], n)
     missing = [s for s in strides if s not in last]
     if missing:
         raise TLError(
@@ -177,7 +154,7 @@ def _probe_stages(
             "convolutional backbone with strides 8, 16 and 32 (e.g. efficientnet_lite0, resnet50)"
         )
     names = [last[s] for s in strides]
-    return names, [int(shapes[n][1]) for n in names], first[strides[0]]
+    return names, [int(shapes[n][1]) for n in names]
 
 
 class Neck(nn.Module):
@@ -296,21 +273,6 @@ class Detector(nn.Module):
 
     def body_parameters(self) -> list[nn.Parameter]:
         return list(self.body.parameters())
-
-    def early_parameters(self) -> list[nn.Parameter]:
-        """Body parameters that stay frozen when fine-tuning (stem and stride-2/4 stages)."""
-        body = self.body
-        if isinstance(body, MultiScaleFeatures):
-            return body.early_parameters()
-        # a torchvision detector's body (IntermediateLayerGetter): the children before the
-        # first returned layer
-        out = []
-        first = next(iter(getattr(body, "return_layers", {}) or {}), None)
-        for n, c in body.named_children():
-            if n == first:
-                break
-            out.extend(c.parameters())
-        return out
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Everything that is new: pyramid, detection head (and RPN)."""

@@ -1,6 +1,6 @@
 """The detection part of ``tl eval``: per-class AP, a PR curve, drawn test images, error analysis.
 
-Takes the test predictions and targets in original pixels (``DetectionModule.test_outputs``)
+Takes the test predictions and targets in original pixels (``DetectionTask.evaluate``)
 and the torchmetrics result (``make_metric(extended=True)``), writes the pictures into the run
 folder and returns plain data for eval.json / report.md. Existing files are never replaced.
 """

@@ -473,10 +473,28 @@ class DetectionTask(TransferTask):
 
     # ------------------------------------------------------------------ tl export
     def export_spec(self, modality: Any, prep: dict[str, Any]) -> ExportSpec:
-        raise TLError(
-            "tl export for task=detection: use tl_cli.tasks.detection.export.export_onnx "
-            "(fixed batch 1, boxes/scores/labels outputs); the export command's single-output "
-            "check does not fit a detector yet"
+        """FCOS with batched post-processing (``export.FCOSExport``): any batch size."""
+        from tl_cli.tasks.detection.export import FCOSExport
+
+        net = FCOSExport(self.detector).eval()
+        s = self.image_size
+        return ExportSpec(
+            net=net,
+            output_names=["detections"],
+            output_axes={"detections": {0: "batch"}},
+            sidecar={
+                "class_names": list(self.class_names),
+                "output": {
+                    "name": "detections",
+                    "shape": ["batch", net.k, 6],
+                    "columns": ["x1", "y1", "x2", "y2", "score", "label"],
+                    "meaning": "boxes in the input's pixels, best first; label indexes "
+                    "class_names (0 = __background__ with score 0 on padding rows)",
+                },
+                "detection_input": f"RGB in [0, 1] resized so that the long side is {s} (aspect "
+                f"kept), normalised (x - mean) / std, zero-padded bottom/right to {s}x{s}; "
+                "divide the boxes by the resize factor for original pixels",
+            },
         )
 
 
