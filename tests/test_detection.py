@@ -598,6 +598,42 @@ def test_tiny_end_to_end_train_eval_predict_export(tmp_path: Path) -> None:
     assert compared > 0
 
 
+def test_finetune_trains_the_backbone_from_the_first_epoch(tmp_path: Path) -> None:
+    """tl finetune task=detection: no L-BFGS head fit, so no head-only epoch; the backbone moves."""
+    from omegaconf import open_dict
+
+    from tl_cli.commands.train import run
+    from tl_cli.tasks.loading import load_module
+
+    from .conftest import compose_cfg
+
+    write_voc(tmp_path / "data", 16, size=(64, 48))
+    cfg = compose_cfg(
+        [
+            "task=detection",
+            f"dataset.root={tmp_path / 'data'}",
+            "dataset.image_size=64",
+            "head.fpn_channels=64",
+            "head.head_convs=1",
+            "trainer.max_epochs=2",
+            "trainer.accelerator=cpu",
+        ],
+        config_name="finetune",
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    metrics = run(cfg)
+    assert metrics["epochs"] == 2 and len(metrics["history"]) == 2
+    assert "stages" not in metrics  # no head-only stage
+    tuned, _ = load_module(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    from tl_cli.modalities.backbones import build_backbone
+
+    fresh = build_backbone({"name": "efficientnet_lite0"})
+    a = dict(fresh.named_parameters())
+    moved = [n for n, p in tuned.backbone.named_parameters() if not torch.equal(p, a[n])]
+    assert moved
+
+
 def test_collate_keeps_lists(tmp_path: Path) -> None:
     write_voc(tmp_path, 4)
     data = read_detection(tmp_path, 0.25, 0.25)

@@ -279,9 +279,9 @@ class DetectionTask(TransferTask):
         return det
 
     def build_extra(self) -> None:
-        # detection heads are not a convex problem on pooled features: no L-BFGS head fit and
-        # no head-only epoch before fine-tuning
-        self.skip_head_fit = True
+        # a detection head is not a convex problem on pooled features: no L-BFGS head fit, so
+        # no head-only epoch before fine-tuning either (the head trains by SGD from epoch 0)
+        self.strategy.head_fit = "sgd"
         # metrics are made on first use (not submodules: a checkpoint's shell is built on the
         # meta device, where torchmetrics cannot live, and their state stays on the CPU)
         self._maps: dict[str, Any] = {}
