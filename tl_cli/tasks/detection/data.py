@@ -126,17 +126,17 @@ class CachedDetectionData(pl.LightningDataModule):
     """Frozen backbone: train/val served from cached multi-scale maps (computed in ``setup``
     on the first call, on the module's device), test from images."""
 
-    def __init__(self, dm: DetectionData, detector: Any) -> None:
+    def __init__(self, dm: DetectionData, task: Any) -> None:
         super().__init__()
         self.dm = dm
-        self.detector = detector
+        self.task = task  # the backbone is task.backbone: the task moves as a whole
         self.train_maps: CachedMaps | None = None
         self.val_maps: CachedMaps | None = None
         self.views = 0
 
     # attributes the run layer reads from a data module
     def __getattr__(self, name: str) -> Any:
-        if name in ("dm", "detector") or name.startswith("_"):
+        if name in ("dm", "task") or name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.dm, name)
 
@@ -147,18 +147,26 @@ class CachedDetectionData(pl.LightningDataModule):
 
         dm = self.dm
         train, val = dm.samples("train"), dm.samples("val")
+        detector = self.task.detector
         self.views = plan_views(
-            self.detector, len(train), int(dm.image_size), dm.cache_views, dm.cache_max_bytes
+            detector, len(train), int(dm.image_size), dm.cache_views, dm.cache_max_bytes
         )
         if self.views == 0:
             say("backbone maps not cached (dataset.cache_views=0 or over the memory cap)")
             return
-        device = next(self.detector.parameters()).device
+        # setup() runs before Lightning moves the model: compute on the trainer's device
+        trainer = self.__dict__.get("trainer")
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        home = next(self.task.parameters()).device
+        self.task.to(device)
         total = self.views * -(-len(train) // 8) + -(-len(val) // 8)
-        with progress("caching backbone maps", total) as advance:
-            args = (dm.object_names, int(dm.image_size), dm.aug_preset)
-            self.train_maps = CachedMaps(self.detector, train, *args, self.views, device, advance)
-            self.val_maps = CachedMaps(self.detector, val, *args, 1, device, advance)
+        try:
+            with progress("caching backbone maps", total) as advance:
+                args = (dm.object_names, int(dm.image_size), dm.aug_preset)
+                self.train_maps = CachedMaps(detector, train, *args, self.views, device, advance)
+                self.val_maps = CachedMaps(detector, val, *args, 1, device, advance)
+        finally:
+            self.task.to(home)
         mb = (self.train_maps.nbytes() + self.val_maps.nbytes()) / 2**20
         say(
             f"cached backbone maps: {self.views} views of {len(train)} train images, {len(val)} val ({mb:.0f} MB)"

@@ -307,7 +307,7 @@ class DetectionTask(TransferTask):
 
     def uncached_data(self, dm: Any) -> Any:
         if self.policy.can_cache_features:  # the backbone never trains: cache its maps
-            return CachedDetectionData(dm, self.detector)
+            return CachedDetectionData(dm, self)
         return dm
 
     def scores_only(self) -> bool:
