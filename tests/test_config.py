@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tl_cli.cli import config_dir
+from tl_cli.core.errors import TLError
 from tl_cli.data.base import DATASETS, TransferDataModule
 from tl_cli.modalities.backbones import build_backbone
 from tl_cli.modalities.image.backbones import Backbone
@@ -114,6 +115,10 @@ def test_dataset_options_instantiate(name: str, tiny_data: Path):
 @pytest.mark.parametrize("name", options("head"))
 def test_head_options_instantiate(name: str):
     head = HEADS.build(compose_cfg([f"head={name}"]).head, in_features=16, num_classes=5)
+    if name in ("fcos", "retinanet", "fasterrcnn"):  # task=detection's heads: not classifiers
+        with pytest.raises(TLError, match="detection heads: use task=detection"):
+            head(torch.randn(2, 16))
+        return
     assert head(torch.randn(2, 16)).shape == (2, 5)
 
 

@@ -244,9 +244,7 @@ class TransferTask(pl.LightningModule):
         extra = getattr(self.backbone, "stored_options", None)
         if extra:
             self.hparams["backbone"] = {**dict(self.hparams["backbone"]), **extra}
-        self.head = HEADS.build(
-            head, in_features=self.backbone.num_features, num_classes=self.num_outputs
-        )
+        self.head = self.build_head(head)
         self.strategy: TransferStrategy = STRATEGIES.build(strategy)
         self.make_optimizer = OPTIMIZERS.build(optimizer)  # bad options fail here, before any work
         self.preprocessing = self.backbone.effective_preprocessing(preprocessing_overrides or {})
@@ -281,6 +279,13 @@ class TransferTask(pl.LightningModule):
     @property
     def num_outputs(self) -> int:
         return len(self.class_names)
+
+    def build_head(self, head: dict[str, Any]) -> torch.nn.Module:
+        """The new head from its config (``HEADS``); a task whose head reads more than pooled
+        features (detection: the backbone's multi-scale maps) builds its own."""
+        return HEADS.build(
+            head, in_features=self.backbone.num_features, num_classes=self.num_outputs
+        )
 
     def build_extra(self) -> None:
         """Add objective-specific submodules (they train from epoch 0 unless in ``frozen``)."""
