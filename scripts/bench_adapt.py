@@ -7,7 +7,7 @@
 COIL1 -> COIL2 and COIL2 -> COIL1, each with every ``adapt`` method and 3 seeds, with ``tl
 train`` defaults otherwise (efficientnet_lite0, frozen backbone, cached features, 10 epochs). The
 target's labels only score it (``target/acc`` in metrics.json). Runs are in-process
-(``tl_cli.train.run``, the code ``tl train`` runs) so that 24 runs fit on a small machine; the
+(``tl_cli.commands.train.run``, the code ``tl train`` runs) so that 24 runs fit on a small machine; the
 feature cache (``strategy.cache_dir``) computes each domain's backbone features once. Prints a
 table (target accuracy mean +- std over seeds, fit seconds) and writes build/bench/adapt/
 results.json and the "adapt" section at the end of docs/benchmarks.md.
@@ -31,7 +31,7 @@ def run_one(root: Path, src: str, tgt: str, method: str, seed: int, size: int) -
     from omegaconf import open_dict
 
     from tl_cli.cli import config_dir
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     overrides = [
         "dataset=imagefolder",

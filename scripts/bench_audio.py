@@ -100,8 +100,8 @@ def ort_embed(paths: list[Path], pad: int = 0, stride: int = 8) -> tuple[np.ndar
     ``stride``: frames between windows."""
     import onnxruntime as ort
 
-    from tl_cli.audio import load_audio
-    from tl_cli.speech import MIN_SAMPLES, model_dir
+    from tl_cli.modalities.audio.backbone import MIN_SAMPLES, model_dir
+    from tl_cli.modalities.audio.data import load_audio
 
     d = model_dir()
     opts = ort.SessionOptions()
@@ -171,9 +171,9 @@ def tl_throughput(ckpt: Path, root: Path) -> float:
     """Inference clips/s of a checkpoint over root/test (decode + resample + model, batch 32)."""
     import torch
 
-    from tl_cli.checkpoint import load_module
-    from tl_cli.data import DATASETS
-    from tl_cli.evaluate import predict_logits
+    from tl_cli.commands.evaluate import predict_logits
+    from tl_cli.core.checkpoint import load_module
+    from tl_cli.data.base import DATASETS
 
     module, meta = load_module(ckpt)
     dm = DATASETS.build({"name": "audiofolder", "root": str(root), "num_workers": 0})

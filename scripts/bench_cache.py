@@ -64,8 +64,8 @@ def bare_forward(root: Path, image_size: int, batch_size: int, num_workers: int 
     """Seconds for one eval-mode forward pass over train + val + test, tl's loaders, no tl run."""
     import torch
 
-    from tl_cli.backbones import create_backbone
-    from tl_cli.data import ImageFolderDataModule
+    from tl_cli.data.base import ImageFolderDataModule
+    from tl_cli.modalities.backbones import create_backbone
 
     dm = ImageFolderDataModule(
         root=str(root),
@@ -102,7 +102,7 @@ def bare_forward(root: Path, image_size: int, batch_size: int, num_workers: int 
 
 def bare_process(root: Path, image_size: int, batch_size: int, num_workers: int) -> dict:
     """The bare forward pass as a program of its own (``--bare-process``): torch, timm (through
-    tl_cli.backbones, which imports neither Lightning nor Hydra), PIL and torchvision's
+    tl_cli.modalities.backbones, which imports neither Lightning nor Hydra), PIL and torchvision's
     transforms; tl's eval transform (resize to size/crop_pct, centre crop, normalise) rebuilt
     here so that no tl data module (and so no Lightning) is imported. Every image under root."""
     import math
@@ -111,7 +111,7 @@ def bare_process(root: Path, image_size: int, batch_size: int, num_workers: int)
     from PIL import Image
     from torchvision import transforms as T
 
-    from tl_cli.backbones import create_backbone
+    from tl_cli.modalities.backbones import create_backbone
 
     backbone = create_backbone("efficientnet_lite0").eval()
     prep = backbone.preprocessing

@@ -300,7 +300,7 @@ def speed_table(res: dict[str, Any], inputs: dict[int, Any], rounds: dict[int, i
     import torch
     from torch import nn
 
-    from tl_cli.checkpoint import load_module
+    from tl_cli.core.checkpoint import load_module
 
     def net(ckpt: Path) -> nn.Module:
         m, _ = load_module(ckpt)
@@ -367,8 +367,8 @@ def text_batch(test_csv: Path, res: dict[str, Any], b: int) -> dict[str, Any]:
     """The first ``b`` test sentences, tokenised by the teacher's tokenizer (all students share it)."""
     import torch
 
-    from tl_cli.checkpoint import load_module
-    from tl_cli.text import get_tokenizer
+    from tl_cli.core.checkpoint import load_module
+    from tl_cli.modalities.text.backbone import get_tokenizer
 
     m, _ = load_module(res["teacher_ckpt"])
     tok = get_tokenizer(m.backbone.preprocessing)

@@ -88,7 +88,7 @@ def conse_variants(ckpt: Path, feats: np.ndarray, labels: np.ndarray) -> dict[st
     """Accuracy of the zero-shot checkpoint's ConSE head with other top-T on the same features."""
     import torch
 
-    from tl_cli.checkpoint import load_module
+    from tl_cli.core.checkpoint import load_module
 
     module, _ = load_module(ckpt)
     head = module.head

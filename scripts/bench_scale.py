@@ -11,10 +11,10 @@ leak   Fifty back-to-back tiny runs in ONE multirun process (``tl train -m seed=
        the runs after a warm-up. It fails (exit 1) if the fd count grows, or RSS grows faster than
        --max-rss-mb-per-run.
 scale  Feature extraction with ``strategy.cache_dir`` (the disk feature cache; needs the lead's
-       tl_cli/features.py support) at two dataset sizes, plus the in-memory cache for contrast.
+       tl_cli/data/features.py support) at two dataset sizes, plus the in-memory cache for contrast.
        Reports peak RSS of the whole process tree against the size of the features: with the
        disk cache, peak RSS must stay flat while the features grow past it.
-scan   Speed of the corrupt-image scan (tl_cli.scan) on a folder of images.
+scan   Speed of the corrupt-image scan (tl_cli.data.scan) on a folder of images.
 
 Only Linux (/proc). Results are printed and written as JSON to --out (default build/bench_scale/).
 """
@@ -258,7 +258,7 @@ def _one_scale_run(data: Path, run_dir: Path, cache: Path | None, args: argparse
 
 def bench_scale(args: argparse.Namespace) -> dict:
     if not cache_dir_supported():
-        msg = "SKIPPED: strategy.cache_dir is not implemented yet (configs/strategy/feature_extraction.yaml, tl_cli/features.py)"
+        msg = "SKIPPED: strategy.cache_dir is not implemented yet (configs/strategy/feature_extraction.yaml, tl_cli/data/features.py)"
         print(f"scale: {msg}")
         return {"skipped": msg}
     import timm
@@ -311,8 +311,8 @@ def bench_scale(args: argparse.Namespace) -> dict:
 
 def bench_scan(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT))
-    from tl_cli.data import IMG_EXTS
-    from tl_cli.scan import scan_images
+    from tl_cli.data.base import IMG_EXTS
+    from tl_cli.data.scan import scan_images
 
     files = sorted(str(p) for p in Path(args.root).rglob("*") if p.suffix.lower() in IMG_EXTS)
     if not files:

@@ -36,7 +36,7 @@ CS = [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]
 
 def split(root: Path):
     import tl_cli.components  # noqa: F401
-    from tl_cli.text import TextDataModule
+    from tl_cli.modalities.text.backbone import TextDataModule
 
     dm = TextDataModule(root=str(root)).prepare()
     get = {k: ([i.text for i, _ in v], np.array([y for _, y in v])) for k, v in dm.splits.items()}
@@ -58,8 +58,8 @@ def lr_cv(x_train, y_train, x_test, y_test) -> tuple[float, float, float]:
 def minilm_embeddings(texts: list[str]) -> np.ndarray:
     import torch
 
-    from tl_cli.backbones import build_backbone
-    from tl_cli.text import encode, tokenizer_for
+    from tl_cli.modalities.backbones import build_backbone
+    from tl_cli.modalities.text.backbone import encode, tokenizer_for
 
     b = build_backbone({"name": "minilm", "source": "minilm"}).eval()
     tok = tokenizer_for(b.preprocessing)

@@ -63,7 +63,7 @@ def run_cfg(overrides: list[str], out: Path, name: str) -> DictConfig:
 @pytest.fixture(scope="session")
 def good_ckpt(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """best.ckpt of a real 1-epoch tiny run (tests read or copy it; none modifies it)."""
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     out = tmp_path_factory.mktemp("good")
     cfg = compose_cfg([*TINY, f"dataset.root={tiny_data}", "trainer.max_epochs=1"])

@@ -21,9 +21,10 @@ from omegaconf import open_dict
 from PIL import Image
 
 from tests.conftest import COLORS, TINY, compose_cfg, make_image_folder, run_tl
-from tl_cli import adapt, evaluate, train
-from tl_cli.checkpoint import load_module
-from tl_cli.errors import TLError
+from tl_cli.commands import evaluate, train
+from tl_cli.core.checkpoint import load_module
+from tl_cli.core.errors import TLError
+from tl_cli.transfer import adapt
 
 SHARED_COIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coil20-domains"
 
@@ -188,7 +189,7 @@ def test_unlabelled_flat_target_reports_no_accuracy(tiny_data: Path, tmp_path: P
 
 
 def _setup_error(tiny_data: Path, target: Path | None, *extra: str) -> str:
-    from tl_cli.data import DATASETS
+    from tl_cli.data.base import DATASETS
 
     cfg = cfg_for(tiny_data, target, Path("unused"), *extra)
     dm = DATASETS.build(cfg.dataset)

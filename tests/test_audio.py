@@ -18,9 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tl_cli import audio, speech
-from tl_cli.audio import AudioFolderDataModule, check_audio, decode, load_audio
-from tl_cli.errors import TLError
+from tl_cli.core.errors import TLError
+from tl_cli.modalities.audio import backbone as speech
+from tl_cli.modalities.audio import data as audio
+from tl_cli.modalities.audio.data import AudioFolderDataModule, check_audio, decode, load_audio
 
 from .conftest import ROOT, run_tl
 

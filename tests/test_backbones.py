@@ -11,17 +11,17 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tl_cli import backbones
-from tl_cli.backbones import (
+from tl_cli.cli import config_dir
+from tl_cli.core.errors import TLError
+from tl_cli.data.base import eval_transform
+from tl_cli.modalities import backbones
+from tl_cli.modalities.backbones import (
     BUNDLED,
     BackboneSpec,
     create_backbone,
     register_backbone,
     registered_backbones,
 )
-from tl_cli.cli import config_dir
-from tl_cli.data import eval_transform
-from tl_cli.errors import TLError
 
 from .conftest import compose_cfg, shared_cifar
 
@@ -53,9 +53,9 @@ IMAGE_SOURCES = {"bundled", "torchvision", "timm"}
 
 
 def _options(source: str) -> set[str]:
-    from tl_cli.backbones import SOURCES
+    from tl_cli.modalities.backbones import SOURCES
 
-    # depth: every source (build_backbone cuts the built backbone; tl_cli/distill.py docs)
+    # depth: every source (build_backbone cuts the built backbone; tl_cli/commands/distill.py docs)
     return {"name", "source", "depth", *SOURCES.options(source)} - {"pretrained"}
 
 

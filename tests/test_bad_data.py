@@ -18,9 +18,9 @@ from omegaconf import open_dict
 from PIL import Image
 
 from tests.conftest import TINY, compose_cfg, make_image_folder, run_tl
-from tl_cli.data import ImageFolderDataModule, load_image
-from tl_cli.errors import TLError
-from tl_cli.scan import check_image, scan_images
+from tl_cli.core.errors import TLError
+from tl_cli.data.base import ImageFolderDataModule, load_image
+from tl_cli.data.scan import check_image, scan_images
 
 
 def _dm(root: Path, **kw) -> ImageFolderDataModule:
@@ -134,7 +134,7 @@ def test_scan_finds_nothing_wrong_in_good_images(tmp_path: Path) -> None:
 
 
 def test_skip_corrupt_skips_with_a_warning_and_counts_in_metrics(tmp_path: Path, capsys) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     root = make_image_folder(tmp_path / "data", {"train": 8, "test": 2})
     bad = {}
@@ -169,7 +169,7 @@ def test_skip_corrupt_still_fails_when_a_class_has_no_readable_image(tmp_path: P
 
 
 def test_good_run_records_zero_skipped(tiny_cfg) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     metrics = run(tiny_cfg("trainer.max_epochs=1"))
     assert metrics["skipped_corrupt"] == 0 and metrics["skipped_corrupt_files"] == []
@@ -401,8 +401,8 @@ def test_nested_images_inside_class_folders_are_fine(tmp_path: Path) -> None:
 
 
 def test_eval_on_data_with_other_classes_lists_the_differences(tiny_cfg, tmp_path: Path) -> None:
-    from tl_cli import evaluate
-    from tl_cli.train import run
+    from tl_cli.commands import evaluate
+    from tl_cli.commands.train import run
 
     run(tiny_cfg("trainer.max_epochs=1"))
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"

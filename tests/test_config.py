@@ -10,13 +10,13 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tl_cli.backbones import Backbone, build_backbone
 from tl_cli.cli import config_dir
-from tl_cli.data import DATASETS, TransferDataModule
-from tl_cli.heads import HEADS
-from tl_cli.optimizers import OPTIMIZERS
-from tl_cli.schedulers import PlateauState, shape_fn
-from tl_cli.strategies import STRATEGIES, TransferStrategy
+from tl_cli.data.base import DATASETS, TransferDataModule
+from tl_cli.modalities.backbones import Backbone, build_backbone
+from tl_cli.transfer.heads import HEADS
+from tl_cli.transfer.optimizers import OPTIMIZERS
+from tl_cli.transfer.schedulers import PlateauState, shape_fn
+from tl_cli.transfer.strategies import STRATEGIES, TransferStrategy
 
 from .conftest import compose_cfg
 
@@ -165,7 +165,7 @@ def test_trainer_options_compose_to_their_settings(name: str):
     assert name in TRAINERS, f"add what configs/trainer/{name}.yaml sets to TRAINERS"
     cfg = compose_cfg([f"trainer={name}"]).trainer
     assert {k: cfg[k] for k in TRAINERS[name]} == TRAINERS[name]
-    assert cfg.max_epochs == "auto" and cfg.num_sanity_val_steps == 0  # tl_cli.budget
+    assert cfg.max_epochs == "auto" and cfg.num_sanity_val_steps == 0  # tl_cli.transfer.budget
 
 
 @pytest.mark.parametrize("name", ["default", "cpu", "ddp"])
@@ -176,7 +176,7 @@ def test_trainer_options_instantiate(name: str, tmp_path: Path):
     # ddp on CPU processes is what the tests and CPU-only machines run (accelerator=auto picks a GPU)
     extra = ["trainer.accelerator=cpu"] if name == "ddp" else []
     cfg = compose_cfg([f"trainer={name}", *extra]).trainer
-    from tl_cli import budget
+    from tl_cli.transfer import budget
 
     # max_epochs=auto: train.py gives Lightning a placeholder, replaced once the data is scanned
     assert budget.is_auto(cfg)

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tl_cli.data import (
+from tl_cli.core.errors import TLError
+from tl_cli.data.base import (
     ImageFolderDataModule,
     SampleDataModule,
     eval_transform,
     load_image,
     train_transform,
 )
-from tl_cli.errors import TLError
 
 from .conftest import make_image_folder
 

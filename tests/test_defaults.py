@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tl_cli import train
-from tl_cli.console import History
-from tl_cli.tasks import val_score
-from tl_cli.tuning import falling_slope
+from tl_cli.commands import train
+from tl_cli.core.console import History
+from tl_cli.run.tuning import falling_slope
+from tl_cli.tasks.classification import val_score
 
 from .conftest import TINY, compose_cfg
 
@@ -92,8 +92,8 @@ def test_data_warnings_imbalance_and_small_val():
     (w,) = train.data_warnings(dm([10, 10], 12))
     assert "validation split has 12 images" in w and "8.3 points" in w
     # the data module names its inputs (TextDataModule: texts, AudioFolderDataModule: recordings)
-    from tl_cli.audio import AudioFolderDataModule
-    from tl_cli.text import TextDataModule
+    from tl_cli.modalities.audio.data import AudioFolderDataModule
+    from tl_cli.modalities.text.backbone import TextDataModule
 
     text_dm = dm([31, 10], 12)
     text_dm.item_noun = TextDataModule.item_noun
@@ -190,7 +190,7 @@ def test_resume_keeps_the_lbfgs_head_and_takes_no_steps(tiny_cfg, tmp_path):
 
 
 def test_auto_budget_gives_small_sets_more_epochs_and_large_sets_the_base():
-    from tl_cli import budget
+    from tl_cli.transfer import budget
 
     assert budget.steps_per_epoch(90, 32) == 3
     assert budget.steps_per_epoch(4194, 32) == 132
@@ -205,7 +205,7 @@ def test_auto_budget_gives_small_sets_more_epochs_and_large_sets_the_base():
 
 
 def test_auto_budget_in_real_runs(tmp_path, monkeypatch):
-    from tl_cli import budget
+    from tl_cli.transfer import budget
 
     # the real constants made small so the runs stay short: 12 steps, 2..8 epochs
     monkeypatch.setattr(budget, "MIN_STEPS", 12)
@@ -239,7 +239,7 @@ def test_early_stopping_patience_stops_when_val_stops_improving(tmp_path):
     assert m["epochs"] == 3 and m["best_epoch"] == 1
     import pytest
 
-    from tl_cli.errors import TLError
+    from tl_cli.core.errors import TLError
 
     with pytest.raises(TLError, match="early_stopping_patience=0 must be an integer >= 1 or null"):
         run_tiny(root, tmp_path / "bad", "early_stopping_patience=0")

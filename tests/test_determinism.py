@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import TINY, run_tl
-from tl_cli.module import read_checkpoint
-from tl_cli.train import run
+from tl_cli.commands.train import run
+from tl_cli.core.checkpoint import read_checkpoint
 
 #: Wall-clock numbers and paths: the only keys allowed to differ between two identical runs.
 TIMING_KEYS = {"fit_seconds", "best_checkpoint", "seconds"}

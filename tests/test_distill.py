@@ -11,9 +11,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
-from tl_cli.backbones import build_backbone
-from tl_cli.checkpoint import load_module
-from tl_cli.distill import kd_loss
+from tl_cli.commands.distill import kd_loss
+from tl_cli.core.checkpoint import load_module
+from tl_cli.modalities.backbones import build_backbone
 
 from .conftest import COLORS, compose_cfg, make_image_folder, run_tl
 
@@ -65,8 +65,8 @@ def test_unlabelled_rows_only_feed_the_kd_term():
 
 
 def test_kd_settings_auto_follows_the_teachers_modality_and_explicit_values_win():
-    from tl_cli.distill import _check_kd, kd_settings
-    from tl_cli.errors import TLError
+    from tl_cli.commands.distill import _check_kd, kd_settings
+    from tl_cli.core.errors import TLError
 
     assert _check_kd({"distill": {"temperature": "auto", "alpha": "auto"}}) == (None, None)
     assert _check_kd({"distill": {"temperature": "3", "alpha": 0.25}}) == (3.0, 0.25)
@@ -85,7 +85,7 @@ def test_kd_settings_auto_follows_the_teachers_modality_and_explicit_values_win(
 
 
 def test_a_teacher_trained_with_label_smoothing_gets_one_warning_line():
-    from tl_cli.distill import teacher_warnings
+    from tl_cli.commands.distill import teacher_warnings
 
     ft = {"name": "finetune", "head_fit": "lbfgs"}
     fe = {"name": "feature_extraction", "head_fit": "lbfgs"}
@@ -151,7 +151,7 @@ def test_depth_cuts_a_transformer_to_its_first_layers():
 
 
 def test_depth_on_a_backbone_that_cannot_be_cut_is_one_line():
-    from tl_cli.errors import TLError
+    from tl_cli.core.errors import TLError
 
     with pytest.raises(TLError) as e:
         build_backbone({"name": "resnet18", "weights": "none", "depth": 2}, pretrained=False)
@@ -201,7 +201,7 @@ def unlabeled(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def distilled(good_ckpt, unlabeled, tmp_path_factory):
-    from tl_cli.distill import run
+    from tl_cli.commands.distill import run
 
     out = tmp_path_factory.mktemp("distill") / "run"
     teacher_before = {k: v.clone() for k, v in load_module(good_ckpt)[0].state_dict().items()}
@@ -250,8 +250,8 @@ def test_metrics_json_has_the_distillation_keys(distilled):
 
 
 def test_student_checkpoint_is_an_ordinary_tl_checkpoint(distilled, tmp_path):
-    from tl_cli.evaluate import run as evaluate
-    from tl_cli.predict import run as predict
+    from tl_cli.commands.evaluate import run as evaluate
+    from tl_cli.commands.predict import run as predict
 
     ckpt = distilled["out"] / "checkpoints" / "best.ckpt"
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -277,7 +277,7 @@ def test_student_checkpoint_is_an_ordinary_tl_checkpoint(distilled, tmp_path):
 
 
 def test_student_starts_from_the_teachers_first_blocks(good_ckpt, tmp_path):
-    from tl_cli.distill import _make_build, load_teacher, resolve_dataset, resolve_student
+    from tl_cli.commands.distill import _make_build, load_teacher, resolve_dataset, resolve_student
 
     cfg, overrides = distill_cfg(good_ckpt, tmp_path / "r", "backbone.depth=1")
     keys = {o.split("=", 1)[0] for o in overrides}

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
-from tl_cli import evaluate, train
+from tl_cli.commands import evaluate, train
 
 from .conftest import TINY, cifar_slice, compose_cfg, make_image_folder, run_tl
 
@@ -78,7 +78,7 @@ def test_eval_on_another_root_and_class_mismatch(tiny_cfg, tmp_path):
     res = evaluate.run(eval_cfg(ckpt, tmp_path / "e1", f"dataset.root={other}"))
     assert res["split"] == "all" and res["num_samples"] == 9
     (other / "cat").rename(other / "lynx")
-    from tl_cli.errors import TLError
+    from tl_cli.core.errors import TLError
 
     with pytest.raises(TLError, match="missing cat.*unknown to the model lynx"):
         evaluate.run(eval_cfg(ckpt, tmp_path / "e2", f"dataset.root={other}"))

@@ -19,10 +19,10 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_cfg, run_tl
-from tl_cli import safety
-from tl_cli.errors import TLError
-from tl_cli.module import read_checkpoint
-from tl_cli.safety import (
+from tl_cli.core.checkpoint import read_checkpoint
+from tl_cli.core.errors import TLError
+from tl_cli.run import safety
+from tl_cli.run.safety import (
     AtomicCheckpointIO,
     NonFiniteError,
     TrainingGuard,
@@ -38,8 +38,8 @@ from tl_cli.safety import (
 # SIGKILL lands mid-write, with half a file on disk).
 CHILD = r"""
 import io, os, sys, time
-import tl_cli.safety as s
-import tl_cli.module as m
+import tl_cli.run.safety as s
+from tl_cli.tasks.classification import ClassificationTask as _Task
 _orig, _n = s._serialize, [0]
 pause_at = int(os.environ.get("TL_TEST_PAUSE_AT_WRITE", "0"))
 def _slow_write(obj, f):
@@ -53,11 +53,11 @@ def _slow_write(obj, f):
 s._serialize = _slow_write
 step_sleep = float(os.environ.get("TL_TEST_STEP_SLEEP", "0"))
 if step_sleep:
-    _step = m.TransferModule.training_step
+    _step = _Task.training_step
     def _slow_step(self, *a, **k):
         time.sleep(step_sleep)
         return _step(self, *a, **k)
-    m.TransferModule.training_step = _slow_step
+    _Task.training_step = _slow_step
 from tl_cli.cli import main
 sys.argv[0] = "tl"
 main()
@@ -182,7 +182,7 @@ def test_atomic_save_interrupted_mid_write_keeps_the_old_file(tmp_path: Path, mo
 
 
 def test_trainer_writes_checkpoints_through_the_atomic_plugin(tiny_cfg, monkeypatch) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     seen = []
     monkeypatch.setattr(
@@ -195,7 +195,7 @@ def test_trainer_writes_checkpoints_through_the_atomic_plugin(tiny_cfg, monkeypa
 
 
 def test_stale_temp_files_are_removed_at_the_next_fit(tiny_cfg, tmp_path: Path) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
@@ -221,7 +221,7 @@ def test_remote_paths_use_lightnings_writer(monkeypatch) -> None:
 def test_huge_lr_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
     tiny_cfg, tmp_path: Path
 ) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     # lr=1e6: epoch 1 trains to a finite (huge) loss; epoch 2's validation loss is NaN.
     with pytest.raises(NonFiniteError) as e:
@@ -237,7 +237,7 @@ def test_huge_lr_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 
 def test_nan_training_loss_stops_before_the_optimizer_step(tiny_cfg, tmp_path: Path) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     # lr=1e30: the second step's training loss is already NaN, long before any checkpoint.
     with pytest.raises(
@@ -286,7 +286,7 @@ def _run_dir(tmp_path: Path) -> Path:
 def test_ctrl_c_after_an_epoch_keeps_last_ckpt_and_resume_completes(
     tiny_cfg, tmp_path: Path, restore_sigint
 ) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     with pytest.raises(TLError) as e:
         run(tiny_cfg("trainer.max_epochs=4", SGD), callbacks=[RaiseAt(2, 1, _keyboard_interrupt)])
@@ -307,7 +307,7 @@ def test_ctrl_c_after_an_epoch_keeps_last_ckpt_and_resume_completes(
 def test_ctrl_c_in_the_first_epoch_saves_the_current_state(
     tiny_cfg, tmp_path: Path, restore_sigint
 ) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     with pytest.raises(TLError, match=r"saved the current state to .*last.ckpt") as e:
         run(tiny_cfg("trainer.max_epochs=3", SGD), callbacks=[RaiseAt(0, 1, _keyboard_interrupt)])
@@ -320,7 +320,7 @@ def test_ctrl_c_in_the_first_epoch_saves_the_current_state(
 
 
 def test_sigterm_stops_like_ctrl_c_with_exit_143(tiny_cfg, tmp_path: Path, restore_sigint) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     old = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TLError, match=r"training interrupted \(SIGTERM\)") as e:
@@ -480,7 +480,7 @@ def _check_bad(call, path: Path, name: str, what: str) -> None:
 
 
 def test_bad_checkpoints_for_resume(tmp_path: Path, good_ckpt: Path, tiny_cfg) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     bad = _bad_checkpoints(tmp_path, good_ckpt)
     assert set(bad) == set(EXPECT)
@@ -495,7 +495,7 @@ def test_bad_checkpoints_for_resume(tmp_path: Path, good_ckpt: Path, tiny_cfg) -
 
 
 def test_bad_checkpoints_for_eval(tmp_path: Path, good_ckpt: Path) -> None:
-    from tl_cli import evaluate
+    from tl_cli.commands import evaluate
 
     bad = _bad_checkpoints(tmp_path, good_ckpt)
     assert set(bad) == set(EXPECT)
@@ -539,7 +539,7 @@ def test_cli_bad_checkpoints_one_line_and_traceback_only_on_request(
 
 
 def test_second_run_into_the_same_dir_is_refused_unless_overwrite(tiny_cfg, tmp_path: Path) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     run(tiny_cfg("trainer.max_epochs=1"))
     best = tmp_path / "run" / "checkpoints" / "best.ckpt"
@@ -556,7 +556,7 @@ def test_second_run_into_the_same_dir_is_refused_unless_overwrite(tiny_cfg, tmp_
 
 
 def test_nonfinite_check_finds_the_tensor_and_ignores_an_overflowing_sum() -> None:
-    from tl_cli.safety import _first_nonfinite
+    from tl_cli.run.safety import _first_nonfinite
 
     ok = {"a": torch.ones(3), "n": torch.tensor([1, 2])}
     assert _first_nonfinite(ok) is None

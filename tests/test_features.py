@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from omegaconf import open_dict
 
-from tl_cli.features import FeatureDataModule
-from tl_cli.train import build, run
+from tl_cli.commands.train import build, run
+from tl_cli.data.features import FeatureDataModule
 
 
 def _files(cache: Path) -> dict[str, float]:

@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tl_cli import evaluate, export, predict
-from tl_cli.checkpoint import load_module
-from tl_cli.errors import TLError
-from tl_cli.fewshot import (
+from tl_cli.commands import evaluate, export, predict
+from tl_cli.commands.fewshot import (
     check_episodes,
     episode_accuracy,
     leave_one_out,
@@ -21,6 +19,8 @@ from tl_cli.fewshot import (
     run_episodes,
     sample_episode,
 )
+from tl_cli.core.checkpoint import load_module
+from tl_cli.core.errors import TLError
 
 from .conftest import TINY, TINY_FEATURES, make_image_folder, run_cfg, run_tl
 
@@ -28,7 +28,7 @@ from .conftest import TINY, TINY_FEATURES, make_image_folder, run_cfg, run_tl
 @pytest.fixture(scope="module")
 def proto_run(tmp_path_factory, tiny_data):
     """tl train strategy=prototypes on tiny_data (train/ 12 per class + test/ 4 per class)."""
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     out = tmp_path_factory.mktemp("proto")
     metrics = run(
@@ -43,7 +43,7 @@ def proto_run(tmp_path_factory, tiny_data):
 
 def _features(module, folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of every image under folder/<class>/ (the eval transform), by hand."""
-    from tl_cli.data import eval_transform, load_image
+    from tl_cli.data.base import eval_transform, load_image
 
     tf = eval_transform(module.preprocessing)
     xs, ys = [], []
@@ -107,7 +107,7 @@ def test_prototype_checkpoint_eval_predict_export(proto_run, tiny_data, tmp_path
 
 def test_prototypes_from_one_image_per_class(tmp_path):
     """Three classes, one image each, no val/ folder: no carve, the head is the three images."""
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     data = make_image_folder(tmp_path / "one", {"": 1})
     m = run(
@@ -204,7 +204,7 @@ def test_n_query_auto_fits_the_smallest_class():
 
 
 def test_fewshot_command_writes_fewshot_json(tiny_data, tmp_path):
-    from tl_cli import fewshot
+    from tl_cli.commands import fewshot
 
     out = tmp_path / "fs"
     doc = fewshot.run(

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from tl_cli import evaluate, gates, train
-from tl_cli.errors import TLError
+from tl_cli.commands import evaluate, train
+from tl_cli.core.errors import TLError
+from tl_cli.run import gates
 
 from .conftest import compose_cfg, run_tl
 from .trained_run import trained_run

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_cli import listing
-from tl_cli.backbones import build_backbone, count_params, create_backbone, registered_backbones
+from tl_cli.commands import backbones as listing
+from tl_cli.modalities.backbones import (
+    build_backbone,
+    count_params,
+    create_backbone,
+    registered_backbones,
+)
 
 from .conftest import compose_cfg, run_tl
 

@@ -8,9 +8,10 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import open_dict
 
-from tl_cli import loggers, train
 from tl_cli.cli import config_dir
-from tl_cli.errors import TLError
+from tl_cli.commands import train
+from tl_cli.core.errors import TLError
+from tl_cli.run import loggers
 
 from .conftest import compose_cfg
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import open_dict
 
 from tl_cli.cli import config_dir
-from tl_cli.errors import TLError
+from tl_cli.core.errors import TLError
 
 from .conftest import TINY, compose_cfg, run_tl
 
@@ -39,8 +39,8 @@ def _cfg(tiny_data: Path, out: Path, *extra: str):
 
 def test_resume_into_new_dir_reports_the_weights_of_best_ckpt(tiny_data: Path, tmp_path: Path):
     """best.ckpt, best_epoch, val/acc and test/* describe the same weights after a resume."""
-    from tl_cli.evaluate import run as evaluate
-    from tl_cli.train import run as train
+    from tl_cli.commands.evaluate import run as evaluate
+    from tl_cli.commands.train import run as train
 
     train(_cfg(tiny_data, tmp_path / "r1", "strategy=finetune"))
     # the resumed epoch can only tie or lose against the first run's best
@@ -68,7 +68,7 @@ def test_resume_into_new_dir_reports_the_weights_of_best_ckpt(tiny_data: Path, t
 
 def preflight(command: str, *args: str) -> list[str]:
     from tl_cli.cli import COMMANDS
-    from tl_cli.preflight import Preflight
+    from tl_cli.run.preflight import Preflight
 
     return Preflight(command, COMMANDS[command][0], config_dir()).run(list(args))
 
@@ -172,7 +172,7 @@ def test_checkpoint_run_dir_uses_its_best_ckpt(good_ckpt: Path, capsys):
 def test_error_reason_of_a_wrapped_exception_is_shown():
     from hydra.errors import InstantiationException
 
-    from tl_cli.errors import describe
+    from tl_cli.core.errors import describe
 
     try:
         try:
@@ -186,7 +186,7 @@ def test_error_reason_of_a_wrapped_exception_is_shown():
 
 
 def check(*overrides: str) -> str:
-    from tl_cli.validate import check_train_config
+    from tl_cli.run.validate import check_train_config
 
     cfg = compose_cfg([*TINY, "dataset.root=/nonexistent", *overrides])
     with pytest.raises(TLError) as e:
@@ -242,7 +242,7 @@ def test_gpu_accelerator_on_a_cpu_machine_says_why():
 
 
 def test_backbone_errors_keep_their_reason(tiny_cfg, tmp_path: Path, monkeypatch):
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     monkeypatch.setenv(
         "TORCH_HOME", str(tmp_path / "torch")
@@ -253,7 +253,7 @@ def test_backbone_errors_keep_their_reason(tiny_cfg, tmp_path: Path, monkeypatch
 
 
 def test_offline_download_line_reaches_the_user(tiny_data: Path, tmp_path: Path, monkeypatch):
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = compose_cfg(
@@ -284,7 +284,7 @@ def test_eval_writes_error_analysis(good_ckpt: Path, tmp_path: Path, capsys):
 
     from PIL import Image
 
-    from tl_cli.evaluate import run as evaluate
+    from tl_cli.commands.evaluate import run as evaluate
 
     cfg = compose_cfg([f"checkpoint={good_ckpt}"], "eval")
     with open_dict(cfg):
@@ -312,7 +312,7 @@ def test_eval_writes_error_analysis(good_ckpt: Path, tmp_path: Path, capsys):
 
 
 def test_most_confused_pairs():
-    from tl_cli.interpret import most_confused
+    from tl_cli.run.interpret import most_confused
 
     cm = [[5, 2, 0], [0, 4, 3], [1, 0, 6]]
     assert most_confused(cm, ["a", "b", "c"], k=2) == [("b", "c", 3), ("a", "b", 2)]
@@ -406,7 +406,7 @@ def _reshape_head(ckpt):
     ],
 )
 def test_malformed_checkpoint_exits_2_with_the_reason(good_ckpt: Path, tmp_path: Path, edit, says):
-    from tl_cli.evaluate import run as evaluate
+    from tl_cli.commands.evaluate import run as evaluate
 
     bad = _malformed(good_ckpt, tmp_path, edit)
     cfg = compose_cfg([f"checkpoint={bad}"], "eval")
@@ -420,7 +420,7 @@ def test_malformed_checkpoint_exits_2_with_the_reason(good_ckpt: Path, tmp_path:
 
 def test_dangling_symlink_is_counted_with_skipped_files(tmp_path: Path):
     from tests.conftest import make_image_folder
-    from tl_cli.data import DATASETS
+    from tl_cli.data.base import DATASETS
 
     root = make_image_folder(tmp_path / "d", {"": 4})
     (root / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
@@ -437,8 +437,8 @@ def test_dangling_symlink_is_counted_with_skipped_files(tmp_path: Path):
 def test_backbones_listing_never_wraps_the_override(monkeypatch, capsys):
     from rich.console import Console
 
-    from tl_cli import console as tl_console
-    from tl_cli.listing import main as list_backbones
+    from tl_cli.commands.backbones import main as list_backbones
+    from tl_cli.core import console as tl_console
 
     monkeypatch.setattr(tl_console, "console", Console(width=80, soft_wrap=True, highlight=False))
     assert list_backbones(["efficientnet_lite"]) == 0

@@ -14,8 +14,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tl_cli import evaluate, export, outputs, predict, train
-from tl_cli.errors import TLError
+from tl_cli.commands import evaluate, export, predict, train
+from tl_cli.core import outputs
+from tl_cli.core.errors import TLError
 
 from .conftest import compose_cfg
 from .trained_run import trained_run

@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tl_cli import predict
-from tl_cli.data import eval_transform, load_image
-from tl_cli.errors import TLError
-from tl_cli.module import load_module
+from tl_cli.commands import predict
+from tl_cli.core.checkpoint import load_module
+from tl_cli.core.errors import TLError
+from tl_cli.data.base import eval_transform, load_image
 
 from .conftest import compose_cfg, run_tl
 from .trained_run import trained_run

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tl_cli.errors import TLError
+from tl_cli.core.errors import TLError
 
 from .conftest import TINY, compose_cfg, make_image_folder, run_tl
 
@@ -40,7 +40,7 @@ def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pretrained(unlabelled: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tl_cli.pretrain import run
+    from tl_cli.commands.pretrain import run
 
     out = tmp_path_factory.mktemp("pre") / "run"
     run(_pretrain_cfg(unlabelled, out, "pretrain.head_warmup_steps=1", "pretrain.warmup_steps=1"))
@@ -49,7 +49,7 @@ def pretrained(unlabelled: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_ntxent_matches_hand_computation():
     """The loss the module trains with is SimCLR's NT-Xent over 2N views (computed by hand here)."""
-    from tl_cli.pretrain import SimCLRModule
+    from tl_cli.commands.pretrain import SimCLRModule
 
     class _Stub(torch.nn.Module):
         num_features = 2
@@ -75,7 +75,7 @@ def test_ntxent_matches_hand_computation():
 
 
 def test_backbone_lr_waits_for_the_head():
-    from tl_cli.pretrain import warmup_cosine
+    from tl_cli.commands.pretrain import warmup_cosine
 
     f = [warmup_cosine(s, warmup=2, total=10, start=3) for s in range(10)]
     assert f[:3] == [0.0, 0.0, 0.0]  # projection head warm-up: backbone untouched
@@ -89,8 +89,8 @@ def test_pretrain_writes_weights_that_tl_train_starts_from(
     import pytorch_lightning as pl
     from safetensors.torch import load_file
 
-    from tl_cli.backbones import build_backbone
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
+    from tl_cli.modalities.backbones import build_backbone
 
     meta = json.loads((pretrained / "pretrain.json").read_text())
     assert meta["backbone"]["name"] == "test_efficientnet"
@@ -127,7 +127,7 @@ def test_pretrain_writes_weights_that_tl_train_starts_from(
 
 
 def test_refuses_an_earlier_run_dir(pretrained: Path, unlabelled: Path):
-    from tl_cli.pretrain import run
+    from tl_cli.commands.pretrain import run
 
     before = (pretrained / "backbone.safetensors").read_bytes()
     with pytest.raises(TLError, match="backbone.safetensors already exists.*overwrite=true"):
@@ -136,7 +136,7 @@ def test_refuses_an_earlier_run_dir(pretrained: Path, unlabelled: Path):
 
 
 def test_no_images_is_one_line(tmp_path: Path):
-    from tl_cli.pretrain import run
+    from tl_cli.commands.pretrain import run
 
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("x")
@@ -146,7 +146,7 @@ def test_no_images_is_one_line(tmp_path: Path):
 
 
 def test_init_checks_the_backbone_name(pretrained: Path, tmp_path: Path):
-    from tl_cli.pretrain import apply_init, resolve_init
+    from tl_cli.commands.pretrain import apply_init, resolve_init
 
     f = pretrained / "backbone.safetensors"
     assert resolve_init(f, {"name": "test_efficientnet"}) == str(f.resolve())

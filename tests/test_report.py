@@ -11,8 +11,9 @@ import torch
 from omegaconf import open_dict
 from PIL import Image
 
-from tl_cli import evaluate, report, train
-from tl_cli.module import read_checkpoint
+from tl_cli.commands import evaluate, train
+from tl_cli.core.checkpoint import read_checkpoint
+from tl_cli.run import report
 
 from .conftest import compose_cfg
 from .trained_run import trained_run

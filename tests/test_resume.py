@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
-from tl_cli.train import run
+from tl_cli.commands.train import run
 
 # Deterministic data (no augmentation): the shuffle is a function of (seed, epoch), see EpochShuffle.
 COMMON = ["dataset.augment=none", "scheduler=cosine", "trainer.max_epochs=4", "optimizer.lr=0.01"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from tl_cli.schedulers import shape_fn
-from tl_cli.train import run
+from tl_cli.commands.train import run
+from tl_cli.transfer.schedulers import shape_fn
 
 from .test_strategies import Spy
 

@@ -7,7 +7,7 @@ tl export and resume (tl train ckpt_path=). Two kinds:
 * plain data (loads fine with weights_only=True) whose stored config would run code if it were
   instantiated or resolved: a ``_target_`` naming a file writer, or a string that OmegaConf would
   turn into one (``${oc.create:{_target_: pathlib.Path.touch, ...}}``) or into a secret
-  (``${oc.env:TOKEN}``). Checkpoints are data (tl_cli.checkpoint): neither may do anything.
+  (``${oc.env:TOKEN}``). Checkpoints are data (tl_cli.core.checkpoint): neither may do anything.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_cfg, run_tl
-from tl_cli import module as tl_module
-from tl_cli.errors import TLError
-from tl_cli.safety import read_untrusted_checkpoint
+from tl_cli.core import checkpoint as tl_module
+from tl_cli.core.errors import TLError
+from tl_cli.run.safety import read_untrusted_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -292,7 +292,7 @@ def test_no_command_resolves_or_instantiates_checkpoint_content(
 
 
 def test_resume_refuses_crafted_checkpoints(tmp_path: Path, good_ckpt: Path, tiny_cfg) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     marker = tmp_path / "marker"
     evil = _target_bomb(good_ckpt, tmp_path / "t.ckpt", marker)
@@ -311,7 +311,7 @@ def test_resume_refuses_crafted_checkpoints(tmp_path: Path, good_ckpt: Path, tin
 
 
 def test_config_values_are_never_evaluated(tiny_cfg, tmp_path: Path) -> None:
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     marker = tmp_path / "marker"
     code = f"__import__('os').system('touch {marker}')"
@@ -383,7 +383,7 @@ def _predict_cfg(ckpt: Path, inputs: Path, out_dir: Path, *extra: str):
 def test_predict_writes_only_into_the_run_dir_by_default(
     tmp_path: Path, good_ckpt: Path, tiny_data: Path
 ) -> None:
-    from tl_cli import predict
+    from tl_cli.commands import predict
 
     sandbox = tmp_path / "sandbox"
     sandbox.mkdir()
@@ -396,7 +396,7 @@ def test_predict_writes_only_into_the_run_dir_by_default(
 def test_predict_refuses_a_symlink_out_of_the_run_dir(
     tmp_path: Path, good_ckpt: Path, tiny_data: Path
 ) -> None:
-    from tl_cli import predict
+    from tl_cli.commands import predict
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
@@ -411,7 +411,7 @@ def test_predict_refuses_a_symlink_out_of_the_run_dir(
 def test_predict_and_export_write_where_told_but_never_over_the_checkpoint(
     tmp_path: Path, good_ckpt: Path, tiny_data: Path
 ) -> None:
-    from tl_cli import export, predict
+    from tl_cli.commands import export, predict
 
     explicit = tmp_path / "elsewhere" / "preds.csv"
     explicit.parent.mkdir()
@@ -450,8 +450,8 @@ def test_checkpoints_store_absolute_dataset_roots(tmp_path: Path, tiny_data: Pat
     """A relative dataset.root is stored absolute: eval from elsewhere scores the same folder."""
     import shutil
 
-    from tl_cli.evaluate import dataset_for
-    from tl_cli.train import run
+    from tl_cli.commands.evaluate import dataset_for
+    from tl_cli.commands.train import run
 
     work = tmp_path / "work"
     shutil.copytree(tiny_data, work / "data")
@@ -482,7 +482,7 @@ def test_resume_never_copies_a_file_the_checkpoint_names_unless_it_is_a_tl_check
 ) -> None:
     """A resumed checkpoint names its run's best file; a crafted one must not pull e.g. a secret
     into the new run dir as best.ckpt."""
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     run(tiny_cfg("trainer.max_epochs=1", f"output_dir={tmp_path / 'a'}"))
     secret = tmp_path / "secret.ckpt"

@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from tl_cli.train import run
+from tl_cli.commands.train import run
 
 
 class Spy(pl.Callback):
@@ -49,7 +49,7 @@ def test_feature_extraction_freezes_backbone_and_bn_stats(tiny_cfg, cache):
         "scheduler=none",
     )
     spy = Spy()
-    from tl_cli import train as train_mod
+    from tl_cli.commands import train as train_mod
 
     built = {}
     orig_build = train_mod.build
@@ -164,7 +164,7 @@ def test_layer_decay_scales_deeper_to_shallower_groups(tiny_cfg):
 
 
 def test_gradual_unfreeze_plan_is_top_down_in_chunks():
-    from tl_cli.strategies import GradualUnfreeze
+    from tl_cli.transfer.strategies import GradualUnfreeze
 
     plans = GradualUnfreeze(milestones=[1, 2, 3]).group_plans(18)
     assert [p.unfreeze_epoch for p in plans] == [3] * 6 + [2] * 6 + [

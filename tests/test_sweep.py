@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tl_cli import sweep
+from tl_cli.run import sweep
 
 from .conftest import TINY, run_tl
 

@@ -12,11 +12,12 @@ from omegaconf import open_dict
 from torch import nn
 
 from tests.conftest import TINY, compose_cfg
-from tl_cli.checkpoint import load_module
-from tl_cli.errors import TLError
-from tl_cli.policy import TransferPolicy
-from tl_cli.strategies import STRATEGIES
-from tl_cli.tasks import TASKS, ClassificationTask, TransferTask
+from tl_cli.core.checkpoint import load_module
+from tl_cli.core.errors import TLError
+from tl_cli.tasks.base import TASKS, TransferTask
+from tl_cli.tasks.classification import ClassificationTask
+from tl_cli.transfer.policy import TransferPolicy
+from tl_cli.transfer.strategies import STRATEGIES
 
 # --------------------------------------------------------------------------- a second task
 
@@ -49,7 +50,7 @@ def task_config_dir(tmp_path: Path) -> Path:
 
 
 def test_a_new_task_is_one_class_and_one_yaml(task_config_dir, tiny_data, tmp_path):
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     cfg = compose_cfg(
         [
@@ -77,7 +78,7 @@ def test_the_default_task_is_classification():
 
 
 def test_an_unknown_task_is_one_clear_line(tiny_cfg):
-    from tl_cli.train import build
+    from tl_cli.commands.train import build
 
     cfg = tiny_cfg()
     with open_dict(cfg):

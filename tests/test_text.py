@@ -18,7 +18,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tl_cli.errors import TLError
+from tl_cli.core.errors import TLError
 
 from .conftest import ROOT, compose_cfg, run_tl
 from .tiny_bert import save_tiny_bert
@@ -90,7 +90,7 @@ def text_cfg(bert: Path, root: Path, out: Path, *extra: str):
 
 def dm(root: Path, **kw):
     import tl_cli.components  # noqa: F401
-    from tl_cli.text import TextDataModule
+    from tl_cli.modalities.text.backbone import TextDataModule
 
     return TextDataModule(root=str(root), **kw).prepare()
 
@@ -191,7 +191,7 @@ def test_bad_input_lines(tmp_path, capsys):
 
 
 def test_text_dataset_needs_a_text_backbone(tmp_path, text_csv):
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     cfg = compose_cfg(
         [
@@ -213,8 +213,8 @@ def test_text_dataset_needs_a_text_backbone(tmp_path, text_csv):
 
 def test_block_groups_tokenizer_and_offline_rebuild(tiny_bert):
     import tl_cli.components  # noqa: F401
-    from tl_cli.backbones import build_backbone
-    from tl_cli.text import encode, tokenizer_for
+    from tl_cli.modalities.backbones import build_backbone
+    from tl_cli.modalities.text.backbone import encode, tokenizer_for
 
     b = build_backbone({"name": "hf", "source": "hf", "path": str(tiny_bert)})
     groups = b.block_groups()
@@ -248,8 +248,8 @@ def test_block_groups_tokenizer_and_offline_rebuild(tiny_bert):
 
 def test_hf_name_offline_fails_fast_with_one_line(monkeypatch):
     import tl_cli.components  # noqa: F401
-    from tl_cli import text
-    from tl_cli.backbones import build_backbone
+    from tl_cli.modalities.backbones import build_backbone
+    from tl_cli.modalities.text import backbone as text
 
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-hf-home/hub")
@@ -269,7 +269,7 @@ def test_hf_name_offline_fails_fast_with_one_line(monkeypatch):
 
 
 def test_dataset_max_length_checked():
-    from tl_cli.text import effective_text_preprocessing
+    from tl_cli.modalities.text.backbone import effective_text_preprocessing
 
     prep = {"max_length": 64, "max_positions": 64}
     assert effective_text_preprocessing(prep, 16)["max_length"] == 16
@@ -281,9 +281,9 @@ def test_dataset_max_length_checked():
 
 
 def test_train_eval_end_to_end(tiny_bert, text_csv, tmp_path):
-    from tl_cli import evaluate
-    from tl_cli.checkpoint import load_module
-    from tl_cli.train import run
+    from tl_cli.commands import evaluate
+    from tl_cli.commands.train import run
+    from tl_cli.core.checkpoint import load_module
 
     m = run(
         text_cfg(tiny_bert, text_csv, tmp_path / "run", "trainer.max_epochs=4", "optimizer.lr=0.05")
@@ -315,7 +315,7 @@ def test_train_eval_end_to_end(tiny_bert, text_csv, tmp_path):
     assert r["split"] == "all" and r["num_samples"] == 8  # a new file is scored whole
 
     # predict: a CSV with a text column and a .txt file of lines -> one row per text
-    from tl_cli import export, predict
+    from tl_cli.commands import export, predict
 
     lines = tmp_path / "new.txt"
     lines.write_text("great great value\n\nterrible awful broke\n")
@@ -358,12 +358,12 @@ def test_train_eval_end_to_end(tiny_bert, text_csv, tmp_path):
     ids=["freeze_unfreeze", "gradual_unfreeze", "lp_ft", "layer_decay", "l2sp"],
 )
 def test_strategies_train_the_transformer(tiny_bert, text_csv, tmp_path, strategy):
-    from tl_cli.train import train
+    from tl_cli.commands.train import train
 
     mult = [] if "lp_ft" in strategy[0] else ["strategy.backbone_lr_mult=1"]
     cfg = text_cfg(tiny_bert, text_csv, tmp_path / "run", *strategy, *mult)
     import tl_cli.components  # noqa: F401
-    from tl_cli.backbones import build_backbone
+    from tl_cli.modalities.backbones import build_backbone
 
     start = build_backbone({"name": "hf", "source": "hf", "path": str(tiny_bert)}).state_dict()
     train(cfg)
@@ -379,7 +379,7 @@ def test_strategies_train_the_transformer(tiny_bert, text_csv, tmp_path, strateg
 
 
 def test_feature_cache_keys_cover_text_and_max_length(tiny_bert, text_csv, tmp_path, capsys):
-    from tl_cli.train import train
+    from tl_cli.commands.train import train
 
     cache = tmp_path / "cache"
     common = ["strategy=feature_extraction", f"strategy.cache_dir={cache}", "trainer.max_epochs=1"]
@@ -422,10 +422,10 @@ def test_cli_train_task_text(tiny_bert, text_csv, tmp_path):
 
 def test_distill_a_text_teacher_into_its_first_layer(tiny_bert, text_csv, tmp_path):
     """tl distill on a text teacher: the student is its first layer, KD settings auto -> text's."""
-    from tl_cli.checkpoint import load_module
-    from tl_cli.distill import blocks_of
-    from tl_cli.distill import run as distill
-    from tl_cli.train import run
+    from tl_cli.commands.distill import blocks_of
+    from tl_cli.commands.distill import run as distill
+    from tl_cli.commands.train import run
+    from tl_cli.core.checkpoint import load_module
 
     run(text_cfg(tiny_bert, text_csv, tmp_path / "teacher", "strategy=finetune"))
     teacher = tmp_path / "teacher" / "checkpoints" / "best.ckpt"
@@ -469,7 +469,7 @@ def shared_amazon() -> Path:
 def test_minilm_feature_extraction_on_amazon_slice(tmp_path):
     """Bundled MiniLM, frozen, on 200 sentences (100/100; 40 test rows): measured test acc 0.80
     (val 0.94), asserted >= 0.70 (4 sentences of margin; chance is 0.50). ~40-60 s on 2 loaded cores."""
-    from tl_cli.train import run
+    from tl_cli.commands.train import run
 
     with open(shared_amazon(), newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))[1:]
@@ -501,8 +501,8 @@ def test_minilm_config_builds_and_matches_sentence_transformers():
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
 
-    from tl_cli.backbones import build_backbone, count_params
-    from tl_cli.text import MINILM_PACKAGE, _package_dir, encode, tokenizer_for
+    from tl_cli.modalities.backbones import build_backbone, count_params
+    from tl_cli.modalities.text.backbone import MINILM_PACKAGE, _package_dir, encode, tokenizer_for
 
     cfg = compose_cfg(["task=text", "dataset.root=x.csv"])
     assert cfg.backbone.name == "minilm" and cfg.dataset.name == "text"
@@ -561,7 +561,7 @@ def test_a_stored_hf_config_never_names_remote_code():
     """A checkpoint's backbone config is data: an ``auto_map`` in it is dropped, nothing is fetched."""
     from transformers import BertModel
 
-    from tl_cli.text import _hf_model_from_config
+    from tl_cli.modalities.text.backbone import _hf_model_from_config
 
     cfg = {
         "model_type": "bert",

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tl_cli import evaluate, export, predict, zeroshot
-from tl_cli.checkpoint import load_module
-from tl_cli.errors import TLError
-from tl_cli.zeroshot import ConSEHead, class_descriptions, describe_class
+from tl_cli.commands import evaluate, export, predict, zeroshot
+from tl_cli.commands.zeroshot import ConSEHead, class_descriptions, describe_class
+from tl_cli.core.checkpoint import load_module
+from tl_cli.core.errors import TLError
 
 from .conftest import TINY_FEATURES, run_cfg, run_tl
 
@@ -214,7 +214,7 @@ def test_text_zeroshot_real_minilm_obvious_sentences(tmp_path):
 def test_image_zeroshot_real_conse_on_the_sample(tmp_path):
     """The bundled lite0 + MiniLM on 5 built-in sample images per class (CIFAR, 32 px): well
     above chance (0.1) from the folder names alone."""
-    from tl_cli.data import sample_root
+    from tl_cli.data.base import sample_root
 
     root = tmp_path / "cifar"
     for d in sorted((Path(sample_root()) / "test").iterdir()):
@@ -240,7 +240,7 @@ def test_image_zeroshot_real_conse_on_the_sample(tmp_path):
 def test_paths_with_a_dollar_brace_stay_literal_in_the_eval_config(tmp_path):
     from omegaconf import OmegaConf
 
-    from tl_cli.zeroshot import _literal
+    from tl_cli.commands.zeroshot import _literal
 
     odd = str(tmp_path / "${oc.env:HOME}" / "data")
     cfg = OmegaConf.create({"dataset": {"root": _literal(odd)}, "output_dir": _literal(odd)})

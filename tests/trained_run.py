@@ -21,7 +21,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> tu
     """(run dir, metrics) of a tiny run on ``tiny_data``."""
     key = str(tiny_data)
     if key not in _RUNS:
-        from tl_cli import train
+        from tl_cli.commands import train
 
         out = tmp_path_factory.mktemp("trained") / "run"
         cfg = compose_cfg([*TINY, f"dataset.root={tiny_data}", *LEARN])

@@ -89,7 +89,7 @@ def config_dir() -> str:
     here = Path(__file__).resolve().parent
     for cand in (here / "configs", here.parent / "configs"):
         if (cand / "train.yaml").is_file():
-            from tl_cli.gates import register_configs
+            from tl_cli.run.gates import register_configs
 
             register_configs()  # open fail_under/fail_over dicts (configs list them in defaults)
             return str(cand)
@@ -99,8 +99,8 @@ def config_dir() -> str:
 def _task(command: str):
     import importlib
 
-    from tl_cli.errors import report_errors
-    from tl_cli.sweep import keep_sweeping, objective
+    from tl_cli.core.errors import report_errors
+    from tl_cli.run.sweep import keep_sweeping, objective
 
     @report_errors
     @keep_sweeping  # multirun: a failed job is recorded and the sweep goes on
@@ -109,11 +109,11 @@ def _task(command: str):
             # a first line before the imports and the data scan (seconds on a cold start)
             print(f"tl {command}: {cfg.get('output_dir')}", flush=True)
         module = COMMANDS[command][1]
-        run = importlib.import_module(f"tl_cli.{module}").run
+        run = importlib.import_module(f"tl_cli.commands.{module}").run
         try:
             return objective(cfg, run(cfg))  # a float only for sweepers (optimized_metric set)
         finally:
-            from tl_cli.outputs import release_run_dir
+            from tl_cli.core.outputs import release_run_dir
 
             release_run_dir()  # the run dir's lock, also after a failure (multirun: next job)
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     prog = sys.argv[0]
     if args and args[0] == "backbones":  # a plain command, no Hydra
-        from tl_cli.listing import main as list_backbones
+        from tl_cli.commands.backbones import main as list_backbones
 
         raise SystemExit(list_backbones(args[1:]))
     if args and args[0] in COMMANDS:
@@ -145,12 +145,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(2)
 
-    from tl_cli.sweep import check_search_args
+    from tl_cli.run.sweep import check_search_args
 
     check_search_args(args)  # hparams_search=optuna: -m and the plugin, or one clear line
     import hydra
 
-    from tl_cli.preflight import preflight
+    from tl_cli.run.preflight import preflight
 
     config_name = COMMANDS[command][0]
     # Hydra's errors as one line with a suggestion; ~, run dirs and dataset.root made to work

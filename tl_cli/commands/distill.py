@@ -1,0 +1,850 @@
+"""`tl distill`: train a small student on a trained teacher's softened outputs (Hinton et al., 2015).
+
+    tl distill teacher=RUN/checkpoints/best.ckpt [backbone=STUDENT | backbone.depth=K]
+               [dataset.*] [dataset.unlabeled_root=DIR] [distill.temperature=T] [distill.alpha=A]
+
+* **Teacher**: loaded only through :func:`tl_cli.core.checkpoint.load_module` (validated, rebuilt by
+  registry name), held as the ``teacher`` submodule, listed in ``DistillTask.frozen``: the
+  transfer policy never gives it to the optimizer, its BatchNorm and dropout stay in eval mode
+  and it runs under ``no_grad``. Its weights are stripped from every checkpoint the run writes.
+* **Data**: the teacher's own dataset (its checkpoint stores the dataset config with absolute
+  roots) unless the command line names ``dataset=...`` or ``dataset.<key>=...`` (then those keys
+  replace the stored ones). The class names must be the teacher's, in the same order.
+* **Student**: without ``backbone=...`` the teacher's own backbone cut to its first half
+  (``backbone.depth``, DistilBERT-style), the kept blocks starting from the teacher's fine-tuned
+  weights; with ``backbone=NAME`` any backbone of the same modality (pretrained weights).
+* **Loss** (per batch): ``alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) *
+  CE(s, y)``: alpha weighs the soft targets, T^2 keeps their gradients on the CE scale
+  (Hinton et al., 2015, section 2). The KL term averages over every input of the batch, the CE
+  term over the labelled ones only: ``dataset.unlabeled_root`` inputs (label -1) get soft
+  targets only.
+* **Cache**: with a frozen student backbone the feature cache (``tl_cli.data.features``) stores the
+  student's features and the teacher's logits side by side, in one pass over the same (eval or
+  augmented-view) inputs; otherwise the teacher runs on every batch.
+* The student's checkpoint is an ordinary ``classification`` checkpoint: ``tl eval``,
+  ``predict`` and ``export`` use it unchanged. metrics.json adds ``teacher/test/acc`` and the
+  keys of :data:`tl_cli.core.metrics.DISTILL_METRICS` (parameters, CPU latency, ratios).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from tl_cli.core.errors import TLError
+from tl_cli.core.registry import plain
+from tl_cli.modalities.backbones import count_params
+from tl_cli.run import gates as tl_gates
+from tl_cli.tasks.base import cached
+from tl_cli.tasks.classification import ClassificationTask
+
+#: ``distill.temperature=auto`` / ``distill.alpha=auto`` (configs/distill.yaml), by the teacher's
+#: modality; docs/distillation.md says why and shows the measurements
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.9
+KD_DEFAULTS = {"text": (2.0, 0.5)}
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    y: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hinton's knowledge-distillation loss: (total, KL term, CE term).
+
+    ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(student, y)`` with ``p = softmax(logits / T)``.
+    The KL is averaged over all rows; the CE over rows with a label (``y >= 0``; an unlabelled row
+    has ``y = -1`` and contributes to the KL term only). A batch without labels has CE = 0.
+    """
+    t = float(temperature)
+    log_ps = F.log_softmax(student.float() / t, dim=1)
+    log_pt = F.log_softmax(teacher.float() / t, dim=1)
+    kl = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    labelled = y >= 0
+    if bool(labelled.any()):
+        ce = F.cross_entropy(
+            student[labelled].float(),
+            y[labelled],
+            weight=class_weight,
+            label_smoothing=label_smoothing,
+        )
+    else:
+        ce = student.sum() * 0.0
+    return alpha * t * t * kl + (1.0 - alpha) * ce, kl, ce
+
+
+class TeacherNet(nn.Module):
+    """The teacher's backbone + head (from its checkpoint): raw inputs -> logits."""
+
+    def __init__(self, task: nn.Module) -> None:
+        super().__init__()
+        self.backbone = task.backbone
+        self.head = task.head
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class ImageAdapter(nn.Module):
+    """Student-normalised images -> the teacher's normalisation and input size (identity if equal)."""
+
+    def __init__(self, student: dict[str, Any], teacher: dict[str, Any]) -> None:
+        super().__init__()
+
+        def vec(p: dict[str, Any], k: str) -> torch.Tensor:
+            return torch.tensor([float(v) for v in p[k]]).view(1, 3, 1, 1)
+
+        self.register_buffer("s_mean", vec(student, "mean"), persistent=False)
+        self.register_buffer("s_std", vec(student, "std"), persistent=False)
+        self.register_buffer("t_mean", vec(teacher, "mean"), persistent=False)
+        self.register_buffer("t_std", vec(teacher, "std"), persistent=False)
+        self.size = int(teacher["input_size"])
+        self.identity = (
+            list(student["mean"]) == list(teacher["mean"])
+            and list(student["std"]) == list(teacher["std"])
+            and int(student["input_size"]) == self.size
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        x = (x * self.s_std + self.s_mean - self.t_mean) / self.t_std
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return x
+
+
+class PairedExtractor(nn.Module):
+    """For the feature cache: ``[student features | teacher logits]`` of the same inputs."""
+
+    def __init__(self, task: DistillTask) -> None:
+        super().__init__()
+        self.backbone = task.backbone
+        self.teacher = task.teacher
+        self.teacher_input = task.teacher_input
+        self.num_features = task.backbone.num_features + task.num_outputs
+
+    def forward(self, x: Any) -> torch.Tensor:
+        s = self.backbone(x)
+        t = self.teacher(self.teacher_input(x)).to(s.dtype)
+        return torch.cat([s, t], dim=1)
+
+
+class DistillTask(ClassificationTask):
+    """A classification student trained by knowledge distillation from a frozen teacher.
+
+    Built like a ClassificationTask (same hyper-parameters, so its checkpoint is an ordinary
+    ``classification`` one); :meth:`attach_teacher` adds the teacher and the KD settings.
+    """
+
+    frozen = ("teacher", "teacher_input")
+
+    def attach_teacher(
+        self,
+        teacher: nn.Module,
+        teacher_input: nn.Module,
+        temperature: float,
+        alpha: float,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        from tl_cli.transfer.policy import TransferPolicy
+
+        self.teacher = teacher
+        self.teacher_input = teacher_input
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.distill_info = dict(info or {})
+        self.teacher_test_acc = MulticlassAccuracy(self.num_outputs, average="micro")
+        # the plan again, now with the teacher as a never-trained submodule
+        self.policy = TransferPolicy(self.strategy, self, frozen=self.frozen)
+        self.policy.apply(0)
+
+    @property
+    def task_name(self) -> str:
+        return "classification"  # the checkpoint is a plain classifier's
+
+    @property
+    def has_teacher(self) -> bool:
+        return "teacher" in self._modules
+
+    def train(self, mode: bool = True) -> DistillTask:
+        super().train(mode)
+        if self.has_teacher:
+            self.teacher.eval()  # dropout and BatchNorm of the teacher: always inference
+        return self
+
+    # -- inputs
+    def cache_extractor(self) -> nn.Module:
+        """What tl_cli.commands.train's feature cache runs: student features and teacher logits together."""
+        return PairedExtractor(self)
+
+    def uncached_data(self, dm: Any) -> Any:
+        """Un-augmented inputs and a student that trains: the teacher's logits computed once."""
+        augmented = self.backbone.modality != "text" and getattr(dm, "augment", None) not in (
+            None,
+            "none",
+            False,
+        )
+        if augmented or getattr(dm, "balance", None) == "sampler":
+            return dm  # every batch is a new view: the teacher labels it on the fly
+        return TeacherLogitData(dm, self)
+
+    def features(self, x: Any) -> torch.Tensor:
+        if isinstance(x, dict) and "teacher_logits" in x:
+            x = x["inputs"]
+        f = cached(x)
+        if f is None:
+            return self.backbone(x)
+        return f[:, : self.backbone.num_features]
+
+    def teacher_logits(self, x: Any) -> torch.Tensor:
+        if isinstance(x, dict) and "teacher_logits" in x:
+            return x["teacher_logits"].float()
+        f = cached(x)
+        if f is not None and f.shape[1] > self.backbone.num_features:
+            return f[:, self.backbone.num_features :].float()
+        if f is not None:
+            raise RuntimeError("cached features without the teacher's logits")
+        with torch.no_grad():
+            return self.teacher(self.teacher_input(x)).float()
+
+    def _train_features(self):
+        feats, labels = super()._train_features()
+        keep = labels >= 0  # the head fit sees labelled inputs only
+        return feats[keep][:, : self.backbone.num_features], labels[keep]
+
+    def fit_head(self) -> None:
+        super().fit_head()
+        self.head_converged = False  # the head keeps learning from the teacher
+
+    # -- steps
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self.outputs(x)
+        t = self.teacher_logits(x)
+        cw = None if self.class_weight is None else self.class_weight.to(out.device, torch.float32)
+        loss, kl, ce = kd_loss(
+            out, t, y, self.temperature, self.alpha, self.label_smoothing, class_weight=cw
+        )
+        if self.policy.l2sp_alpha:
+            loss = loss + self.policy.l2sp_alpha * self.policy.l2sp_penalty()
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/kd", kl, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)
+        labelled = y >= 0
+        if bool(labelled.any()):
+            self.update_metrics(out[labelled], y[labelled], "train")
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        super()._eval_step(batch, stage)
+        if stage == "test":
+            x, y = batch
+            self.teacher_test_acc(self.teacher_logits(x), y)
+            self.log("teacher/test/acc", self.teacher_test_acc, on_step=False, on_epoch=True)
+
+    # -- checkpoints: the student only
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if k.split(".", 1)[0] in self.frozen]:
+            del sd[k]
+        checkpoint["tl"]["distilled_from"] = dict(getattr(self, "distill_info", {}))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.has_teacher and isinstance(checkpoint.get("state_dict"), dict):
+            # resume / test(ckpt_path=best): the teacher's weights are not in the file
+            for k, v in self.teacher.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"teacher.{k}", v)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _override_keys(overrides: list[str]) -> set[str]:
+    keys = set()
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        keys.add(key)
+    return keys
+
+
+def _hydra_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - composed outside a Hydra app (tests, API)
+        return []
+
+
+def load_teacher(path: Any) -> tuple[Any, dict[str, Any]]:
+    """The teacher task module (eval mode) and its validated checkpoint."""
+    from tl_cli.core.checkpoint import load_module
+
+    if path is None or str(path) in ("", "None", "???"):
+        raise TLError("teacher is not set: tl distill teacher=RUN/checkpoints/best.ckpt")
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir():
+        cand = p / "checkpoints" / "best.ckpt"
+        p = cand if cand.is_file() else p / "best.ckpt"
+    try:
+        module, ckpt = load_module(p)
+    except TLError as e:
+        msg = str(e)
+        raise TLError(
+            msg.replace("checkpoint=", "teacher=", 1)
+            if msg.startswith("checkpoint=")
+            else f"teacher={p}: {msg}"
+        ) from None
+    if ckpt["tl"].get("task") != "classification":
+        raise TLError(
+            f"teacher={p}: a {ckpt['tl'].get('task')!r} checkpoint; distillation needs a classification teacher"
+        )
+    for q in module.parameters():
+        q.requires_grad_(False)
+    return module, {**ckpt, "path": str(p.resolve())}
+
+
+def blocks_of(backbone: nn.Module) -> int | None:
+    """How many blocks ``backbone.depth`` can keep (EfficientNet blocks, transformer layers)."""
+    m = getattr(backbone, "model", None)
+    blocks = getattr(m, "blocks", None)
+    if type(m).__name__ == "EfficientNet" and isinstance(blocks, nn.Sequential):
+        return sum(len(s) for s in blocks)
+    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "layer"):
+        try:
+            sub = m.get_submodule(path) if m is not None else None
+        except AttributeError:
+            continue
+        if isinstance(sub, nn.ModuleList) and len(sub):
+            return len(sub)
+    return None
+
+
+def resolve_dataset(cfg: DictConfig, stored: Any, keys: set[str]) -> dict[str, Any]:
+    """The teacher's stored dataset config, with the command line's dataset keys applied."""
+    composed = dict(plain(cfg.dataset) or {})
+    if "dataset" in keys or not isinstance(stored, dict):
+        return composed
+    out = dict(stored)
+    for k in keys:
+        if k.startswith("dataset."):
+            top = k.split(".")[1]
+            if top in composed:
+                out[top] = composed[top]
+    out.setdefault("unlabeled_root", composed.get("unlabeled_root"))
+    if out.get("root"):
+        from tl_cli.core.checkpoint import stored_path
+
+        if "dataset.root" not in keys:
+            stored_path(out["root"], "dataset.root", cfg.get("teacher"))
+    return out
+
+
+def resolve_student(
+    cfg: DictConfig, teacher: Any, teacher_hp: dict[str, Any], keys: set[str]
+) -> tuple[dict[str, Any], bool]:
+    """(student backbone config, whether its kept blocks start from the teacher's weights)."""
+    composed = dict(plain(cfg.backbone) or {})
+    own = "backbone" in keys or any(
+        k in keys for k in ("backbone.name", "backbone.source", "backbone.path")
+    )
+    if own:
+        return composed, False
+    out = dict(teacher_hp["backbone"])
+    for k in keys:
+        if k.startswith("backbone."):
+            top = k.split(".")[1]
+            if top in composed:
+                out[top] = composed[top]
+    if "backbone.depth" not in keys or out.get("depth") is None:
+        n = blocks_of(teacher.backbone)
+        if n is None:
+            raise TLError(
+                f"the teacher's backbone {teacher.backbone.name} cannot be cut (backbone.depth); "
+                "pick a student: tl distill teacher=... backbone=NAME"
+            )
+        out["depth"] = max(1, n // 2)
+    return out, True
+
+
+def unlabeled_items(root: Any, modality: str) -> list[Any]:
+    """Every input the task reads under ``root`` (flat or class folders; folder names ignored)."""
+    from tl_cli.modalities.base import modality_of
+
+    p = Path(os.path.expanduser(str(root)))
+    if not p.exists():
+        raise TLError(f"dataset.unlabeled_root={root} does not exist")
+    try:
+        if modality == "text":
+            from tl_cli.modalities.text.backbone import TextItem, TextModality
+
+            if p.is_dir():
+                found = sorted(
+                    f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                )
+                txt = [f for f in found if f.suffix.lower() == ".txt"]
+                tables = [f for f in found if f.suffix.lower() in (".csv", ".tsv", ".jsonl")]
+                texts = [f.read_text(errors="replace") for f in txt]
+                texts = [t for t in texts if t.strip()]
+                if tables:
+                    texts += TextModality().find([str(f) for f in tables])
+            else:
+                texts = TextModality().find(str(p))
+            items: list[Any] = [TextItem(str(t)) for t in texts]
+        else:
+            items = [str(x) for x in modality_of({"modality": modality}).find(str(p))]
+    except TLError as e:
+        raise TLError(f"dataset.unlabeled_root={root}: {str(e).split(': ', 1)[-1]}") from None
+    if not items:
+        raise TLError(f"dataset.unlabeled_root={root}: no inputs found")
+    return items
+
+
+def _make_build(
+    cfg: DictConfig,
+    teacher: Any,
+    tckpt: dict[str, Any],
+    student_bb: dict[str, Any],
+    from_teacher: bool,
+    dataset: dict[str, Any],
+    unlabeled_root: Any,
+):
+    from tl_cli.commands.train import stored_dataset_config
+    from tl_cli.data.base import DATASETS
+
+    def build(scfg: DictConfig):
+        dm = DATASETS.build(dataset)
+        dm.prepare()
+        t_names = list(teacher.class_names)
+        if list(dm.class_names) != t_names:
+            missing = [c for c in t_names if c not in dm.class_names]
+            extra = [c for c in dm.class_names if c not in t_names]
+            detail = (f"missing {', '.join(missing[:5])}" if missing else "") + (
+                f"{'; ' if missing else ''}extra {', '.join(extra[:5])}" if extra else ""
+            )
+            raise TLError(
+                f"dataset classes differ from the teacher's (teacher={tckpt['path']}): "
+                + (detail or "same names in another order")
+                + "; a student learns the teacher's classes: use the teacher's dataset or one with its class folders"
+            )
+        task = DistillTask(
+            backbone=student_bb,
+            head=plain(scfg.head),
+            strategy=plain(scfg.strategy),
+            optimizer=plain(scfg.optimizer),
+            scheduler=plain(scfg.scheduler),
+            class_names=dm.class_names,
+            preprocessing_overrides=dm.preprocessing_overrides(),
+            label_smoothing=scfg.get("label_smoothing", 0.0),
+            pretrained=not from_teacher,
+        )
+        modality = task.backbone.modality
+        if modality != teacher.backbone.modality:
+            raise TLError(
+                f"backbone {task.backbone.name} reads {modality}; the teacher reads "
+                f"{teacher.backbone.modality}: pick a {teacher.backbone.modality} student"
+            )
+        if from_teacher:
+            tsd = teacher.backbone.state_dict()
+            ssd = task.backbone.state_dict()
+            bad = [k for k in ssd if k not in tsd or tsd[k].shape != ssd[k].shape]
+            if bad:
+                raise TLError(
+                    f"the student backbone does not fit the teacher's weights (e.g. {bad[0]})"
+                )
+            task.backbone.load_state_dict({k: tsd[k] for k in ssd}, strict=True)
+        if modality == "image":
+            adapter: nn.Module = ImageAdapter(task.preprocessing, teacher.preprocessing)
+        else:
+            same = {k: v for k, v in task.preprocessing.items() if k != "max_length"} == {
+                k: v for k, v in teacher.preprocessing.items() if k != "max_length"
+            }
+            if not same:
+                raise TLError(
+                    f"backbone {task.backbone.name} reads its {modality} inputs differently from the "
+                    f"teacher's {teacher.backbone.name} (tokenizer / front end): pick a student "
+                    "with the same one, or the teacher's own backbone with backbone.depth=K"
+                )
+            adapter = nn.Identity()
+        n_unlab = 0
+        if unlabeled_root:
+            extra = unlabeled_items(unlabeled_root, modality)
+            n_unlab = len(extra)
+            dm.splits["train"] = list(dm.splits["train"]) + [(x, -1) for x in extra]
+        temperature, alpha = kd_settings(*_check_kd(scfg), teacher.backbone.modality)
+        task.attach_teacher(
+            TeacherNet(teacher),
+            adapter,
+            temperature,
+            alpha,
+            info={
+                "teacher": tckpt["path"],
+                "teacher_backbone": teacher.backbone.name,
+                "temperature": temperature,
+                "alpha": alpha,
+                "student_init": "teacher" if from_teacher else "pretrained",
+                "unlabeled_size": n_unlab,
+            },
+        )
+        ds_store = {k: v for k, v in dataset.items() if k != "unlabeled_root"}
+        task.dataset_config = stored_dataset_config(ds_store)
+        dm.set_preprocessing(task.preprocessing)
+        task.balance = getattr(dm, "balance", None)
+        if task.balance == "sampler" and n_unlab:
+            raise TLError(
+                "dataset.balance=sampler cannot draw unlabelled inputs by class; "
+                "use dataset.balance=weights with dataset.unlabeled_root"
+            )
+        if task.balance == "weights":
+            import numpy as np
+
+            from tl_cli.transfer.probe import class_weights
+
+            labels = np.asarray([y for _, y in dm.splits["train"] if y >= 0])
+            task.class_weight = torch.as_tensor(
+                class_weights(labels, dm.num_classes), dtype=torch.float32
+            )
+        return task, dm
+
+    return build
+
+
+def _check_kd(cfg: DictConfig) -> tuple[float | None, float | None]:
+    """distill.temperature / distill.alpha as numbers, None for ``auto`` (checked before any work)."""
+    d = cfg.get("distill") or {}
+    raw = {k: d.get(k, "auto") for k in ("temperature", "alpha")}
+    out: dict[str, float | None] = {}
+    for k, v in raw.items():
+        if v is None or str(v).strip().lower() == "auto":
+            out[k] = None
+            continue
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise TLError(f"distill.{k}={v!r} must be a number or auto") from None
+    t, a = out["temperature"], out["alpha"]
+    if t is not None and not t > 0:
+        raise TLError(f"distill.temperature={t} must be > 0 (1 = the raw softmax; 2-8 is usual)")
+    if a is not None and not 0.0 <= a <= 1.0:
+        raise TLError(
+            f"distill.alpha={a} must be in [0, 1] (the weight of the teacher's soft targets)"
+        )
+    return t, a
+
+
+def teacher_warnings(tckpt: dict[str, Any]) -> list[str]:
+    """What makes this teacher a worse teacher than it could be (one line each)."""
+    hp = tckpt.get("hyper_parameters") or {}
+    try:
+        ls = float(hp.get("label_smoothing") or 0.0)
+    except (TypeError, ValueError):
+        ls = 0.0
+    strategy, head = hp.get("strategy") or {}, hp.get("head") or {}
+    # a frozen backbone with a linear head fitted by L-BFGS (tl train's default) took no smoothed
+    # step: its outputs are not smoothed, whatever label_smoothing says
+    lbfgs_only = (
+        strategy.get("name") == "feature_extraction"
+        and strategy.get("head_fit") == "lbfgs"
+        and head.get("name") == "linear"
+    )
+    if ls > 0 and not lbfgs_only:
+        return [
+            f"the teacher was trained with label_smoothing={ls:g}: smoothing erases the similarities "
+            "between classes its soft targets would teach (Mueller, Kornblith, Hinton 2019); a "
+            "teacher trained with label_smoothing=0 usually distils better"
+        ]
+    return []
+
+
+def kd_settings(
+    temperature: float | None, alpha: float | None, modality: str
+) -> tuple[float, float]:
+    """The KD temperature and alpha, ``auto`` (None) filled in from the teacher's modality."""
+    t, a = KD_DEFAULTS.get(modality, (DEFAULT_TEMPERATURE, DEFAULT_ALPHA))
+    return (t if temperature is None else temperature), (a if alpha is None else alpha)
+
+
+# --------------------------------------------------------------------------- size and speed
+
+
+def _example_batch(dm: Any, n: int) -> Any:
+    """A batch of ``n`` real eval-transformed inputs (repeated if the split is smaller)."""
+    split = "test" if dm.has_split("test") else "val"
+    ds = dm.dataset(split, train_aug=False)
+    rows = [ds[i % len(ds)] for i in range(n)]
+    loader = dm.make_loader(ds, shuffle=False)
+    x, _ = loader.collate_fn(rows) if loader.collate_fn else torch.utils.data.default_collate(rows)
+    return x
+
+
+def _batch_size(x: Any) -> int:
+    return x.shape[0] if isinstance(x, torch.Tensor) else next(iter(x.values())).shape[0]
+
+
+@torch.inference_mode()
+def cpu_latency_ms(models: list[tuple[nn.Module, Any]], warmup: int, iters: int) -> list[float]:
+    """Median wall time of one forward pass per input, in ms, for each (model, input) pair.
+
+    The models are timed in alternating rounds (A, B, A, B, ...), so a burst of load from other
+    processes hits both alike and their ratio stays meaningful on a shared machine.
+    """
+    for m, x in models:
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(iters):
+        for i, (m, x) in enumerate(models):
+            t0 = time.perf_counter()
+            m(x)
+            times[i].append(time.perf_counter() - t0)
+    out = []
+    for (_, x), ts in zip(models, times, strict=True):
+        ts.sort()
+        out.append(1000.0 * ts[len(ts) // 2] / _batch_size(x))
+    return out
+
+
+def size_and_speed(module: DistillTask, dm: Any) -> dict[str, Any]:
+    """Parameters and measured CPU latency (batch 1 and 32) of the student and the teacher."""
+    student = copy.deepcopy(nn.Sequential(module.backbone, module.head)).cpu()
+    teacher = copy.deepcopy(module.teacher).cpu()
+    adapter = copy.deepcopy(module.teacher_input).cpu()
+    out: dict[str, Any] = {
+        "student_params": count_params(student),
+        "teacher_params": count_params(teacher),
+    }
+    for b, (warm, iters) in ((1, (3, 15)), (32, (1, 5))):
+        x = _example_batch(dm, b)
+        with torch.inference_mode():
+            xt = adapter(x) if isinstance(x, torch.Tensor) else x
+        s_ms, t_ms = cpu_latency_ms([(student, x), (teacher, xt)], warm, iters)
+        out[f"student_latency_ms_b{b}"] = round(s_ms, 3)
+        out[f"teacher_latency_ms_b{b}"] = round(t_ms, 3)
+        out[f"speedup_b{b}"] = round(t_ms / max(s_ms, 1e-9), 3)
+    out["param_ratio"] = round(out["teacher_params"] / max(1, out["student_params"]), 3)
+    return out
+
+
+def run(
+    cfg: DictConfig, callbacks: list[pl.Callback] | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """`tl distill`: resolve teacher, data and student, train with the KD loss, write metrics.json.
+
+    Args:
+        cfg: the composed distill config.
+        callbacks: extra Lightning callbacks.
+        overrides: the command line's overrides (default: Hydra's), to tell which dataset and
+            backbone keys the user set.
+    """
+    from tl_cli.commands.train import _guard_output, describe_defaults, quiet_lightning, train
+    from tl_cli.core.console import say, summary_table, warn
+    from tl_cli.core.metrics import DISTILL_METRICS, TRAIN_SUMMARY
+    from tl_cli.core.outputs import release_run_dir, write_json
+    from tl_cli.run.loggers import make_logger
+    from tl_cli.run.report import train_report
+
+    quiet_lightning()
+    keys = _override_keys(overrides if overrides is not None else _hydra_overrides())
+    temperature, alpha = _check_kd(cfg)
+    teacher_path = None if OmegaConf.is_missing(cfg, "teacher") else cfg.get("teacher")
+    out = Path(str(cfg.output_dir))
+    _guard_output(out, cfg)
+    gates = tl_gates.parse(cfg)
+    tl_gates.check_train_names(gates)
+    teacher, tckpt = load_teacher(teacher_path)
+    temperature, alpha = kd_settings(temperature, alpha, teacher.backbone.modality)
+    teacher_notes = teacher_warnings(tckpt)
+    for line in teacher_notes:
+        warn(line)
+    dataset = resolve_dataset(cfg, tckpt["tl"].get("dataset"), keys)
+    unlabeled_root = dataset.pop("unlabeled_root", None)
+    student_bb, from_teacher = resolve_student(cfg, teacher, tckpt["hyper_parameters"], keys)
+    scfg = copy.deepcopy(cfg)
+    with open_dict(scfg):
+        scfg.dataset = {k: v for k, v in dataset.items()}
+        scfg.backbone = {k: v for k, v in student_bb.items() if k not in ("config", "tokenizer")}
+        kd = OmegaConf.to_container(scfg.distill) if scfg.get("distill") else {}
+        scfg.distill = {**kd, "temperature": temperature, "alpha": alpha}
+    init = "the teacher's first blocks" if from_teacher else "its pretrained weights"
+    say(
+        f"[bold]teacher[/] {teacher.backbone.name} ({count_params(teacher) / 1e6:.2f}M params) "
+        f"from {tckpt['path']}; student {student_bb.get('name')}"
+        + (f" depth {student_bb['depth']}" if student_bb.get("depth") else "")
+        + f" from {init}; T={temperature:g}, alpha={alpha:g}"
+        + (f"; unlabelled inputs from {unlabeled_root}" if unlabeled_root else "")
+    )
+    logger = make_logger(scfg, out)
+    build = _make_build(scfg, teacher, tckpt, student_bb, from_teacher, dataset, unlabeled_root)
+    metrics, objects = train(scfg, callbacks, logger, build_fn=build)
+    module, dm = objects["module"], objects["datamodule"]
+    info = dict(module.distill_info)
+    data = objects["data"]
+    info["teacher_logits"] = (
+        "cached with the student's features"
+        if data is not dm and not isinstance(data, TeacherLogitData)
+        else "cached once (inputs not augmented)"
+        if isinstance(data, TeacherLogitData)
+        else "computed every batch (augmented inputs)"
+    )
+    n_unlab = info["unlabeled_size"]
+    metrics["train_size"] = len(dm.splits["train"]) - n_unlab
+    if "teacher/test/acc" not in metrics and dm.has_split("val"):
+        metrics["teacher/val/acc"] = teacher_accuracy(module, dm, "val")
+    metrics.update(size_and_speed(module, dm))
+    acc_key = "test/acc" if "test/acc" in metrics else "val/acc"
+    t_acc = metrics.get(f"teacher/{acc_key}")
+    if t_acc:
+        metrics["acc_ratio"] = round(float(metrics[acc_key]) / float(t_acc), 4)
+    metrics["distill"] = info
+    metrics["warnings"] = teacher_notes + list(metrics.get("warnings") or [])
+    metrics["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, metrics, "train")]
+    if objects["trainer"].is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "metrics.json", metrics)
+        train_report(out, scfg, metrics)
+        release_run_dir(out)
+        summary_table(f"tl distill: {out}", metrics, [*TRAIN_SUMMARY, *DISTILL_METRICS])
+        say(f"[bold]defaults[/] {describe_defaults(metrics['defaults'])}")
+        ckpt = out / "checkpoints" / "best.ckpt"
+        say(
+            f"student checkpoint {ckpt} (an ordinary tl checkpoint)\nnext: tl eval checkpoint={ckpt}"
+        )
+        tl_gates.print_gates(gates)
+    tl_gates.enforce(gates, str(out / "metrics.json"))
+    return metrics
+
+
+class TeacherOnInputs(nn.Module):
+    """Raw inputs -> the teacher's logits (what the logit cache extracts)."""
+
+    def __init__(self, task: DistillTask) -> None:
+        super().__init__()
+        self.teacher = task.teacher
+        self.teacher_input = task.teacher_input
+        self.num_features = task.num_outputs
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.teacher(self.teacher_input(x))
+
+
+class _WithLogits(torch.utils.data.Dataset):
+    def __init__(self, ds: Any, logits: Any) -> None:
+        self.ds, self.logits = ds, logits
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        x, y = self.ds[i]
+        return x, y, torch.from_numpy(self.logits[i].copy())
+
+
+class _CollateWithLogits:
+    def __init__(self, base: Any) -> None:
+        self.base = base or torch.utils.data.default_collate
+
+    def __call__(self, rows: list[Any]):
+        x, y = self.base([(r[0], r[1]) for r in rows])
+        return {"inputs": x, "teacher_logits": torch.stack([r[2] for r in rows])}, y
+
+
+class TeacherLogitData(pl.LightningDataModule):
+    """Un-augmented inputs with the teacher's logits, computed once per split (``setup``, inside
+    fit, on the trainer's device, sharded under DDP) by the feature cache's ``extract``."""
+
+    def __init__(self, dm: Any, module: DistillTask) -> None:
+        super().__init__()
+        self.inner = dm
+        self.module = module
+        self.logits: dict[str, Any] = {}
+
+    # what tl_cli.commands.train and the head fit read from a data module
+    def __getattr__(self, name: str) -> Any:
+        if name in ("splits", "dataset", "make_loader", "batch_size", "has_split", "class_names"):
+            return getattr(self.__dict__["inner"], name)
+        raise AttributeError(name)
+
+    def setup(self, stage: str | None = None) -> None:
+        from tl_cli.data.features import extract
+
+        if self.logits:
+            return
+        device = (
+            self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        )
+        net = TeacherOnInputs(self.module)
+        was = next(net.parameters()).device
+        net.to(device)
+        try:
+            for split in self.inner.splits:
+                ds = self.inner.dataset(split, train_aug=False)
+                self.logits[split], _ = extract(
+                    net, ds, self.inner, device, f"caching {split} teacher logits"
+                )
+        finally:
+            net.to(was)
+
+    def _loader(self, split: str, shuffle: bool) -> Any:
+        from tl_cli.data.base import EpochShuffle
+
+        dm = self.inner
+        ds = _WithLogits(dm.dataset(split, train_aug=False), self.logits[split])
+        n = len(ds)
+        return torch.utils.data.DataLoader(
+            ds,
+            batch_size=dm.batch_size,
+            sampler=EpochShuffle(n) if shuffle else None,
+            num_workers=dm.num_workers,
+            persistent_workers=dm.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=_CollateWithLogits(dm.collate_fn()),
+            drop_last=shuffle and n > dm.batch_size and n % dm.batch_size == 1,
+        )
+
+    def train_dataloader(self) -> Any:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test", False)
+
+
+@torch.inference_mode()
+def teacher_accuracy(module: DistillTask, dm: Any, split: str) -> float:
+    """The teacher's accuracy on a split of the run's data (when there is no test split)."""
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    device = next(module.teacher.parameters()).device
+    loader = dm.make_loader(dm.dataset(split, train_aug=False), shuffle=False)
+    correct = total = 0
+    for x, y in loader:
+        x = move_data_to_device(x, device)
+        pred = module.teacher(module.teacher_input(x)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / max(1, total)

@@ -1,0 +1,488 @@
+"""`tl pretrain`: self-supervised continued pretraining of an image backbone on unlabelled images.
+
+SimCLR (Chen et al., 2020): two augmented views of each image go through the backbone and a
+projection head; the NT-Xent loss pulls the two views of an image together and pushes the other
+images of the batch away. The loss, the projection head and the view augmentation come from
+`lightly` (its ``NTXentLoss``, ``SimCLRProjectionHead``, ``SimCLRTransform``); the loop is
+Lightning's Trainer.
+
+Continued pretraining starts gently from the backbone's pretrained (ImageNet) weights: BatchNorm
+keeps its pretrained statistics by default (``pretrain.bn=frozen``: CPU batches are small, and
+batch statistics of one small batch would drift), the backbone's LR is a tenth of the head's and
+stays at zero while the freshly initialised projection head warms up (``pretrain.head_warmup_steps``).
+
+Writes into the run dir: ``backbone.safetensors`` (the backbone's state dict, in the naming that
+``backbone.weights_path=`` loads), ``pretrain.json`` (backbone, method, data, steps, loss summary)
+and ``pretrain_curves.png`` (the loss per step). ``tl train init=RUN`` (or
+``backbone.weights_path=RUN/backbone.safetensors``) starts from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, open_dict
+from torch import nn
+
+import tl_cli.components  # noqa: F401 - every registry complete
+from tl_cli.core.console import interactive, progress, say, warn
+from tl_cli.core.errors import TLError
+from tl_cli.core.outputs import (
+    check_output,
+    claim_run_dir,
+    earlier_outputs,
+    release_run_dir,
+    write_bytes,
+    write_json,
+)
+from tl_cli.core.registry import plain
+from tl_cli.modalities.backbones import build_backbone, count_params
+
+WEIGHTS_FILE = "backbone.safetensors"
+SIDECAR = "pretrain.json"
+CURVES = "pretrain_curves.png"
+#: what a pretrain run leaves in its run dir (a second run into it is refused without overwrite)
+OUTPUTS = (WEIGHTS_FILE, SIDECAR, CURVES)
+METHODS = ("simclr",)
+BN_MODES = ("frozen", "train")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every image under ``root`` at any depth, sorted; hidden files and folders are skipped.
+
+    Folder symlinks are followed but no folder is entered twice (no loops), and an image reached
+    by two paths counts once (`tl_cli.data.inputs`, the finder tl predict uses).
+    """
+    from tl_cli.data.base import IMG_EXTS
+    from tl_cli.data.inputs import _unique_files, _walk
+
+    def wanted(f: str) -> bool:
+        rel = Path(f).relative_to(root).parts
+        return f.lower().endswith(IMG_EXTS) and not any(p.startswith(".") for p in rel)
+
+    return [Path(f) for f in _unique_files(sorted(f for f in _walk(str(root)) if wanted(f)))]
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Unlabelled images -> a list of augmented views (``lightly``'s multi-view transforms)."""
+
+    def __init__(self, paths: list[Path], transform: Any) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        from tl_cli.data.base import load_image
+
+        return self.transform(load_image(self.paths[i]))
+
+
+def view_transform(prep: dict[str, Any], p: dict[str, Any]) -> Any:
+    """SimCLR's two-view augmentation at the backbone's input size, normalised as it expects."""
+    from lightly.transforms import SimCLRTransform
+
+    size = int(prep["input_size"])
+    return SimCLRTransform(
+        input_size=size,
+        min_scale=float(p["min_scale"]),
+        cj_strength=float(p["color_jitter"]),
+        # blur washes out small images (CIFAR, icons): lightly's CIFAR recipes turn it off
+        gaussian_blur=0.5 if size >= 96 else 0.0,
+        normalize={"mean": list(prep["mean"]), "std": list(prep["std"])},
+    )
+
+
+# --------------------------------------------------------------------------- the module
+
+
+def warmup_cosine(step: int, warmup: int, total: int, start: int = 0) -> float:
+    """LR factor: 0 before ``start``, linear warm-up over ``warmup`` steps, cosine to 0 at ``total``."""
+    if step < start:
+        return 0.0
+    s = step - start
+    span = max(1, total - start)
+    if warmup > 0 and s < warmup:
+        return (s + 1) / (warmup + 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, span - warmup))))
+
+
+class SimCLRModule(pl.LightningModule):
+    """Backbone + SimCLR projection head, trained with NT-Xent on two views per image."""
+
+    def __init__(self, backbone: nn.Module, p: dict[str, Any], max_steps: int) -> None:
+        super().__init__()
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+
+        self.backbone = backbone
+        nf = int(backbone.num_features)
+        self.head = SimCLRProjectionHead(nf, int(p["hidden_dim"]), int(p["projection_dim"]))
+        self.criterion = NTXentLoss(temperature=float(p["temperature"]))
+        self.p = p
+        self.max_steps = int(max_steps)
+        self.losses: list[float] = []
+
+    def train(self, mode: bool = True) -> SimCLRModule:
+        super().train(mode)
+        if mode and self.p["bn"] == "frozen":  # keep the pretrained BatchNorm statistics
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.train()  # Lightning keeps modules' modes as they are: set them (BN frozen) here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x0, x1 = batch
+        z = self(torch.cat([x0, x1]))  # one pass: BatchNorm (if training) sees both views
+        loss = self.criterion(*z.chunk(2))
+        self.losses.append(float(loss.detach()))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        p = self.p
+        lr = float(p["lr"])
+        groups = [
+            {"params": [q for q in self.backbone.parameters() if q.requires_grad], "lr": lr},
+            {"params": list(self.head.parameters()), "lr": lr * float(p["head_lr_mult"])},
+        ]
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=float(p["weight_decay"]))
+        warm, head_warm, total = int(p["warmup_steps"]), int(p["head_warmup_steps"]), self.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            [
+                lambda s: warmup_cosine(s, warm, total, start=head_warm),  # backbone
+                lambda s: warmup_cosine(s, warm, total),  # projection head
+            ],
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class StepProgress(pl.Callback):
+    """A rich bar over the optimizer steps on a terminal; about ten plain lines elsewhere."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.every = max(1, total // 10)
+        self._stack = contextlib.ExitStack()
+        self._advance: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._advance = self._stack.enter_context(progress("pretrain steps", self.total))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self._advance()
+        step = trainer.global_step
+        if not interactive() and (step % self.every == 0 or step == self.total):
+            recent = pl_module.losses[-self.every :]
+            say(f"step {step}/{self.total} loss {sum(recent) / max(1, len(recent)):.4f}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._stack.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._stack.close()
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The architecture's own state dict (classifier already removed), as `_load_weights_file` reads."""
+    model = getattr(backbone, "model", backbone)
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_backbone(backbone: nn.Module, path: Path, meta: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    write_bytes(path, save(backbone_state(backbone), metadata={"format": "pt", **meta}))
+
+
+def loss_summary(losses: list[float], points: int = 200) -> dict[str, Any]:
+    """First/last/min loss, means of the first and last tenth, and a curve of at most ``points``."""
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 10)
+    stride = max(1, math.ceil(len(losses) / points))
+    curve = [
+        [i + 1, round(sum(losses[i : i + stride]) / len(losses[i : i + stride]), 5)]
+        for i in range(0, len(losses), stride)
+    ]
+    return {
+        "first": losses[0],
+        "last": losses[-1],
+        "min": min(losses),
+        "first_tenth_mean": sum(losses[:k]) / k,
+        "last_tenth_mean": sum(losses[-k:]) / k,
+        "curve": curve,  # [step, mean loss over the stride]
+    }
+
+
+def plot_loss(losses: list[float], path: Path, title: str) -> None:
+    from tl_cli.run.report import _figure, _save
+
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    steps = list(range(1, len(losses) + 1))
+    ax.plot(steps, losses, color="0.75", lw=0.8, label="per step")
+    k = max(1, len(losses) // 20)
+    if len(losses) > k:
+        smooth = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax.plot(steps, smooth, color="C0", lw=2, label=f"mean of {k} steps")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("NT-Xent loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- init=RUN
+
+
+def resolve_init(init: Any, backbone_cfg: Any) -> str:
+    """``init=RUN`` (a pretrain run dir or its backbone.safetensors) -> the weights file path.
+
+    The sidecar beside it must name the same backbone as this run's ``backbone.name``.
+    """
+    raw = str(init)
+    p = Path(os.path.expanduser(raw))
+    f = p / WEIGHTS_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise TLError(
+            f"init={raw}: no {WEIGHTS_FILE} there (init takes a tl pretrain run dir or its {WEIGHTS_FILE})"
+        )
+    if f.suffix != ".safetensors":
+        raise TLError(f"init={raw}: expected a .safetensors file written by tl pretrain")
+    side = f.parent / SIDECAR
+    try:
+        meta = json.loads(side.read_text())
+        name = meta["backbone"]["name"]
+        if not isinstance(name, str):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TLError(
+            f"init={raw}: {side} is missing or unreadable; pass backbone.weights_path={f} to load "
+            "the weights without the backbone check"
+        ) from None
+    want = (plain(backbone_cfg) or {}).get("name")
+    if name != want:
+        raise TLError(
+            f"init={raw} was pretrained from backbone {name!r}, but this run's backbone is "
+            f"{want!r}: add backbone.name={name} (or backbone={name})"
+        )
+    return str(f.resolve())
+
+
+def apply_init(cfg: DictConfig) -> None:
+    """`tl train/finetune init=RUN`: set ``backbone.weights_path`` to the pretrained weights."""
+    init = cfg.get("init")
+    if not init:
+        return
+    if (plain(cfg.backbone) or {}).get("weights_path"):
+        raise TLError("pass init=RUN or backbone.weights_path=FILE, not both")
+    path = resolve_init(init, cfg.backbone)
+    with open_dict(cfg):
+        cfg.backbone.weights_path = path
+    say(f"init={init}: backbone weights from {path}")
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _settings(cfg: DictConfig) -> tuple[dict[str, Any], int, int]:
+    p = dict(plain(cfg.pretrain))
+    if p.get("method") not in METHODS:
+        raise TLError(f"pretrain.method={p.get('method')!r} must be one of {', '.join(METHODS)}")
+    if p.get("bn") not in BN_MODES:
+        raise TLError(f"pretrain.bn={p.get('bn')!r} must be one of {', '.join(BN_MODES)}")
+    for key in ("lr", "temperature", "head_lr_mult"):
+        v = p.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise TLError(f"pretrain.{key}={v!r} must be a positive number")
+    if not 0 < float(p["min_scale"]) <= 1:
+        raise TLError(f"pretrain.min_scale={p['min_scale']!r} must be in (0, 1]")
+    steps = cfg.trainer.get("max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TLError(f"trainer.max_steps={steps!r} must be a positive integer (pretraining steps)")
+    bs = cfg.dataset.get("batch_size")
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2:
+        raise TLError(f"dataset.batch_size={bs!r} must be an integer >= 2 (contrastive pairs)")
+    try:
+        int(cfg.seed)
+    except (TypeError, ValueError):
+        raise TLError(f"seed={cfg.seed!r} must be an integer") from None
+    return p, steps, bs
+
+
+def _images(cfg: DictConfig) -> tuple[Path, list[Path], int]:
+    from omegaconf import OmegaConf
+
+    from tl_cli.data.base import IMG_EXTS
+    from tl_cli.data.scan import drop_corrupt
+
+    root_s = None if OmegaConf.is_missing(cfg.dataset, "root") else cfg.dataset.get("root")
+    if not root_s:
+        raise TLError("dataset.root is required: tl pretrain dataset.root=DIR (unlabelled images)")
+    root = Path(os.path.expanduser(str(root_s)))
+    if not root.is_dir():
+        raise TLError(f"dataset.root={root_s}: not a folder")
+    paths = find_images(root)
+    if not paths:
+        raise TLError(
+            f"dataset.root={root_s}: no images ({', '.join(IMG_EXTS)}) in it or its subfolders"
+        )
+    kept, bad = drop_corrupt({"": paths}, root, bool(cfg.dataset.get("skip_corrupt")))
+    return root, kept[""], len(bad)
+
+
+def _task_choice() -> str | None:
+    """The ``task`` option Hydra composed (None outside a Hydra run: tests compose directly)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("task")
+    except Exception:  # noqa: BLE001 - no Hydra run: the backbone's modality is checked instead
+        return None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """`tl pretrain`: check everything, fit SimCLR, write the backbone, the sidecar and the plot."""
+    from tl_cli.commands.train import quiet_lightning
+    from tl_cli.data.base import default_num_workers
+
+    quiet_lightning()
+    out = Path(str(cfg.output_dir))
+    overwrite = bool(cfg.get("overwrite", False))
+    task = _task_choice()
+    if task not in (None, "image"):
+        raise TLError(f"task={task}: tl pretrain supports images for now (task=image)")
+    found = earlier_outputs(out, OUTPUTS)
+    if found and not overwrite:
+        raise TLError(
+            f"{found[0]} already exists: choose another hydra.run.dir, or pass overwrite=true to replace it"
+        )
+    for name in OUTPUTS:
+        check_output(out / name, overwrite=overwrite, label=str(out / name))
+    p, steps, bs = _settings(cfg)
+    seed = int(cfg.seed)
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+    root, paths, n_bad = _images(cfg)  # the data first: a bad root fails before any model load
+    backbone = build_backbone(cfg.backbone, pretrained=True)
+    modality = getattr(backbone, "modality", "image")
+    if modality != "image":
+        raise TLError(
+            f"backbone {backbone.name} reads {modality}: tl pretrain supports image backbones for now"
+        )
+    if len(paths) < 2:
+        raise TLError(
+            f"dataset.root={root}: {len(paths)} image; contrastive pretraining needs >= 2"
+        )
+    bs_eff = min(bs, len(paths))
+    prep = backbone.effective_preprocessing({"image_size": cfg.dataset.get("image_size")})
+    say(
+        f"[bold]data[/] {len(paths)} unlabelled images under {root} (labels and folder names unused), "
+        f"{prep['input_size']} px, batch {bs_eff} x 2 views\n"
+        f"[bold]model[/] {backbone.name} ({backbone.source}, {count_params(backbone) / 1e6:.1f}M params) "
+        f"+ SimCLR projection head; {steps} steps, LR {p['lr']:g} (head x{p['head_lr_mult']:g}), "
+        f"BN {p['bn']}"
+    )
+    if len(paths) < bs:
+        warn(f"{len(paths)} images < dataset.batch_size={bs}: batches of {bs_eff}")
+
+    workers = cfg.dataset.get("num_workers")
+    workers = default_num_workers() if workers is None else int(workers)
+    loader = torch.utils.data.DataLoader(
+        TwoViews(paths, view_transform(prep, p)),
+        batch_size=bs_eff,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    module = SimCLRModule(backbone, p, steps)
+    trainer_cfg = dict(plain(cfg.trainer))
+    trainer_cfg.pop("_target_", None)
+    trainer_cfg.update(max_steps=steps, max_epochs=-1)
+    trainer = pl.Trainer(
+        **trainer_cfg,
+        callbacks=[StepProgress(steps)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(out),
+    )
+    claim_run_dir(out, overwrite=overwrite)  # lock the run dir while this run writes
+    t0 = time.time()
+    try:
+        trainer.fit(module, loader)
+    except KeyboardInterrupt:
+        raise TLError("interrupted: nothing written", exit_code=130) from None
+    seconds = time.time() - t0
+    losses = module.losses
+    if not losses or not all(math.isfinite(v) for v in losses):
+        raise TLError(
+            "pretraining loss became NaN/inf: lower pretrain.lr; nothing written", exit_code=1
+        )
+    bcfg = dict(plain(cfg.backbone))
+    meta = {
+        "kind": "tl-pretrain",
+        "backbone": {"name": backbone.name, "source": backbone.source, **bcfg},
+        "method": p["method"],
+        "settings": p,
+        "data": {
+            "root": str(root.resolve()),
+            "images": len(paths),
+            "skipped_corrupt": n_bad,
+            "image_size": int(prep["input_size"]),
+            "batch_size": bs_eff,
+        },
+        "preprocessing": plain(prep),
+        "steps": len(losses),
+        "epochs": trainer.current_epoch + (0 if trainer.is_last_batch else 1),
+        "seed": seed,
+        "fit_seconds": round(seconds, 1),
+        "loss": loss_summary(losses),
+        "weights": WEIGHTS_FILE,
+    }
+    if trainer.is_global_zero:
+        save_backbone(
+            backbone, out / WEIGHTS_FILE, {"tl_backbone": backbone.name, "tl_kind": "tl-pretrain"}
+        )
+        write_json(out / SIDECAR, meta)
+        plot_loss(
+            losses, out / CURVES, f"tl pretrain {backbone.name}: {len(paths)} images, {steps} steps"
+        )
+        release_run_dir(out)
+        ls = meta["loss"]
+        say(
+            f"loss {ls['first_tenth_mean']:.4f} -> {ls['last_tenth_mean']:.4f} (first/last tenth of "
+            f"{len(losses)} steps) in {seconds:.0f}s\n"
+            f"weights: {out / WEIGHTS_FILE}\n"
+            f"next: tl train init={out} dataset.root=LABELLED_DIR  (or tl finetune init={out} ...)"
+        )
+    return meta

@@ -1,0 +1,1 @@
+"""Text: transformer encoders (bundled MiniLM, Hugging Face), tokenizers as data, text data modules, the text modality."""

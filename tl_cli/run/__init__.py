@@ -1,0 +1,1 @@
+"""Running a command: CI gates, reports and plots, sweeps, loggers, training guards, config validation and preflight."""

@@ -1,0 +1,227 @@
+"""Every value of a train config checked before any work: one line naming the key and the range.
+
+The registries already refuse unknown options and most bad values of the components they build
+(head, strategy, optimizer, dataset constructor); this module builds those that are cheap to
+build up front (so their errors come before the data scan, not after), and checks what no
+registry sees: top-level values, the scheduler, and the Lightning Trainer's keys and values
+(a bad ``trainer.*`` key or ``trainer.accelerator=gpu`` on a CPU machine used to surface after
+the data scan as Hydra's ``InstantiationException``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tl_cli.core.errors import TLError
+from tl_cli.core.registry import did_you_mean, plain
+
+#: scheduler name -> option -> (check, allowed range as said in the error line)
+_SCHED: dict[str, dict[str, tuple[Any, str]]] = {
+    "none": {},
+    "cosine": {
+        "warmup_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "warmup_epochs": (lambda v: v >= 0, ">= 0 (or null: warmup_fraction decides)"),
+        "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    },
+    "onecycle": {
+        "pct_start": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "div_factor": (lambda v: v > 0, "> 0"),
+        "final_div_factor": (lambda v: v > 0, "> 0"),
+    },
+    "step": {
+        "step_epochs": (lambda v: v > 0, "> 0"),
+        "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    },
+    "plateau": {
+        "monitor": (None, ""),
+        "mode": (None, ""),
+        "factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "patience": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
+        "threshold": (lambda v: v >= 0, ">= 0"),
+    },
+}
+
+
+def _number(key: str, value: Any, allowed: str) -> float:
+    if isinstance(value, bool):
+        raise TLError(f"{key}={value!r} must be a number {allowed}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TLError(f"{key}={value!r} must be a number {allowed}") from None
+    if not math.isfinite(v):
+        raise TLError(f"{key}={value!r} must be a number {allowed}")
+    return v
+
+
+def _integer(key: str, value: Any, allowed: str) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TLError(f"{key}={value!r} must be an integer {allowed}")
+    try:
+        return int(str(value)) if not isinstance(value, int | float) else int(value)
+    except (TypeError, ValueError):
+        raise TLError(f"{key}={value!r} must be an integer {allowed}") from None
+
+
+def check_scheduler(sched: dict[str, Any]) -> None:
+    from tl_cli.transfer.schedulers import SCHEDULES
+
+    sched = dict(sched or {})
+    name = sched.pop("name", "none")
+    if name not in _SCHED:
+        raise TLError(
+            f"scheduler.name={name!r} is not a known scheduler{did_you_mean(str(name), SCHEDULES)}; "
+            f"known: {', '.join(SCHEDULES)}"
+        )
+    opts = _SCHED[name]
+    for k, v in sched.items():
+        if k not in opts:
+            raise TLError(
+                f"scheduler.{k} is not an option of scheduler={name}{did_you_mean(k, list(opts))}; "
+                f"options: {', '.join(opts) or 'none'}"
+            )
+        check, allowed = opts[k]
+        if v is None and k == "warmup_epochs":
+            continue
+        if check is not None and not check(_number(f"scheduler.{k}", v, allowed)):
+            raise TLError(f"scheduler.{k}={v!r} must be {allowed}")
+    if name == "plateau" and sched.get("mode", "min") not in ("min", "max"):
+        raise TLError(f"scheduler.mode={sched.get('mode')!r} must be min or max")
+
+
+def trainer_kwargs(trainer: dict[str, Any]) -> dict[str, Any]:
+    """``cfg.trainer`` minus ``_target_``, its keys checked against ``pytorch_lightning.Trainer``."""
+    import pytorch_lightning as pl
+
+    params = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    out = {k: v for k, v in trainer.items() if k != "_target_"}
+    for k in out:
+        if k not in params:
+            raise TLError(
+                f"trainer.{k} is not an argument of pytorch_lightning.Trainer"
+                f"{did_you_mean(k, params)}"
+            )
+    return out
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def check_trainer(trainer: dict[str, Any]) -> None:
+    """Keys, epochs, and what Lightning itself checks (accelerator, devices, precision, strategy)."""
+    import warnings
+
+    import pytorch_lightning as pl
+
+    kw = trainer_kwargs(trainer)
+    for key in ("max_epochs", "min_epochs"):
+        if key == "max_epochs" and kw.get(key) == "auto":  # tl_cli.transfer.budget
+            continue
+        if kw.get(key) is not None:
+            allowed = ">= 1 or auto" if key == "max_epochs" else ">= 1"
+            v = _integer(f"trainer.{key}", kw[key], allowed)
+            if v < 1:
+                raise TLError(f"trainer.{key}={kw[key]!r} must be an integer {allowed}")
+    if os.environ.get("LOCAL_RANK") not in (None, "0"):
+        return
+    probe = {
+        k: kw[k]
+        for k in ("accelerator", "devices", "num_nodes", "strategy", "precision")
+        if k in kw
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(
+                **probe,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+    except Exception as e:  # noqa: BLE001 - Lightning's MisconfigurationException, ValueError, ...
+        reason = _reason(e)
+        low = reason.lower()
+        key = (
+            next((k for k in probe if f"{k}={probe[k]}".lower() in low), None)
+            or next(
+                (
+                    k
+                    for k in probe
+                    if str(probe[k]).lower() not in ("auto", "1") and str(probe[k]).lower() in low
+                ),
+                None,
+            )
+            or next((k for k in probe if k in low), None)
+        )
+        what = f"trainer.{key}={probe[key]!r}" if key else "trainer"
+        raise TLError(f"{what}: {reason}") from None
+
+
+def check_train_config(cfg: Any) -> None:
+    """Check a composed train config before any data is scanned or weight loaded."""
+    import tl_cli.components  # noqa: F401 - every registry complete
+    from tl_cli.data.base import DATASETS
+    from tl_cli.transfer.heads import HEADS
+    from tl_cli.transfer.optimizers import OPTIMIZERS
+    from tl_cli.transfer.strategies import STRATEGIES
+
+    seed = cfg.get("seed")
+    try:
+        int(str(seed))
+    except (TypeError, ValueError):
+        raise TLError(f"seed={seed!r} must be an integer") from None
+    ls = _number("label_smoothing", cfg.get("label_smoothing", 0.0), "in [0, 1)")
+    if not 0.0 <= ls < 1.0:
+        raise TLError(f"label_smoothing={cfg.get('label_smoothing')!r} must be in [0, 1)")
+    check_trainer(plain(cfg.trainer) or {})
+    patience = cfg.get("early_stopping_patience")
+    if patience is not None and _integer("early_stopping_patience", patience, ">= 1 or null") < 1:
+        raise TLError(f"early_stopping_patience={patience!r} must be an integer >= 1 or null")
+    check_scheduler(plain(cfg.get("scheduler")) or {})
+    OPTIMIZERS.build(plain(cfg.optimizer))
+    STRATEGIES.build(plain(cfg.strategy))
+    HEADS.build(plain(cfg.head), in_features=8, num_classes=2)
+    DATASETS.build(plain(cfg.dataset))  # the constructor checks every value; nothing is scanned
+    wp = (plain(cfg.backbone) or {}).get("weights_path")
+    if wp and not Path(os.path.expanduser(str(wp))).is_file():
+        raise TLError(f"backbone.weights_path={wp}: file not found")
+
+
+#: the largest dataset.image_size accepted (a 100000 px input was OOM-killed at 23.6 GB)
+MAX_IMAGE_SIZE = 1024
+
+
+def check_dataset_values(
+    image_size: Any,
+    batch_size: Any,
+    num_workers: Any,
+    val_fraction: Any,
+    split_seed: Any,
+    augment: Any,
+) -> None:
+    """The data module's shared values (called by ``TransferDataModule.__init__``)."""
+    if image_size is not None:
+        v = _integer("dataset.image_size", image_size, f"in [16, {MAX_IMAGE_SIZE}] (or null)")
+        if not 16 <= v <= MAX_IMAGE_SIZE:
+            raise TLError(
+                f"dataset.image_size={image_size!r} must be in [16, {MAX_IMAGE_SIZE}] pixels, or null "
+                f"for the backbone's own size (memory grows with its square)"
+            )
+    if _integer("dataset.batch_size", batch_size, ">= 1") < 1:
+        raise TLError(f"dataset.batch_size={batch_size!r} must be an integer >= 1")
+    if num_workers is not None and _integer("dataset.num_workers", num_workers, ">= 0") < 0:
+        raise TLError(
+            f"dataset.num_workers={num_workers!r} must be an integer >= 0 (null: one per spare core)"
+        )
+    vf = _number("dataset.val_fraction", val_fraction, "between 0 and 1 (exclusive)")
+    if not 0.0 < vf < 1.0:
+        raise TLError(f"dataset.val_fraction={val_fraction!r} must be between 0 and 1 (exclusive)")
+    _integer("dataset.split_seed", split_seed, "")
+    if augment not in (None, False, "none", "light"):
+        raise TLError(f"dataset.augment={augment!r} must be light or none")

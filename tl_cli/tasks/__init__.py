@@ -1,0 +1,1 @@
+"""What is learned: the Task interface (batch, loss, metrics, evaluation, predictions, export, checkpoint fields) and one module per task."""

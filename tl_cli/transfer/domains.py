@@ -1,0 +1,84 @@
+"""``domains.png``: source and target features in 2-D, before and after adaptation.
+
+A PCA (deterministic: the SVD of the centred features of both domains together) of the features
+the classifier sees; colour is the domain, the marker is the class (unlabelled target points are
+drawn as crosses). Drawn on matplotlib's Agg canvas like tl_cli.run.report's plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+MARKERS = ("o", "s", "^", "v", "D", "P", "*", "X", "<", ">", "p", "h", "8", "d", "H", "1")
+COLORS = {"source": "#1f77b4", "target": "#d62728"}
+
+
+def pca_2d(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both sets projected on the first two principal axes of their union; the explained ratios."""
+    x = np.concatenate([a, b]).astype(np.float64)
+    x = x - x.mean(0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    comps = vt[:2]
+    # a fixed sign per axis (the largest loading positive): the picture does not flip between runs
+    signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])
+    comps = comps * signs[:, None]
+    y = x @ comps.T
+    ratio = (s[:2] ** 2) / max(float((s**2).sum()), 1e-12)
+    return y[: len(a)], y[len(a) :], ratio
+
+
+def _panel(ax, src, tgt, ys, yt, title: str) -> None:
+    ps, pt, ratio = pca_2d(src, tgt)
+    for dom, pts, labels in (("source", ps, ys), ("target", pt, yt)):
+        for c in np.unique(labels):
+            sel = labels == c
+            marker = "x" if c < 0 else MARKERS[int(c) % len(MARKERS)]
+            ax.scatter(
+                pts[sel, 0],
+                pts[sel, 1],
+                s=12,
+                marker=marker,
+                c=COLORS[dom],
+                alpha=0.6,
+                linewidths=0.8 if marker in ("x", "1") else 0.0,
+            )
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(f"PC1 ({ratio[0]:.0%})")
+    ax.set_ylabel(f"PC2 ({ratio[1]:.0%})" if len(ratio) > 1 else "PC2")
+
+
+def plot_domains(
+    path: Path,
+    before: tuple[np.ndarray, np.ndarray],
+    after: tuple[np.ndarray, np.ndarray] | None,
+    src_labels: np.ndarray,
+    tgt_labels: np.ndarray,
+    title: str = "",
+    after_title: str = "after adaptation",
+) -> Path:
+    """Write the plot: one panel (before) or two (before, after)."""
+    from matplotlib.lines import Line2D
+
+    from tl_cli.run.report import _figure, _save
+
+    panels = 1 if after is None else 2
+    fig = _figure(5.5 * panels, 5)
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    _panel(
+        axes[0],
+        *before,
+        src_labels,
+        tgt_labels,
+        "backbone features" if after is None else "before: backbone features (source model)",
+    )
+    if after is not None:
+        _panel(axes[1], *after, src_labels, tgt_labels, after_title)
+    handles = [
+        Line2D([], [], marker="o", ls="", color=COLORS[d], label=d) for d in ("source", "target")
+    ]
+    fig.legend(handles=handles, loc="outside upper right", fontsize=9)
+    fig.suptitle(f"{title}: PCA of source and target (marker = class)", fontsize=11)
+    _save(fig, Path(path))
+    return Path(path)

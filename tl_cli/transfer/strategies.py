@@ -1,0 +1,247 @@
+"""Transfer strategies: which backbone block groups train from which epoch, at which LR.
+
+A strategy is a pure plan, a function of the epoch, so the freeze state never has to be saved
+or restored: a resumed run recomputes it from the epoch it resumes at. The module applies the
+plan (``requires_grad``, BatchNorm mode) at every epoch start, and the LR scheduler gates each
+param group's LR by the same plan, so the optimizer's param groups never change mid-run (the
+cause of Lightning #6891, #8720 and Flash #1321).
+
+Lightning's distribution strategy is a different thing: it stays ``trainer.strategy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tl_cli.core.registry import Registry
+
+NEVER = None  # unfreeze epoch of a group that never trains
+
+
+STRATEGIES: Registry[TransferStrategy] = Registry("strategy")  # filled below
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """When a backbone block group starts training, and its LR relative to ``optimizer.lr``."""
+
+    unfreeze_epoch: int | None
+    lr_mult: float
+
+
+class TransferStrategy:
+    """Base class. Subclasses implement :meth:`group_plans`.
+
+    Args:
+        backbone_lr_mult: backbone LR = ``optimizer.lr`` x this.
+        layer_decay: if set (e.g. 0.75), each group below the deepest gets this factor once
+            more (BEiT/ELECTRA layer-wise LR decay).
+        train_bn: train the BatchNorm layers of frozen groups (affine params and running
+            stats). Default False: frozen BN runs in eval mode and its stats never move.
+        bn: BatchNorm of the groups that *do* train: ``frozen`` (eval mode: the pretrained
+            running statistics stay; scale and shift still train, as Keras recommends for
+            fine-tuning) or ``train`` (batch statistics, running stats updated).
+        head_fit: ``lbfgs``: before training, fit the head to convergence on frozen backbone
+            features (``tl_cli.transfer.probe``: L-BFGS, L2 chosen by cross-validation); ``sgd``: the head
+            starts at random and only the optimizer trains it.
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "sgd",
+    ) -> None:
+        if bn not in ("frozen", "train"):
+            raise ValueError(f"strategy.bn={bn!r} must be frozen or train")
+        if head_fit not in ("lbfgs", "sgd"):
+            raise ValueError(f"strategy.head_fit={head_fit!r} must be lbfgs or sgd")
+        self.bn = bn
+        self.head_fit = head_fit
+        if l2sp_alpha < 0:
+            raise ValueError(f"strategy.l2sp_alpha={l2sp_alpha} must be >= 0")
+        self.l2sp_alpha = float(l2sp_alpha)
+        if backbone_lr_mult < 0:
+            raise ValueError(f"strategy.backbone_lr_mult={backbone_lr_mult} must be >= 0")
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"strategy.layer_decay={layer_decay} must be in (0, 1]")
+        self.backbone_lr_mult = float(backbone_lr_mult)
+        self.layer_decay = layer_decay
+        self.train_bn = bool(train_bn)
+
+    @staticmethod
+    def before_scan(dm: Any) -> None:
+        """Called by ``tl_cli.commands.train.build`` before the data module scans its source."""
+
+    @staticmethod
+    def after_scan(dm: Any) -> None:
+        """Called by ``tl_cli.commands.train.build`` after the scan (class names and splits known)."""
+
+    def lr_mults(self, n_groups: int) -> list[float]:
+        d = self.layer_decay or 1.0
+        return [self.backbone_lr_mult * d ** (n_groups - 1 - i) for i in range(n_groups)]
+
+    def group_plans(self, n_groups: int) -> list[GroupPlan]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def phase_mult(self, epoch: int) -> float:
+        """Extra LR factor for every group at `epoch` (LP-FT lowers everything after the probe)."""
+        return 1.0
+
+    @property
+    def backbone_ever_trains(self) -> bool:
+        return any(p.unfreeze_epoch is not None for p in self.group_plans(1)) or self.train_bn
+
+
+@STRATEGIES.register("feature_extraction")
+class FeatureExtraction(TransferStrategy):
+    """Frozen backbone, only the head trains (a linear probe with a linear head)."""
+
+    name = "feature_extraction"
+
+    def __init__(
+        self,
+        train_bn: bool = False,
+        cache_features: bool = True,
+        cache_dir: str | None = None,
+        cache_views: int = 0,
+        backbone_lr_mult: float = 0.1,
+        head_fit: str = "lbfgs",
+    ) -> None:
+        super().__init__(backbone_lr_mult=backbone_lr_mult, train_bn=train_bn, head_fit=head_fit)
+        if cache_views < 0:
+            raise ValueError(f"strategy.cache_views={cache_views} must be >= 0")
+        self.cache_features = bool(cache_features)
+        self.cache_dir = cache_dir
+        self.cache_views = int(cache_views)
+
+    def group_plans(self, n_groups: int) -> list[GroupPlan]:
+        return [GroupPlan(NEVER, m) for m in self.lr_mults(n_groups)]
+
+
+@STRATEGIES.register("finetune")
+class Finetune(TransferStrategy):
+    """Everything trains from the start; the backbone at a lower LR."""
+
+    name = "finetune"
+
+    def __init__(
+        self,
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "lbfgs",
+    ) -> None:
+        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+
+    def group_plans(self, n_groups: int) -> list[GroupPlan]:
+        return [GroupPlan(0, m) for m in self.lr_mults(n_groups)]
+
+
+@STRATEGIES.register("freeze_unfreeze")
+class FreezeUnfreeze(TransferStrategy):
+    """Head alone for ``unfreeze_at_epoch`` epochs, then the whole backbone at a low LR."""
+
+    name = "freeze_unfreeze"
+
+    def __init__(
+        self,
+        unfreeze_at_epoch: int = 1,
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "sgd",
+    ) -> None:
+        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        if unfreeze_at_epoch < 0:
+            raise ValueError(f"strategy.unfreeze_at_epoch={unfreeze_at_epoch} must be >= 0")
+        self.unfreeze_at_epoch = int(unfreeze_at_epoch)
+
+    def group_plans(self, n_groups: int) -> list[GroupPlan]:
+        return [GroupPlan(self.unfreeze_at_epoch, m) for m in self.lr_mults(n_groups)]
+
+
+@STRATEGIES.register("gradual_unfreeze")
+class GradualUnfreeze(TransferStrategy):
+    """ULMFiT-style: block groups unfreeze from the top (deepest) down at ``milestones``.
+
+    The backbone's block groups (stem first) are split, deepest first, into ``len(milestones)``
+    contiguous chunks of near-equal size; chunk j starts training at epoch ``milestones[j]``.
+    With milestones ``[1, 2, 3]`` and 18 groups, the top 6 groups join at epoch 1, the next 6 at
+    epoch 2 and the stem-side 6 at epoch 3. The head trains from epoch 0.
+    """
+
+    name = "gradual_unfreeze"
+
+    def __init__(
+        self,
+        milestones: list[int] | tuple[int, ...] = (1, 2, 3),
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "sgd",
+    ) -> None:
+        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        ms = [int(m) for m in milestones]
+        if not ms or any(m < 0 for m in ms) or ms != sorted(ms):
+            raise ValueError(
+                f"strategy.milestones={list(milestones)} must be a non-empty ascending list of epochs >= 0"
+            )
+        self.milestones = ms
+
+    def group_plans(self, n_groups: int) -> list[GroupPlan]:
+        mults = self.lr_mults(n_groups)
+        k = min(len(self.milestones), n_groups)
+        plans = []
+        for i in range(n_groups):
+            depth = n_groups - 1 - i  # 0 = deepest group
+            chunk = depth * k // n_groups
+            plans.append(GroupPlan(self.milestones[chunk], mults[i]))
+        return plans
+
+
+@STRATEGIES.register("lp_ft")
+class LPFT(TransferStrategy):
+    """LP-FT (Kumar et al., ICLR 2022): linear probe, then fine-tune everything at a lower LR.
+
+    For ``probe_epochs`` only the head trains (at ``optimizer.lr``); then the backbone joins and
+    every group, the head included, trains at ``optimizer.lr x ft_lr_mult`` (layer_decay still
+    applies to the backbone). Starting fine-tuning from a good head keeps the pretrained
+    features from being distorted by a random head's large early gradients.
+    """
+
+    name = "lp_ft"
+
+    def __init__(
+        self,
+        probe_epochs: int = 2,
+        ft_lr_mult: float = 0.1,
+        layer_decay: float | None = None,
+        train_bn: bool = False,
+        l2sp_alpha: float = 0.0,
+        bn: str = "frozen",
+        head_fit: str = "sgd",
+    ) -> None:
+        super().__init__(1.0, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        if probe_epochs < 0 or ft_lr_mult <= 0:
+            raise ValueError("strategy.probe_epochs must be >= 0 and strategy.ft_lr_mult > 0")
+        self.probe_epochs = int(probe_epochs)
+        self.ft_lr_mult = float(ft_lr_mult)
+
+    def group_plans(self, n_groups: int) -> list[GroupPlan]:
+        return [GroupPlan(self.probe_epochs, m) for m in self.lr_mults(n_groups)]
+
+    def phase_mult(self, epoch: int) -> float:
+        return 1.0 if epoch < self.probe_epochs else self.ft_lr_mult
