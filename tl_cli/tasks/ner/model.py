@@ -6,7 +6,7 @@ Its forward takes the same ``{"input_ids", "attention_mask"}`` dict as the backb
 token logits ``(B, T, tags)``: what export writes (dynamic batch and token axes).
 
 Predictions: each word's tag is the arg-max at its first sub-token; spans are decoded from the
-word tags with the conlleval rules (``tl_cli.ner.schemes.decode``), the rules seqeval scores
+word tags with the conlleval rules (``tl_cli.tasks.ner.schemes.decode``), the rules seqeval scores
 with; an entity's ``score`` is the mean probability of its words' predicted tags.
 """
 
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tl_cli.ner.align import IGNORE
-from tl_cli.ner.io import PredictInput
-from tl_cli.ner.schemes import decode, encode
+from tl_cli.tasks.ner.align import IGNORE
+from tl_cli.tasks.ner.io import PredictInput
+from tl_cli.tasks.ner.schemes import decode, encode
 
 
 class TokenHead(nn.Module):

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tl_cli.errors import TLError
-from tl_cli.ner import schemes
-from tl_cli.ner.schemes import SchemeReport, Tagged
-from tl_cli.text import _decode  # UTF-8 with the file and line of the first bad byte
+from tl_cli.core.errors import TLError
+from tl_cli.modalities.text.backbone import (
+    _decode,  # UTF-8 with the file and line of the first bad byte
+)
+from tl_cli.tasks.ner import schemes
+from tl_cli.tasks.ner.schemes import SchemeReport, Tagged
 
 CONLL_EXTS = (".conll", ".txt", ".bio", ".iob")
 JSONL_EXTS = (".jsonl",)

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from tl_cli.ner.schemes import Span, decode
+from tl_cli.tasks.ner.schemes import Span, decode
 
 #: the row/column of "no entity" in the confusion matrix
 NONE = "O"

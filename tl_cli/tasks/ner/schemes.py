@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tl_cli.errors import TLError
+from tl_cli.core.errors import TLError
 
 Span = tuple[int, int, str]
 
