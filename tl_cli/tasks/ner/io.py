@@ -85,6 +85,11 @@ def read_conll(path: Path, tags: bool = True) -> list[Sentence]:
             continue
         if any(not x for x in f):
             raise TLError(f"{path}: line {no}: an empty column (two tabs in a row?)")
+        if tags and len(f) < 2:
+            raise TLError(
+                f"{path}: line {no}: one column ({f[0][:40]!r}); expected the token and its "
+                "tag (the last column), tab or space separated"
+            )
         if ncols is None:
             ncols = (len(f), no)
         elif len(f) != ncols[0]:
@@ -93,11 +98,6 @@ def read_conll(path: Path, tags: bool = True) -> list[Sentence]:
                 "token line needs the same columns"
             )
         if tags:
-            if len(f) < 2:
-                raise TLError(
-                    f"{path}: line {no}: one column ({f[0][:40]!r}); expected the token and its "
-                    "tag (the last column), tab or space separated"
-                )
             tag = f[-1]
             if not schemes.is_tag(tag):
                 raise TLError(_bad_tag(path, no, tag))
