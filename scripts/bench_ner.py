@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""NER: tl's token-classification pieces next to the Hugging Face recipe, on WNUT 2017.
+
+    flock /work/heavy.lock python scripts/bench_ner.py reference --epochs 3
+    flock /work/heavy.lock python scripts/bench_ner.py tl --epochs 3 [--lr 5e-5 --head-lr 1e-3 ...]
+
+``reference`` is the Hugging Face token-classification recipe (``run_ner.py``) written as a
+plain PyTorch loop on the same encoder (the bundled all-MiniLM-L6-v2, loaded by
+``AutoModelForTokenClassification`` from its package directory): the fast tokenizer with
+``is_split_into_words``, labels on each word's first sub-token (-100 elsewhere),
+``DataCollatorForTokenClassification``, AdamW (lr 5e-5, no weight decay), batch 16, a linear
+decay without warm-up, the data's own tag list, random batches; test F1 by seqeval after the last
+epoch. ``tl`` runs the same kind of loop built from ``tl_cli.tasks.ner`` (windows, first
+sub-token labels, ``TextBackbone.token_features`` + ``TokenHead``) with the options to compare
+(learning rates of head and encoder, warm-up, epochs, length-grouped batches, window length).
+
+Each run appends one JSON line (F1 on val and test, fit seconds, seconds per epoch, the load
+average) to build/bench/ner/results.jsonl as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = (ROOT.parent / "shared" / "data" / "ner-wnut17").resolve()
+OUT = ROOT / "build" / "bench" / "ner" / "results.jsonl"
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def record(row: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    row = {**row, "load": load_avg(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(out, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def data(root: Path, limit: int | None, eval_limit: int | None) -> Any:
+    from tl_cli.tasks.ner.io import load
+
+    d = load(root)
+    if limit:
+        d.splits["train"] = d.splits["train"][:limit]
+    if eval_limit:
+        for k in ("val", "test"):
+            d.splits[k] = d.splits[k][:eval_limit]
+    return d
+
+
+def linear_schedule(opt: torch.optim.Optimizer, total: int, warmup: int) -> Any:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference(args: argparse.Namespace, d: Any) -> dict[str, Any]:
+    """The Hugging Face recipe as a plain loop (see the module docstring)."""
+    from seqeval.metrics import f1_score
+    from transformers import (
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+        DataCollatorForTokenClassification,
+    )
+
+    from tl_cli.modalities.text.backbone import MINILM_PACKAGE, _package_dir
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    src = str(_package_dir(MINILM_PACKAGE))
+    labels = d.labels  # BIO, as in the files
+    lid = {t: i for i, t in enumerate(labels)}
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    model = AutoModelForTokenClassification.from_pretrained(
+        src, num_labels=len(labels), local_files_only=True
+    )
+
+    def features(sents: list[Any]) -> list[dict[str, Any]]:
+        enc = tok([s.tokens for s in sents], truncation=True, is_split_into_words=True)
+        rows = []
+        for i, s in enumerate(sents):
+            prev, lab = None, []
+            for w in enc.word_ids(i):
+                lab.append(-100 if w is None or w == prev else lid[s.tags[w]])
+                prev = w
+            rows.append({"input_ids": enc["input_ids"][i], "labels": lab})
+        return rows
+
+    train = features(d.splits["train"])
+    collate = DataCollatorForTokenClassification(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    steps = math.ceil(len(train) / args.batch_size) * args.epochs
+    sched = linear_schedule(opt, steps, 0)
+    t0 = time.perf_counter()
+    epoch_s = []
+    for _ in range(args.epochs):
+        e0 = time.perf_counter()
+        model.train()
+        order = list(range(len(train)))
+        random.shuffle(order)
+        for b in range(0, len(order), args.batch_size):
+            batch = collate([train[i] for i in order[b : b + args.batch_size]])
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        epoch_s.append(time.perf_counter() - e0)
+    fit = time.perf_counter() - t0
+
+    def evaluate(split: str) -> float:
+        model.eval()
+        sents = d.splits[split]
+        rows = features(sents)
+        gold, pred = [], []
+        with torch.no_grad():
+            for b in range(0, len(rows), 64):
+                part = rows[b : b + 64]
+                batch = collate(part)
+                y = batch.pop("labels")
+                logits = model(**batch).logits
+                for r in range(len(part)):
+                    keep = y[r] != -100
+                    gold.append([labels[k] for k in y[r][keep].tolist()])
+                    pred.append([labels[k] for k in logits[r][keep].argmax(-1).tolist()])
+        return float(f1_score(gold, pred))
+
+    e0 = time.perf_counter()
+    out = {"val_f1": evaluate("val"), "test_f1": evaluate("test")}
+    return {
+        **out,
+        "fit_s": round(fit, 1),
+        "epoch_s": [round(x, 1) for x in epoch_s],
+        "eval_s": round(time.perf_counter() - e0, 1),
+    }
+
+
+# --------------------------------------------------------------------------- tl pieces
+
+
+def tl_loop(args: argparse.Namespace, d: Any) -> dict[str, Any]:
+    """A loop built from tl_cli.tasks.ner with the options under test."""
+    from tl_cli.modalities.text.backbone import build_minilm
+    from tl_cli.tasks.ner import align, metrics, model
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    backbone = build_minilm()
+    max_length = args.max_length or backbone.preprocessing["max_length"]
+    al = align.Aligner(backbone.tokenizer, max_length, args.stride)
+    lid = {t: i for i, t in enumerate(d.labels)}
+    head = model.TokenHead(backbone.num_features, len(d.labels), dropout=args.dropout)
+    tagger = model.TokenTagger(backbone, head)
+
+    def dataset(split: str, train: bool) -> align.TokenDataset:
+        sents = d.splits[split]
+        wins, _ = al.windows([s.tokens for s in sents])
+        tags = [[lid[t] for t in s.tags] for s in sents]
+        return align.TokenDataset(wins, tags, align.word_offsets([s.tokens for s in sents]), train)
+
+    train = dataset("train", True)
+    collate = align.TokenCollate(backbone.preprocessing["pad_id"])
+    groups = [
+        {"params": list(backbone.parameters()), "lr": args.lr, "weight_decay": args.wd},
+        {"params": list(head.parameters()), "lr": args.head_lr or args.lr, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups)
+    per_epoch = math.ceil(len(train) / args.batch_size)
+    steps = per_epoch * args.epochs
+    sched = linear_schedule(opt, steps, int(args.warmup * steps))
+    lengths = train.lengths()
+
+    def batches() -> list[list[int]]:
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        if args.group_by_length:
+            # Hugging Face's group_by_length: sort mega-batches of 50 batches by length
+            mega = args.batch_size * 50
+            order = [
+                i
+                for m in range(0, len(order), mega)
+                for i in sorted(order[m : m + mega], key=lambda i: -lengths[i])
+            ]
+            bs = [order[b : b + args.batch_size] for b in range(0, len(order), args.batch_size)]
+            rng.shuffle(bs)
+            return bs
+        return [order[b : b + args.batch_size] for b in range(0, len(order), args.batch_size)]
+
+    t0 = time.perf_counter()
+    epoch_s = []
+    for _ in range(args.epochs):
+        e0 = time.perf_counter()
+        tagger.train()
+        for b in batches():
+            batch = collate([train[i] for i in b])
+            logits = tagger(batch)
+            loss = model.token_loss(logits, batch["labels"])
+            loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(tagger.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        epoch_s.append(time.perf_counter() - e0)
+    fit = time.perf_counter() - t0
+
+    def evaluate(split: str) -> float:
+        tagger.eval()
+        ds = dataset(split, False)
+        idx, rows = [], []
+        with torch.no_grad():
+            for b in range(0, len(ds), 64):
+                batch = collate([ds[i] for i in range(b, min(len(ds), b + 64))])
+                k, v = align.gather_words(tagger(batch), batch["word_index"])
+                idx.append(k)
+                rows.append(v)
+        sents = d.splits[split]
+        total = sum(len(s.tokens) for s in sents)
+        words = align.merge(idx, rows, total).argmax(-1).tolist()
+        pred = align.split_by_sentence([d.labels[k] for k in words], [len(s.tokens) for s in sents])
+        return metrics.score([s.tags for s in sents], pred)["f1"]
+
+    e0 = time.perf_counter()
+    out = {"val_f1": evaluate("val"), "test_f1": evaluate("test")}
+    return {
+        **out,
+        "fit_s": round(fit, 1),
+        "epoch_s": [round(x, 1) for x in epoch_s],
+        "eval_s": round(time.perf_counter() - e0, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=["reference", "tl"])
+    ap.add_argument("--root", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--head-lr", type=float, default=None)
+    ap.add_argument("--wd", type=float, default=0.0)
+    ap.add_argument("--warmup", type=float, default=0.0, help="share of the steps")
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--clip", type=float, default=0.0)
+    ap.add_argument("--group-by-length", action="store_true")
+    ap.add_argument("--max-length", type=int, default=None)
+    ap.add_argument("--stride", type=int, default=32)
+    ap.add_argument("--limit", type=int, default=None, help="first N training sentences")
+    ap.add_argument("--eval-limit", type=int, default=None, help="first N val/test sentences")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="a label for this run in the results file")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    d = data(args.root, args.limit, args.eval_limit)
+    start = load_avg()
+    res = (reference if args.mode == "reference" else tl_loop)(args, d)
+    opts = {k: v for k, v in vars(args).items() if k not in ("root", "out", "mode")}
+    record(
+        {
+            "mode": args.mode,
+            **opts,
+            **res,
+            "load_start": start,
+            "threads": torch.get_num_threads(),
+            "train_sentences": len(d.splits["train"]),
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()
