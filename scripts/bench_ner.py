@@ -213,9 +213,8 @@ def tl_loop(args: argparse.Namespace, d: Any) -> dict[str, Any]:
         e0 = time.perf_counter()
         tagger.train()
         for b in batches():
-            batch = collate([train[i] for i in b])
-            logits = tagger(batch)
-            loss = model.token_loss(logits, batch["labels"])
+            x, y = collate([train[i] for i in b])
+            loss = model.token_loss(tagger(x), y["labels"])
             loss.backward()
             if args.clip:
                 torch.nn.utils.clip_grad_norm_(tagger.parameters(), args.clip)
@@ -231,8 +230,8 @@ def tl_loop(args: argparse.Namespace, d: Any) -> dict[str, Any]:
         idx, rows = [], []
         with torch.no_grad():
             for b in range(0, len(ds), 64):
-                batch = collate([ds[i] for i in range(b, min(len(ds), b + 64))])
-                k, v = align.gather_words(tagger(batch), batch["word_index"])
+                x, y = collate([ds[i] for i in range(b, min(len(ds), b + 64))])
+                k, v = align.gather_words(tagger(x), y["word_index"])
                 idx.append(k)
                 rows.append(v)
         sents = d.splits[split]

@@ -377,7 +377,8 @@ def test_first_subtoken_labels_and_no_word_lost(ner_backbone):
     assert stats.empty_words == 1 and stats.windowed == 0
     tags = [[3, 0, 1, 0], [0, 1]]
     ds = align.TokenDataset(wins, tags, align.word_offsets(sents), train=False)
-    batch = align.TokenCollate(0)([ds[i] for i in range(len(ds))])
+    x, y = align.TokenCollate(0)([ds[i] for i in range(len(ds))])
+    batch = {**x, **y}
     # [CLS] alice bob ##ville paris ##berg met [SEP]
     assert batch["input_ids"][0, :8].tolist()[0] == 2 and batch["input_ids"][0, 7].item() == 3
     assert batch["labels"][0, :8].tolist() == [-100, 3, 0, -100, 1, -100, 0, -100]
@@ -409,7 +410,7 @@ def test_windows_score_every_word_once_and_train_on_all(ner_backbone, max_length
     # put predictions back: a fake "logit" = the word's global index
     idx, rows = [], []
     for i in range(len(ev)):
-        b = align.TokenCollate(0)([ev[i]])
+        _, b = align.TokenCollate(0)([ev[i]])
         fake = b["word_index"].float().unsqueeze(-1)
         k, v = align.gather_words(fake, b["word_index"])
         idx.append(k)

@@ -8,9 +8,10 @@ has the most context on its shorter side. A word that alone exceeds a window kee
 sub-tokens (its label is on the first one). A word the tokenizer turns into nothing (a lone
 control or zero-width character) becomes the unknown token, so it is still scored.
 
-Batches: ``input_ids``, ``attention_mask`` (padded per batch), ``labels`` (``-100`` where no
-loss is taken) and ``word_index`` (the global index of the word a position scores, ``-1``
-elsewhere): predictions are put back by ``word_index``, so loaders may order windows freely.
+Batches are ``(x, y)``: ``x`` = ``input_ids``, ``attention_mask`` (padded per batch), what the
+text backbone takes; ``y`` = ``labels`` (``-100`` where no loss is taken) and ``word_index``
+(the global index of the word a position scores, ``-1`` elsewhere): predictions are put back by
+``word_index``, so loaders may order windows freely.
 """
 
 from __future__ import annotations
@@ -241,7 +242,9 @@ class TokenCollate:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = int(pad_id)
 
-    def __call__(self, batch: list[tuple[list[int], list[int], list[int]]]) -> dict[str, Any]:
+    def __call__(
+        self, batch: list[tuple[list[int], list[int], list[int]]]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         n = max(len(b[0]) for b in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.long)
@@ -253,7 +256,7 @@ class TokenCollate:
             mask[r, :k] = 1
             labels[r, :k] = torch.tensor(y)
             index[r, :k] = torch.tensor(w)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "word_index": index}
+        return {"input_ids": ids, "attention_mask": mask}, {"labels": labels, "word_index": index}
 
 
 def gather_words(
