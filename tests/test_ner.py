@@ -540,3 +540,45 @@ def test_entities_have_character_offsets_into_the_input():
         assert inp.text[e["start"] : e["end"]] == e["text"]
     assert model.in_scheme(tags, "BIOES")[:2] == ["B-PER", "E-PER"]
     assert model.in_scheme(tags, "IOB1")[3] == "I-LOC"
+
+
+# --------------------------------------------------------------------------- data module
+
+
+def test_length_grouped_batches_are_a_seeded_permutation():
+    from tl_cli.tasks.ner.data import LengthGrouped
+
+    lengths = [random.Random(i).randint(3, 60) for i in range(203)]
+    s = LengthGrouped(lengths, batch_size=16, seed=0, mega=4)
+    a = list(s)
+    assert sorted(a) == list(range(203)) and list(s) == a
+    s.set_epoch(1)
+    assert list(s) != a
+    batches = [a[b : b + 16] for b in range(0, 203, 16)]
+    assert len(batches[-1]) == 203 % 16  # the short batch stays last
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches[:-1])
+    rand = [list(range(203))[b : b + 16] for b in range(0, 192, 16)]
+    spread_rand = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in rand)
+    assert spread < spread_rand / 2  # similar lengths together: less padding
+
+
+def test_data_module_windows_and_loaders(tmp_path, ner_backbone):
+    from tl_cli.tasks.ner.data import NerDataModule
+
+    f = write(tmp_path / "all.conll", conll(synthetic(60)))
+    dm = NerDataModule(root=str(f), batch_size=8, num_workers=0, max_length=8).prepare()
+    assert dm.class_names == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 43, "val": 5, "test": 12}
+    dm.set_preprocessing(ner_backbone.preprocessing)
+    assert dm.align_stats == {}
+    n_words = sum(len(w) for w in dm.words("train"))
+    seen = []
+    for x, y in dm.train_dataloader():
+        assert x["input_ids"].shape == y["labels"].shape and x["input_ids"].shape[1] <= 8
+        seen += y["word_index"][y["word_index"] >= 0].tolist()
+    assert sorted(seen) == list(range(n_words))  # every training word scored once
+    assert dm.align_stats["train"].windowed > 0  # max_length=8 cut sentences into windows
+    x, y = next(iter(dm.val_dataloader()))
+    assert (y["labels"] != -100).sum() == (y["word_index"] >= 0).sum()
+    with pytest.raises(TLError, match="dataset.tag_scheme='x'"):
+        NerDataModule(root=str(f), tag_scheme="x")
