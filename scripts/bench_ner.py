@@ -63,13 +63,25 @@ def data(root: Path, limit: int | None, eval_limit: int | None) -> Any:
     return d
 
 
-def linear_schedule(opt: torch.optim.Optimizer, total: int, warmup: int) -> Any:
+def linear_schedule(
+    opt: torch.optim.Optimizer, total: int, warmup: int, shape: str = "linear"
+) -> Any:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 or cosine to 1% (tl's)."""
+
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        if shape == "cosine":
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+        return max(0.0, 1.0 - t)
 
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def budget_epochs(per_epoch: int, args: argparse.Namespace) -> int:
+    """epochs = clamp(ceil(min_steps / steps per epoch), min_epochs, max_epochs)."""
+    return int(min(args.max_epochs, max(args.min_epochs, math.ceil(args.min_steps / per_epoch))))
 
 
 # --------------------------------------------------------------------------- reference
@@ -110,11 +122,13 @@ def reference(args: argparse.Namespace, d: Any) -> dict[str, Any]:
     train = features(d.splits["train"])
     collate = DataCollatorForTokenClassification(tok)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    steps = math.ceil(len(train) / args.batch_size) * args.epochs
+    per_epoch = math.ceil(len(train) / args.batch_size)
+    epochs = args.epochs or budget_epochs(per_epoch, args)
+    steps = per_epoch * epochs
     sched = linear_schedule(opt, steps, 0)
     t0 = time.perf_counter()
     epoch_s = []
-    for _ in range(args.epochs):
+    for _ in range(epochs):
         e0 = time.perf_counter()
         model.train()
         order = list(range(len(train)))
@@ -147,7 +161,7 @@ def reference(args: argparse.Namespace, d: Any) -> dict[str, Any]:
         return float(f1_score(gold, pred))
 
     e0 = time.perf_counter()
-    out = {"val_f1": evaluate("val"), "test_f1": evaluate("test")}
+    out = {"val_f1": evaluate("val"), "test_f1": evaluate("test"), "epochs_run": epochs}
     return {
         **out,
         "fit_s": round(fit, 1),
@@ -163,6 +177,7 @@ def tl_loop(args: argparse.Namespace, d: Any) -> dict[str, Any]:
     """A loop built from tl_cli.tasks.ner with the options under test."""
     from tl_cli.modalities.text.backbone import build_minilm
     from tl_cli.tasks.ner import align, metrics, model
+    from tl_cli.tasks.ner.data import LengthGrouped
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -172,57 +187,13 @@ def tl_loop(args: argparse.Namespace, d: Any) -> dict[str, Any]:
     lid = {t: i for i, t in enumerate(d.labels)}
     head = model.TokenHead(backbone.num_features, len(d.labels), dropout=args.dropout)
     tagger = model.TokenTagger(backbone, head)
+    collate = align.TokenCollate(backbone.preprocessing["pad_id"])
 
     def dataset(split: str, train: bool) -> align.TokenDataset:
         sents = d.splits[split]
         wins, _ = al.windows([s.tokens for s in sents])
-        tags = [[lid[t] for t in s.tags] for s in sents]
+        tags = [[lid.get(t, 0) for t in s.tags] for s in sents]
         return align.TokenDataset(wins, tags, align.word_offsets([s.tokens for s in sents]), train)
-
-    train = dataset("train", True)
-    collate = align.TokenCollate(backbone.preprocessing["pad_id"])
-    groups = [
-        {"params": list(backbone.parameters()), "lr": args.lr, "weight_decay": args.wd},
-        {"params": list(head.parameters()), "lr": args.head_lr or args.lr, "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups)
-    per_epoch = math.ceil(len(train) / args.batch_size)
-    steps = per_epoch * args.epochs
-    sched = linear_schedule(opt, steps, int(args.warmup * steps))
-    lengths = train.lengths()
-
-    def batches() -> list[list[int]]:
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        if args.group_by_length:
-            # Hugging Face's group_by_length: sort mega-batches of 50 batches by length
-            mega = args.batch_size * 50
-            order = [
-                i
-                for m in range(0, len(order), mega)
-                for i in sorted(order[m : m + mega], key=lambda i: -lengths[i])
-            ]
-            bs = [order[b : b + args.batch_size] for b in range(0, len(order), args.batch_size)]
-            rng.shuffle(bs)
-            return bs
-        return [order[b : b + args.batch_size] for b in range(0, len(order), args.batch_size)]
-
-    t0 = time.perf_counter()
-    epoch_s = []
-    for _ in range(args.epochs):
-        e0 = time.perf_counter()
-        tagger.train()
-        for b in batches():
-            x, y = collate([train[i] for i in b])
-            loss = model.token_loss(tagger(x), y["labels"])
-            loss.backward()
-            if args.clip:
-                torch.nn.utils.clip_grad_norm_(tagger.parameters(), args.clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-        epoch_s.append(time.perf_counter() - e0)
-    fit = time.perf_counter() - t0
 
     def evaluate(split: str) -> float:
         tagger.eval()
@@ -240,10 +211,63 @@ def tl_loop(args: argparse.Namespace, d: Any) -> dict[str, Any]:
         pred = align.split_by_sentence([d.labels[k] for k in words], [len(s.tokens) for s in sents])
         return metrics.score([s.tags for s in sents], pred)["f1"]
 
+    train = dataset("train", True)
+    groups = [
+        {"params": list(head.parameters()), "lr": args.head_lr or args.lr, "weight_decay": 0.0}
+    ]
+    if args.frozen:
+        backbone.requires_grad_(False)
+    else:
+        groups.append(
+            {"params": list(backbone.parameters()), "lr": args.lr, "weight_decay": args.wd}
+        )
+    opt = torch.optim.AdamW(groups)
+    per_epoch = math.ceil(len(train) / args.batch_size)
+    epochs = args.epochs or budget_epochs(per_epoch, args)
+    steps = per_epoch * epochs
+    sched = linear_schedule(opt, steps, int(args.warmup * steps), args.schedule)
+    sampler = LengthGrouped(train.lengths(), args.batch_size, seed=args.seed)
+
+    def batches(epoch: int) -> list[list[int]]:
+        if args.group_by_length:
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+        else:
+            order = list(range(len(train)))
+            rng.shuffle(order)
+        return [order[b : b + args.batch_size] for b in range(0, len(order), args.batch_size)]
+
+    t0 = time.perf_counter()
+    epoch_s, val_curve = [], []
+    best: tuple[float, dict[str, torch.Tensor] | None] = (-1.0, None)
+    for epoch in range(epochs):
+        e0 = time.perf_counter()
+        tagger.train()
+        if args.frozen:
+            backbone.eval()  # a frozen encoder extracts features: no dropout (as tl)
+        for b in batches(epoch):
+            x, y = collate([train[i] for i in b])
+            loss = model.token_loss(tagger(x), y["labels"])
+            loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(tagger.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        if args.select_best:  # tl validates every epoch and tests the best (val/f1) checkpoint
+            f1 = evaluate("val")
+            val_curve.append(round(f1, 4))
+            if f1 > best[0]:
+                best = (f1, {k: v.detach().clone() for k, v in tagger.state_dict().items()})
+        epoch_s.append(time.perf_counter() - e0)
+    if best[1] is not None:
+        tagger.load_state_dict(best[1])
+    fit = time.perf_counter() - t0
     e0 = time.perf_counter()
-    out = {"val_f1": evaluate("val"), "test_f1": evaluate("test")}
+    out = {"val_f1": evaluate("val"), "test_f1": evaluate("test"), "epochs_run": epochs}
     return {
         **out,
+        "val_curve": val_curve,
         "fit_s": round(fit, 1),
         "epoch_s": [round(x, 1) for x in epoch_s],
         "eval_s": round(time.perf_counter() - e0, 1),
@@ -254,7 +278,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=["reference", "tl"])
     ap.add_argument("--root", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3, help="0: the budget rule below")
+    ap.add_argument("--min-steps", type=int, default=600)
+    ap.add_argument("--min-epochs", type=int, default=3)
+    ap.add_argument("--max-epochs", type=int, default=30)
+    ap.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    ap.add_argument("--frozen", action="store_true", help="train the head only (tl train)")
+    ap.add_argument("--select-best", action="store_true", help="validate each epoch, keep best")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--head-lr", type=float, default=None)
