@@ -51,7 +51,7 @@ def record(row: dict[str, Any], out: Path) -> None:
     print(json.dumps(row), flush=True)
 
 
-def data(root: Path, limit: int | None, eval_limit: int | None) -> Any:
+def data(root: Path, limit: int | None, eval_limit: int | None, val_limit: int | None) -> Any:
     from tl_cli.tasks.ner.io import load
 
     d = load(root)
@@ -60,6 +60,8 @@ def data(root: Path, limit: int | None, eval_limit: int | None) -> Any:
     if eval_limit:
         for k in ("val", "test"):
             d.splits[k] = d.splits[k][:eval_limit]
+    if val_limit:
+        d.splits["val"] = d.splits["val"][:val_limit]
     return d
 
 
@@ -297,12 +299,13 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=32)
     ap.add_argument("--limit", type=int, default=None, help="first N training sentences")
     ap.add_argument("--eval-limit", type=int, default=None, help="first N val/test sentences")
+    ap.add_argument("--val-limit", type=int, default=None, help="first N val sentences")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="a label for this run in the results file")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    d = data(args.root, args.limit, args.eval_limit)
+    d = data(args.root, args.limit, args.eval_limit, args.val_limit)
     start = load_avg()
     res = (reference if args.mode == "reference" else tl_loop)(args, d)
     opts = {k: v for k, v in vars(args).items() if k not in ("root", "out", "mode")}
