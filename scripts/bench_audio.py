@@ -16,7 +16,7 @@ Methods:
 * ``reference_ctx``: the same, but on tl's windows (``backbone.pad_frames`` of silence on both
   sides of the clip, ``backbone.window_stride``, from configs/backbone/speech_embedding.yaml):
   shows how much of tl's gain over the reference is the windowing alone.
-* ``feature extraction`` / ``fine-tuning``: ``tl train task=audio`` / ``tl finetune task=audio``
+* ``feature extraction`` / ``fine-tuning``: ``tl train modality=audio`` / ``tl finetune modality=audio``
   with the defaults of configs/task/audio.yaml.
 
 Throughput: clips/s of inference from the files (decode, resample, model), batch 32, after the
@@ -171,9 +171,8 @@ def tl_throughput(ckpt: Path, root: Path) -> float:
     """Inference clips/s of a checkpoint over root/test (decode + resample + model, batch 32)."""
     import torch
 
-    from tl_cli.commands.evaluate import predict_logits
-    from tl_cli.core.checkpoint import load_module
     from tl_cli.data.base import DATASETS
+    from tl_cli.tasks.loading import load_module
 
     module, meta = load_module(ckpt)
     dm = DATASETS.build({"name": "audiofolder", "root": str(root), "num_workers": 0})
@@ -181,8 +180,8 @@ def tl_throughput(ckpt: Path, root: Path) -> float:
     dm.set_preprocessing(meta["tl"]["preprocessing"])
     loader = dm.make_loader(dm.dataset("test", train_aug=False), shuffle=False)
     t0 = time.perf_counter()
-    _, y = predict_logits(module, loader, torch.device("cpu"), "throughput")
-    return len(y) / (time.perf_counter() - t0)
+    ev = module.evaluate(loader, torch.device("cpu"), "throughput")
+    return ev.num_samples / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -239,7 +238,7 @@ def main() -> None:
         for name in [n for n in wanted if n not in reused]:
             tr, te = split_folds[name]
             root = make_layout(args.work / "data" / name, tr, te)
-            over = ["task=audio", f"dataset.root={root}", *args.extra]
+            over = ["modality=audio", f"dataset.root={root}", *args.extra]
             run_dir = args.work / "runs" / f"{method}-{name}"
             r = run_tl(command, over, run_dir)
             if not reused and name == wanted[0]:
@@ -261,8 +260,8 @@ def main() -> None:
 LABELS = {
     "reference": "reference: logistic regression (onnxruntime features)",
     "reference_ctx": "reference on tl's windows (padded, stride): logistic regression",
-    "feature_extraction": "tl train task=audio (feature extraction)",
-    "finetune": "tl finetune task=audio",
+    "feature_extraction": "tl train modality=audio (feature extraction)",
+    "finetune": "tl finetune modality=audio",
 }
 
 
@@ -322,7 +321,7 @@ def report(results, split_folds, commands, args) -> None:
         )
     if "finetune" not in results:
         verdict.append(
-            "- tl finetune task=audio: **not measured in this run.** On the shared 2-core CPU a "
+            "- tl finetune modality=audio: **not measured in this run.** On the shared 2-core CPU a "
             "fine-tuning epoch (forward and backward through the encoder for about 900 clips) "
             "takes several minutes, so 20 epochs x 4 splits did not fit the session; run "
             "`scripts/bench_audio.py --methods reference,finetune --reuse` on a machine with a GPU "

@@ -64,8 +64,8 @@ def bare_forward(root: Path, image_size: int, batch_size: int, num_workers: int 
     """Seconds for one eval-mode forward pass over train + val + test, tl's loaders, no tl run."""
     import torch
 
-    from tl_cli.data.base import ImageFolderDataModule
-    from tl_cli.modalities.backbones import create_backbone
+    from tl_cli.modalities.image.backbones import create_backbone
+    from tl_cli.modalities.image.data import ImageFolderDataModule
 
     dm = ImageFolderDataModule(
         root=str(root),
@@ -111,7 +111,7 @@ def bare_process(root: Path, image_size: int, batch_size: int, num_workers: int)
     from PIL import Image
     from torchvision import transforms as T
 
-    from tl_cli.modalities.backbones import create_backbone
+    from tl_cli.modalities.image.backbones import create_backbone
 
     backbone = create_backbone("efficientnet_lite0").eval()
     prep = backbone.preprocessing

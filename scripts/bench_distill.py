@@ -27,7 +27,7 @@ shared 2-core CPU machine:
     own ImageNet weights). "Alone" is ``tl finetune`` of the same architecture from ImageNet
     weights (the same run serves both teachers' tables: no teacher is involved).
 * Text (group ``text``): the shared Amazon sentences (a fixed shuffle: 200 labelled, 400 test,
-  400 unlabelled). Teacher: fine-tuned MiniLM-L6 (``tl finetune task=text``); students: its first
+  400 unlabelled). Teacher: fine-tuned MiniLM-L6 (``tl finetune modality=text``); students: its first
   2 and 3 layers (``backbone.depth=K``) fine-tuned, alone from MiniLM's pretrained first K layers or
   distilled from the fine-tuned teacher's first K (DistilBERT-style).
 * Same budget per row: the same settings and the same number of optimizer steps: a row with
@@ -300,7 +300,7 @@ def speed_table(res: dict[str, Any], inputs: dict[int, Any], rounds: dict[int, i
     import torch
     from torch import nn
 
-    from tl_cli.core.checkpoint import load_module
+    from tl_cli.tasks.loading import load_module
 
     def net(ckpt: Path) -> nn.Module:
         m, _ = load_module(ckpt)
@@ -367,8 +367,8 @@ def text_batch(test_csv: Path, res: dict[str, Any], b: int) -> dict[str, Any]:
     """The first ``b`` test sentences, tokenised by the teacher's tokenizer (all students share it)."""
     import torch
 
-    from tl_cli.core.checkpoint import load_module
     from tl_cli.modalities.text.backbone import get_tokenizer
+    from tl_cli.tasks.loading import load_module
 
     m, _ = load_module(res["teacher_ckpt"])
     tok = get_tokenizer(m.backbone.preprocessing)
@@ -533,7 +533,7 @@ def main() -> None:
                     sections.append(SPEED_HEAD + speed_table(res, x, {1: 30, 32: 6}))
     if "text" in args.groups:
         d, unl, n_lab, n_unl = text_data()
-        txt = ["task=text", f"dataset.root={d}", "dataset.num_workers=0"]
+        txt = ["modality=text", f"dataset.root={d}", "dataset.num_workers=0"]
         e, e_unl = args.text_epochs, steps_epochs(args.text_epochs, n_lab, n_unl)
         students = []
         for k in args.text_depths:

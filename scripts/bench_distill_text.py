@@ -4,7 +4,7 @@
     python scripts/bench_distill_text.py [--sets amazon topics] [--seeds 0 1 2] [--depth 2]
                                          [--kd 4:0.9 2:0.5] [--resume] [--write-doc]
 
-What ``tl distill task=text`` gives a user who changes nothing but the student, and which
+What ``tl distill modality=text`` gives a user who changes nothing but the student, and which
 temperature/alpha pair its default should be. Every run is the real ``tl`` executable with the
 default budget (``trainer.max_epochs=auto``), so a row with unlabelled inputs runs the bare
 command's epochs over its larger split (more steps than the row without; the "steps" column says
@@ -22,7 +22,7 @@ Two text sets, with a fixed split (labelled: 10% of it carved as val by ``tl``):
   them), 119 sentences each at random (the smallest topic's count): 30 labelled, 40 test,
   49 unlabelled per topic.
 
-Per set: the teacher is ``tl finetune task=text`` (MiniLM-L6, seed 0); the student is its first
+Per set: the teacher is ``tl finetune modality=text`` (MiniLM-L6, seed 0); the student is its first
 ``--depth`` layers (``backbone.depth``): alone (``tl finetune``, MiniLM's pretrained first layers),
 distilled with each ``--kd T:alpha`` (``tl distill``, from the teacher's first layers), without
 and with the set's unlabelled sentences (``dataset.unlabeled_root``). T and alpha are always given
@@ -190,7 +190,7 @@ def main() -> None:
                 f"ChatterBot corpus topics ({len(keep)} classes: {', '.join(keep)}): {n_lab} "
                 f"labelled, {len(keep) * PER_TOPIC[1]} test, {n_unl} unlabelled"
             )
-        txt = ["task=text", f"dataset.root={d}", "dataset.num_workers=0"]
+        txt = ["modality=text", f"dataset.root={d}", "dataset.num_workers=0"]
         students = [
             (
                 f"MiniLM depth {args.depth}",

@@ -7,7 +7,7 @@ Runs the real ``tl`` in subprocesses:
 
 * ``tl fewshot``: 5-way 1- and 5-shot on ``omniglot-demo/test`` (20 unseen character classes,
   112 px), on the CIFAR-10 subset's test split (128 px; plus 10-way from the same cached
-  features), and 2-way 1/5-shot on the Amazon sentences (task=text); SimpleShot, 600 episodes,
+  features), and 2-way 1/5-shot on the Amazon sentences (modality=text); SimpleShot, 600 episodes,
   15 queries per class, 95% CIs. Omniglot also with ``center=none`` (the cache makes it free).
 * ``tl zeroshot``: the CIFAR subset (its test split, 128 px) from the 10 folder names, and the
   Amazon sentences from ``positive``/``negative`` (every sentence, and ``tl eval`` on the same
@@ -88,7 +88,7 @@ def conse_variants(ckpt: Path, feats: np.ndarray, labels: np.ndarray) -> dict[st
     """Accuracy of the zero-shot checkpoint's ConSE head with other top-T on the same features."""
     import torch
 
-    from tl_cli.core.checkpoint import load_module
+    from tl_cli.tasks.loading import load_module
 
     module, _ = load_module(ckpt)
     head = module.head
@@ -142,7 +142,7 @@ def main() -> None:
     fs["cifar_center"] = fewshot("cifar_center", [*cifar_fs, "center=support"], args.episodes)
     fs["cifar_10way"] = fewshot("cifar_10way", [*cifar_fs, "n_way=10"], args.episodes)
     fs["amazon"] = fewshot(
-        "amazon", ["task=text", f"dataset.root={AMAZON}", "n_way=2", "device=cpu"], args.episodes
+        "amazon", ["modality=text", f"dataset.root={AMAZON}", "n_way=2", "device=cpu"], args.episodes
     )
     res["fewshot"] = {k: {"cmd": v["cmd"], **v["metrics"]} for k, v in fs.items()}
 
@@ -157,7 +157,7 @@ def main() -> None:
     print(f"zeroshot cifar: {zs['cifar']['metrics']['acc']:.3f}", flush=True)
     zs["amazon_all"] = tl(
         "zeroshot",
-        ["task=text", f"dataset.root={AMAZON}", "device=cpu"],
+        ["modality=text", f"dataset.root={AMAZON}", "device=cpu"],
         OUT / "runs" / "zs_amazon",
         "eval.json",
     )
@@ -229,10 +229,10 @@ def main() -> None:
         ["", "`tl train strategy=prototypes`, 1 image/class", "1", f"{p[1]['test_acc']:.3f}"],
         ["", "`tl train strategy=prototypes`, 5 images/class", "5", f"{p[5]['test_acc']:.3f}"],
         ["", "`tl train` feature extraction, linear head (Feature extraction section, 128 px)", "~419", "0.849"],
-        ["Amazon sentences, test carve (200)", "zero-shot: `tl zeroshot task=text` (positive/negative)", "0", f"{z['amazon_test']['acc']:.3f}"],
+        ["Amazon sentences, test carve (200)", "zero-shot: `tl zeroshot modality=text` (positive/negative)", "0", f"{z['amazon_test']['acc']:.3f}"],
         ["", "few-shot 2-way 5-shot episodes (above; all 1000 sentences)", "5", fmt(f["amazon"]["results"]["5"])],
-        ["", "`tl train task=text` feature extraction (Text section)", "360", "0.920"],
-        ["", "`tl finetune task=text` (Text section)", "360", "0.940"],
+        ["", "`tl train modality=text` feature extraction (Text section)", "360", "0.920"],
+        ["", "`tl finetune modality=text` (Text section)", "360", "0.940"],
     ]  # fmt: skip
     sup_table = md_table(["data", "method", "labels/class", "test acc"], rows2, "lllr")
     vt = md_table(

@@ -125,8 +125,8 @@ def bn_switch_check(run_dir: Path, data: Path, image_size: int, batch_size: int)
     import torch.nn.functional as F
     from torch import nn
 
-    from tl_cli.core.checkpoint import load_module
-    from tl_cli.data.base import ImageFolderDataModule
+    from tl_cli.modalities.image.data import ImageFolderDataModule
+    from tl_cli.tasks.loading import load_module
 
     module, _ = load_module(run_dir / "checkpoints" / "last.ckpt")
     dm = ImageFolderDataModule(

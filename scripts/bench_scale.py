@@ -311,8 +311,8 @@ def bench_scale(args: argparse.Namespace) -> dict:
 
 def bench_scan(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT))
-    from tl_cli.data.base import IMG_EXTS
     from tl_cli.data.scan import scan_images
+    from tl_cli.modalities.image.data import IMG_EXTS
 
     files = sorted(str(p) for p in Path(args.root).rglob("*") if p.suffix.lower() in IMG_EXTS)
     if not files:

@@ -3,8 +3,8 @@
 
     python scripts/bench_text.py [--root ../shared/data/sentiment-amazon/amazon_cells.csv]
 
-Runs the real ``tl train task=text`` (feature extraction, the default) and ``tl finetune
-task=text`` with default settings, each in a subprocess. On the same train/test split (tl's own
+Runs the real ``tl train modality=text`` (feature extraction, the default) and ``tl finetune
+modality=text`` with default settings, each in a subprocess. On the same train/test split (tl's own
 carve of the file: ``TextDataModule`` with the default seed and fractions) it fits two references
 on the train split: TF-IDF (word 1-2-grams) + logistic regression, and logistic regression on
 frozen MiniLM mean-pooled embeddings; C of both by 5-fold CV. Prints a table, writes
@@ -35,7 +35,7 @@ CS = [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]
 
 
 def split(root: Path):
-    import tl_cli.components  # noqa: F401
+    import tl_cli.tasks.components  # noqa: F401
     from tl_cli.modalities.text.backbone import TextDataModule
 
     dm = TextDataModule(root=str(root)).prepare()
@@ -112,11 +112,11 @@ def main() -> None:
     print(rows[-1], flush=True)
 
     for label, command in (
-        ("tl train task=text (feature extraction)", "train"),
-        ("tl finetune task=text", "finetune"),
+        ("tl train modality=text (feature extraction)", "train"),
+        ("tl finetune modality=text", "finetune"),
     ):
         print(f"running {label} ...", flush=True)
-        r = run_tl(command, ["task=text", f"dataset.root={root}"], out / command)
+        r = run_tl(command, ["modality=text", f"dataset.root={root}"], out / command)
         m = r["metrics"]
         assert m["test_size"] == len(yte), (m["test_size"], len(yte))
         rows.append(

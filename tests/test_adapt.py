@@ -22,8 +22,9 @@ from PIL import Image
 
 from tests.conftest import COLORS, TINY, compose_cfg, make_image_folder, run_tl
 from tl_cli.commands import evaluate, train
-from tl_cli.core.checkpoint import load_module
 from tl_cli.core.errors import TLError
+from tl_cli.run import training
+from tl_cli.tasks.loading import load_module
 from tl_cli.transfer import adapt
 
 SHARED_COIL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coil20-domains"
@@ -72,7 +73,7 @@ def test_dann_coefficient_ramps_from_zero_to_one() -> None:
 
 def test_adabn_changes_only_batchnorm_statistics(tiny_data: Path, target_dir: Path) -> None:
     cfg = cfg_for(tiny_data, target_dir, Path("unused"), "adapt=adabn", "adapt.layers=all")
-    module, dm = train.build(cfg)
+    module, dm = training.build(cfg)
     feats = np.random.default_rng(0).normal(size=(10, module.backbone.num_features))
     module.head[0].set_statistics(feats)
     before = {k: v.clone() for k, v in module.state_dict().items()}

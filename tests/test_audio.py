@@ -383,7 +383,7 @@ def test_meanstd_pooling_and_context_padding():
 def _train(root: Path, out: Path, *extra: str, command: str = "train"):
     r = run_tl(
         command,
-        "task=audio",
+        "modality=audio",
         f"dataset.root={root}",
         "dataset.num_workers=0",
         "dataset.batch_size=8",
@@ -421,7 +421,7 @@ def test_bad_audio_cli_is_one_line(tones: Path, tmp_path: Path):
     root = tmp_path / "data"
     shutil.copytree(tones, root)
     (root / "train" / "low" / "broken.wav").write_text("not audio")
-    r = run_tl("train", "task=audio", f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'r'}")
+    r = run_tl("train", "modality=audio", f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'r'}")
     assert r.returncode == 2
     err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(err) == 1 and "broken.wav" in err[0] and "not an audio file" in err[0]

@@ -12,16 +12,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tl_cli.cli import config_dir
+from tl_cli.core import network
 from tl_cli.core.errors import TLError
-from tl_cli.data.base import eval_transform
-from tl_cli.modalities import backbones
-from tl_cli.modalities.backbones import (
-    BUNDLED,
-    BackboneSpec,
-    create_backbone,
-    register_backbone,
-    registered_backbones,
-)
+from tl_cli.modalities.backbones import BackboneSpec, register_backbone, registered_backbones
+from tl_cli.modalities.image.backbones import BUNDLED, create_backbone
+from tl_cli.modalities.image.data import eval_transform
 
 from .conftest import compose_cfg, shared_cifar
 
@@ -76,7 +71,7 @@ def test_every_registered_backbone_composes_as_backbone_equals_name():
 
 
 def test_every_backbone_config_names_a_registered_backbone():
-    import tl_cli.components  # noqa: F401 - text and audio backbones register on import
+    import tl_cli.tasks.components  # noqa: F401 - text and audio backbones register on import
 
     files = sorted(BACKBONE_CONFIGS.glob("*.yaml"))
     assert {f.stem for f in files} == set(registered_backbones()) | GENERIC
@@ -107,7 +102,7 @@ def _no_network(monkeypatch) -> list[str]:
         probed.append(url)
         return "example.org unreachable (test: no network)"
 
-    monkeypatch.setattr(backbones, "_probe", probe)
+    monkeypatch.setattr(network, "probe", probe)
     return probed
 
 
@@ -145,7 +140,7 @@ def test_probe_reports_an_unreachable_host_without_raising(monkeypatch):
         raise ConnectionRefusedError(111, "Connection refused")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    assert backbones._probe("https://hub.example/x.pth") == (
+    assert network.probe("https://hub.example/x.pth") == (
         "hub.example unreachable (Connection refused)"
     )
 

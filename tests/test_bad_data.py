@@ -19,8 +19,8 @@ from PIL import Image
 
 from tests.conftest import TINY, compose_cfg, make_image_folder, run_tl
 from tl_cli.core.errors import TLError
-from tl_cli.data.base import ImageFolderDataModule, load_image
 from tl_cli.data.scan import check_image, scan_images
+from tl_cli.modalities.image.data import ImageFolderDataModule, load_image
 
 
 def _dm(root: Path, **kw) -> ImageFolderDataModule:

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from omegaconf import open_dict
 
-from tl_cli.commands.train import build, run
+from tl_cli.commands.train import run
 from tl_cli.core.errors import TLError
 from tl_cli.data import features
 from tl_cli.data.features import FeatureDataModule, check_entry
+from tl_cli.run.training import build
 
 
 def _entry(cache: Path, split: str) -> tuple[Path, Path, Path]:

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from tl_cli.cli import config_dir
 from tl_cli.data.base import DATASETS, TransferDataModule
-from tl_cli.modalities.backbones import Backbone, build_backbone
+from tl_cli.modalities.backbones import build_backbone
+from tl_cli.modalities.image.backbones import Backbone
 from tl_cli.transfer.heads import HEADS
 from tl_cli.transfer.optimizers import OPTIMIZERS
 from tl_cli.transfer.schedulers import PlateauState, shape_fn
@@ -80,7 +81,7 @@ def test_backbone_options_instantiate(name: str):
 
 @pytest.mark.parametrize("name", options("strategy"))
 def test_strategy_options_instantiate(name: str):
-    import tl_cli.components  # noqa: F401 - every strategy registered (prototypes)
+    import tl_cli.tasks.components  # noqa: F401 - every strategy registered (prototypes)
 
     s = STRATEGIES.build(compose_cfg([f"strategy={name}"]).strategy)
     assert isinstance(s, TransferStrategy) and s.name == name
@@ -90,7 +91,7 @@ def test_strategy_options_instantiate(name: str):
 
 @pytest.mark.parametrize("name", options("dataset"))
 def test_dataset_options_instantiate(name: str, tiny_data: Path):
-    import tl_cli.components  # noqa: F401 - every dataset registered (text)
+    import tl_cli.tasks.components  # noqa: F401 - every dataset registered (text)
 
     extra = {
         "imagefolder": [f"dataset.root={tiny_data}"],
@@ -258,10 +259,10 @@ def test_task_defaults_label_smoothing_per_modality():
     """Images smooth labels (0.1); text and audio do not (measured: docs/benchmarks.md); the
     command line still wins, and tl distill never smooths (its soft targets do)."""
     assert compose_cfg([]).label_smoothing == 0.1
-    assert compose_cfg(["task=text"], "finetune").label_smoothing == 0.0
-    assert compose_cfg(["task=audio"], "finetune").label_smoothing == 0.0
-    assert compose_cfg(["task=text", "label_smoothing=0.2"], "finetune").label_smoothing == 0.2
-    assert compose_cfg(["task=image", "teacher=x"], "distill").label_smoothing == 0.0
+    assert compose_cfg(["modality=text"], "finetune").label_smoothing == 0.0
+    assert compose_cfg(["modality=audio"], "finetune").label_smoothing == 0.0
+    assert compose_cfg(["modality=text", "label_smoothing=0.2"], "finetune").label_smoothing == 0.2
+    assert compose_cfg(["modality=image", "teacher=x"], "distill").label_smoothing == 0.0
 
 
 def test_unknown_option_lists_valid_ones():

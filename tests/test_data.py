@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tl_cli.core.errors import TLError
-from tl_cli.data.base import (
+from tl_cli.modalities.image.data import (
     ImageFolderDataModule,
     SampleDataModule,
     eval_transform,

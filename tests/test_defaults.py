@@ -7,11 +7,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from tl_cli.commands import train
 from tl_cli.core.console import History
+from tl_cli.run import training
 from tl_cli.run.tuning import falling_slope
 from tl_cli.tasks.classification import val_score
 
@@ -85,11 +87,11 @@ def test_data_warnings_imbalance_and_small_val():
             balance=balance,
         )
 
-    assert train.data_warnings(dm([30, 10], 40)) == []  # exactly 3:1 is fine
-    (w,) = train.data_warnings(dm([31, 10], 40))
+    assert training.data_warnings(dm([30, 10], 40)) == []  # exactly 3:1 is fine
+    (w,) = training.data_warnings(dm([31, 10], 40))
     assert "imbalanced 3.1:1" in w and "dataset.balance=weights" in w
-    assert train.data_warnings(dm([31, 10], 40, balance="weights")) == []  # already handled
-    (w,) = train.data_warnings(dm([10, 10], 12))
+    assert training.data_warnings(dm([31, 10], 40, balance="weights")) == []  # already handled
+    (w,) = training.data_warnings(dm([10, 10], 12))
     assert "validation split has 12 images" in w and "8.3 points" in w
     # the data module names its inputs (TextDataModule: texts, AudioFolderDataModule: recordings)
     from tl_cli.modalities.audio.data import AudioFolderDataModule
@@ -97,7 +99,7 @@ def test_data_warnings_imbalance_and_small_val():
 
     text_dm = dm([31, 10], 12)
     text_dm.item_noun = TextDataModule.item_noun
-    imb, small = train.data_warnings(text_dm)
+    imb, small = training.data_warnings(text_dm)
     assert "'k0' 31 texts" in imb and "validation split has 12 texts" in small
     assert AudioFolderDataModule.item_noun == "recordings"
 
@@ -105,10 +107,10 @@ def test_data_warnings_imbalance_and_small_val():
 def test_collapse_warning_only_when_one_class_is_predicted():
     hist = [{"epoch": 0, "val/pred_classes": 1.0}, {"epoch": 1, "val/pred_classes": 2.0}]
     mod = SimpleNamespace(pred_counts={"test": torch.tensor([0, 5])}, class_names=["x", "y"])
-    w = train.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
+    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
     assert len(w) == 2 and "'y' for all 5 test images" in w[1]
     mod.pred_counts["test"] = torch.tensor([1, 4])
-    assert train.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
+    assert training.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
 
 
 def test_checkpoint_tie_break_picks_the_lower_loss():
@@ -124,7 +126,7 @@ def test_checkpoint_tie_break_picks_the_lower_loss():
         h.epochs.append(
             {"epoch": e, "val/acc": acc, "val/loss": loss, "val/score": val_score(acc, loss, 10)}
         )
-    m = train.collect_metrics(h, None, None, 1.0, "val/score", "max")
+    m = training.collect_metrics(h, None, None, 1.0, "val/score", "max")
     assert m["best_epoch"] == 3 and m["val/loss"] == 0.4
 
 
@@ -275,3 +277,85 @@ def test_epochs_of_a_converged_head_are_one_batch_each_with_the_same_metrics(tmp
     )
     train.run(cfg, callbacks=[sgd])
     assert sgd.batches == {0: 3, 1: 3}
+
+
+# --------------------------------------------------------------------------- head-only epoch (#24)
+
+
+def test_finetune_that_gets_worse_keeps_the_head_only_weights_in_best_ckpt(tmp_path):
+    """Fine-tuning from an L-BFGS head starts with a head-only epoch (no optimizer step) whose
+    validation makes the head alone a best.ckpt candidate: a fine-tune that destroys the network
+    (AdamW at LR 0.3 on everything) leaves best.ckpt holding the fitted head on the untouched backbone."""
+    from .test_resume import weights
+
+    root = make_set(tmp_path / "data", {"a": 16, "b": 16}, test_per_class=6)
+    m = run_tiny(
+        root,
+        tmp_path / "run",
+        "strategy=finetune",
+        "strategy.backbone_lr_mult=1.0",
+        "optimizer.lr=0.3",
+        "scheduler=none",
+        "dataset.val_fraction=0.25",
+        "trainer.max_epochs=2",
+    )
+    assert m["epochs"] == 3  # the head-only epoch, then trainer.max_epochs=2 of fine-tuning
+    head, tuned = m["stages"]
+    assert (head["stage"], head["epoch"], tuned["stage"]) == ("head only", 1, "fine-tuned")
+    assert head["val/acc"] == 1.0 and tuned["val/score"] < head["val/score"], m["stages"]
+    assert m["best_epoch"] == 1 and head["in_best_ckpt"] and not tuned["in_best_ckpt"]
+    assert m["defaults"]["optimizer_steps"] == 2 * m["defaults"]["steps_per_epoch"]
+    assert m["defaults"]["epochs"] == 2
+    best = weights(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    last = weights(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    # the backbone in best.ckpt is the initial one (no step in the head-only epoch); last moved
+    moved = [k for k in best if k.startswith("backbone.") and not torch.equal(best[k], last[k])]
+    assert moved
+    assert m["test/acc"] >= 0.9  # tested from best.ckpt: the head-only model
+
+
+def test_head_only_epoch_takes_no_step_and_the_schedule_starts_after_it(tiny_cfg):
+    from .test_strategies import Spy
+
+    spy = Spy()
+    m = train.run(
+        tiny_cfg("strategy=finetune", "trainer.max_epochs=2", "scheduler.warmup_fraction=0.5"),
+        callbacks=[spy],
+    )
+    by_epoch: dict[int, list] = {}
+    for r in spy.rows:
+        by_epoch.setdefault(r["epoch"], []).append(r)
+    assert sorted(by_epoch) == [0, 1, 2]
+    assert all(v == 0.0 for r in by_epoch[0] for v in r["lr"].values())  # nothing steps
+    assert all(r["bn_training"] == {False} for r in by_epoch[0])
+    first = by_epoch[1][0]["lr"]
+    # cosine warm-up starts at the first fine-tuning step, not inside the head-only epoch
+    warmup = m["defaults"]["warmup_steps"]
+    assert warmup == m["defaults"]["optimizer_steps"] // 2 > 1
+    assert first["head"] == pytest.approx(1e-3 / warmup)
+    assert first["backbone"] == pytest.approx(first["head"] * 0.1)
+    assert [s["stage"] for s in m["stages"]] == ["head only", "fine-tuned"]
+
+
+def test_feature_extraction_has_no_head_only_epoch(tmp_path):
+    root = make_set(tmp_path / "data", {"a": 8, "b": 8}, test_per_class=2)
+    m = run_tiny(root, tmp_path / "run", "trainer.max_epochs=2")
+    assert "stages" not in m and m["epochs"] == 2
+
+
+def test_collapse_advice_never_names_the_setting_in_use():
+    from tl_cli.transfer.strategies import Finetune
+
+    def module(head_fit, balance=None, trains=True):
+        return SimpleNamespace(
+            strategy=Finetune(head_fit=head_fit),
+            policy=SimpleNamespace(backbone_ever_trains=trains),
+            balance=balance,
+            supports_head_fit=lambda: True,
+        )
+
+    tip = train.collapse_advice(module("lbfgs"))
+    assert "head_fit=lbfgs" not in tip and "strategy=feature_extraction" in tip
+    assert "head_fit=lbfgs" in train.collapse_advice(module("sgd"))
+    tip = train.collapse_advice(module("lbfgs", balance="weights", trains=False))
+    assert "balance" not in tip and "feature_extraction" not in tip and "more data" in tip

@@ -11,9 +11,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
-from tl_cli.commands.distill import kd_loss
-from tl_cli.core.checkpoint import load_module
 from tl_cli.modalities.backbones import build_backbone
+from tl_cli.tasks.distill import kd_loss
+from tl_cli.tasks.loading import load_module
 
 from .conftest import COLORS, compose_cfg, make_image_folder, run_tl
 
@@ -65,8 +65,9 @@ def test_unlabelled_rows_only_feed_the_kd_term():
 
 
 def test_kd_settings_auto_follows_the_teachers_modality_and_explicit_values_win():
-    from tl_cli.commands.distill import _check_kd, kd_settings
+    from tl_cli.commands.distill import _check_kd
     from tl_cli.core.errors import TLError
+    from tl_cli.tasks.distill import kd_settings
 
     assert _check_kd({"distill": {"temperature": "auto", "alpha": "auto"}}) == (None, None)
     assert _check_kd({"distill": {"temperature": "3", "alpha": 0.25}}) == (3.0, 0.25)
@@ -140,7 +141,7 @@ def test_depth_keeps_the_first_blocks_with_their_weights():
 
 
 def test_depth_cuts_a_transformer_to_its_first_layers():
-    import tl_cli.components  # noqa: F401 - the text sources registered
+    import tl_cli.tasks.components  # noqa: F401 - the text sources registered
 
     bb = build_backbone({"name": "minilm", "source": "minilm", "depth": 2}, pretrained=False)
     assert len(bb.model.encoder.layer) == 2

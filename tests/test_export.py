@@ -11,8 +11,8 @@ import torch
 from omegaconf import open_dict
 
 from tl_cli.commands import export
-from tl_cli.core.checkpoint import load_module
 from tl_cli.core.errors import TLError
+from tl_cli.tasks.loading import load_module
 
 from .conftest import compose_cfg, run_tl
 from .trained_run import trained_run
@@ -52,8 +52,8 @@ def run_file(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
             return torch.jit.load(str(path))(x)
     from safetensors.torch import load_file
 
-    from tl_cli.commands.export import ExportModel
     from tl_cli.tasks.classification import ClassificationTask
+    from tl_cli.tasks.classification.task import ExportModel
 
     side = json.loads(path.with_suffix(".json").read_text())
     arch = side["architecture"]

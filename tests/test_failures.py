@@ -19,16 +19,10 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_cfg, run_tl
-from tl_cli.core.checkpoint import read_checkpoint
+from tl_cli.core.checkpoint import atomic_save, read_checkpoint
 from tl_cli.core.errors import TLError
 from tl_cli.run import safety
-from tl_cli.run.safety import (
-    AtomicCheckpointIO,
-    NonFiniteError,
-    TrainingGuard,
-    atomic_save,
-    stale_temp_files,
-)
+from tl_cli.run.safety import AtomicCheckpointIO, NonFiniteError, TrainingGuard, stale_temp_files
 
 # --------------------------------------------------------------------------- helpers
 
@@ -38,7 +32,7 @@ from tl_cli.run.safety import (
 # SIGKILL lands mid-write, with half a file on disk).
 CHILD = r"""
 import io, os, sys, time
-import tl_cli.run.safety as s
+import tl_cli.core.checkpoint as s
 from tl_cli.tasks.classification import ClassificationTask as _Task
 _orig, _n = s._serialize, [0]
 pause_at = int(os.environ.get("TL_TEST_PAUSE_AT_WRITE", "0"))
@@ -556,13 +550,13 @@ def test_second_run_into_the_same_dir_is_refused_unless_overwrite(tiny_cfg, tmp_
 
 
 def test_nonfinite_check_finds_the_tensor_and_ignores_an_overflowing_sum() -> None:
-    from tl_cli.run.safety import _first_nonfinite
+    from tl_cli.run.safety import first_nonfinite
 
     ok = {"a": torch.ones(3), "n": torch.tensor([1, 2])}
-    assert _first_nonfinite(ok) is None
+    assert first_nonfinite(ok) is None
     # finite weights whose sum overflows float32: the quick pass flags them, the exact one clears
-    assert _first_nonfinite({**ok, "big": torch.full((4,), 3e38)}) is None
-    assert _first_nonfinite({**ok, "b": torch.tensor([1.0, float("nan")])}) == "b"
+    assert first_nonfinite({**ok, "big": torch.full((4,), 3e38)}) is None
+    assert first_nonfinite({**ok, "b": torch.tensor([1.0, float("nan")])}) == "b"
     # inf and -inf: a sum of NaN, still caught; and a lone -inf in half precision
-    assert _first_nonfinite({**ok, "c": torch.tensor([float("inf"), float("-inf")])}) == "c"
-    assert _first_nonfinite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.half)}) == "h"
+    assert first_nonfinite({**ok, "c": torch.tensor([float("inf"), float("-inf")])}) == "c"
+    assert first_nonfinite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.half)}) == "h"

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from omegaconf import open_dict
 
-from tl_cli.commands.train import build, run
+from tl_cli.commands.train import run
 from tl_cli.data.features import FeatureDataModule
+from tl_cli.run.training import build
 
 
 def _files(cache: Path) -> dict[str, float]:

@@ -14,13 +14,12 @@ from tl_cli.commands import evaluate, export, predict
 from tl_cli.commands.fewshot import (
     check_episodes,
     episode_accuracy,
-    leave_one_out,
-    prototypes,
     run_episodes,
     sample_episode,
 )
-from tl_cli.core.checkpoint import load_module
 from tl_cli.core.errors import TLError
+from tl_cli.tasks.loading import load_module
+from tl_cli.transfer.prototypes import leave_one_out, prototypes
 
 from .conftest import TINY, TINY_FEATURES, make_image_folder, run_cfg, run_tl
 
@@ -43,7 +42,7 @@ def proto_run(tmp_path_factory, tiny_data):
 
 def _features(module, folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of every image under folder/<class>/ (the eval transform), by hand."""
-    from tl_cli.data.base import eval_transform, load_image
+    from tl_cli.modalities.image.data import eval_transform, load_image
 
     tf = eval_transform(module.preprocessing)
     xs, ys = [], []
@@ -223,14 +222,23 @@ def test_fewshot_command_writes_fewshot_json(tiny_data, tmp_path):
     assert doc["results"] == saved["results"]
 
 
-def test_fewshot_cli_error_exit_2_one_line(tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    "arg,says",
+    [
+        ("n_way=4", "n_way=4 exceeds the 3 classes"),
+        # issue 23: episodes=1e11 ran unbounded; refused before any feature is extracted
+        ("episodes=1e11", "episodes=100000000000 must be at most 100000"),
+    ],
+)
+def test_fewshot_cli_error_exit_2_one_line(tiny_data, tmp_path, arg, says):
     r = run_tl(
         "fewshot",
         *TINY_FEATURES,
         f"dataset.root={tiny_data}",
-        "n_way=4",
+        arg,
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "n_way=4 exceeds the 3 classes" in lines[0]
+    assert len(lines) == 1 and says in lines[0], lines
+    assert not (tmp_path / "run" / "fewshot.json").exists()

@@ -264,16 +264,21 @@ def test_finite_metrics_still_pass_and_fail_as_before():
     gates.enforce(gs, "eval.json")  # no error
 
 
-def test_eval_cli_nan_checkpoint_fails_loss_gate(run_dir, tmp_path):
+def nan_head_checkpoint(run_dir: Path, path: Path) -> Path:
+    """The run's best.ckpt with every head weight NaN."""
     import torch
 
-    ckpt = torch.load(run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
     head = [k for k in ckpt["state_dict"] if k.startswith("head") and k.endswith("weight")]
     assert head
     for k in head:
         ckpt["state_dict"][k] = torch.full_like(ckpt["state_dict"][k], float("nan"))
-    nan_ckpt = tmp_path / "nan.ckpt"
-    torch.save(ckpt, nan_ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_eval_cli_nan_checkpoint_fails_loss_gate(run_dir, tmp_path):
+    nan_ckpt = nan_head_checkpoint(run_dir, tmp_path / "nan.ckpt")
     r = run_tl(
         "eval", f"checkpoint={nan_ckpt}", f"hydra.run.dir={tmp_path / 'e'}", "fail_over.loss=0.5"
     )
@@ -281,3 +286,24 @@ def test_eval_cli_nan_checkpoint_fails_loss_gate(run_dir, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert "is not finite (fail_over.loss)" in last and last.startswith("tl: error: gate failed")
     assert "Traceback" not in r.stderr
+
+
+def test_eval_nan_model_fails_every_gate_whatever_its_accuracy(run_dir, tmp_path):
+    """Issue 23: NaN head weights gave acc 0.5 (an argmax over NaN logits) and passed
+    fail_under.acc=0.1. A model with NaN/inf outputs fails every gate; without gates eval still
+    exits 1 (its scores mean nothing), after writing eval.json."""
+    nan_ckpt = nan_head_checkpoint(run_dir, tmp_path / "nan.ckpt")
+    r = run_tl(
+        "eval", f"checkpoint={nan_ckpt}", f"hydra.run.dir={tmp_path / 'g'}", "fail_under.acc=0.1"
+    )
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("tl: error: gate failed: acc ") and "(fail_under.acc)" in lines[0]
+    assert "is not usable: the model's outputs are NaN/inf" in lines[0]
+    ev = json.loads((tmp_path / "g" / "eval.json").read_text())
+    assert ev["gates"][0]["passed"] is False and "NaN/inf" in ev["unusable"]
+    r = run_tl("eval", f"checkpoint={nan_ckpt}", f"hydra.run.dir={tmp_path / 'n'}")
+    assert r.returncode == 1 and (tmp_path / "n" / "eval.json").is_file()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "its weight head." in lines[0] and "scores mean nothing" in lines[0]

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from tl_cli.commands import backbones as listing
-from tl_cli.modalities.backbones import (
-    build_backbone,
-    count_params,
-    create_backbone,
-    registered_backbones,
-)
+from tl_cli.modalities.backbones import build_backbone, count_params, registered_backbones
+from tl_cli.modalities.image.backbones import create_backbone
 
 from .conftest import compose_cfg, run_tl
 
@@ -28,6 +24,9 @@ def test_every_registered_backbone_is_listed_with_facts():
     images = [r for r in rows if r.source in ("bundled", "torchvision", "timm")]
     assert all(r.image_size for r in images) and by["minilm"].image_size is None
     assert by["minilm"].offline and by["speech_embedding"].offline  # bundled in their packages
+    # one registry for every modality: the rows say what each backbone reads
+    assert (by["efficientnet_lite0"].modality, by["minilm"].modality) == ("image", "text")
+    assert by["speech_embedding"].modality == "audio"
     # the bundled package is a dependency: its weights are there without network
     assert by["efficientnet_lite0"].offline is True
     assert by["efficientnet_lite0"].image_size == 224 and by["efficientnet_lite2"].image_size == 260
@@ -37,9 +36,8 @@ def test_every_registered_backbone_is_listed_with_facts():
 
 def test_param_counts_equal_the_real_backbone():
     bb = create_backbone("efficientnet_lite0", weights="none", pretrained=False)
-    assert listing.describe(
-        "efficientnet_lite0", "bundled", "tf_efficientnet_lite0"
-    ).params == count_params(bb)
+    spec = registered_backbones()["efficientnet_lite0"]
+    assert listing.describe("efficientnet_lite0", "bundled", spec).params == count_params(bb)
 
 
 def test_torchvision_weights_offline_only_when_cached(tmp_path, monkeypatch):
@@ -91,7 +89,16 @@ def test_main_prints_table_json_and_errors(capsys):
         "efficientnet_lite1",
         "efficientnet_lite2",
     }
-    assert set(data[0]) == {"name", "source", "params", "image_size", "offline", "weights", "usage"}
+    assert set(data[0]) == {
+        "name",
+        "source",
+        "modality",
+        "params",
+        "image_size",
+        "offline",
+        "weights",
+        "usage",
+    }
     assert listing.main(["no_such_backbone_xyz"]) == 1
     assert "no backbone matches 'no_such_backbone_xyz'" in capsys.readouterr().err
     assert listing.main(["--limit", "x"]) == 2

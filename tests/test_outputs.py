@@ -17,8 +17,9 @@ from omegaconf import open_dict
 from tl_cli.commands import evaluate, export, predict, train
 from tl_cli.core import outputs
 from tl_cli.core.errors import TLError
+from tl_cli.modalities.image.modality import ImageModality
 
-from .conftest import compose_cfg
+from .conftest import compose_cfg, run_tl
 from .trained_run import trained_run
 
 
@@ -198,8 +199,10 @@ def test_full_disk_names_the_file_and_keeps_the_old_one(ckpt, images, tmp_path, 
     if fmt == "json":
         monkeypatch.setattr(outputs, "_write_file", half_then_full)
     else:
+        from tl_cli.tasks.classification import task as classification
+
         monkeypatch.setattr(
-            predict, "write_csv", lambda path, rows, k: half_then_full(open(path, "wb"))
+            classification, "write_csv", lambda path, rows, k: half_then_full(open(path, "wb"))
         )
     with pytest.raises(TLError) as e:
         predict.run(
@@ -247,7 +250,16 @@ def test_a_second_run_into_a_locked_run_dir_gets_one_line(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["checkpoints/last.ckpt", "metrics.json", "report.md", "curves.png"]
+    "name",
+    [
+        "checkpoints/last.ckpt",
+        "metrics.json",
+        "report.md",
+        "curves.png",
+        # issue 23: the CSV logger's files were replaced by a second tl train
+        "csv/metrics.csv",
+        "csv/hparams.yaml",
+    ],
 )
 def test_rerun_into_a_dir_with_earlier_outputs_is_refused(tiny_cfg, tmp_path, name):
     earlier = tmp_path / "run" / name
@@ -309,10 +321,12 @@ def test_predict_refuses_nan_model_outputs(nan_ckpt, images, tmp_path):
 
 
 def test_eval_json_is_strict_with_a_nan_checkpoint(nan_ckpt, tmp_path):
-    res = evaluate.run(cfg_for("eval", nan_ckpt, tmp_path / "ev"))
-    assert math.isnan(res["loss"])
+    # the scores of a model with NaN outputs mean nothing: exit 1, after eval.json is written
+    with pytest.raises(TLError, match=r"outputs are NaN/inf .* scores mean nothing") as e:
+        evaluate.run(cfg_for("eval", nan_ckpt, tmp_path / "ev"))
+    assert e.value.exit_code == 1
     doc = json.loads((tmp_path / "ev" / "eval.json").read_text(), parse_constant=refuse_constants)
-    assert doc["loss"] is None and "loss" in doc["nonfinite"]
+    assert doc["loss"] is None and "loss" in doc["nonfinite"] and "NaN/inf" in doc["unusable"]
 
 
 # --------------------------------------------------------------------------- paths
@@ -331,10 +345,10 @@ def test_symlink_loop_glob_counts_each_image_once(tiny_data, tmp_path, monkeypat
     (d / "a" / "loop").symlink_to(d)  # a directory loop (the old glob found 292 "images" in 7)
     monkeypatch.chdir(tmp_path)
     for spec in ("d/**/*.png", str(d / "**" / "*.png"), "d", "d/**"):
-        found = predict.find_inputs(spec)
+        found = ImageModality().find(spec)
         assert len(found) == 7, (spec, len(found))
         assert len({os.path.realpath(f) for f in found}) == 7
-    assert len(predict.find_inputs("d/*/*.png")) == 7
+    assert len(ImageModality().find("d/*/*.png")) == 7
 
 
 def test_a_folder_reached_twice_counts_once(tiny_data, tmp_path, monkeypatch):
@@ -343,7 +357,7 @@ def test_a_folder_reached_twice_counts_once(tiny_data, tmp_path, monkeypatch):
     os.link(e / "b" / "0.png", e / "b" / "hard.png")  # the same file under two names
     monkeypatch.chdir(tmp_path)
     for spec in ("e/**/*.png", "e", "e/*/*.png", "[e/a,e/also_a,e/b]"):
-        found = predict.find_inputs(compose_cfg([f"inputs={spec}"], "predict").inputs)
+        found = ImageModality().find(compose_cfg([f"inputs={spec}"], "predict").inputs)
         assert len(found) == 7, (spec, found)
 
 
@@ -357,3 +371,61 @@ def test_output_with_a_trailing_slash_is_a_folder(ckpt, images, tmp_path, monkey
     (tmp_path / "afile").write_text("x")
     with pytest.raises(TLError, match="exists and is not a folder"):
         predict.run(cfg_for("predict", ckpt, tmp_path / "run", f"inputs={images}", "output=afile/"))
+
+
+# --------------------------------------------------------------------------- issue 23: overwrites
+
+
+@pytest.mark.parametrize("name", ["misclassified.csv", "top_losses.png"])
+def test_eval_never_replaces_an_earlier_error_analysis(ckpt, tmp_path, name):
+    """tl eval hydra.run.dir=DIR silently replaced DIR/misclassified.csv and top_losses.png."""
+    earlier = tmp_path / "ev" / name
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"earlier run")
+    with pytest.raises(TLError, match=rf"{earlier} already exists: choose another"):
+        evaluate.run(cfg_for("eval", ckpt, tmp_path / "ev"))
+    assert earlier.read_bytes() == b"earlier run"
+    assert sorted(p.name for p in earlier.parent.iterdir()) == [name]
+
+
+def test_every_command_default_output_is_in_the_one_list():
+    from tl_cli.commands import pretrain
+
+    names = set(outputs.RUN_OUTPUTS)
+    assert set(pretrain.OUTPUTS) <= names
+    assert {f"model{ext}" for ext in export.FORMATS.values()} | {"model.json"} <= names
+    assert {"checkpoints/zeroshot.ckpt", "fewshot.json", "failed.json"} <= names
+
+
+def test_a_refused_rerun_leaves_the_earlier_runs_hydra_config_alone(ckpt, images, tmp_path):
+    """The refusal comes before Hydra writes RUN/.hydra/*.yaml: a second tl train into a run dir,
+    or tl predict / eval / export pointed at it, left the first run's recorded config rewritten
+    (tl predict made it say command: predict)."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    shutil.copy(ckpt, run_dir / "checkpoints" / "best.ckpt")
+    recorded = {}
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        (run_dir / ".hydra" / name).write_text(f"command: train  # {name}\n")
+        recorded[name] = (run_dir / ".hydra" / name).stat().st_mtime_ns
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    commands = {
+        "train": ["train", "backbone.name=test_efficientnet", "trainer.max_epochs=1"],
+        "predict": ["predict", f"checkpoint={ckpt}", f"inputs={images}"],
+        "eval": ["eval", f"checkpoint={ckpt}"],
+        "export": ["export", f"checkpoint={ckpt}", "format=safetensors"],
+    }
+    for name, args in commands.items():
+        r = run_tl(*args, f"hydra.run.dir={run_dir}")
+        assert r.returncode == 2, (name, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr)
+        assert lines[0] == (
+            f"tl: error: {run_dir / 'checkpoints' / 'best.ckpt'} already exists: choose "
+            "another hydra.run.dir, or pass overwrite=true to replace it"
+        ), (name, lines[0])
+        for f, mtime in recorded.items():
+            assert (run_dir / ".hydra" / f).read_text() == f"command: train  # {f}\n", name
+            assert (run_dir / ".hydra" / f).stat().st_mtime_ns == mtime, name
+        assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before, name

@@ -12,9 +12,9 @@ import torch
 from omegaconf import open_dict
 
 from tl_cli.commands import predict
-from tl_cli.core.checkpoint import load_module
 from tl_cli.core.errors import TLError
-from tl_cli.data.base import eval_transform, load_image
+from tl_cli.modalities.image.data import eval_transform, load_image
+from tl_cli.tasks.loading import load_module
 
 from .conftest import compose_cfg, run_tl
 from .trained_run import trained_run

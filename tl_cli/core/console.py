@@ -179,15 +179,16 @@ class UnfreezeLines(pl.Callback):
 class EpochLines(pl.Callback):
     """One line per finished epoch, numbered from 1, on a terminal and in logs alike."""
 
-    def __init__(self, history: History) -> None:
+    def __init__(self, history: History, keys: tuple[str, ...] | list[str] = EPOCH_METRICS) -> None:
         self.history = history
+        self.keys = tuple(keys)  # the task's epoch_metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.history.epochs:
             return
         row = self.history.epochs[-1]
         parts = [f"epoch {int(row['epoch']) + 1}/{trainer.max_epochs}"]
-        parts += [f"{k} {row[k]:.4f}" for k in EPOCH_METRICS if k in row]
+        parts += [f"{k} {row[k]:.4f}" for k in self.keys if k in row]
         if "lr" in row:
             parts.append(f"lr {row['lr']:.2e}")
         parts.append(f"{row['seconds']:.1f}s")
@@ -203,6 +204,27 @@ def summary_table(title: str, metrics: dict[str, Any], keys: list[str] | None = 
     for k in keys or list(metrics):
         if k in metrics and not isinstance(metrics[k], dict | list):
             t.add_row(k, fmt(metrics[k], k))
+    show(t)
+
+
+def stage_table(rows: list[dict[str, Any]]) -> None:
+    """``head only`` vs ``fine-tuned``: each stage's best epoch, and which one best.ckpt holds."""
+    if not rank_zero():
+        return
+    t = Table(title="head only vs fine-tuned (best epoch of each)", header_style="bold")
+    cols = ["train/acc", "val/acc", "val/loss"]
+    t.add_column("stage")
+    t.add_column("epoch", justify="right")
+    for c in cols:
+        t.add_column(c, justify="right")
+    t.add_column("best.ckpt")
+    for r in rows:
+        t.add_row(
+            r["stage"],
+            str(r["epoch"]),
+            *(fmt(r[c], c) if c in r else "-" for c in cols),
+            "yes" if r.get("in_best_ckpt") else "",
+        )
     show(t)
 
 

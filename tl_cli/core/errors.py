@@ -47,17 +47,20 @@ def report_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TLError as e:
-            _log(f"tl: error: {e}")
-            print(f"tl: error: {e}", file=sys.stderr)
+            _log(f"tl: error: {one_line(e)}")
+            print(f"tl: error: {one_line(e)}", file=sys.stderr)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             print("tl: interrupted", file=sys.stderr)
             sys.exit(130)
-        except Exception as e:  # noqa: BLE001 - last line of defence for unexpected errors
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - last line of defence for unexpected errors
+            # (BaseException: a Rust extension's panic, pyo3's PanicException, is not an Exception)
             root = root_cause(e)
             if isinstance(root, TLError):
-                _log(f"tl: error: {root}")
-                print(f"tl: error: {root}", file=sys.stderr)
+                _log(f"tl: error: {one_line(root)}")
+                print(f"tl: error: {one_line(root)}", file=sys.stderr)
                 sys.exit(root.exit_code)
             line = f"tl: error: {describe(e)} (set HYDRA_FULL_ERROR=1 for the traceback)"
             _log(line)
@@ -65,6 +68,17 @@ def report_errors(fn: F) -> F:
             sys.exit(EXIT_FAILED)
 
     return wrapper  # type: ignore[return-value]
+
+
+def one_line(e: BaseException) -> str:
+    """A TLError's line. One raised in a DataLoader worker comes back re-raised by PyTorch as
+    ``Caught TLError in DataLoader worker process 0.\nOriginal Traceback ...\n...TLError: <line>``:
+    the line, without the worker's traceback."""
+    msg = str(e)
+    if "\nOriginal Traceback" not in msg:
+        return msg
+    last = [ln for ln in msg.splitlines() if ln.strip()][-1].strip()
+    return last.split("TLError: ", 1)[1] if "TLError: " in last else last
 
 
 def root_cause(e: BaseException) -> BaseException:

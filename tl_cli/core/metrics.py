@@ -36,6 +36,20 @@ TARGET_METRICS = (
 )
 #: the summary table of `tl train`
 TRAIN_SUMMARY = (*FINAL_METRICS, *TARGET_METRICS, "best_epoch", "epochs", "fit_seconds")
+
+
+def train_summary(metrics: dict) -> list[str]:
+    """The summary keys of a train run: its task's final metrics (metrics.json ``metric_names``,
+    written from the task's declarations), the adaptation ones, then best epoch, epochs, time."""
+    final = (metrics.get("metric_names") or {}).get("final") or FINAL_METRICS
+    return [*final, *TARGET_METRICS, "best_epoch", "epochs", "fit_seconds"]
+
+
+def epoch_keys(metrics: dict) -> tuple[str, ...]:
+    """The per-epoch metric names of a train run (its task's ``epoch_metrics``)."""
+    return tuple((metrics.get("metric_names") or {}).get("epoch") or EPOCH_METRICS)
+
+
 #: what `tl distill` adds to metrics.json (besides ``teacher/test/acc``, the teacher measured on
 #: the same split in the same run): sizes, measured CPU latency per input, teacher/student ratios
 DISTILL_METRICS = (

@@ -35,18 +35,42 @@ from tl_cli.core.errors import EXIT_FAILED, TLError
 #: Temp files are ".<name>.<random>.tmp" (plus the target's suffix for writers that need it).
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".tl.lock"
-#: What a tl run leaves in its run dir; any of them there means the dir holds an earlier run.
+#: What a tl run leaves in its run dir, every command's (the one list the guards use: tl's
+#: preflight before Hydra writes RUN/.hydra, and each command before it writes); any of them
+#: there means the dir holds an earlier run.
 RUN_OUTPUTS = (
+    # tl train / finetune / distill / zeroshot
     "checkpoints/best.ckpt",
     "checkpoints/last.ckpt",
+    "checkpoints/zeroshot.ckpt",
     "metrics.json",
     "report.md",
     "curves.png",
+    "lr_find.png",
+    "domains.png",
+    "csv/metrics.csv",  # the default logger (Lightning's CSVLogger)
+    "csv/hparams.yaml",
+    # tl eval
     "eval.json",
     "confusion_matrix.png",
+    "misclassified.csv",
+    "top_losses.png",
+    # tl predict, tl export (default names), tl fewshot, tl pretrain
     "predictions.csv",
     "predictions.json",
+    "model.onnx",
+    "model.pt",
+    "model.safetensors",
+    "model.json",
+    "fewshot.json",
+    "backbone.safetensors",
+    "pretrain.json",
+    "pretrain_curves.png",
+    # a failed job of a sweep
+    "failed.json",
 )
+#: What a sweep leaves in its sweep dir (besides its numbered job dirs).
+SWEEP_OUTPUTS = ("summary.csv", "summary.md")
 
 PathLike = str | os.PathLike[str]
 
@@ -60,11 +84,6 @@ def _file_id(p: PathLike) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def same_file(a: PathLike, b: PathLike) -> bool:
-    ia, ib = _file_id(a), _file_id(b)
-    return ia is not None and ia == ib
 
 
 def check_output(
@@ -234,6 +253,8 @@ def write_json(path: PathLike, obj: Any) -> Path:
 
 #: run dir (resolved) -> (fd of its .tl.lock, the lock file's path); at most one per process
 _HELD: dict[str, tuple[int, Path]] = {}
+#: every run dir this process has locked (its outputs there are this process's own)
+CLAIMED: set[str] = set()
 
 
 def _rank_zero() -> bool:
@@ -283,6 +304,7 @@ def lock_run_dir(out: PathLike) -> Path:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             _HELD[key] = (fd, lock)
+            CLAIMED.add(key)
             return lock
         os.close(fd)
     raise TLError(f"{out}: could not lock {lock} (it keeps changing)")
@@ -311,16 +333,40 @@ def earlier_outputs(out: PathLike, names: Iterable[str] = RUN_OUTPUTS) -> list[P
 _PENDING: dict[str, tuple[bool, PathLike | None]] = {}
 
 
-def _check_run_dir(out: Path, overwrite: bool, resume_from: PathLike | None) -> None:
+def refuse_earlier_run(
+    out: PathLike,
+    overwrite: bool,
+    resume_from: PathLike | None = None,
+    key: str = "hydra.run.dir",
+) -> None:
+    """Refuse a run dir holding an earlier run's outputs (``RUN_OUTPUTS``), unless ``overwrite``
+    or this run resumes from a checkpoint in it."""
+    out = Path(out)
     found = earlier_outputs(out)
     if found and not overwrite:
         resuming_here = bool(resume_from) and (
-            Path(str(resume_from)).resolve().parent == (out / "checkpoints").resolve()
+            Path(os.path.expanduser(str(resume_from))).resolve().parent
+            == (out / "checkpoints").resolve()
         )
         if not resuming_here:
             raise TLError(
-                f"{found[0]} already exists: choose another hydra.run.dir, or pass overwrite=true to replace it"
+                f"{found[0]} already exists: choose another {key}, or pass overwrite=true to replace it"
             )
+
+
+def refuse_earlier_sweep(sweep_dir: PathLike, overwrite: bool) -> None:
+    """Refuse a sweep dir holding an earlier sweep (its summary, or a job dir with outputs)."""
+    d = Path(sweep_dir)
+    if overwrite or not d.is_dir():
+        return
+    found = earlier_outputs(d, SWEEP_OUTPUTS)
+    for job in sorted(p for p in d.iterdir() if p.is_dir() and p.name.isdigit()):
+        found += earlier_outputs(job)
+    if found:
+        raise TLError(
+            f"{found[0]} already exists (an earlier sweep): choose another hydra.sweep.dir, or "
+            "pass overwrite=true to replace its runs"
+        )
 
 
 def claim_run_dir(
@@ -340,7 +386,7 @@ def claim_run_dir(
     if not _rank_zero():
         return
     out = Path(out)
-    _check_run_dir(out, overwrite, resume_from)
+    refuse_earlier_run(out, overwrite, resume_from)
     if not create and not out.is_dir():
         _PENDING.clear()
         _PENDING[str(out.resolve())] = (overwrite, resume_from)
@@ -359,7 +405,37 @@ def claim_pending(out: PathLike) -> None:
     overwrite, resume_from = _PENDING.pop(key)
     lock_run_dir(out)
     try:  # another run may have written here since the first check
-        _check_run_dir(out, overwrite, resume_from)
+        refuse_earlier_run(out, overwrite, resume_from)
     except TLError:
         release_run_dir(out)
         raise
+
+
+def inside_run_dir(path: Path, out_dir: Path) -> None:
+    if path.is_symlink() or not path.resolve().is_relative_to(out_dir.resolve()):
+        raise TLError(
+            f"{path} points outside the run dir {out_dir}; pass output=PATH to write elsewhere"
+        )
+
+
+def output_path(cfg: Any, default_name: str, protect: list[str]) -> Path:
+    """Where to write: ``output`` as given (a folder, or a path ending in /, gets ``default_name``),
+    else the run dir.
+
+    The default stays inside the run dir (a symlink there that points elsewhere is refused). An
+    existing file is refused unless ``overwrite=true``, and one of ``protect`` (the checkpoint, the
+    inputs; the same file by device and inode) always: see `tl_cli.core.outputs.check_output`.
+    """
+    out_dir = Path(str(cfg.output_dir))
+    given = cfg.get("output")
+    if given:
+        raw = os.path.expanduser(str(given))
+        path = Path(raw)
+        if raw.endswith(("/", os.sep)) or path.is_dir():
+            if os.path.lexists(path) and not path.is_dir():
+                raise TLError(f"output={given}: {path} exists and is not a folder")
+            path = path / default_name  # a folder (created when written): the default name in it
+    else:
+        path = out_dir / default_name
+        inside_run_dir(path, out_dir)
+    return check_output(path, overwrite=bool(cfg.get("overwrite", False)), inputs=protect)

@@ -1,17 +1,18 @@
-"""Datasets as LightningDataModules: image folders (three layouts), the built-in sample, CIFAR.
+"""Data modules every modality shares: the base LightningDataModule, the class-folder layouts,
+the seeded stratified carve, epoch-seeded samplers and the ``DATASETS`` registry.
 
-Each data module scans its source once (``prepare()``), so the class names are known before
-the model is built, and takes the backbone's preprocessing (``set_preprocessing``) so that
-transforms follow the pretrained weights rather than a hard-coded ImageNet guess.
+Each data module scans its source once (``prepare()``), so the class names are known before the
+model is built, and takes the backbone's preprocessing (``set_preprocessing``) so that inputs
+follow the pretrained weights rather than a hard-coded guess. A modality subclasses
+`TransferDataModule` (or `ClassFolderDataModule` for one folder per class) and supplies how an
+item is read (``loader``) and transformed (``transform``); ``modalities/image/data.py`` is the
+reference.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import random
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,51 +20,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from tl_cli.core.errors import TLError
 from tl_cli.core.registry import Registry
-from tl_cli.data.scan import check_split_depth, drop_corrupt, open_image, scan_images
-
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "sample_data"
-
-
-def sample_root() -> str:
-    """Path of the built-in sample dataset (used by ``configs/dataset/sample.yaml``)."""
-    return str(SAMPLE_ROOT)
+from tl_cli.core.values import check_dataset_values
+from tl_cli.data.scan import check_split_depth, drop_corrupt
 
 
 def default_num_workers() -> int:
     """One loader process per spare core, capped at 8; 0 on a single-core machine."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open any still image as RGB, applying its EXIF orientation.
-
-    Decompression-bomb-sized images (over PIL's ``MAX_IMAGE_PIXELS``) and unreadable files raise
-    a TLError naming the file.
-    """
-    with open_image(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit / 32-bit integer greyscale: scale to 8 bits instead of clipping at 255
-            import numpy as np
-
-            arr = np.asarray(im, dtype=np.float64)
-            hi = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            im = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype("uint8"), mode="L")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return im.convert("RGB")
-
-
-# --------------------------------------------------------------------------- transforms
 
 
 def effective_preprocessing(prep: dict[str, Any], image_size: int | None) -> dict[str, Any]:
@@ -74,62 +41,13 @@ def effective_preprocessing(prep: dict[str, Any], image_size: int | None) -> dic
     return out
 
 
-def _interp(name: str) -> T.InterpolationMode:
-    try:
-        return T.InterpolationMode(name)
-    except ValueError:
-        return T.InterpolationMode.BILINEAR
-
-
-def eval_transform(prep: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the short side to size/crop_pct, centre-crop, normalise (torchvision/timm eval)."""
-    size = int(prep["input_size"])
-    resize = int(math.floor(size / float(prep.get("crop_pct", 0.875))))
-    return T.Compose(
-        [
-            T.Resize(resize, interpolation=_interp(prep["interpolation"])),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(prep["mean"], prep["std"]),
-        ]
-    )
-
-
-def train_transform(
-    prep: dict[str, Any], augment: str = "light"
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Light augmentation: a mild random-resized crop and a horizontal flip.
-
-    Transfer learning keeps augmentation gentle: the pretrained features already encode
-    most invariances, and heavy crops hurt small datasets.
-    """
-    if augment in (None, "none", False):
-        return eval_transform(prep)
-    if augment != "light":
-        raise TLError(f"dataset.augment={augment!r} must be 'light' or 'none'")
-    size = int(prep["input_size"])
-    return T.Compose(
-        [
-            T.RandomResizedCrop(
-                size, scale=(0.5, 1.0), interpolation=_interp(prep["interpolation"])
-            ),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(prep["mean"], prep["std"]),
-        ]
-    )
-
-
-# --------------------------------------------------------------------------- datasets
-
-
-class ImageListDataset(Dataset):
+class ItemDataset(Dataset):
     """``(item, label)`` pairs, an item loader and a transform."""
 
     def __init__(
         self,
         items: Sequence[tuple[Any, int]],
-        loader: Callable[[Any], Image.Image],
+        loader: Callable[[Any], Any],
         transform: Callable | None,
     ) -> None:
         self.items = list(items)
@@ -192,16 +110,6 @@ class EpochBalanced(EpochShuffle):
 BALANCE = (None, "none", "weights", "sampler")
 
 
-class _ArrayLoader:
-    """Loads image ``i`` from an in-memory uint8 array (CIFAR)."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = data
-
-    def __call__(self, i: int) -> Image.Image:
-        return Image.fromarray(self.data[i])
-
-
 @dataclass(frozen=True)
 class FileKind:
     """What a folder dataset reads: file extensions and the words its error lines use."""
@@ -218,18 +126,11 @@ class FileKind:
         return p.suffix.lower() in self.exts and not p.name.startswith(".")
 
 
-IMAGE_FILES = FileKind(IMG_EXTS, "image", "images")
-
-
-def _is_image(p: Path) -> bool:
-    return IMAGE_FILES.matches(p)
-
-
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def scan_class_folders(split_dir: Path, kind: FileKind = IMAGE_FILES) -> dict[str, list[Path]]:
+def scan_class_folders(split_dir: Path, kind: FileKind) -> dict[str, list[Path]]:
     """Map class name -> sorted files of ``kind`` in ``split_dir/<class>/**``; errors name the path."""
     ph = kind.placeholder
     stray = sorted(p for p in split_dir.iterdir() if p.is_file() and kind.matches(p))
@@ -286,9 +187,6 @@ def stratified_split(
     return sorted(keep), sorted(held)
 
 
-# --------------------------------------------------------------------------- data modules
-
-
 class TransferDataModule(pl.LightningDataModule):
     """Shared loaders and transforms; subclasses implement ``_scan``.
 
@@ -322,8 +220,6 @@ class TransferDataModule(pl.LightningDataModule):
         target_root: str | None = None,
     ) -> None:
         super().__init__()
-        from tl_cli.run.validate import check_dataset_values
-
         check_dataset_values(image_size, batch_size, num_workers, val_fraction, split_seed, augment)
         if balance not in BALANCE:
             raise TLError(f"dataset.balance={balance!r} must be weights, sampler or null")
@@ -339,8 +235,13 @@ class TransferDataModule(pl.LightningDataModule):
         self.preprocessing: dict[str, Any] | None = None
         self.class_names: list[str] = []
         self.splits: dict[str, list[tuple[Any, int]]] = {}
-        self.loader: Callable[[Any], Image.Image] = load_image
+        #: item -> raw input (a path -> an image, a clip, ...): set by the modality's module
+        self.loader: Callable[[Any], Any] | None = None
         self.layout = ""
+        #: False: no val/test carve, every labelled item stays in train (folders the user split
+        #: are kept). ``tl eval dataset.root=OTHER`` scores a folder whole; prototypes use every
+        #: item. Set before ``prepare()``.
+        self.carve = True
         self._scanned = False
 
     # -- scanning
@@ -348,6 +249,16 @@ class TransferDataModule(pl.LightningDataModule):
         """Scan the source once: class names, splits. Safe to call repeatedly."""
         if not self._scanned:
             self._scan()
+            from tl_cli.core.checkpoint import looks_like_interpolation
+
+            # a checkpoint stores the class names and refuses any that reads as an interpolation:
+            # refused here too, so no run trains to a checkpoint that predict then refuses
+            bad = next((c for c in self.class_names if looks_like_interpolation(str(c))), None)
+            if bad is not None:
+                raise TLError(
+                    f"class {bad!r}: a class name may not contain '${{' (it reads as an OmegaConf "
+                    "interpolation, which tl checkpoints refuse); rename that folder or label"
+                )
             self._scanned = True
         return self
 
@@ -370,21 +281,29 @@ class TransferDataModule(pl.LightningDataModule):
         return bool(self.splits.get(split))
 
     # -- datasets and loaders
-    def dataset(self, split: str, train_aug: bool | None = None) -> ImageListDataset:
+    def split_items(self, split: str) -> list[tuple[Any, int]]:
+        """The (item, label) pairs of a split, once the data is scanned and preprocessing set."""
         self.prepare()
         if self.preprocessing is None:
             raise RuntimeError("set_preprocessing() must be called before building datasets")
         if split not in self.splits:
             raise TLError(f"dataset has no {split!r} split (available: {', '.join(self.splits)})")
-        aug = split == "train" if train_aug is None else train_aug
-        tf = (
-            train_transform(self.preprocessing, self.augment)
-            if aug
-            else eval_transform(self.preprocessing)
-        )
-        return ImageListDataset(self.splits[split], self.loader, tf)
+        return self.splits[split]
 
-    def make_loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+    def dataset(self, split: str, train_aug: bool | None = None) -> ItemDataset:
+        items = self.split_items(split)
+        aug = split == "train" if train_aug is None else train_aug
+        return ItemDataset(items, self.loader, self.transform(aug))
+
+    def transform(self, train_aug: bool) -> Callable | None:
+        """Raw input -> model input, following ``self.preprocessing`` (the modality's own)."""
+        return None
+
+    def make_loader(
+        self, ds: Dataset, shuffle: bool, collate_fn: Callable | None = None
+    ) -> DataLoader:
+        """A loader of ``ds``: epoch-seeded shuffling (balanced with ``dataset.balance=sampler``),
+        this module's batch size, workers and ``collate_fn(ds)`` unless one is given."""
         n = len(ds)  # type: ignore[arg-type]
         sampler: torch.utils.data.Sampler | None = EpochShuffle(n) if shuffle else None
         if shuffle and self.balance == "sampler" and hasattr(ds, "items"):
@@ -396,13 +315,14 @@ class TransferDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            collate_fn=self.collate_fn(),
+            collate_fn=collate_fn or self.collate_fn(ds),
             # a last batch of one image breaks BatchNorm in train mode
             drop_last=shuffle and n > self.batch_size and n % self.batch_size == 1,
         )
 
-    def collate_fn(self) -> Callable | None:
-        """How samples become a batch (None: torch's default); text pads per batch here."""
+    def collate_fn(self, ds: Dataset | None = None) -> Callable | None:
+        """How samples of ``ds`` become a batch (None: torch's default); text and audio pad per
+        batch here."""
         return None
 
     def setup(self, stage: str | None = None) -> None:
@@ -422,18 +342,18 @@ class TransferDataModule(pl.LightningDataModule):
         return f"{self.name}: {self.num_classes} classes, {sizes} ({self.layout})"
 
 
-class ImageFolderDataModule(TransferDataModule):
-    """Folders of images, one folder per class. Three layouts are accepted:
+class ClassFolderDataModule(TransferDataModule):
+    """Folders of files, one folder per class (``kind`` says which files). Three layouts:
 
     * ``root/train`` + ``root/val`` (+ optional ``root/test``)
     * ``root/train`` + ``root/test``: val is carved out of train
     * ``root/<class>/*``: val is carved out of everything
     """
 
-    name = "imagefolder"
-    #: the files this folder dataset reads, and the check that finds unreadable ones
-    kind: FileKind = IMAGE_FILES
-    scan_files: Callable[..., list[Any]] = staticmethod(scan_images)
+    #: the files this folder dataset reads, and the check that finds unreadable ones (set by the
+    #: modality's subclass: images, audio clips, ...)
+    kind: FileKind
+    scan_files: Callable[..., list[Any]]
 
     def __init__(self, root: str | None = None, skip_corrupt: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
@@ -503,6 +423,8 @@ class ImageFolderDataModule(TransferDataModule):
         self.splits = splits
 
     def _carve(self, items: list[tuple[Any, int]], classes: list[str], where: Path):
+        if not self.carve:  # scored whole, or every item a support item: nothing held out
+            return list(items), []
         keep, held = stratified_split(
             [y for _, y in items],
             self.val_fraction,
@@ -531,97 +453,5 @@ def _check_same_classes(expected: list[str], got: list[str], where: Path, ref: P
         raise TLError(f"{where}: class folders differ from {ref}: {'; '.join(parts)}")
 
 
-class SampleDataModule(ImageFolderDataModule):
-    """The built-in sample: 10 CIFAR-10 classes, 60 train + 20 test images each, inside the package.
-
-    ``root`` stays None in configs and checkpoints, so it resolves to the installed package on
-    whatever machine evaluates the checkpoint.
-    """
-
-    name = "sample"
-
-    def __init__(self, root: str | None = None, **kw: Any) -> None:
-        super().__init__(root=root or sample_root(), **kw)
-
-
-class TorchvisionDataModule(TransferDataModule):
-    """CIFAR-10 / CIFAR-100 from torchvision (downloaded to ``root`` when missing)."""
-
-    SETS = {
-        "cifar10": ("CIFAR10", "cifar-10-batches-py"),
-        "cifar100": ("CIFAR100", "cifar-100-python"),
-    }
-
-    def __init__(
-        self,
-        name: str = "cifar10",
-        root: str = "~/.cache/tl/datasets",
-        download: bool = True,
-        **kw: Any,
-    ) -> None:
-        super().__init__(**kw)
-        if name not in self.SETS:
-            raise TLError(f"dataset.name={name!r} must be one of {', '.join(self.SETS)}")
-        self.name = name
-        self.root = root
-        self.download = download
-
-    def _scan(self) -> None:
-        import torchvision
-
-        cls_name, folder = self.SETS[self.name]
-        root = Path(os.path.expanduser(str(self.root)))
-        cls = getattr(torchvision.datasets, cls_name)
-        if not (root / folder).is_dir():
-            if not self.download:
-                raise TLError(
-                    f"{self.name} not found at {root / folder} and dataset.download=false"
-                )
-            from tl_cli.modalities.backbones import _probe
-
-            reason = _probe("https://www.cs.toronto.edu")
-            if reason:
-                raise TLError(
-                    f"cannot download {self.name}: {reason}. Put the extracted {folder}/ folder in {root} "
-                    f"(dataset.root), or use dataset=imagefolder"
-                )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                train = cls(str(root), train=True, download=self.download)
-                test = cls(str(root), train=False, download=self.download)
-        except (OSError, RuntimeError) as e:
-            raise TLError(
-                f"cannot load {self.name} from {root}: {str(e).splitlines()[0]}"
-            ) from None
-        self.class_names = list(train.classes)
-        items = [(i, int(y)) for i, y in enumerate(train.targets)]
-        keep, held = stratified_split(
-            [y for _, y in items], self.val_fraction, self.split_seed, self.class_names, str(root)
-        )
-        # train/val index the train array, test indexes the test array: two loaders
-        self._train_loader, self._test_loader = _ArrayLoader(train.data), _ArrayLoader(test.data)
-        self.splits = {
-            "train": [items[i] for i in keep],
-            "val": [items[i] for i in held],
-            "test": [(i, int(y)) for i, y in enumerate(test.targets)],
-        }
-        self.layout = "torchvision train/test, val carved from train"
-
-    def dataset(self, split: str, train_aug: bool | None = None) -> ImageListDataset:
-        ds = super().dataset(split, train_aug)
-        ds.loader = self._test_loader if split == "test" else self._train_loader
-        return ds
-
-
-# --------------------------------------------------------------------------- registry
-
 #: dataset.name -> data module. Checkpoints store this name and plain options, never a class path.
 DATASETS: Registry[TransferDataModule] = Registry("dataset")
-DATASETS.register("imagefolder", ImageFolderDataModule)
-DATASETS.register("sample", SampleDataModule)
-for _set in TorchvisionDataModule.SETS:
-    DATASETS.register(_set, functools.partial(TorchvisionDataModule, name=_set))
-
-#: modality -> the dataset that reads a user's folder (``tl eval checkpoint=... dataset.root=DIR``)
-FOLDER_DATASETS: dict[str, str] = {"image": "imagefolder"}

@@ -27,10 +27,19 @@ class Modality:
     name = "base"
     #: the noun used in messages (``images``, ``texts``, ``clips``)
     noun = "inputs"
+    #: the ``dataset.name`` that reads a user's own data of this modality (a folder of class
+    #: folders, a CSV, ...): ``tl eval dataset.root=DIR``, ``tl train modality=X dataset.root=...``
+    folder_dataset = "imagefolder"
 
-    def find(self, inputs: Any) -> list[Any]:  # pragma: no cover - abstract
-        """The items ``inputs=`` names (paths, texts, ...), in order."""
-        raise NotImplementedError
+    #: the file extensions of this modality's inputs (``find``'s default reads files)
+    extensions: tuple[str, ...] = ()
+
+    def find(self, inputs: Any) -> list[Any]:
+        """The items ``inputs=`` names (paths, texts, ...), in order: by default the files with
+        one of ``extensions`` that ``inputs`` names (a folder, a file, a glob or a list)."""
+        from tl_cli.data.inputs import find_inputs
+
+        return find_inputs(inputs, self.extensions, self.noun)
 
     def protected(self, inputs: Any, items: list[Any]) -> list[str]:
         """Files an output must never replace (the inputs themselves)."""
@@ -100,58 +109,36 @@ class ReadEach(Dataset):
             return None, i, f"{type(e).__name__}: {msg}"[:300]
 
 
-def collate_reads(modality: Modality, prep: dict[str, Any]) -> Callable:
-    """A collate_fn for `ReadEach`: (batch or None, indices, [(index, error)])."""
+def collate_reads(collate_inputs: Callable[[list[Any]], Any]) -> Callable:
+    """A collate_fn for `ReadEach`: (batch or None, indices, [(index, error)]); the inputs that
+    were read are batched by ``collate_inputs``."""
 
     def collate(batch: list[tuple[Any, int, str | None]]):
         good = [(x, i) for x, i, err in batch if err is None]
         errors = [(i, err) for _, i, err in batch if err is not None]
-        x = modality.collate([g[0] for g in good], prep) if good else None
+        x = collate_inputs([g[0] for g in good]) if good else None
         return x, [g[1] for g in good], errors
 
     return collate
 
 
-@MODALITIES.register("image")
-class ImageModality(Modality):
-    """Still images: float32 NCHW, normalised with the checkpoint's mean and std."""
+#: the modules that register modalities (imported on the first lookup)
+_PROVIDERS = (
+    "tl_cli.modalities.image.modality",
+    "tl_cli.modalities.text.backbone",
+    "tl_cli.modalities.audio.modality",
+)
 
-    name = "image"
-    noun = "images"
 
-    def find(self, inputs: Any) -> list[Any]:
-        from tl_cli.data.base import IMG_EXTS
-        from tl_cli.data.inputs import find_inputs
+def get_modality(name: str) -> Modality:
+    """The registered modality ``name`` (image, text, audio), every modality registered first."""
+    import importlib
 
-        return find_inputs(inputs, IMG_EXTS, self.noun)
-
-    def loader(self, prep: dict[str, Any]) -> Callable[[Any], Any]:
-        from tl_cli.data.base import eval_transform, load_image
-
-        tf = eval_transform(prep)
-        return lambda path: tf(load_image(path))
-
-    def example(self, prep: dict[str, Any], batch: int, seed: int) -> tuple[torch.Tensor, ...]:
-        size = int(prep["input_size"])
-        g = torch.Generator().manual_seed(seed)
-        return (torch.randn(batch, 3, size, size, generator=g),)
-
-    def input_names(self, prep: dict[str, Any]) -> list[str]:
-        return ["image"]
-
-    def describe_input(self, prep: dict[str, Any]) -> dict[str, Any]:
-        size = int(prep["input_size"])
-        return {
-            "name": "image",
-            "shape": ["batch", 3, size, size],
-            "dtype": "float32",
-            "layout": "NCHW",
-            "transform": f"RGB in [0, 1], resize short side to floor({size} / crop_pct), centre crop {size}, (x - mean) / std",
-        }
+    for m in _PROVIDERS:
+        importlib.import_module(m)
+    return MODALITIES.get(str(name))()
 
 
 def modality_of(meta: dict[str, Any]) -> Modality:
     """The modality a checkpoint's metadata names (``image`` for tl 0.1 checkpoints)."""
-    import tl_cli.components  # noqa: F401 - every modality registered
-
-    return MODALITIES.get(str(meta.get("modality", "image")))()
+    return get_modality(str(meta.get("modality", "image")))

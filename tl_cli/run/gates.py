@@ -13,7 +13,8 @@ Metric names:
   slash: Hydra keys cannot hold ``/``) pick one explicitly. Any other number in metrics.json works too.
 
 A metric that is NaN or infinite fails every gate that names it, ``fail_under`` and ``fail_over``
-alike (a NaN compares false with anything, so a plain comparison would pass it). Such a value may
+alike (a NaN compares false with anything, so a plain comparison would pass it). A model whose
+outputs are NaN/inf fails every gate, whatever the metrics computed from them say. Such a value may
 arrive as a float or, from strict JSON, as ``None`` with its key listed in ``"nonfinite"``.
 """
 
@@ -61,6 +62,8 @@ class Gate:
     error: str | None = None  # the gate names a metric that is not there
     #: set when the metric is NaN/inf: "nan", "inf", "-inf" or "not finite" (None + nonfinite flag)
     nonfinite: str | None = field(default=None, repr=False)
+    #: set when the model itself is unusable (NaN/inf outputs): the gate fails whatever the value
+    unusable: str | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -70,13 +73,18 @@ class Gate:
         """The JSON form (no NaN/inf in it: a non-finite value is ``None``, ``passed`` False)."""
         d = asdict(self)
         d.pop("nonfinite")
+        d.pop("unusable")
         if self.nonfinite:
             d["value"] = None
+        if self.unusable:
+            d["error"] = self.unusable
         return d
 
     def failure(self) -> str:
         """This failed gate, for the one-line error."""
         what = self.key or self.metric
+        if self.unusable:
+            return f"{what} {self.value:.4f} is not usable: {self.unusable} ({self.name})"
         if self.nonfinite == "not finite":
             return f"{what} is not finite ({self.name})"
         if self.nonfinite:
@@ -150,18 +158,29 @@ def _numeric_keys(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def _split_key(metric: str, metrics: dict[str, Any]) -> str | None:
+    """A bare name (``acc``, ``f1``, ``map_50``): the test metric when there is one, else val's."""
+    for split in ("test", "val"):
+        key = f"{split}/{metric}"
+        if key in metrics or _flagged(metrics, key):
+            return key
+    return None
+
+
 def resolve_train_key(metric: str, metrics: dict[str, Any] | None = None) -> str | None:
-    """The metrics.json key a train gate names; None if unknown (metrics None: names only)."""
-    if metric in _TRAIN_BARE:
-        if metrics is None:
-            return f"test/{metric}"
-        for split in ("test", "val"):
-            if f"{split}/{metric}" in metrics or _flagged(metrics, f"{split}/{metric}"):
-                return f"{split}/{metric}"
-        return None
-    slashed = metric.replace(".", "/", 1)
+    """The metrics.json key a train gate names; None if unknown (metrics None: names only).
+
+    A bare name means the final test metric when the run has a test split, else the best-epoch
+    validation metric; ``val.acc`` / ``test.acc`` pick one; any other number of metrics.json
+    (``best_epoch``, ``fit_seconds``) is itself.
+    """
     if metrics is None:
-        return slashed if slashed in TRAIN_METRICS else None
+        return metric.replace(".", "/", 1) if "." in metric else f"test/{metric}"
+    if "." not in metric:
+        key = _split_key(metric, metrics)
+        if key is not None or metric in _TRAIN_BARE:
+            return key
+    slashed = metric.replace(".", "/", 1)
     for cand in (slashed, metric):
         v = metrics.get(cand)
         if isinstance(v, int | float) and not isinstance(v, bool):
@@ -171,21 +190,30 @@ def resolve_train_key(metric: str, metrics: dict[str, Any] | None = None) -> str
     return None
 
 
-def check_train_names(gates: list[Gate]) -> None:
-    """Fail before training when a gate names no metric `tl train` produces."""
-    known = {*TRAIN_METRICS, "best_epoch", "epochs", "fit_seconds"}
+def check_train_names(
+    gates: list[Gate],
+    final: tuple[str, ...] = TRAIN_METRICS,
+    bare: tuple[str, ...] = _TRAIN_BARE,
+) -> None:
+    """Fail before training when a gate names no metric `tl train` produces; ``final`` and
+    ``bare`` are the task's declarations (``final_metrics``, ``gate_metrics``)."""
+    known = {*final, "best_epoch", "epochs", "fit_seconds"}
     for g in gates:
-        if g.metric in _TRAIN_BARE or g.metric.replace(".", "/", 1) in known:
+        if g.metric in bare or g.metric.replace(".", "/", 1) in known:
             continue
-        names = ", ".join([*_TRAIN_BARE, *(k.replace("/", ".") for k in TRAIN_METRICS)])
+        names = ", ".join([*bare, *(k.replace("/", ".") for k in final)])
         raise TLError(f"{g.name}: tl train has no metric {g.metric!r}; gate one of: {names}")
 
 
-def evaluate(gates: list[Gate], data: dict[str, Any], kind: str) -> list[Gate]:
+def evaluate(
+    gates: list[Gate], data: dict[str, Any], kind: str, unusable: str | None = None
+) -> list[Gate]:
     """Fill in each gate's value and result. kind: ``train`` (metrics.json) or ``eval`` (eval.json).
 
     Never raises, so the caller can write its outputs first; a gate naming a metric that is not
-    there gets ``error`` set, and :func:`enforce` reports it as bad input.
+    there gets ``error`` set, and :func:`enforce` reports it as bad input. ``unusable`` (why the
+    model's outputs cannot be trusted: NaN/inf logits) fails every gate, whatever the metrics
+    computed from those outputs say (an argmax over NaN logits still gives an accuracy).
     """
     where = "metrics.json" if kind == "train" else "eval.json"
     for g in gates:
@@ -224,6 +252,8 @@ def evaluate(gates: list[Gate], data: dict[str, Any], kind: str) -> list[Gate]:
             continue
         g.key, g.value = key, float(value)
         g.passed = not (g.value < g.threshold if g.rule == "fail_under" else g.value > g.threshold)
+        if unusable:
+            g.passed, g.unusable = False, unusable
     return gates
 
 

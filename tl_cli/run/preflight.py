@@ -104,6 +104,10 @@ OPEN = ("hydra", "callbacks", "fail_under", "fail_over")
 REGISTRY_CHECKED = ("backbone", "head", "strategy", "optimizer", "scheduler", "dataset", "task")
 
 
+#: the modality group's options (configs/modality/): ``task=`` named them before tl 0.2
+MODALITY_NAMES = ("image", "text", "audio")
+
+
 def _habit(name: str, command: str) -> str | None:
     target = HABITS.get(name)
     if target == "checkpoint" and command in ("train", "finetune"):
@@ -351,6 +355,12 @@ class Preflight:
             if s is None:
                 raise self.bare_word(a)
             prefix, key, value = s
+            if key == "task" and not prefix and value in MODALITY_NAMES:
+                # tl 0.1's spelling: task= picked the modality; task= now names what is learned
+                _say(
+                    f"task={value} is now spelled modality={value} (task=classification is the default)"
+                )
+                key = "modality"
             value = _expand_home(value)
             if key in ("checkpoint", "ckpt_path", "teacher") and not prefix:
                 value = self.run_dir_checkpoint(key, value)
@@ -360,7 +370,7 @@ class Preflight:
             i += 1
         first = [self.first_value(o) for o in overrides] if multirun else overrides
         task = self.teacher_task(overrides)
-        if task:  # tl distill: the task group follows the teacher's modality
+        if task:  # tl distill: the modality group follows the teacher's
             out.insert(next(i for i, a in enumerate(out) if a in overrides), task)
             overrides.insert(0, task)
             first = [self.first_value(o) for o in overrides] if multirun else overrides
@@ -369,6 +379,7 @@ class Preflight:
         except Exception as e:  # noqa: BLE001 - Hydra's errors, translated
             raise self.translate(e, first) from None
         self.check_run_dir(cfg, multirun)
+        self.check_earlier_run(cfg, multirun)
         added = self.folder_dataset(cfg, overrides)
         if added:
             at = next(i for i, a in enumerate(out) if a in overrides)
@@ -379,11 +390,11 @@ class Preflight:
         return out
 
     def teacher_task(self, overrides: list[str]) -> str | None:
-        """``task=<the teacher's modality>`` for tl distill when the command line names none."""
+        """``modality=<the teacher's>`` for tl distill when the command line names none."""
         if self.command != "distill":
             return None
         keys = {s[1]: s[2] for o in overrides if (s := _split_override(o))}
-        if "task" in keys or "teacher" not in keys:
+        if "modality" in keys or "teacher" not in keys:
             return None
         try:
             from tl_cli.core.checkpoint import read_checkpoint
@@ -392,7 +403,11 @@ class Preflight:
         except Exception:  # noqa: BLE001 - tl distill itself reports a bad teacher, in one line
             return None
         modality = meta.get("modality", "image")
-        return f"task={modality}" if isinstance(modality, str) and modality.isidentifier() else None
+        return (
+            f"modality={modality}"
+            if isinstance(modality, str) and modality in MODALITY_NAMES
+            else None
+        )
 
     def check_run_dir(self, cfg: Any, multirun: bool) -> None:
         """The run (sweep) dir must be a folder tl can create and write in."""
@@ -415,6 +430,26 @@ class Preflight:
             raise TLError(
                 f"{key}={raw}: cannot write in {anc} (read-only or no permission); choose another {key}"
             )
+
+    def check_earlier_run(self, cfg: Any, multirun: bool) -> None:
+        """A run (sweep) dir that holds an earlier run's outputs is refused here, before Hydra
+        writes ``.hydra/{config,overrides,hydra}.yaml`` into it (a refused rerun, or ``tl predict
+        hydra.run.dir=<a train run>``, would otherwise rewrite that run's recorded config). The
+        commands check again before they write (`tl_cli.core.outputs.claim_run_dir`), with the same
+        list of outputs."""
+        from tl_cli.core.outputs import refuse_earlier_run, refuse_earlier_sweep
+
+        try:
+            raw = str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+            overwrite = bool(cfg.get("overwrite", False))
+            resume = cfg.get("ckpt_path") if self.command in ("train", "finetune") else None
+        except Exception:  # noqa: BLE001 - an interpolation only Hydra's run can resolve
+            return
+        d = Path(os.path.expanduser(raw))
+        if multirun:
+            refuse_earlier_sweep(d, overwrite)
+        else:
+            refuse_earlier_run(d, overwrite, resume)
 
     def first_value(self, o: str) -> str:
         """A sweep override reduced to its first value (what job 0 composes)."""
@@ -463,15 +498,15 @@ class Preflight:
                 break
         if own is None or own.get("root", "x") is not None:
             return None  # a dataset that reads a root of its own (imagefolder, cifar10, ...)
-        import tl_cli.components  # noqa: F401 - every modality's folder dataset registered
-        from tl_cli.data.base import FOLDER_DATASETS
+        from tl_cli.modalities.base import get_modality
 
-        task = str(choices.get("task") or "image")
-        folder = FOLDER_DATASETS.get(task)
-        if folder is None:
+        modality = str(choices.get("modality") or "image")
+        try:
+            folder = get_modality(modality).folder_dataset
+        except TLError:
             raise TLError(
                 f"dataset.root is not read by dataset={choice}: add dataset=<a folder dataset>"
-            )
+            ) from None
         _say(f"dataset.root given: using dataset={folder} (not the built-in dataset={choice})")
         return f"dataset={folder}"
 

@@ -14,46 +14,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tl_cli.core.console import fmt
-from tl_cli.core.metrics import EVAL_SUMMARY, TRAIN_SUMMARY
-from tl_cli.core.metrics import HISTORY_KEYS as HISTORY
-from tl_cli.core.outputs import atomic_path, write_text
-
-TRAIN_KEYS = list(TRAIN_SUMMARY)
-EVAL_KEYS = list(EVAL_SUMMARY)
-HISTORY_KEYS = list(HISTORY)
-
-
-def _figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> None:
-    """PNG beside ``path``, then renamed onto it (`tl_cli.core.outputs.atomic_path`)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
-
+from tl_cli.core.markdown import md_table
+from tl_cli.core.metrics import EPOCH_METRICS, epoch_keys, train_summary
+from tl_cli.core.outputs import write_text
+from tl_cli.core.plots import figure as _figure
+from tl_cli.core.plots import save_figure as _save
 
 # --------------------------------------------------------------------------- plots
 
 
 def plot_curves(
-    history: list[dict[str, float]], path: Path, title: str = "", best_epoch: int | None = None
+    history: list[dict[str, float]],
+    path: Path,
+    title: str = "",
+    best_epoch: int | None = None,
+    keys: tuple[str, ...] = EPOCH_METRICS,
 ) -> Path:
-    """Loss and accuracy per epoch (1-based), train and val, in two panels; saved as PNG."""
-    _save(curves_figure(history, title, best_epoch), path)
+    """The loss and the task's main metric per epoch (1-based), train and val, in two panels."""
+    _save(curves_figure(history, title, best_epoch, keys), path)
     return path
 
 
-def curves_figure(history: list[dict[str, float]], title: str = "", best_epoch: int | None = None):
+#: how a metric family is named on a plot axis
+AXIS_NAMES = {"acc": "accuracy", "f1": "entity F1", "map_50": "mAP@0.5", "map": "mAP"}
+
+
+def curves_figure(
+    history: list[dict[str, float]],
+    title: str = "",
+    best_epoch: int | None = None,
+    keys: tuple[str, ...] = EPOCH_METRICS,
+):
+    # panels: the loss, then the first other metric family the task logs per epoch (acc, f1, ...)
+    families = list(dict.fromkeys(k.split("/", 1)[1] for k in keys if "/" in k))
+    main = next((f for f in families if f != "loss"), "acc")
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2)
-    for ax, what in zip(axes, ("loss", "acc"), strict=True):
+    for ax, what in zip(axes, ("loss", main), strict=True):
         for split, style in (("train", "-o"), ("val", "-s")):
             key = f"{split}/{what}"
             pts = [(int(r["epoch"]) + 1, float(r[key])) for r in history if key in r]
@@ -68,10 +65,11 @@ def curves_figure(history: list[dict[str, float]], title: str = "", best_epoch: 
                 linewidth=1,
                 label=f"best epoch ({best_epoch})",
             )
+        name = AXIS_NAMES.get(what, what)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if what == "acc" else "loss")
-        ax.set_title("Accuracy" if what == "acc" else "Loss")
-        if what == "acc":
+        ax.set_ylabel(name)
+        ax.set_title(name[0].upper() + name[1:])
+        if what != "loss":
             ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -79,80 +77,6 @@ def curves_figure(history: list[dict[str, float]], title: str = "", best_epoch: 
             ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
-    return fig
-
-
-def normalize_rows(matrix: list[list[int]]):
-    """Each row divided by its total (a row with no images stays 0): per-class recall on the diagonal."""
-    import numpy as np
-
-    cm = np.asarray(matrix, dtype=float)
-    rows = cm.sum(axis=1, keepdims=True)
-    return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-
-
-def plot_confusion(
-    matrix: list[list[int]],
-    class_names: list[str],
-    path: Path,
-    normalize: bool = True,
-    title: str = "",
-) -> Path:
-    """Rows = true class, columns = predicted; ``normalize`` divides each row by its count (recall)."""
-    _save(confusion_figure(matrix, class_names, normalize, title), path)
-    return path
-
-
-def confusion_figure(
-    matrix: list[list[int]], class_names: list[str], normalize: bool = True, title: str = ""
-):
-    import numpy as np
-
-    cm = np.asarray(matrix, dtype=float)
-    n = len(class_names)
-    shown = normalize_rows(matrix) if normalize else cm
-    side = min(max(5.0, 0.45 * n + 2.5), 30.0)
-    fig = _figure(side + 1.0, side)
-    ax = fig.subplots()
-    im = ax.imshow(
-        shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(1.0, float(cm.max()))
-    )
-    fig.colorbar(
-        im,
-        ax=ax,
-        fraction=0.046,
-        pad=0.04,
-        label="fraction of true class" if normalize else "images",
-    )
-    font = 10 if n <= 12 else 8 if n <= 25 else 6 if n <= 50 else 4
-    ax.set_xticks(
-        range(n),
-        labels=class_names,
-        rotation=45 if n > 4 else 0,
-        ha="right" if n > 4 else "center",
-        fontsize=font,
-    )
-    ax.set_yticks(range(n), labels=class_names, fontsize=font)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 25:
-        hi = shown.max() if shown.size else 0.0
-        for i in range(n):
-            for j in range(n):
-                text = f"{shown[i, j]:.2f}\n({int(cm[i, j])})" if normalize else str(int(cm[i, j]))
-                dark = shown[i, j] > 0.6 * (1.0 if normalize else hi)
-                ax.text(
-                    j,
-                    i,
-                    text,
-                    ha="center",
-                    va="center",
-                    fontsize=font - 1,
-                    color="white" if dark else "black",
-                )
-    ax.set_title(
-        title or ("Confusion matrix (row-normalised)" if normalize else "Confusion matrix")
-    )
     return fig
 
 
@@ -176,18 +100,6 @@ def plot_lr_find(
 
 
 # --------------------------------------------------------------------------- markdown
-
-
-def md_table(header: list[str], rows: list[list[Any]], align: list[str] | None = None) -> str:
-    align = align or ["l"] + ["r"] * (len(header) - 1)
-    sep = ["---:" if a == "r" else ":---" for a in align]
-
-    def cell(v: Any) -> str:
-        return (fmt(v) if isinstance(v, float) else str(v)).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _gates_md(gates: list[dict[str, Any]]) -> str:
@@ -228,7 +140,11 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
     history = metrics.get("history") or []
     title = f"{metrics.get('backbone', '')} / {metrics.get('strategy', '')}".strip(" /")
     written = {
-        "curves": str(plot_curves(history, out / "curves.png", title, metrics.get("best_epoch")))
+        "curves": str(
+            plot_curves(
+                history, out / "curves.png", title, metrics.get("best_epoch"), epoch_keys(metrics)
+            )
+        )
     }
     status = ""
     gates = metrics.get("gates") or []
@@ -248,12 +164,14 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
         lines.append(f"- gates: {status}")
     lines += ["", "## Final metrics", ""]
     lines.append(
-        md_table(["metric", "value"], [[k, metrics[k]] for k in TRAIN_KEYS if k in metrics])
+        md_table(
+            ["metric", "value"], [[k, metrics[k]] for k in train_summary(metrics) if k in metrics]
+        )
     )
     lines.append("")
     if gates:
         lines.append(_gates_md(gates))
-    lines += ["## Training curves", "", "![Loss and accuracy per epoch](curves.png)", ""]
+    lines += ["## Training curves", "", "![Loss and the main metric per epoch](curves.png)", ""]
     lr = metrics.get("lr_find")
     if lr:
         sugg = lr.get("suggestion")
@@ -272,8 +190,9 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
         ]
     if history:
         lines += ["## Per-epoch history", ""]
-        rows = [[int(r["epoch"]) + 1, *(r.get(k, "") for k in HISTORY_KEYS[1:])] for r in history]
-        lines += [md_table(HISTORY_KEYS, rows), ""]
+        cols = ["epoch", *epoch_keys(metrics), "seconds"]
+        rows = [[int(r["epoch"]) + 1, *(r.get(k, "") for k in cols[1:])] for r in history]
+        lines += [md_table(cols, rows), ""]
     lines += [
         "## Resolved config",
         "",
@@ -291,38 +210,29 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
     return written
 
 
-def eval_report(out: Path, result: dict[str, Any], normalize: bool = True) -> dict[str, str]:
-    """Write confusion_matrix.png and report.md into the eval run dir; returns {name: path}."""
-    names = list(result["class_names"])
+def eval_report(
+    out: Path,
+    result: dict[str, Any],
+    summary: tuple[str, ...] | list[str],
+    sections: list[str],
+    noun: str = "inputs",
+) -> Path:
+    """report.md of ``tl eval``: what was scored, the task's summary metrics, the gates, then the
+    task's own sections (tables, plots and error analysis it wrote beside it)."""
     split = result.get("split", "")
-    title = f"Confusion matrix{' (row-normalised)' if normalize else ''}: {split}, {result.get('num_samples')} images, acc {result.get('acc', 0.0):.3f}"
-    png = plot_confusion(
-        result["confusion_matrix"], names, out / "confusion_matrix.png", normalize, title
-    )
     lines = [
         "# tl eval report",
         "",
         f"- checkpoint: `{result.get('checkpoint')}`",
-        f"- data: `{result.get('dataset')}`, split {split}, {result.get('num_samples')} images",
+        f"- data: `{result.get('dataset')}`, split {split}, {result.get('num_samples')} {noun}",
         "",
         "## Metrics",
         "",
-        md_table(["metric", "value"], [[k, result[k]] for k in EVAL_KEYS if k in result]),
+        md_table(["metric", "value"], [[k, result[k]] for k in summary if k in result]),
         "",
     ]
     gates = result.get("gates") or []
     if gates:
         lines.append(_gates_md(gates))
-    rows = [
-        [c, r["precision"], r["recall"], r["f1"], r["support"]]
-        for c, r in result["per_class"].items()
-    ]
-    lines += [
-        "## Per class",
-        "",
-        md_table(["class", "precision", "recall", "f1", "support"], rows),
-        "",
-    ]
-    lines += ["## Confusion matrix", "", "![Confusion matrix](confusion_matrix.png)", ""]
-    write_text(out / "report.md", "\n".join(lines))
-    return {"confusion_matrix": str(png), "report": str(out / "report.md")}
+    lines += sections
+    return write_text(out / "report.md", "\n".join(lines))

@@ -32,8 +32,9 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from tl_cli.core.checkpoint import atomic_save, read_checkpoint
 from tl_cli.core.errors import EXIT_FAILED, TLError
-from tl_cli.core.outputs import TMP_SUFFIX, atomic_file, claim_pending
+from tl_cli.core.outputs import TMP_SUFFIX, claim_pending
 
 
 class NonFiniteError(TLError):
@@ -44,20 +45,6 @@ class NonFiniteError(TLError):
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-
-def _serialize(obj: Any, f: Any) -> None:
-    """Write ``obj`` to the open binary file ``f`` (a seam for fault-injection tests)."""
-    torch.save(obj, f)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` onto ``path``.
-
-    The temp file is ``.<name>.<random>.tmp`` (never ``*.ckpt``); see `tl_cli.core.outputs.atomic_file`.
-    """
-    with atomic_file(path, keep_suffix=False) as f:
-        _serialize(obj, f)
 
 
 def stale_temp_files(folder: Path) -> list[Path]:
@@ -134,7 +121,7 @@ def _is_tl_checkpoint(path: str) -> bool:
     if p.suffix != ".ckpt" or not p.is_file():
         return False
     try:
-        read_untrusted_checkpoint(p)
+        read_checkpoint(p)
     except TLError:
         return False
     return True
@@ -176,61 +163,6 @@ def checkpoint_plugins() -> list[Any]:
 # --------------------------------------------------------------------------- untrusted checkpoints
 
 
-def read_untrusted_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint that may be truncated, not a checkpoint at all, or crafted.
-
-    On top of ``torch.load(weights_only=True)``:
-
-    * an empty file, or one that is not a zip archive (text, a raw pickle, a truncated file: its
-      zip directory is at the end), is "not a readable checkpoint", before unpickling starts, so it
-      is never misreported as a checkpoint holding forbidden objects;
-    * a pickle that needs a non-plain global names that global (e.g. ``posix.system``);
-    * ``tl_cli.core.checkpoint.validate`` treats the stored configs as plain data: no interpolation,
-      no ``_target_``, a schema; objects are then built only through tl's registries.
-    """
-    import pickle
-    import re
-    import zipfile
-
-    p = Path(str(path)).expanduser()
-    if not p.exists():
-        raise TLError(f"checkpoint={p}: file not found")
-    if not p.is_file():
-        raise TLError(f"checkpoint={p}: not a file")
-    if p.stat().st_size == 0:
-        raise TLError(f"checkpoint={p}: not a readable checkpoint (empty file)")
-    if not zipfile.is_zipfile(p):
-        raise TLError(
-            f"checkpoint={p}: not a readable checkpoint (not a torch zip archive: truncated, or not a checkpoint)"
-        )
-    try:
-        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        m = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({m.group(1)})" if m else ""
-        raise TLError(
-            f"checkpoint={p}: refused: it holds a Python object{what} that is not plain data; "
-            f"tl loads checkpoints with weights_only=True, so no code in a checkpoint runs"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - any other failure: unreadable
-        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise TLError(
-            f"checkpoint={p}: not a readable checkpoint (truncated or not a torch file: {msg})"
-        ) from None
-    if (
-        not isinstance(ckpt, dict)
-        or "tl" not in ckpt
-        or "hyper_parameters" not in ckpt
-        or "state_dict" not in ckpt
-    ):
-        raise TLError(
-            f"checkpoint={p}: not a tl checkpoint (no 'tl' metadata, hyper_parameters or state_dict)"
-        )
-    from tl_cli.core.checkpoint import validate
-
-    return validate(ckpt, p)
-
-
 # --------------------------------------------------------------------------- the guard
 
 
@@ -238,7 +170,7 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.detach()).all())
 
 
-def _first_nonfinite(tensors: dict[str, Any]) -> str | None:
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
     """The name of the first floating tensor holding a NaN/inf, or None.
 
     A quick pass first (one sum per tensor, one ``isfinite`` over the stacked sums per device: a
@@ -352,7 +284,7 @@ class TrainingGuard(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # The last line of defence: no checkpoint with NaN/inf weights is ever written.
-        bad = _first_nonfinite(checkpoint.get("state_dict", {}))
+        bad = first_nonfinite(checkpoint.get("state_dict", {}))
         if bad is not None:
             where = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
             raise self._stop(

@@ -23,12 +23,24 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tl_cli.core.errors import EXIT_FAILED, TLError, full_errors
+from tl_cli.core.errors import EXIT_FAILED, TLError, full_errors, one_line
 from tl_cli.core.metrics import EVAL_SUMMARY, FINAL_METRICS
 from tl_cli.core.outputs import atomic_file, write_json, write_text
 
 #: Columns of the summary, in order, when the jobs wrote them (train: metrics.json; eval: eval.json).
 METRIC_COLUMNS = list(dict.fromkeys([*FINAL_METRICS, "best_epoch", "fit_seconds", *EVAL_SUMMARY]))
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The metric columns of a sweep: each job's task's final metrics (metrics.json
+    ``metric_names``), else classification's, then the eval summary; those some job has."""
+    declared = [
+        k for r in rows for k in ((r["metrics"].get("metric_names") or {}).get("final") or [])
+    ]
+    cols = dict.fromkeys([*declared, *METRIC_COLUMNS])
+    return [c for c in cols if any(c in r["metrics"] for r in rows)]
+
+
 FAILED_FILE = "failed.json"
 
 
@@ -61,8 +73,10 @@ def keep_sweeping(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
                 int(e.code) if isinstance(e.code, int) else EXIT_FAILED,
             )
         except TLError as e:
-            message, code = str(e), e.exit_code
-        except Exception as e:  # noqa: BLE001 - one job's crash must not lose the others
+            message, code = one_line(e), e.exit_code
+        except GeneratorExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - one job's crash (a Rust panic too) must not lose the others
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             message, code = f"{type(e).__name__}: {first}", EXIT_FAILED
         print(f"tl: error: {message}", file=sys.stderr)
@@ -73,12 +87,16 @@ def keep_sweeping(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
 
 
 def _record_failure(cfg: DictConfig, message: str, code: int) -> None:
+    from tl_cli.core.outputs import CLAIMED, earlier_outputs
+
     try:
         from hydra.core.hydra_config import HydraConfig
 
         out = Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # noqa: BLE001
         out = Path(str(cfg.get("output_dir", ".")))
+    if earlier_outputs(out) and str(out.resolve()) not in CLAIMED:
+        return  # an earlier run's dir (the job was refused): its results are not this job's to mark
     write_json(out / FAILED_FILE, {"error": message, "exit_code": code})
 
 
@@ -165,7 +183,7 @@ def write_summary(
 ) -> tuple[Path, Path]:
     """summary.csv (every job, every column) and summary.md (the table a person reads)."""
     params = varying_keys(rows)
-    metric_cols = [c for c in METRIC_COLUMNS if any(c in r["metrics"] for r in rows)]
+    metric_cols = metric_columns(rows)
     header = ["job", "status", *params, *metric_cols, "error", "dir"]
     csv_path = sweep_dir / "summary.csv"
     with atomic_file(csv_path, "w", newline="") as f:  # beside it, then renamed
@@ -241,7 +259,7 @@ def print_summary(sweep_dir: Path, rows: list[dict[str, Any]], sort_by: str | No
     from tl_cli.core.console import console
 
     params = varying_keys(rows)
-    metric_cols = [c for c in METRIC_COLUMNS if any(c in r["metrics"] for r in rows)][:4]
+    metric_cols = metric_columns(rows)[:4]
     best = _best(rows, sort_by)
     t = Table(title=f"sweep: {len(rows)} runs ({sweep_dir})", header_style="bold")
     for c in ["job", "status", *params, *metric_cols]:
@@ -289,6 +307,16 @@ class SweepSummary(Callback):
             if any(self.sort_by in r["metrics"] for r in rows)
             else ("acc" if any("acc" in r["metrics"] for r in rows) else None)
         )
+        from tl_cli.core.outputs import SWEEP_OUTPUTS, earlier_outputs
+
+        earlier = earlier_outputs(sweep_dir, SWEEP_OUTPUTS)
+        if earlier and not config.get("overwrite", False):
+            print(
+                f"tl: warning: {earlier[0]} is an earlier sweep's summary: kept (overwrite=true "
+                "replaces it)",
+                file=sys.stderr,
+            )
+            return
         try:
             write_summary(sweep_dir, rows, sort_by)
             print_summary(sweep_dir, rows, sort_by)

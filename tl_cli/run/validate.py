@@ -11,13 +11,13 @@ the data scan as Hydra's ``InstantiationException``).
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from tl_cli.core.errors import TLError
 from tl_cli.core.registry import did_you_mean, plain
+from tl_cli.core.values import integer, number
 
 #: scheduler name -> option -> (check, allowed range as said in the error line)
 _SCHED: dict[str, dict[str, tuple[Any, str]]] = {
@@ -46,27 +46,6 @@ _SCHED: dict[str, dict[str, tuple[Any, str]]] = {
 }
 
 
-def _number(key: str, value: Any, allowed: str) -> float:
-    if isinstance(value, bool):
-        raise TLError(f"{key}={value!r} must be a number {allowed}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TLError(f"{key}={value!r} must be a number {allowed}") from None
-    if not math.isfinite(v):
-        raise TLError(f"{key}={value!r} must be a number {allowed}")
-    return v
-
-
-def _integer(key: str, value: Any, allowed: str) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise TLError(f"{key}={value!r} must be an integer {allowed}")
-    try:
-        return int(str(value)) if not isinstance(value, int | float) else int(value)
-    except (TypeError, ValueError):
-        raise TLError(f"{key}={value!r} must be an integer {allowed}") from None
-
-
 def check_scheduler(sched: dict[str, Any]) -> None:
     from tl_cli.transfer.schedulers import SCHEDULES
 
@@ -87,7 +66,7 @@ def check_scheduler(sched: dict[str, Any]) -> None:
         check, allowed = opts[k]
         if v is None and k == "warmup_epochs":
             continue
-        if check is not None and not check(_number(f"scheduler.{k}", v, allowed)):
+        if check is not None and not check(number(f"scheduler.{k}", v, allowed)):
             raise TLError(f"scheduler.{k}={v!r} must be {allowed}")
     if name == "plateau" and sched.get("mode", "min") not in ("min", "max"):
         raise TLError(f"scheduler.mode={sched.get('mode')!r} must be min or max")
@@ -124,7 +103,7 @@ def check_trainer(trainer: dict[str, Any]) -> None:
             continue
         if kw.get(key) is not None:
             allowed = ">= 1 or auto" if key == "max_epochs" else ">= 1"
-            v = _integer(f"trainer.{key}", kw[key], allowed)
+            v = integer(f"trainer.{key}", kw[key], allowed)
             if v < 1:
                 raise TLError(f"trainer.{key}={kw[key]!r} must be an integer {allowed}")
     if os.environ.get("LOCAL_RANK") not in (None, "0"):
@@ -165,7 +144,7 @@ def check_trainer(trainer: dict[str, Any]) -> None:
 
 def check_train_config(cfg: Any) -> None:
     """Check a composed train config before any data is scanned or weight loaded."""
-    import tl_cli.components  # noqa: F401 - every registry complete
+    import tl_cli.tasks.components  # noqa: F401 - every registry complete
     from tl_cli.data.base import DATASETS
     from tl_cli.transfer.heads import HEADS
     from tl_cli.transfer.optimizers import OPTIMIZERS
@@ -176,12 +155,12 @@ def check_train_config(cfg: Any) -> None:
         int(str(seed))
     except (TypeError, ValueError):
         raise TLError(f"seed={seed!r} must be an integer") from None
-    ls = _number("label_smoothing", cfg.get("label_smoothing", 0.0), "in [0, 1)")
+    ls = number("label_smoothing", cfg.get("label_smoothing", 0.0), "in [0, 1)")
     if not 0.0 <= ls < 1.0:
         raise TLError(f"label_smoothing={cfg.get('label_smoothing')!r} must be in [0, 1)")
     check_trainer(plain(cfg.trainer) or {})
     patience = cfg.get("early_stopping_patience")
-    if patience is not None and _integer("early_stopping_patience", patience, ">= 1 or null") < 1:
+    if patience is not None and integer("early_stopping_patience", patience, ">= 1 or null") < 1:
         raise TLError(f"early_stopping_patience={patience!r} must be an integer >= 1 or null")
     check_scheduler(plain(cfg.get("scheduler")) or {})
     OPTIMIZERS.build(plain(cfg.optimizer))
@@ -191,37 +170,3 @@ def check_train_config(cfg: Any) -> None:
     wp = (plain(cfg.backbone) or {}).get("weights_path")
     if wp and not Path(os.path.expanduser(str(wp))).is_file():
         raise TLError(f"backbone.weights_path={wp}: file not found")
-
-
-#: the largest dataset.image_size accepted (a 100000 px input was OOM-killed at 23.6 GB)
-MAX_IMAGE_SIZE = 1024
-
-
-def check_dataset_values(
-    image_size: Any,
-    batch_size: Any,
-    num_workers: Any,
-    val_fraction: Any,
-    split_seed: Any,
-    augment: Any,
-) -> None:
-    """The data module's shared values (called by ``TransferDataModule.__init__``)."""
-    if image_size is not None:
-        v = _integer("dataset.image_size", image_size, f"in [16, {MAX_IMAGE_SIZE}] (or null)")
-        if not 16 <= v <= MAX_IMAGE_SIZE:
-            raise TLError(
-                f"dataset.image_size={image_size!r} must be in [16, {MAX_IMAGE_SIZE}] pixels, or null "
-                f"for the backbone's own size (memory grows with its square)"
-            )
-    if _integer("dataset.batch_size", batch_size, ">= 1") < 1:
-        raise TLError(f"dataset.batch_size={batch_size!r} must be an integer >= 1")
-    if num_workers is not None and _integer("dataset.num_workers", num_workers, ">= 0") < 0:
-        raise TLError(
-            f"dataset.num_workers={num_workers!r} must be an integer >= 0 (null: one per spare core)"
-        )
-    vf = _number("dataset.val_fraction", val_fraction, "between 0 and 1 (exclusive)")
-    if not 0.0 < vf < 1.0:
-        raise TLError(f"dataset.val_fraction={val_fraction!r} must be between 0 and 1 (exclusive)")
-    _integer("dataset.split_seed", split_seed, "")
-    if augment not in (None, False, "none", "light"):
-        raise TLError(f"dataset.augment={augment!r} must be light or none")

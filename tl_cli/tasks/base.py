@@ -1,19 +1,39 @@
-"""Tasks: what is learned. A task is a LightningModule built from plain configs by name.
+"""Tasks: what is learned. A task is a LightningModule built from plain configs by name, and it
+owns everything that depends on the objective.
 
-`TransferTask` holds what every objective shares: a pretrained backbone, a new head, the
-transfer policy (``tl_cli.transfer.policy``, which owns freezing, BatchNorm, LR groups, L2-SP and the DDP
-sync) and the optimizer/scheduler wiring. A subclass adds its loss and metrics. To add a task,
-write one subclass here (or in any module imported before training), register it in ``TASKS``,
-and add ``configs/task/<name>.yaml``; ``tl_cli.commands.train`` and the policy do not change.
+`TransferTask` holds what every objective shares: a pretrained backbone, a new head, the transfer
+policy (``tl_cli.transfer.policy``: freezing, BatchNorm, LR groups, L2-SP, the DDP sync) and the
+optimizer/scheduler wiring. A task subclass adds, in the spirit of Hugging Face's ``pipelines``
+(one entry per task: preprocess, forward, postprocess) and torchvision's weights API (metadata
+travels with the model):
+
+* **training**: what a batch holds, ``loss`` and ``update_metrics``, with the metric names it
+  logs declared as class attributes (``epoch_metrics``, ``final_metrics``, ``gate_metrics``,
+  ``eval_summary``, ``monitor``) so reports, gates, sweeps and the console read them from the task;
+* **tl eval**: ``evaluate`` (the numbers of eval.json) and ``evaluation_outputs`` (its plots,
+  report sections and error analysis) and ``show_evaluation`` (the console tables);
+* **tl predict**: ``predictor`` (a :class:`Predictor`: inputs -> batches -> rows -> a file);
+* **tl export**: ``export_spec`` (the network to trace, its output names and free axes, what the
+  sidecar must hold);
+* **the checkpoint**: ``checkpoint_meta`` (the task's fields of the ``tl`` metadata, written and
+  validated by ``tl_cli.core.checkpoint``, the only reader and writer of checkpoints).
+
+Commands ask the task; they never test which task or modality they run. To add a task, subclass
+`TransferTask` (or a task close to yours), register it in ``TASKS``, import its module in
+``tl_cli/tasks/components.py`` and add ``configs/task/<name>.yaml``: docs/architecture.md has
+the recipe, and ``tests/test_tasks.py`` proves it with a task defined in the test file.
 
 Batches are ``(input, target)``. ``input`` is whatever the backbone takes (images, token dicts,
 waveforms), or ``{"features": tensor}`` when the data module serves cached backbone features.
 Every argument is plain data, so a checkpoint holds names and values only and rebuilds the model
-through tl's registries (``tl_cli.core.checkpoint``), never by importing or instantiating a string.
+through tl's registries, never by importing or instantiating a string.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,9 +41,9 @@ import pytorch_lightning as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from tl_cli import __version__
+from tl_cli.core.checkpoint import register_task_fields, tl_section
 from tl_cli.core.errors import TLError
-from tl_cli.core.metrics import DEFAULT_MONITOR
+from tl_cli.core.metrics import DEFAULT_MONITOR, EPOCH_METRICS, EVAL_SUMMARY, FINAL_METRICS
 from tl_cli.core.registry import Registry
 from tl_cli.modalities.backbones import build_backbone
 from tl_cli.transfer.heads import HEADS
@@ -32,11 +52,21 @@ from tl_cli.transfer.policy import TransferPolicy
 from tl_cli.transfer.schedulers import PlateauState, shape_fn, warmup_steps
 from tl_cli.transfer.strategies import STRATEGIES, TransferStrategy
 
-#: task.name -> TransferTask subclass.
-TASKS: Registry[pl.LightningModule] = Registry("task")
 
-#: Checkpoint format: 2 = registry names and plain values (1 = Hydra ``_target_`` strings).
-CHECKPOINT_FORMAT = 2
+class TaskRegistry(Registry):
+    """``TASKS``: registering a task also registers its checkpoint fields with the schema."""
+
+    def register(self, name: str, builder: Any = None) -> Any:
+        def add(cls: Any) -> Any:
+            super(TaskRegistry, self).register(name, cls)
+            register_task_fields(name, getattr(cls, "checkpoint_fields", {}) or {})
+            return cls
+
+        return add(builder) if builder is not None else add
+
+
+#: task.name -> TransferTask subclass.
+TASKS: TaskRegistry = TaskRegistry("task")
 
 
 def cached(x: Any) -> torch.Tensor | None:
@@ -44,6 +74,109 @@ def cached(x: Any) -> torch.Tensor | None:
     if isinstance(x, dict) and "features" in x:
         return x["features"]
     return None
+
+
+@dataclass
+class Evaluation:
+    """What a task's ``evaluate`` measured.
+
+    Args:
+        metrics: the numbers and tables of eval.json (un-prefixed: ``acc``, ``per_class``, ...).
+        num_samples: how many inputs were scored (in the summary and the report).
+        details: what ``evaluation_outputs`` needs and eval.json does not hold (logits, labels).
+    """
+
+    metrics: dict[str, Any]
+    num_samples: int
+    details: dict[str, Any] = field(default_factory=dict)
+    #: inputs whose outputs were NaN/inf: the model is unusable, whatever the scores say
+    nonfinite: int = 0
+
+
+@dataclass
+class EvalOutputs:
+    """What a task's ``evaluation_outputs`` wrote: report.md sections, lines to print, files."""
+
+    report: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ExportSpec:
+    """What ``tl export`` traces and describes for a task.
+
+    Args:
+        net: graph inputs (the modality's input tensors) -> the task's outputs, eval mode.
+        output_names: names of the graph's outputs, in order.
+        output_axes: the free axes of each output (``{"logits": {0: "batch"}}``).
+        sidecar: the task's entries of the JSON sidecar (``output``, ``class_names``, ...).
+    """
+
+    net: torch.nn.Module
+    output_names: list[str]
+    output_axes: dict[str, dict[int, str]]
+    sidecar: dict[str, Any]
+
+
+class Predictor:
+    """`tl predict` for one task, as a Hugging Face pipeline: find inputs, read each one
+    (``load``), batch them (``collate``), run the model (``forward``), turn outputs into rows
+    (``postprocess``), write the rows (``write``).
+
+    The default reads inputs through the checkpoint's modality (images, texts, clips); a task
+    whose inputs differ (sentences with character offsets, images with their original size)
+    overrides the reading methods too.
+    """
+
+    #: the file formats ``output=`` / ``format=`` may name (the first is the default)
+    formats: tuple[str, ...] = ("csv", "json")
+
+    def __init__(self, module: TransferTask, modality: Any, prep: dict[str, Any], cfg: Any) -> None:
+        self.module = module
+        self.modality = modality
+        self.prep = prep
+        self.cfg = cfg
+
+    @property
+    def noun(self) -> str:
+        """What one input is called in messages (``images``, ``texts``, ``clips``)."""
+        return self.modality.noun
+
+    def find(self, inputs: Any) -> list[Any]:
+        return self.modality.find(inputs)
+
+    def item_name(self, item: Any) -> str:
+        return self.modality.item_name(item)
+
+    def protected(self, inputs: Any, items: list[Any]) -> list[str]:
+        """Files an output must never replace (the inputs themselves)."""
+        return self.modality.protected(inputs, items)
+
+    def load(self) -> Callable[[Any], Any]:
+        """item -> one model input, raising on a bad item (it becomes an error row)."""
+        return self.modality.loader(self.prep)
+
+    def collate(self, inputs: list[Any]) -> Any:
+        return self.modality.collate(inputs, self.prep)
+
+    def forward(self, batch: Any) -> Any:
+        return self.module(batch)
+
+    def nonfinite(self, outputs: Any) -> int | None:
+        """The batch position of the first input whose outputs are NaN/inf, else None."""
+        raise NotImplementedError  # pragma: no cover
+
+    def postprocess(self, outputs: Any) -> list[Any]:
+        """One result per input of the batch (what ``write`` puts in a row)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def write(self, path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
+        """Write every row (``{"path", "result", "error"}``) to ``path`` (a temp file, renamed)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def show(self, rows: list[dict[str, Any]], limit: int = 20) -> None:
+        """A table of the first rows on the console."""
 
 
 class TransferTask(pl.LightningModule):
@@ -62,6 +195,19 @@ class TransferTask(pl.LightningModule):
     frozen: tuple[str, ...] = ()
     #: the validation metric that picks best.ckpt, and its direction
     monitor: tuple[str, str] = DEFAULT_MONITOR
+    #: per-epoch numbers (history rows in metrics.json, console lines, curves.png)
+    epoch_metrics: tuple[str, ...] = EPOCH_METRICS
+    #: the final numbers of a train run (summary table, report.md, sweep tables, train gates)
+    final_metrics: tuple[str, ...] = FINAL_METRICS
+    #: bare gate names of a train run (``fail_under.acc``): test/<name>, else val/<name>
+    gate_metrics: tuple[str, ...] = ("acc", "loss", "macro_f1")
+    #: eval.json keys shown in the summary and the report of ``tl eval``
+    eval_summary: tuple[str, ...] = EVAL_SUMMARY
+    #: the `Predictor` of ``tl predict``
+    predictor_class: type[Predictor] = Predictor
+    #: hyper-parameters the task adds to ``__init__`` beyond every task's (name -> a
+    #: ``tl_cli.core.checkpoint`` Rule: type and bounds); a checkpoint may hold only these
+    checkpoint_fields: dict[str, Any] = {}
     #: domain adaptation (``tl_cli.transfer.adapt``, set by tl_cli.commands.train): not a submodule, never saved
     adapter: Any = None
 
@@ -128,6 +274,8 @@ class TransferTask(pl.LightningModule):
         self.budget_info: dict[str, Any] = {}
         #: trainer.max_epochs=auto (tl_cli.transfer.budget): a converged head cuts the run to one epoch
         self.auto_epochs = False
+        #: the head-only epoch was added to trainer.max_epochs (once per module)
+        self._head_epochs_added = False
 
     # ------------------------------------------------------------------ for subclasses
     @property
@@ -165,6 +313,16 @@ class TransferTask(pl.LightningModule):
     def can_cache_features(self) -> bool:
         return self.policy.can_cache_features
 
+    def cache_extractor(self) -> torch.nn.Module:
+        """What the feature cache runs once over the inputs (a task may cache more: tl distill
+        stores the teacher's logits beside the student's features)."""
+        return self.backbone
+
+    def uncached_data(self, dm: Any) -> Any:
+        """The data to fit when the backbone trains (no feature cache); a task may still cache
+        what never changes (tl distill: the teacher's logits)."""
+        return dm
+
     # ------------------------------------------------------------------ policy hooks
     def train(self, mode: bool = True) -> TransferTask:
         super().train(mode)
@@ -175,6 +333,21 @@ class TransferTask(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.policy.apply(0)
+            shift = self.policy.head_only_epochs
+            loop = self.trainer.fit_loop
+            if shift and not self.skip_head_fit and not self._head_epochs_added:
+                # trainer.max_epochs counts the fine-tuning epochs; the head-only epoch comes first
+                # (before configure_optimizers, which sizes the schedule from max_epochs)
+                if loop.max_epochs is not None and loop.max_epochs >= 0:
+                    loop.max_epochs += shift
+                self._head_epochs_added = True
+
+    def scores_only(self) -> bool:
+        """This epoch takes no optimizer step: the converged head of a frozen backbone, or the
+        head-only epoch before fine-tuning (``TransferPolicy.head_only``)."""
+        return self.head_converged or (
+            not self.skip_head_fit and self.policy.head_only(self.current_epoch)
+        )
 
     def on_train_epoch_start(self) -> None:
         self.policy.apply(self.current_epoch)
@@ -225,7 +398,7 @@ class TransferTask(pl.LightningModule):
                 "the head trains by SGD (strategy.head_fit=sgd)"
             )
             return
-        feats, labels = self._train_features()
+        feats, labels = self.train_features()
         self.fit_linear(linear, feats, labels)
 
     def fit_linear(self, linear: torch.nn.Linear, feats: Any, labels: Any) -> None:
@@ -252,7 +425,7 @@ class TransferTask(pl.LightningModule):
         }
         say(f"[bold]head[/] fitted by L-BFGS to convergence: {fit.describe()}")
 
-    def _train_features(self) -> tuple[np.ndarray, np.ndarray]:
+    def train_features(self) -> tuple[np.ndarray, np.ndarray]:
         """Train-split features: from the feature cache, else one eval-mode pass of the backbone."""
         from tl_cli.data.features import extract
 
@@ -287,21 +460,16 @@ class TransferTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if self.adapter is not None and self.adapter.trains:
+        scores_only = self.scores_only()
+        if self.adapter is not None and self.adapter.trains and not scores_only:
             return self.adapter.training_step(self, batch)  # source + target batches
+        if scores_only and self.adapter is not None and self.adapter.trains:
+            batch = batch["source"] if isinstance(batch, dict) and "source" in batch else batch
         x, y = batch
-        if self.head_converged:
-            # the head is at the optimum of its convex objective (L-BFGS) and the backbone never
-            # trains: nothing to step. Log the train metrics of the fitted head and move on.
-            with torch.no_grad():
-                out = self.outputs(x)
-                self.log("train/loss", self.loss(out, y, "train"), on_step=False, on_epoch=True)
-                self.update_metrics(out, y, "train")
-            if self.trainer.world_size > 1:
-                # DDP cannot skip a step (training_step returning None): a zero loss through the
-                # head gives every rank the same all-zero gradients
-                return self.head(self.features(x).detach()).sum() * 0.0
-            return None
+        if scores_only:
+            # the head is at the optimum of its convex objective (L-BFGS) and, in this epoch, the
+            # backbone does not train: nothing to step. Log the fitted head's train metrics.
+            return self.score_without_step(x, y)
         out = self.outputs(x)
         loss = self.loss(out, y, "train")
         if self.policy.l2sp_alpha:
@@ -311,6 +479,26 @@ class TransferTask(pl.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.update_metrics(out, y, "train")
         return loss
+
+    def score_without_step(self, x: Any, y: Any) -> torch.Tensor | None:
+        """Log the train metrics of the current model on a batch and take no optimizer step
+        (None), or, under DDP, which cannot skip a step, a zero loss through every trainable
+        parameter: every rank gets the same all-zero gradients."""
+        with torch.no_grad():
+            out = self.outputs(x)
+            self.log(
+                "train/loss",
+                self.loss(out, y, "train"),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                sync_dist=True,
+            )  # the same arguments as a training step's log (Lightning requires it)
+            self.update_metrics(out, y, "train")
+        if self.trainer.world_size > 1:
+            live = [p for p in self.parameters() if p.requires_grad]
+            return sum(p.sum() for p in live) * 0.0
+        return None
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y = batch
@@ -356,21 +544,24 @@ class TransferTask(pl.LightningModule):
         epochs = max(1, int(self.trainer.max_epochs or 1))
         spe = max(1, total // epochs)
         sched = {**dict(self.hparams.scheduler), "_state": self.plateau}
-        shape = shape_fn(sched, total, spe)
+        skipped = self.policy.head_only_epochs * spe if not self.skip_head_fit else 0
+        # the schedule covers the steps that train (after the head-only epoch, which takes none)
+        shape = shape_fn(sched, max(1, total - skipped), spe)
         self.budget_info = {
-            "steps": 0 if self.head_converged else total,
+            "steps": 0 if self.head_converged else total - skipped,
             "steps_per_epoch": spe,
-            "epochs": epochs,
+            "epochs": epochs - skipped // spe,  # the epochs that train
             "lr": base_lr,
-            "warmup_steps": warmup_steps(sched, total, spe),
+            "warmup_steps": warmup_steps(sched, total - skipped, spe),
+            "head_only_epochs": self.policy.head_only_epochs if not self.skip_head_fit else 0,
         }
         w = self.budget_info["warmup_steps"]
-        if w >= total and not self.head_converged and not self.skip_head_fit:
+        if w >= total - skipped and not self.head_converged and not self.skip_head_fit:
             from tl_cli.core.console import warn
 
             warn(
                 f"the warm-up ({w} optimizer steps, scheduler.warmup_epochs="
-                f"{sched.get('warmup_epochs')}) is as long as the whole run ({total} steps): the LR "
+                f"{sched.get('warmup_epochs')}) is as long as the whole run ({total - skipped} steps): the LR "
                 "never reaches optimizer.lr; use scheduler.warmup_fraction (warmup_epochs=null) or more epochs"
             )
         scheduler = LambdaLR(optimizer, self.policy.lr_lambdas(optimizer, shape, spe))
@@ -379,19 +570,50 @@ class TransferTask(pl.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    # ------------------------------------------------------------------ tl eval / predict / export
+    def check_classes(self, got: list[str], where: str) -> None:
+        """Data to score must name the checkpoint's classes, in its order."""
+        if list(self.class_names) != list(got):
+            missing = sorted(set(self.class_names) - set(got))
+            extra = sorted(set(got) - set(self.class_names))
+            parts = [
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unknown to the model {', '.join(extra)}" if extra else "",
+            ]
+            detail = "; ".join(p for p in parts if p) or "same names in another order"
+            raise TLError(f"{where}: classes differ from the checkpoint's ({detail})")
+
+    def evaluate(self, loader: Any, device: torch.device, desc: str) -> Evaluation:
+        """Score the model on ``loader`` (eval mode, no gradients): eval.json's numbers."""
+        raise NotImplementedError  # pragma: no cover
+
+    def evaluation_outputs(
+        self, ev: Evaluation, out: Path, dataset: Any, cfg: Any, split: str, noun: str
+    ) -> EvalOutputs:
+        """Write the task's plots and error analysis into ``out``; the report.md sections."""
+        return EvalOutputs()
+
+    def show_evaluation(self, ev: Evaluation, split: str, noun: str) -> None:
+        """The task's tables on the console (the summary table is the command's)."""
+
+    def predictor(self, modality: Any, prep: dict[str, Any], cfg: Any) -> Predictor:
+        return self.predictor_class(self, modality, prep, cfg)
+
+    def export_spec(self, modality: Any, prep: dict[str, Any]) -> ExportSpec:
+        """The network ``tl export`` writes, its outputs and the task's sidecar entries."""
+        raise NotImplementedError  # pragma: no cover
+
     # ------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["tl"] = {
-            "version": __version__,
-            "format": CHECKPOINT_FORMAT,
-            "task": self.task_name,
-            "modality": self.backbone.modality,
-            "class_names": list(self.class_names),
-            "preprocessing": dict(self.preprocessing),
-            "backbone": self.backbone.name,
-            "strategy": self.strategy.name,
-            "dataset": getattr(self, "dataset_config", None),
-        }
+        checkpoint["tl"] = tl_section(
+            task=self.task_name,
+            modality=self.backbone.modality,
+            class_names=list(self.class_names),
+            preprocessing=dict(self.preprocessing),
+            backbone=self.backbone.name,
+            strategy=self.strategy.name,
+            dataset=getattr(self, "dataset_config", None),
+        )
         if self.plateau is not None:
             checkpoint["tl_plateau"] = self.plateau.state_dict()
         if self.head_fit_info is not None:
@@ -409,8 +631,3 @@ class TransferTask(pl.LightningModule):
     @property
     def task_name(self) -> str:
         return next((n for n in TASKS.names() if TASKS.get(n) is type(self)), type(self).__name__)
-
-
-def build_task(name: str, **kwargs: Any) -> TransferTask:
-    """A task module by registry name (``task.name``)."""
-    return TASKS.get(name)(**kwargs)

@@ -265,7 +265,7 @@ class AdaBN(Adapter):
             return  # a resumed run keeps its statistics and head
         from tl_cli.core.console import say as _say
 
-        feats, labels = module._train_features()
+        feats, labels = module.train_features()
         norm = module.head[0]
         norm.set_statistics(feats)
         _say(
@@ -487,7 +487,7 @@ class SelfTraining(Adapter):
     def _refit_rounds(self, module: Any) -> None:
         from tl_cli.transfer.probe import fit_probe
 
-        feats, labels = module._train_features()
+        feats, labels = module.train_features()
         tf = _target_features(module)
         linear = module.head[-1]
         for r in range(self.rounds):
@@ -512,19 +512,7 @@ class SelfTraining(Adapter):
     def training_step(self, module: Any, batch: Any) -> torch.Tensor | None:
         (xs, ys), xt = batch["source"], batch["target"]
         if self.refit:  # the head is at its optimum: log the source metrics, take no step
-            with torch.no_grad():
-                out = module.outputs(xs)
-                module.log(
-                    "train/loss",
-                    module.loss(out, ys, "train"),
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=len(ys),
-                )
-                module.update_metrics(out, ys, "train")
-            if module.trainer.world_size > 1:  # DDP cannot skip a step: all-zero gradients
-                return module.head(module.features(xs).detach()).sum() * 0.0
-            return None
+            return module.score_without_step(xs, ys)
         fs, ft = module.features(xs), module.features(xt)
         ns = fs.shape[0]
         out = module.head(torch.cat([fs, ft]))
@@ -691,7 +679,7 @@ class AdaptData(pl.LightningDataModule):
             workers, collate = 0, None
         else:
             ds = self.dm.dataset("target", train_aug=True)
-            workers, collate = self.dm.num_workers, self.dm.collate_fn()
+            workers, collate = self.dm.num_workers, self.dm.collate_fn(None)
         n = len(ds)
         bs = self.dm.batch_size
         # its own shuffle (a pure function of seed and epoch, like the source's), another stream
@@ -780,10 +768,10 @@ def finish(
     and return the metrics to add (``source/val/acc``, ``target/...``)."""
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-    from tl_cli.run.safety import read_untrusted_checkpoint
+    from tl_cli.core.checkpoint import read_checkpoint
 
     if best_path and Path(best_path).exists():
-        module.load_state_dict(read_untrusted_checkpoint(best_path)["state_dict"], strict=True)
+        module.load_state_dict(read_checkpoint(best_path)["state_dict"], strict=True)
     device = trainer.strategy.root_device
     module.to(device).eval()
     target = dm.splits["target"]

@@ -61,7 +61,8 @@ def plot_domains(
     """Write the plot: one panel (before) or two (before, after)."""
     from matplotlib.lines import Line2D
 
-    from tl_cli.run.report import _figure, _save
+    from tl_cli.core.plots import figure as _figure
+    from tl_cli.core.plots import save_figure as _save
 
     panels = 1 if after is None else 2
     fig = _figure(5.5 * panels, 5)

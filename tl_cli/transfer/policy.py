@@ -65,6 +65,8 @@ class TransferPolicy:
         """param name -> (unfreeze epoch or None, LR multiplier, group label)."""
         groups = self.backbone.block_groups()
         plans = self.strategy.group_plans(len(groups))
+        # the head-only epoch (an L-BFGS head before fine-tuning) shifts every group, the head's too
+        shift = self.head_only_epochs
         bn_params = {
             f"backbone.{mn}.{pn}"
             for mn, m in self.backbone.named_modules()
@@ -75,9 +77,9 @@ class TransferPolicy:
         for gi, (names, plan) in enumerate(zip(groups, plans, strict=True)):
             for n in names:
                 full = f"backbone.{n}"
-                ue = plan.unfreeze_epoch
+                ue = None if plan.unfreeze_epoch is None else plan.unfreeze_epoch + shift
                 if self.strategy.train_bn and full in bn_params:
-                    ue = 0  # BN of frozen groups trains from the start
+                    ue = shift  # BN of frozen groups trains from the start
                 out[full] = (ue, plan.lr_mult, f"backbone.{gi}")
         for n, _ in self.module.named_parameters():
             if n in out:
@@ -85,8 +87,17 @@ class TransferPolicy:
             top = n.split(".", 1)[0]
             if top == "backbone":  # every backbone parameter must be in a group
                 raise RuntimeError(f"backbone parameter outside any block group: {n}")
-            out[n] = (None if top in self.frozen else 0, 1.0, top)
+            out[n] = (None if top in self.frozen else shift, 1.0, top)
         return out
+
+    @property
+    def head_only_epochs(self) -> int:
+        """Epochs that only score the L-BFGS head, before anything trains (see the strategy)."""
+        return int(getattr(self.strategy, "head_only_epochs", 0))
+
+    def head_only(self, epoch: int) -> bool:
+        """Whether `epoch` only scores the fitted head (no parameter trains, no optimizer step)."""
+        return epoch < self.head_only_epochs
 
     def trainable_at(self, epoch: int) -> set[str]:
         return {n for n, (ue, _, _) in self.plan.items() if ue is not None and epoch >= ue}
@@ -105,8 +116,14 @@ class TransferPolicy:
         )
 
     def apply(self, epoch: int) -> None:
-        """Set requires_grad and BatchNorm modes for `epoch` (idempotent)."""
-        live = self.trainable_at(epoch)
+        """Set requires_grad and BatchNorm modes for `epoch` (idempotent).
+
+        The head-only epoch keeps the ``requires_grad`` of the first training epoch (DDP registers
+        those parameters when it wraps the model) but takes no step, and every BatchNorm layer stays
+        in eval mode, so the model it scores is exactly the fitted head on the pretrained backbone.
+        """
+        head_only = self.head_only(epoch)
+        live = self.trainable_at(max(epoch, self.head_only_epochs))
         for n, p in self.module.named_parameters():
             p.requires_grad_(n in live)
         frozen = []
@@ -116,7 +133,11 @@ class TransferPolicy:
         for m in self.backbone.modules():
             if isinstance(m, _BN):
                 ps = list(m.parameters(recurse=False))
-                if (ps and not any(p.requires_grad for p in ps)) or (not ps and not live):
+                if (
+                    head_only
+                    or (ps and not any(p.requires_grad for p in ps))
+                    or (not ps and not live)
+                ):
                     frozen.append(m)
                 elif (
                     getattr(self.strategy, "bn", "train") == "frozen" and not self.strategy.train_bn
@@ -175,8 +196,15 @@ class TransferPolicy:
         """One LR factor function per param group: the schedule's shape, gated by the plan."""
         from tl_cli.transfer.schedulers import gated
 
+        shift = self.head_only_epochs
         return [
-            gated(shape, g["unfreeze_epoch"], steps_per_epoch, self.strategy.phase_mult)
+            gated(
+                shape,
+                g["unfreeze_epoch"],
+                steps_per_epoch,
+                lambda e: self.strategy.phase_mult(e - shift),
+                offset=shift,
+            )
             for g in optimizer.param_groups
         ]
 

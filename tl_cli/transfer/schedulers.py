@@ -78,12 +78,20 @@ def gated(
     unfreeze_epoch: int | None,
     steps_per_epoch: int,
     phase: Callable[[int], float] = lambda epoch: 1.0,
+    offset: int = 0,
 ) -> Callable[[int], float]:
-    """LR factor for one param group: 0 before its unfreeze epoch, then schedule x phase factor."""
+    """LR factor for one param group: 0 before its unfreeze epoch, then schedule x phase factor.
+
+    ``offset``: epochs at the start that take no step (the head-only epoch of an L-BFGS head):
+    the schedule's shape starts after them, so its warm-up and decay cover the steps that train.
+    """
     if unfreeze_epoch is None:
         return lambda step: 0.0
-    start = unfreeze_epoch * steps_per_epoch
-    return lambda step: shape(step) * phase(step // steps_per_epoch) if step >= start else 0.0
+    skip = offset * steps_per_epoch
+    start = max(unfreeze_epoch * steps_per_epoch, skip)
+    return lambda step: (
+        shape(step - skip) * phase(step // steps_per_epoch) if step >= start else 0.0
+    )
 
 
 class PlateauState:

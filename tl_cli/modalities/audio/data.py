@@ -1,6 +1,6 @@
 """Audio folders: decoding (soundfile), resampling (soxr), checks, augmentation, padded batches.
 
-Layouts are the image ones (``tl_cli.data.base.ImageFolderDataModule``, whose folder scan this reuses
+Layouts are the image ones (``tl_cli.data.base.ClassFolderDataModule``, whose folder scan this reuses
 with audio extensions): ``root/train`` + ``root/val`` [+ ``root/test``], ``root/train`` +
 ``root/test``, or ``root/<class>/*``. With ``label_from=regex`` the label is the one group of
 ``label_regex`` matched against each file name instead of the class folder (speaker datasets are
@@ -29,18 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from tl_cli.core.errors import TLError
 from tl_cli.data.base import (
     DATASETS,
-    FOLDER_DATASETS,
-    EpochShuffle,
+    ClassFolderDataModule,
     FileKind,
-    ImageFolderDataModule,
 )
 from tl_cli.data.scan import BadImage
-from tl_cli.modalities.base import MODALITIES, Modality
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg")
 AUDIO_FILES = FileKind(AUDIO_EXTS, "audio file", "audio files")
@@ -224,7 +221,7 @@ def pad_collate(
 # --------------------------------------------------------------------------- data module
 
 
-class AudioFolderDataModule(ImageFolderDataModule):
+class AudioFolderDataModule(ClassFolderDataModule):
     """Folders of audio clips, one folder per class (or labels from file names).
 
     Args:
@@ -274,8 +271,13 @@ class AudioFolderDataModule(ImageFolderDataModule):
                     f"dataset.label_regex={label_regex!r} must have exactly one group (the label), "
                     f"it has {self.pattern.groups}"
                 )
-        if max_seconds is not None and not float(max_seconds) > 0:
-            raise TLError(f"dataset.max_seconds={max_seconds} must be a positive number of seconds")
+        from tl_cli.core.checkpoint import MAX_AUDIO_SECONDS
+
+        if max_seconds is not None and not 0 < float(max_seconds) <= MAX_AUDIO_SECONDS:
+            raise TLError(
+                f"dataset.max_seconds={max_seconds} must be a number of seconds in (0, "
+                f"{MAX_AUDIO_SECONDS:g}] (longer clips are cropped; memory grows with it)"
+            )
         self.max_seconds = max_seconds
         if self.augment not in (None, "none", False, "light"):
             raise TLError(f"dataset.augment={self.augment!r} must be 'light' or 'none'")
@@ -323,120 +325,26 @@ class AudioFolderDataModule(ImageFolderDataModule):
         if "sample_rate" not in prep:
             raise TLError(
                 "dataset=audiofolder needs an audio backbone (its preprocessing has no sample_rate); "
-                "use task=audio or backbone=speech_embedding"
+                "use modality=audio or backbone=speech_embedding"
             )
         self.preprocessing = dict(prep)
         if self.max_seconds:
             self.preprocessing["max_seconds"] = float(self.max_seconds)
 
     def dataset(self, split: str, train_aug: bool | None = None) -> AudioDataset:  # type: ignore[override]
-        self.prepare()
-        if self.preprocessing is None:
-            raise RuntimeError("set_preprocessing() must be called before building datasets")
-        if split not in self.splits:
-            raise TLError(f"dataset has no {split!r} split (available: {', '.join(self.splits)})")
+        items = self.split_items(split)
         aug = split == "train" if train_aug is None else train_aug
         aug = bool(aug) and self.augment not in (None, "none", False)
-        return AudioDataset(self.splits[split], self.preprocessing, augment=aug)
+        return AudioDataset(items, self.preprocessing, augment=aug)
 
-    def make_loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        n = len(ds)  # type: ignore[arg-type]
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(n) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=functools.partial(pad_collate, spec_augment=getattr(ds, "augment", False)),
-            drop_last=shuffle and n > self.batch_size and n % self.batch_size == 1,
-        )
+    def collate_fn(self, ds: Dataset | None = None) -> Any:
+        """Zero-pad clips to the longest in the batch (+ lengths); SpecAugment on training sets."""
+        return functools.partial(pad_collate, spec_augment=getattr(ds, "augment", False))
 
 
 DATASETS.register("audiofolder", AudioFolderDataModule)
-FOLDER_DATASETS["audio"] = "audiofolder"
 
 
 # --------------------------------------------------------------------------- predict / export
 
 
-@MODALITIES.register("audio")
-class AudioModality(Modality):
-    """Audio clips: 16 kHz mono float32 waveforms, zero-padded into a batch, with lengths."""
-
-    name = "audio"
-    noun = "clips"
-
-    def find(self, inputs: Any) -> list[Any]:
-        from tl_cli.data.inputs import find_inputs
-
-        return find_inputs(inputs, AUDIO_EXTS, self.noun)
-
-    def loader(self, prep: dict[str, Any]):
-        rate, min_len = int(prep["sample_rate"]), int(prep.get("min_samples", 0))
-        secs = prep.get("max_seconds")
-        max_len = int(float(secs) * rate) if secs else None
-
-        def load(path: Any) -> torch.Tensor:
-            x = fit_length(load_audio(path, rate), min_len, max_len, None)
-            return torch.from_numpy(np.ascontiguousarray(x))
-
-        return load
-
-    def collate(self, inputs: list[Any], prep: dict[str, Any]) -> Any:
-        x, _ = pad_collate([(w, 0) for w in inputs])
-        return x
-
-    def example(self, prep: dict[str, Any], batch: int, seed: int) -> tuple[torch.Tensor, ...]:
-        g = torch.Generator().manual_seed(seed)
-        n = int(prep.get("min_samples", 16000)) + int(prep["sample_rate"]) // 2
-        audio = 0.1 * torch.randn(batch, n, generator=g)
-        lengths = torch.full((batch,), n, dtype=torch.long)
-        lengths[-1] = int(prep.get("min_samples", n))  # one clip padded in its batch
-        audio[-1, int(lengths[-1]) :] = 0
-        return audio, lengths
-
-    def input_names(self, prep: dict[str, Any]) -> list[str]:
-        return ["audio", "lengths"]
-
-    def dynamic_axes(self, prep: dict[str, Any]) -> dict[str, dict[int, str]]:
-        return {"audio": {0: "batch", 1: "samples"}, "lengths": {0: "batch"}}
-
-    def axis_min(self, prep: dict[str, Any]) -> dict[str, int]:
-        return {"samples": int(prep.get("min_samples", 1))}  # one window at least
-
-    def pack(self, *tensors: torch.Tensor) -> Any:
-        return {"audio": tensors[0], "lengths": tensors[1]}
-
-    def describe_input(self, prep: dict[str, Any]) -> dict[str, Any]:
-        rate = int(prep["sample_rate"])
-        return {
-            "name": "audio",
-            "shape": ["batch", "samples"],
-            "dtype": "float32",
-            "lengths": {"name": "lengths", "shape": ["batch"], "dtype": "int64"},
-            "sample_rate": rate,
-            "transform": (
-                f"decode, mean of channels, resample to {rate} Hz (soxr HQ), samples in [-1, 1]; "
-                f"centre-pad with zeros to at least {prep.get('min_samples')} samples, crop "
-                f"to {prep.get('max_seconds')} s (centre); batch: zero-pad at the end to the "
-                "longest clip, lengths = samples before that padding (the model itself adds "
-                f"{prep.get('pad_frames', 0)} frames of silence before and after each clip)"
-            ),
-            "front_end": {
-                k: prep[k]
-                for k in (
-                    "n_fft",
-                    "hop_samples",
-                    "mel_bins",
-                    "top_db",
-                    "mel_transform",
-                    "window_frames",
-                    "window_stride",
-                    "pad_frames",
-                    "pooling",
-                    "normalize",
-                )
-                if k in prep
-            },
-        }

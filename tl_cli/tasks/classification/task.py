@@ -1,0 +1,344 @@
+"""Single-label classification: one class per input (images, texts, clips).
+
+Cross-entropy (label smoothing in training only), accuracy, macro-F1 and balanced accuracy;
+``tl eval`` adds per-class precision/recall, the confusion matrix and the error analysis
+(``tl_cli.tasks.classification.evaluation``); ``tl predict`` writes the top-k labels per input;
+``tl export`` writes logits.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from tl_cli.core.console import fmt, progress, show
+from tl_cli.core.errors import TLError
+from tl_cli.core.metrics import PREDICTIONS_SCHEMA_VERSION
+from tl_cli.core.outputs import atomic_path, write_json
+from tl_cli.tasks.base import (
+    TASKS,
+    EvalOutputs,
+    Evaluation,
+    ExportSpec,
+    Predictor,
+    TransferTask,
+)
+
+
+class ExportModel(torch.nn.Module):
+    """Input tensors -> logits: the backbone and head, without Lightning around them.
+
+    ``pack`` (the modality's) turns the graph's input tensors into what the backbone takes
+    (images: the one tensor; text: a dict of token ids and attention mask).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, pack: Any = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.pack = pack
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        x = self.pack(*xs) if self.pack is not None else xs[0]
+        return self.head(self.backbone(x))
+
+
+class ClassificationPredictor(Predictor):
+    """Top-k labels and probabilities per input: ``path,label_1,prob_1,...,label_k,prob_k,error``
+    (CSV) or a JSON document with the same rows (``topk=K``, default 5)."""
+
+    def __init__(self, module: Any, modality: Any, prep: dict[str, Any], cfg: Any) -> None:
+        super().__init__(module, modality, prep, cfg)
+        topk = cfg.get("topk", 5)
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise TLError(f"topk={topk!r} must be a whole number >= 1")
+        self.class_names = list(module.class_names)
+        self.k = min(topk, len(self.class_names))
+
+    def nonfinite(self, outputs: torch.Tensor) -> int | None:
+        finite = torch.isfinite(outputs.float()).all(dim=1).cpu()
+        return None if bool(finite.all()) else int((~finite).nonzero()[0])
+
+    def postprocess(self, outputs: torch.Tensor) -> list[Any]:
+        probs = torch.softmax(outputs.float(), dim=1).cpu()
+        top_p, top_i = probs.topk(self.k, dim=1)
+        return [
+            [{"label": self.class_names[c], "prob": float(p)} for p, c in zip(ps, cs, strict=True)]
+            for ps, cs in zip(top_p.tolist(), top_i.tolist(), strict=True)
+        ]
+
+    def write(self, path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
+        if fmt == "csv":
+            with atomic_path(path) as tmp:  # written beside it, then renamed: never half a file
+                write_csv(tmp, rows, self.k)
+            return
+        write_json(
+            path,
+            {
+                "schema_version": PREDICTIONS_SCHEMA_VERSION,
+                "checkpoint": str(Path(str(self.cfg.checkpoint)).resolve()),
+                "class_names": self.class_names,
+                "topk": self.k,
+                "num_images": len(rows),
+                "num_errors": sum(1 for r in rows if r["error"]),
+                "predictions": [
+                    {"path": r["path"], "topk": r["result"] or [], "error": r["error"]}
+                    for r in rows
+                ],
+            },
+        )
+
+    def show(self, rows: list[dict[str, Any]], limit: int = 20) -> None:
+        from rich.markup import escape
+        from rich.table import Table
+
+        from tl_cli.core.console import console
+
+        k = self.k
+        more = f", first {limit}" if len(rows) > limit else ""
+        t = Table(title=f"predictions ({len(rows)} {self.noun}{more})", header_style="bold")
+        t.add_column(self.noun[:-1] if self.noun.endswith("s") else self.noun)
+        t.add_column("top-1", justify="left")
+        t.add_column("prob", justify="right")
+        if k > 1:
+            t.add_column(f"top-2..{k}" if k > 2 else "top-2", justify="left")
+        for r in rows[:limit]:
+            name = escape(r["path"] if len(r["path"]) <= 60 else "..." + r["path"][-57:])
+            if r["error"]:
+                cells = [name, f"[red]error[/] {escape(r['error'][:60])}", ""]
+                if k > 1:
+                    cells.append("")
+            else:
+                top = r["result"]
+                cells = [name, escape(top[0]["label"]), f"{top[0]['prob']:.3f}"]
+                if k > 1:
+                    cells.append(
+                        escape(", ".join(f"{e['label']} {e['prob']:.2f}" for e in top[1:]))
+                    )
+            t.add_row(*cells)
+        console.print(t)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], k: int) -> None:
+    """Columns: path, label_1, prob_1, ..., label_k, prob_k, error (empty when the input was read)."""
+    header = (
+        ["path"] + [c for j in range(1, k + 1) for c in (f"label_{j}", f"prob_{j}")] + ["error"]
+    )
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            top = r["result"] or []
+            cells: list[Any] = [r["path"]]
+            for j in range(k):
+                if j < len(top):
+                    cells += [top[j]["label"], f"{top[j]['prob']:.6f}"]
+                else:
+                    cells += ["", ""]
+            w.writerow([*cells, r["error"] or ""])
+
+
+@TASKS.register("classification")
+class ClassificationTask(TransferTask):
+    """Single-label classification: cross-entropy (label smoothing in training), accuracy, macro-F1."""
+
+    def build_extra(self) -> None:
+        n = self.num_outputs
+        self.train_acc = MulticlassAccuracy(n, average="micro")
+        self.val_acc = MulticlassAccuracy(n, average="micro")
+        self.test_acc = MulticlassAccuracy(n, average="micro")
+        self.test_f1 = MulticlassF1Score(n, average="macro")
+        # balanced accuracy = mean per-class recall
+        self.val_bacc = MulticlassAccuracy(n, average="macro")
+        self.test_bacc = MulticlassAccuracy(n, average="macro")
+        # val: [correct, summed loss, images] for val/score; predicted-class counts per stage
+        self._val_sums = torch.zeros(3, dtype=torch.float64)
+        self.pred_counts: dict[str, torch.Tensor] = {}
+
+    #: best.ckpt: the highest val/acc, ties broken by the lower val/loss (see val_score)
+    monitor = ("val/score", "max")
+
+    # ------------------------------------------------------------------ tl eval / predict / export
+    predictor_class = ClassificationPredictor
+
+    @torch.inference_mode()
+    def evaluate(self, loader: Any, device: torch.device, desc: str) -> Evaluation:
+        from tl_cli.tasks.classification.evaluation import score
+
+        self.to(device).eval()
+        outs, ys = [], []
+        with progress(desc, total=len(loader)) as advance:
+            for x, y in loader:
+                outs.append(self(move_data_to_device(x, device)).float().cpu())
+                ys.append(torch.as_tensor(y))
+                advance()
+        logits, y = torch.cat(outs), torch.cat(ys)
+        metrics = score(logits, y, self.class_names)
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+        return Evaluation(metrics, int(y.numel()), {"logits": logits, "labels": y}, bad)
+
+    def evaluation_outputs(
+        self, ev: Evaluation, out: Path, dataset: Any, cfg: Any, split: str, noun: str
+    ) -> EvalOutputs:
+        """confusion_matrix.png, misclassified.csv, top_losses.png and the report sections."""
+        from tl_cli.core.markdown import md_table
+        from tl_cli.tasks.classification.evaluation import interpret, plot_confusion
+
+        m = ev.metrics
+        normalize = bool(cfg.get("confusion_normalize", True))
+        title = (
+            f"Confusion matrix{' (row-normalised)' if normalize else ''}: {split}, "
+            f"{ev.num_samples} {noun}, acc {m.get('acc', 0.0):.3f}"
+        )
+        png = plot_confusion(
+            m["confusion_matrix"], self.class_names, out / "confusion_matrix.png", normalize, title
+        )
+        rows = [
+            [c, r["precision"], r["recall"], r["f1"], r["support"]]
+            for c, r in m["per_class"].items()
+        ]
+        res = EvalOutputs(
+            report=[
+                "## Per class",
+                "",
+                md_table(["class", "precision", "recall", "f1", "support"], rows),
+                "",
+                "## Confusion matrix",
+                "",
+                "![Confusion matrix](confusion_matrix.png)",
+                "",
+            ],
+            files={"confusion_matrix": str(png)},
+        )
+        items = getattr(dataset, "items", None)
+        if items is None or len(items) != ev.num_samples:
+            return res
+        err = interpret(
+            out,
+            ev.details["logits"],
+            ev.details["labels"],
+            [item for item, _ in items],
+            getattr(dataset, "loader", None),
+            self.class_names,
+            m["confusion_matrix"],
+        )
+        pairs = ", ".join(
+            f"{c['true']} -> {c['predicted']} ({c['count']})" for c in err["most_confused"]
+        )
+        res.lines += [
+            f"most confused (true -> predicted): {pairs or 'none'}",
+            f"{err['misclassified']} misclassified: {err['misclassified_csv']}"
+            + (f"; highest losses: {err['top_losses_png']}" if err["top_losses_png"] else ""),
+        ]
+        res.report += [
+            "## Errors",
+            "",
+            f"- most confused (true -> predicted): {pairs or 'none'}",
+            f"- {err['misclassified']} misclassified, highest loss first: "
+            "[misclassified.csv](misclassified.csv)",
+        ]
+        if err["top_losses_png"]:
+            res.report += ["", "![Highest losses](top_losses.png)"]
+        res.report.append("")
+        res.files.update(misclassified=err["misclassified_csv"])
+        if err["top_losses_png"]:
+            res.files["top_losses"] = err["top_losses_png"]
+        return res
+
+    def show_evaluation(self, ev: Evaluation, split: str, noun: str) -> None:
+        from rich.table import Table
+
+        t = Table(title=f"per class ({split}, {ev.num_samples} {noun})", header_style="bold")
+        for col in ("class", "precision", "recall", "f1", "support"):
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for c, r in ev.metrics["per_class"].items():
+            t.add_row(c, fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]), str(r["support"]))
+        show(t)
+
+    def export_spec(self, modality: Any, prep: dict[str, Any]) -> ExportSpec:
+        n = len(self.class_names)
+        return ExportSpec(
+            net=ExportModel(self.backbone, self.head, modality.pack).eval(),
+            output_names=["logits"],
+            output_axes={"logits": {0: "batch"}},
+            sidecar={
+                "class_names": list(self.class_names),
+                "num_classes": n,
+                "output": {
+                    "name": "logits",
+                    "shape": ["batch", n],
+                    "note": "softmax gives probabilities",
+                },
+            },
+        )
+
+    def supports_head_fit(self) -> bool:
+        return True
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        smoothing = self.label_smoothing if stage == "train" else 0.0
+        weight = None
+        if stage == "train" and self.class_weight is not None:
+            weight = self.class_weight.to(out.device, out.dtype)
+        return F.cross_entropy(out, y, weight=weight, label_smoothing=smoothing)
+
+    def update_metrics(self, out: torch.Tensor, y: torch.Tensor, stage: str) -> None:
+        acc = getattr(self, f"{stage}_acc")
+        acc(out, y)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        if stage in ("val", "test"):
+            bacc = getattr(self, f"{stage}_bacc")
+            bacc(out, y)
+            self.log(f"{stage}/balanced_acc", bacc, on_epoch=True)
+            pred = out.detach().argmax(1)
+            counts = torch.bincount(pred, minlength=self.num_outputs).cpu()
+            self.pred_counts[stage] = self.pred_counts.get(stage, torch.zeros_like(counts)) + counts
+        if stage == "val":
+            with torch.no_grad():
+                loss = F.cross_entropy(out.detach().float(), y, reduction="sum")
+            self._val_sums += torch.tensor(
+                [float((pred == y).sum()), float(loss), float(len(y))], dtype=torch.float64
+            )
+        if stage == "test":
+            self.test_f1(out, y)
+            self.log("test/macro_f1", self.test_f1, on_epoch=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64)
+        self.pred_counts["val"] = torch.zeros(self.num_outputs, dtype=torch.long)
+
+    def on_test_epoch_start(self) -> None:
+        self.pred_counts["test"] = torch.zeros(self.num_outputs, dtype=torch.long)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        sums = self._val_sums.to(self.device)
+        counts = self.pred_counts["val"].to(self.device)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        correct, loss_sum, n = (float(v) for v in sums)
+        if n > 0:
+            self.log("val/score", val_score(correct / n, loss_sum / n, int(n)))
+            self.log("val/pred_classes", float((counts > 0).sum()))
+
+
+def val_score(acc: float, loss: float, n: int) -> float:
+    """The checkpoint criterion: val/acc, ties broken by the lower val/loss.
+
+    ``acc - (0.5 / n) * loss / (1 + loss)`` for ``n`` validation images: the loss term is under
+    half an image of accuracy, so it never outweighs a real accuracy difference and only orders
+    epochs with the same accuracy (a lower loss always scores higher). Scaled by ``1 / n`` rather
+    than a fixed tiny factor so that it survives Lightning's float32 metrics.
+    """
+    eps = 0.5 / max(1, n)
+    if not math.isfinite(loss):
+        return acc - eps
+    return acc - eps * loss / (1.0 + loss)
