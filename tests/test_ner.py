@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
+from omegaconf import open_dict
 import torch
 from seqeval.metrics import f1_score
 from seqeval.metrics.sequence_labeling import get_entities
@@ -20,6 +21,7 @@ from seqeval.scheme import IOB2, IOBES
 from tl_cli.core.errors import TLError
 from tl_cli.tasks.ner import align, io, metrics, model, schemes
 
+from .conftest import compose_cfg, run_cfg
 from .tiny_bert import save_tiny_bert
 
 PER = ["alice", "bob", "carol"]
@@ -623,3 +625,118 @@ def test_tiny_tagger_learns_and_predicts_entities(tmp_path, ner_bert):
     out = model.prediction(inp, t[0], p[0])
     assert [(e["text"], e["type"]) for e in out["entities"]] == [("alice", "PER"), ("paris", "LOC")]
     assert all(0.0 < e["score"] <= 1.0 for e in out["entities"])
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def ner_overrides(bert: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "task=ner",
+        "backbone=hf",
+        f"backbone.path={bert}",
+        f"dataset.root={root}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.log_every_n_steps=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def ner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/dev/test in BIOES with spaces and a POS column (the scheme is read and written back)."""
+    d = tmp_path_factory.mktemp("nerdata")
+    for split, n, seed in (("train", 160, 5), ("dev", 30, 6), ("test", 40, 7)):
+        rows = synthetic(n, seed=seed, scheme="BIOES")
+        write(d / f"{split}.conll", "\n".join("".join(f"{w} NN {t}\n" for w, t in s) for s in rows))
+    return d
+
+
+@pytest.fixture(scope="session")
+def ner_run(ner_bert, ner_dir, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """tl finetune task=ner on the tiny BERT: (run dir, metrics)."""
+    from tl_cli.commands.train import run
+
+    out = tmp_path_factory.mktemp("nerrun") / "run"
+    cfg = compose_cfg(
+        [
+            *ner_overrides(
+                ner_bert,
+                ner_dir,
+                "trainer.max_epochs=5",
+                "optimizer.lr=3e-3",
+                "strategy.backbone_lr_mult=1.0",
+                "dataset.max_length=12",
+                "fail_under.f1=0.5",
+            )
+        ],
+        "finetune",
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return out, run(cfg)
+
+
+def test_finetune_task_ner_end_to_end(ner_run):
+    out, m = ner_run
+    assert m["task"] == "ner" and m["metric_names"]["monitor"] == "val/f1"
+    assert m["test/f1"] >= 0.9, m
+    assert {"test/precision", "test/recall", "test/macro_f1", "test/token_acc"} <= set(m)
+    assert m["test/per_type/PER/support"] > 0 and "test/per_type/LOC/f1" in m
+    assert m["gates"][0]["key"] == "test/f1" and m["gates"][0]["passed"]
+    assert len(m["history"]) == 5 and "val/f1" in m["history"][0]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["test/f1"] == pytest.approx(m["test/f1"])
+    assert "test/f1" in (out / "report.md").read_text()
+
+
+def test_eval_predict_export_from_the_checkpoint(ner_run, ner_dir, tmp_path):
+    from tl_cli.commands import evaluate, export, predict
+    from tl_cli.tasks.loading import load_module
+
+    out, m = ner_run
+    ckpt = out / "checkpoints" / "best.ckpt"
+    module, meta = load_module(ckpt)
+    assert module.tag_scheme == "BIOES" and meta["hyper_parameters"]["tag_scheme"] == "BIOES"
+
+    res = evaluate.run(run_cfg([f"checkpoint={ckpt}", "fail_under.f1=0.5"], tmp_path / "ev", "eval"))
+    assert res["split"] == "test" and res["f1"] == pytest.approx(m["test/f1"])
+    assert res["per_type"]["PER"]["support"] > 0 and res["confusion"]["names"][-1] == "O"
+    assert res["error_kinds"]["correct"] > 0
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "Confusion between entity types" in report and "| PER |" in report
+    errors = (tmp_path / "ev" / "errors.jsonl").read_text().splitlines()
+    for line in errors:
+        row = json.loads(line)
+        assert row["wrong"] == len(row["missed"]) + len(row["spurious"]) > 0
+
+    text = write(tmp_path / "in.txt", "alice visited new paris today.\n\nbob met carol\n")
+    preds = tmp_path / "preds.jsonl"
+    predict.run(run_cfg([f"checkpoint={ckpt}", f"inputs={text}", f"output={preds}"], tmp_path / "pr", "predict"))
+    rows = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["alice visited new paris today.", "bob met carol"]
+    ents = [(e["text"], e["type"]) for e in rows[0]["entities"]]
+    assert ents == [("alice", "PER"), ("new paris", "LOC")]
+    for r in rows:
+        for e in r["entities"]:
+            assert r["text"][e["start"] : e["end"]] == e["text"] and 0 < e["score"] <= 1
+
+    conll_out = tmp_path / "preds.conll"
+    predict.run(
+        run_cfg(
+            [f"checkpoint={ckpt}", f"inputs={ner_dir / 'test.conll'}", f"output={conll_out}"],
+            tmp_path / "pr2",
+            "predict",
+        )
+    )
+    lines = [x.split("\t") for x in conll_out.read_text().splitlines() if x]
+    assert all(len(c) == 3 for c in lines)  # token, gold, predicted: conlleval's layout
+    assert {c[2][0] for c in lines} <= set("BIESO") and any(c[2].startswith("S-") for c in lines)
+
+    onnx = tmp_path / "m.onnx"
+    got = export.run(run_cfg([f"checkpoint={ckpt}", "format=onnx", f"output={onnx}"], tmp_path / "ex", "export"))
+    assert got["passed"] is True
+    side = json.loads(onnx.with_suffix(".json").read_text())
+    assert side["tags"] == module.class_names and side["output"]["shape"][1] == "tokens"
+    assert "tokenizer" in side

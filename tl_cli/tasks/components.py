@@ -18,6 +18,8 @@ import tl_cli.modalities.image.modality  # noqa: F401
 import tl_cli.modalities.text.backbone  # noqa: F401
 import tl_cli.tasks.classification  # noqa: F401
 import tl_cli.tasks.distill  # noqa: F401
+import tl_cli.tasks.ner.data  # noqa: F401
+import tl_cli.tasks.ner.task  # noqa: F401
 import tl_cli.transfer.adapt  # noqa: F401
 import tl_cli.transfer.heads  # noqa: F401
 import tl_cli.transfer.optimizers  # noqa: F401

@@ -192,6 +192,7 @@ class TokenDataset(Dataset):
         offsets: global index of each sentence's first word (``word_offsets``).
         train: label every word of a window (words in an overlap train twice, with both
             contexts); otherwise only the words the window scores carry a label.
+        words, gold: the sentences and their tags as names, kept for scoring.
     """
 
     def __init__(
@@ -200,11 +201,16 @@ class TokenDataset(Dataset):
         tags: Sequence[Sequence[int]] | None,
         offsets: Sequence[int],
         train: bool = False,
+        words: Sequence[Sequence[str]] | None = None,
+        gold: Sequence[Sequence[str]] | None = None,
     ) -> None:
         self.windows = list(windows)
         self.tags = tags
         self.offsets = list(offsets)
         self.train = train
+        #: the sentences' words and gold tag names (what evaluation scores against)
+        self.words = [list(w) for w in words] if words is not None else None
+        self.gold = [list(g) for g in gold] if gold is not None else None
 
     def __len__(self) -> int:
         return len(self.windows)

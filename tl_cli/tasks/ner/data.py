@@ -88,6 +88,11 @@ class NerDataModule(TransferDataModule):
         kw.pop("image_size", None)
         super().__init__(augment=augment, **kw)
         io.schemes.scheme_name(tag_scheme)  # a bad value fails before any reading
+        if self.balance:
+            raise TLError(
+                f"dataset.balance={self.balance} balances classes of whole inputs; a NER sentence "
+                "holds many tags (leave dataset.balance unset)"
+            )
         if stride is not None and (not isinstance(stride, int) or stride < 0):
             raise TLError(f"dataset.stride={stride!r} must be an integer >= 0 (or null)")
         self.root = root
@@ -116,7 +121,13 @@ class NerDataModule(TransferDataModule):
             warn(w)
         self.layout = self.data.layout
         self.class_names = list(self.data.labels)
-        self.splits = dict(self.data.splits)  # type: ignore[arg-type]
+        # (sentence, -1): the (item, label) pairs every data module holds; a sentence has no one
+        # class (its tags are in the sentence), so the label is -1, "none" (class counts skip it)
+        self.splits = {k: [(s, -1) for s in v] for k, v in self.data.splits.items()}
+
+    def sentences(self, split: str) -> list[io.Sentence]:
+        self.prepare()
+        return [s for s, _ in self.splits[split]]
 
     @property
     def entity_types(self) -> list[str]:
@@ -158,7 +169,7 @@ class NerDataModule(TransferDataModule):
         train = split == "train" if train_aug is None else bool(train_aug)
         key = (split, train)
         if key not in self._datasets:
-            sents: list[io.Sentence] = self.splits[split]  # type: ignore[assignment]
+            sents = self.sentences(split)
             words = [s.tokens for s in sents]
             if split not in self.align_stats:
                 wins, stats = self.aligner.windows(words)
@@ -169,31 +180,35 @@ class NerDataModule(TransferDataModule):
                 wins, _ = self.aligner.windows(words)
             lid = {t: i for i, t in enumerate(self.class_names)}
             tags = [[lid[t] if t in lid else 0 for t in s.tags] for s in sents]
-            self._datasets[key] = TokenDataset(wins, tags, word_offsets(words), train)
+            self._datasets[key] = TokenDataset(
+                wins, tags, word_offsets(words), train, words, [s.tags for s in sents]
+            )
         return self._datasets[key]
 
-    def make_loader(self, ds: Any, shuffle: bool) -> torch.utils.data.DataLoader:
+    def make_loader(
+        self, ds: Any, shuffle: bool, collate_fn: Any = None
+    ) -> torch.utils.data.DataLoader:
         if not (shuffle and self.group_by_length and isinstance(ds, TokenDataset)):
-            return super().make_loader(ds, shuffle)
+            return super().make_loader(ds, shuffle, collate_fn)
         return torch.utils.data.DataLoader(
             ds,
             batch_size=self.batch_size,
             sampler=LengthGrouped(ds.lengths(), self.batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate_fn(),
+            collate_fn=collate_fn or self.collate_fn(ds),
         )
 
-    def collate_fn(self) -> TokenCollate:
+    def collate_fn(self, ds: Any = None) -> TokenCollate:
         assert self.preprocessing is not None
         return TokenCollate(self.preprocessing["pad_id"])
 
     def gold(self, split: str) -> list[list[str]]:
         """The internal tags of ``split`` (what predictions are scored against)."""
-        return [list(s.tags) for s in self.splits[split]]  # type: ignore[union-attr]
+        return [list(s.tags) for s in self.sentences(split)]
 
     def words(self, split: str) -> list[list[str]]:
-        return [list(s.tokens) for s in self.splits[split]]  # type: ignore[union-attr]
+        return [list(s.tokens) for s in self.sentences(split)]
 
     def describe(self) -> str:
         self.prepare()
