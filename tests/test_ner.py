@@ -740,3 +740,19 @@ def test_eval_predict_export_from_the_checkpoint(ner_run, ner_dir, tmp_path):
     side = json.loads(onnx.with_suffix(".json").read_text())
     assert side["tags"] == module.class_names and side["output"]["shape"][1] == "tokens"
     assert "tokenizer" in side
+
+
+def test_eval_on_another_file_in_another_scheme_with_an_unseen_type(ner_run, tmp_path, capsys):
+    from tl_cli.commands import evaluate
+
+    out, _ = ner_run
+    ckpt = out / "checkpoints" / "best.ckpt"
+    rows = synthetic(30, seed=11, scheme="IOB1")
+    rows.append([("acme", "I-ORG"), ("met", "O"), ("alice", "I-PER")])
+    other = write(tmp_path / "other.iob", conll(rows))
+    res = evaluate.run(run_cfg([f"checkpoint={ckpt}", f"dataset.root={other}"], tmp_path / "ev", "eval"))
+    assert res["split"] == "all" and res["num_samples"] == 31
+    assert res["tag_scheme"] == "BIOES"  # the model's data; the new file was read as IOB1
+    assert res["per_type"]["ORG"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert res["per_type"]["PER"]["f1"] > 0.8
+    assert "entity type(s) the model never learned: ORG" in capsys.readouterr().out

@@ -72,6 +72,8 @@ class NerDataModule(TransferDataModule):
 
     item_noun = "sentences"
     name = "ner"
+    #: ``tl eval dataset.root=OTHER`` reads OTHER with this module (not the text modality's)
+    reads_any_root = True
 
     def __init__(
         self,

@@ -333,6 +333,7 @@ def load(
                 f"{split} has entity type(s) train never shows: {names}; they are scored as "
                 "missed entities"
             )
+    conv.setdefault("val", [])  # not carved (a file scored whole): an empty val split
     splits = {k: conv[k] for k in ("train", "val", "test") if k in conv}
     return NerData(splits, report.scheme, report, types, labels_for(types), layout, warnings)
 
