@@ -12,8 +12,8 @@ import random
 from pathlib import Path
 
 import pytest
-from omegaconf import open_dict
 import torch
+from omegaconf import open_dict
 from seqeval.metrics import f1_score
 from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.scheme import IOB2, IOBES
@@ -700,7 +700,9 @@ def test_eval_predict_export_from_the_checkpoint(ner_run, ner_dir, tmp_path):
     module, meta = load_module(ckpt)
     assert module.tag_scheme == "BIOES" and meta["hyper_parameters"]["tag_scheme"] == "BIOES"
 
-    res = evaluate.run(run_cfg([f"checkpoint={ckpt}", "fail_under.f1=0.5"], tmp_path / "ev", "eval"))
+    res = evaluate.run(
+        run_cfg([f"checkpoint={ckpt}", "fail_under.f1=0.5"], tmp_path / "ev", "eval")
+    )
     assert res["split"] == "test" and res["f1"] == pytest.approx(m["test/f1"])
     assert res["per_type"]["PER"]["support"] > 0 and res["confusion"]["names"][-1] == "O"
     assert res["error_kinds"]["correct"] > 0
@@ -713,7 +715,11 @@ def test_eval_predict_export_from_the_checkpoint(ner_run, ner_dir, tmp_path):
 
     text = write(tmp_path / "in.txt", "alice visited new paris today.\n\nbob met carol\n")
     preds = tmp_path / "preds.jsonl"
-    predict.run(run_cfg([f"checkpoint={ckpt}", f"inputs={text}", f"output={preds}"], tmp_path / "pr", "predict"))
+    predict.run(
+        run_cfg(
+            [f"checkpoint={ckpt}", f"inputs={text}", f"output={preds}"], tmp_path / "pr", "predict"
+        )
+    )
     rows = [json.loads(x) for x in preds.read_text().splitlines()]
     assert [r["text"] for r in rows] == ["alice visited new paris today.", "bob met carol"]
     ents = [(e["text"], e["type"]) for e in rows[0]["entities"]]
@@ -735,7 +741,9 @@ def test_eval_predict_export_from_the_checkpoint(ner_run, ner_dir, tmp_path):
     assert {c[2][0] for c in lines} <= set("BIESO") and any(c[2].startswith("S-") for c in lines)
 
     onnx = tmp_path / "m.onnx"
-    got = export.run(run_cfg([f"checkpoint={ckpt}", "format=onnx", f"output={onnx}"], tmp_path / "ex", "export"))
+    got = export.run(
+        run_cfg([f"checkpoint={ckpt}", "format=onnx", f"output={onnx}"], tmp_path / "ex", "export")
+    )
     assert got["passed"] is True
     side = json.loads(onnx.with_suffix(".json").read_text())
     assert side["tags"] == module.class_names and side["output"]["shape"][1] == "tokens"
@@ -750,7 +758,9 @@ def test_eval_on_another_file_in_another_scheme_with_an_unseen_type(ner_run, tmp
     rows = synthetic(30, seed=11, scheme="IOB1")
     rows.append([("acme", "I-ORG"), ("met", "O"), ("alice", "I-PER")])
     other = write(tmp_path / "other.iob", conll(rows))
-    res = evaluate.run(run_cfg([f"checkpoint={ckpt}", f"dataset.root={other}"], tmp_path / "ev", "eval"))
+    res = evaluate.run(
+        run_cfg([f"checkpoint={ckpt}", f"dataset.root={other}"], tmp_path / "ev", "eval")
+    )
     assert res["split"] == "all" and res["num_samples"] == 31
     assert res["tag_scheme"] == "BIOES"  # the model's data; the new file was read as IOB1
     assert res["per_type"]["ORG"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
