@@ -1,8 +1,14 @@
 #!/usr/bin/env python
 """NER: tl's token-classification pieces next to the Hugging Face recipe, on WNUT 2017.
 
+    flock /work/heavy.lock python scripts/bench_ner.py cli --command finetune [--set KEY=VALUE]
+    flock /work/heavy.lock python scripts/bench_ner.py cli --command train
     flock /work/heavy.lock python scripts/bench_ner.py reference --epochs 3
     flock /work/heavy.lock python scripts/bench_ner.py tl --epochs 3 [--lr 5e-5 --head-lr 1e-3 ...]
+
+``cli`` runs the real ``tl finetune task=ner`` / ``tl train task=ner`` (frozen encoder) with
+their defaults in a subprocess (``--limit N``: the first N training sentences, written out as
+CoNLL files) and reads metrics.json.
 
 ``reference`` is the Hugging Face token-classification recipe (``run_ner.py``) written as a
 plain PyTorch loop on the same encoder (the bundled all-MiniLM-L6-v2, loaded by
@@ -278,9 +284,57 @@ def tl_loop(args: argparse.Namespace, d: Any) -> dict[str, Any]:
     }
 
 
+def materialize(args: argparse.Namespace, d: Any) -> Path:
+    """The (limited) splits as CoNLL files for the tl commands: build/bench/ner/data_<limits>/."""
+    name = f"data_{args.limit or 'all'}_{args.val_limit or 'all'}_{args.eval_limit or 'all'}"
+    root = OUT.parent / name
+    root.mkdir(parents=True, exist_ok=True)
+    for split, fname in (("train", "train.conll"), ("val", "dev.conll"), ("test", "test.conll")):
+        text = "\n".join(
+            "".join(f"{w}\t{t}\n" for w, t in zip(s.tokens, s.tags, strict=True))
+            for s in d.splits[split]
+        )
+        (root / fname).write_text(text, encoding="utf-8")
+    return root
+
+
+def cli(args: argparse.Namespace, d: Any) -> dict[str, Any]:
+    """``tl finetune|train task=ner`` in a subprocess, defaults plus ``--set`` overrides."""
+    import resource
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _bench_util import run_tl
+
+    root = materialize(args, d) if (args.limit or args.val_limit or args.eval_limit) else args.root
+    tag = args.tag or f"{args.command}_{args.limit or 'all'}"
+    overrides = ["task=ner", f"dataset.root={root}", f"seed={args.seed}", *args.set]
+    if args.epochs:
+        overrides.append(f"trainer.max_epochs={args.epochs}")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = run_tl(args.command, overrides, OUT.parent / "runs" / tag)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    m = res["metrics"]
+    return {
+        "cmd": res["cmd"],
+        "val_f1": m.get("val/f1"),
+        "test_f1": m.get("test/f1"),
+        "epochs_run": m.get("epochs"),
+        "best_epoch": m.get("best_epoch"),
+        "val_curve": [round(r.get("val/f1", 0.0), 4) for r in m.get("history", [])],
+        "fit_s": m.get("fit_seconds"),
+        "wall_s": res["wall_seconds"],
+        "cpu_s": round(cpu, 1),
+        "defaults": m.get("defaults"),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["reference", "tl"])
+    ap.add_argument("mode", choices=["reference", "tl", "cli"])
+    ap.add_argument("--command", default="finetune", help="cli mode: finetune or train")
+    ap.add_argument("--set", action="append", default=[], help="cli mode: a tl override")
     ap.add_argument("--root", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--epochs", type=int, default=3, help="0: the budget rule below")
     ap.add_argument("--min-steps", type=int, default=600)
@@ -309,8 +363,13 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     d = data(args.root, args.limit, args.eval_limit, args.val_limit)
     start = load_avg()
-    res = (reference if args.mode == "reference" else tl_loop)(args, d)
+    res = {"reference": reference, "tl": tl_loop, "cli": cli}[args.mode](args, d)
     opts = {k: v for k, v in vars(args).items() if k not in ("root", "out", "mode")}
+    if args.mode == "cli":  # the loop options do not apply
+        opts = {
+            k: opts[k]
+            for k in ("command", "set", "epochs", "limit", "val_limit", "eval_limit", "seed", "tag")
+        }
     record(
         {
             "mode": args.mode,
