@@ -766,3 +766,68 @@ def test_eval_on_another_file_in_another_scheme_with_an_unseen_type(ner_run, tmp
     assert res["per_type"]["ORG"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert res["per_type"]["PER"]["f1"] > 0.8
     assert "entity type(s) the model never learned: ORG" in capsys.readouterr().out
+
+
+def test_train_task_ner_frozen_encoder_trains_the_head_by_sgd(ner_bert, ner_dir, tmp_path):
+    """tl train task=ner: the encoder stays as loaded, the head trains (head_fit=lbfgs is read as
+    sgd: no head-only epoch)."""
+    from tl_cli.commands.train import run
+    from tl_cli.modalities.backbones import build_backbone
+
+    cfg = compose_cfg(
+        ner_overrides(
+            ner_bert, ner_dir, "optimizer.lr=0.05", "dataset.max_length=12", "trainer.max_epochs=6"
+        )
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    assert cfg.strategy.name == "feature_extraction" and cfg.strategy.head_fit == "lbfgs"
+    m = run(cfg)
+    assert m["defaults"]["head_fit"] == {"method": "sgd"}
+    assert m["epochs"] == 6 and "stages" not in m
+    assert m["test/f1"] > 0.5, m["test/f1"]
+    from tl_cli.tasks.loading import load_module
+
+    module, _ = load_module(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    fresh = build_backbone({"name": "hf", "source": "hf", "path": str(ner_bert)})
+    for (k, a), b in zip(
+        module.backbone.state_dict().items(), fresh.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), k
+
+
+def test_auto_epochs_give_small_sets_enough_steps():
+    from tl_cli.tasks.ner.task import MAX_EPOCHS, MIN_EPOCHS, MIN_STEPS, auto_epochs
+
+    assert auto_epochs(213) == MIN_EPOCHS == 3  # WNUT 2017's 3,394 sentences at batch 16
+    assert auto_epochs(32) * 32 >= MIN_STEPS  # 500 sentences
+    assert auto_epochs(10) == MAX_EPOCHS == 30  # 160 sentences: capped
+    assert auto_epochs(1000) == MIN_EPOCHS
+
+
+def test_max_epochs_auto_uses_the_ner_budget(ner_bert, ner_dir, tmp_path):
+    """trainer.max_epochs=auto (the default): the task sets the epochs from its own rule before
+    the schedule is sized (stopped after one epoch here: only the budget is checked)."""
+    import pytorch_lightning as pl
+
+    from tl_cli.commands.train import run
+
+    seen = {}
+
+    class StopAfterOneEpoch(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen["max_epochs"] = trainer.max_epochs
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    cfg = compose_cfg(
+        ner_overrides(ner_bert, ner_dir, "dataset.batch_size=2", "dataset.max_length=12"),
+        "finetune",
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    m = run(cfg, callbacks=[StopAfterOneEpoch()])
+    # 160 sentences at batch 2: 80 steps per epoch -> ceil(600 / 80) = 8 epochs
+    assert seen["max_epochs"] == 8 and m["defaults"]["epochs"] == 8
+    assert m["defaults"]["optimizer_steps"] == 640
