@@ -19,6 +19,7 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import TINY, compose_cfg, run_tl
+from tl_cli.core import checkpoint
 from tl_cli.core.checkpoint import atomic_save, read_checkpoint
 from tl_cli.core.errors import TLError
 from tl_cli.run import safety
@@ -168,7 +169,7 @@ def test_atomic_save_interrupted_mid_write_keeps_the_old_file(tmp_path: Path, mo
         f.write(b"PK\x03\x04 half a zip file")
         raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of torch.save
 
-    monkeypatch.setattr(safety, "_serialize", half_then_die)
+    monkeypatch.setattr(checkpoint, "_serialize", half_then_die)
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"v": torch.tensor([2.0])}, target)
     assert target.read_bytes() == before

@@ -312,7 +312,7 @@ def test_eval_writes_error_analysis(good_ckpt: Path, tmp_path: Path, capsys):
 
 
 def test_most_confused_pairs():
-    from tl_cli.run.interpret import most_confused
+    from tl_cli.tasks.classification.evaluation import most_confused
 
     cm = [[5, 2, 0], [0, 4, 3], [1, 0, 6]]
     assert most_confused(cm, ["a", "b", "c"], k=2) == [("b", "c", 3), ("a", "b", 2)]

@@ -14,6 +14,7 @@ from PIL import Image
 from tl_cli.commands import evaluate, train
 from tl_cli.core.checkpoint import read_checkpoint
 from tl_cli.run import report
+from tl_cli.tasks.classification import evaluation
 
 from .conftest import compose_cfg
 from .trained_run import trained_run
@@ -81,7 +82,7 @@ def test_train_report_md_has_config_metrics_history_and_plot_link(trained):
 def test_confusion_figure_class_names_and_row_normalisation():
     names = ["cat", "dog", "fox"]
     cm = [[3, 1, 0], [0, 0, 0], [2, 2, 4]]
-    fig = report.confusion_figure(cm, names, normalize=True)
+    fig = evaluation.confusion_figure(cm, names, normalize=True)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == names
     assert [t.get_text() for t in ax.get_yticklabels()] == names
@@ -89,7 +90,7 @@ def test_confusion_figure_class_names_and_row_normalisation():
     shown = np.asarray(ax.images[0].get_array())
     assert np.allclose(shown, [[0.75, 0.25, 0], [0, 0, 0], [0.25, 0.25, 0.5]])  # empty row stays 0
     raw = np.asarray(
-        report.confusion_figure(cm, names, normalize=False).axes[0].images[0].get_array()
+        evaluation.confusion_figure(cm, names, normalize=False).axes[0].images[0].get_array()
     )
     assert np.array_equal(raw, np.asarray(cm, dtype=float))
     texts = {t.get_text() for t in ax.texts}

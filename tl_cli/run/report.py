@@ -39,15 +39,25 @@ def plot_curves(
 AXIS_NAMES = {"acc": "accuracy", "f1": "entity F1", "map_50": "mAP@0.5", "map": "mAP"}
 
 
+def _main_family(keys: tuple[str, ...]) -> str:
+    """The metric of the second panel: the first non-loss family the task logs per epoch."""
+    families = list(dict.fromkeys(k.split("/", 1)[1] for k in keys if "/" in k))
+    return next((f for f in families if f != "loss"), "acc")
+
+
+def curve_metric(keys: tuple[str, ...]) -> str:
+    """What the curves' second panel shows, in words (``accuracy``, ``entity F1``, ...)."""
+    main = _main_family(keys)
+    return AXIS_NAMES.get(main, main)
+
+
 def curves_figure(
     history: list[dict[str, float]],
     title: str = "",
     best_epoch: int | None = None,
     keys: tuple[str, ...] = EPOCH_METRICS,
 ):
-    # panels: the loss, then the first other metric family the task logs per epoch (acc, f1, ...)
-    families = list(dict.fromkeys(k.split("/", 1)[1] for k in keys if "/" in k))
-    main = next((f for f in families if f != "loss"), "acc")
+    main = _main_family(keys)
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2)
     for ax, what in zip(axes, ("loss", main), strict=True):
@@ -171,7 +181,8 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
     lines.append("")
     if gates:
         lines.append(_gates_md(gates))
-    lines += ["## Training curves", "", "![Loss and the main metric per epoch](curves.png)", ""]
+    main = curve_metric(epoch_keys(metrics))
+    lines += ["## Training curves", "", f"![Loss and {main} per epoch](curves.png)", ""]
     lr = metrics.get("lr_find")
     if lr:
         sugg = lr.get("suggestion")

@@ -29,7 +29,7 @@ from tl_cli.core.console import (
 )
 from tl_cli.core.errors import TLError
 from tl_cli.core.metrics import DEFAULT_MONITOR, METRICS_SCHEMA_VERSION
-from tl_cli.core.outputs import claim_run_dir
+from tl_cli.core.outputs import claim_pending, claim_run_dir
 from tl_cli.core.registry import plain
 from tl_cli.data.base import DATASETS
 from tl_cli.modalities.backbones import count_params
@@ -335,7 +335,10 @@ def train(
     )
     if auto:  # trainer.max_epochs=auto (the default): epochs from the data's size (tl_cli.transfer.budget)
         budget.resolve(trainer, dm, module)
-    lr_find = tune_lr(cfg, module, data, out) if cfg.get("tune_lr") else None  # sets optimizer.lr
+    lr_find = None
+    if cfg.get("tune_lr"):
+        claim_pending(out)  # the finder writes lr_find.png: this run holds its dir from here on
+        lr_find = tune_lr(cfg, module, data, out)  # sets optimizer.lr
     # atomic checkpoint writes; Ctrl-C/SIGTERM -> one line naming the resume command (exit 130/143)
     safe_fit(
         trainer, guard, module, data, ckpt_path, resume_command(cfg, ckpt_dir / "last.ckpt", out)
