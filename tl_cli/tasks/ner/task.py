@@ -25,7 +25,7 @@ import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
 
 from tl_cli.core.checkpoint import Int, Maybe, OneOf
-from tl_cli.core.console import progress, show, warn
+from tl_cli.core.console import progress, say, show, warn
 from tl_cli.core.errors import TLError
 from tl_cli.core.outputs import write_text
 from tl_cli.tasks.base import TASKS, EvalOutputs, Evaluation, ExportSpec, TransferTask
@@ -101,7 +101,8 @@ class NerTask(TransferTask):
         self._words: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def build_extra(self) -> None:
-        if getattr(self.strategy, "head_fit", "sgd") == "lbfgs":
+        self._lbfgs_read_as_sgd = getattr(self.strategy, "head_fit", "sgd") == "lbfgs"
+        if self._lbfgs_read_as_sgd:
             self.strategy.head_fit = "sgd"  # see the module docstring
 
     # ------------------------------------------------------------------ model
@@ -128,6 +129,8 @@ class NerTask(TransferTask):
             self.stride = dm.aligner.stride
             self.hparams["tag_scheme"] = self.tag_scheme
             self.hparams["stride"] = self.stride
+            if self._lbfgs_read_as_sgd:
+                say("[bold]head[/] task=ner trains the token head by SGD (strategy.head_fit=sgd)")
         super().setup(stage)
 
     # ------------------------------------------------------------------ training
