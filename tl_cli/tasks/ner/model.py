@@ -37,14 +37,21 @@ class TokenHead(nn.Module):
 
 
 class TokenTagger(nn.Module):
-    """Backbone (with ``token_features``) + ``TokenHead``: token logits ``(B, T, tags)``."""
+    """Backbone (with ``token_features``) + a head: token logits ``(B, T, tags)``.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    ``pack`` (the text modality's, for export) turns the graph's input tensors
+    ``(input_ids, attention_mask)`` into the dict the backbone takes; without it the forward
+    takes that dict.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, pack: Any = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pack = pack
 
-    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, *xs: Any) -> torch.Tensor:
+        x = self.pack(*xs) if self.pack is not None else xs[0]
         return self.head(self.backbone.token_features(x))
 
 

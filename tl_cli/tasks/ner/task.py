@@ -31,7 +31,7 @@ from tl_cli.core.outputs import write_text
 from tl_cli.tasks.base import TASKS, EvalOutputs, Evaluation, ExportSpec, TransferTask
 from tl_cli.tasks.ner import infer, schemes
 from tl_cli.tasks.ner.align import gather_words, merge, split_by_sentence
-from tl_cli.tasks.ner.model import token_loss, word_tags
+from tl_cli.tasks.ner.model import TokenTagger, token_loss, word_tags
 from tl_cli.tasks.ner.predict import NerPredictor
 
 #: trainer.max_epochs=auto for NER: at least this many optimizer steps ...
@@ -46,17 +46,6 @@ ERROR_ROWS = 50
 def auto_epochs(steps_per_epoch: int) -> int:
     """Epochs of a NER run: ``clamp(ceil(MIN_STEPS / steps per epoch), MIN_EPOCHS, MAX_EPOCHS)``."""
     return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS / max(1, steps_per_epoch)))))
-
-
-class TokenLogits(torch.nn.Module):
-    """Export graph: ``(input_ids, attention_mask)`` -> token logits ``(batch, tokens, tags)``."""
-
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module, pack: Any) -> None:
-        super().__init__()
-        self.backbone, self.head, self.pack = backbone, head, pack
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.token_features(self.pack(*xs)))
 
 
 @TASKS.register("ner")
@@ -290,7 +279,7 @@ class NerTask(TransferTask):
     def export_spec(self, modality: Any, prep: dict[str, Any]) -> ExportSpec:
         n = len(self.class_names)
         return ExportSpec(
-            net=TokenLogits(self.backbone, self.head, modality.pack).eval(),
+            net=TokenTagger(self.backbone, self.head, modality.pack).eval(),
             output_names=["logits"],
             output_axes={"logits": {0: "batch", 1: "tokens"}},
             sidecar={
