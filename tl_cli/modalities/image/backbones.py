@@ -572,12 +572,16 @@ def imagenet_classifier(backbone_cfg: dict[str, Any]) -> tuple[torch.Tensor, tor
     transfer strips), read from the same weights package (``BackboneSpec.imagenet_head``)."""
     import timm
 
+    from tl_cli.modalities.backbones import list_backbones
+
     name = str(backbone_cfg.get("name"))
     src, arch = _resolve_source(name, str(backbone_cfg.get("source", "auto")))
-    if src != "bundled" or backbone_cfg.get("weights_path"):
+    spec = get_spec(name)
+    if spec is None or not spec.imagenet_head or backbone_cfg.get("weights_path"):
+        heads = [s.name for s in list_backbones(modality="image") if s.imagenet_head]
         raise TLError(
-            f"tl zeroshot on images uses the backbone's own ImageNet classifier, shipped with the "
-            f"bundled backbones ({', '.join(BUNDLED)}); backbone={name} is not one of them"
+            f"tl zeroshot on images uses the backbone's own ImageNet classifier, shipped with "
+            f"{', '.join(heads)}; backbone={name} is not one of them"
         )
     _, module_name, cls_name = BUNDLED[name]
     try:
