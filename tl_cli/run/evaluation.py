@@ -24,7 +24,6 @@ from tl_cli.modalities.base import modality_of
 from tl_cli.run import gates as tl_gates
 from tl_cli.run.report import eval_report
 from tl_cli.run.safety import first_nonfinite
-from tl_cli.tasks.base import TASKS
 
 #: dataset names whose ``root`` is a download cache, not the user's folder (stored as given)
 DOWNLOADED_SETS = ("cifar10", "cifar100")
@@ -49,13 +48,12 @@ def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) ->
         keep = ("batch_size", "num_workers", "val_fraction", "split_seed")
         keep += ("label_from", "label_regex", "max_seconds")
         keep += ("text_column", "label_column", "max_length", "test_fraction")
-        # a task with its own labels (detection: boxes) reads them with its own data module,
-        # at the size it trained on
-        task = meta.get("task")
-        own = TASKS.get(task).folder_dataset if task in TASKS else None
-        if own:
-            keep += ("image_size",)
-        folder = own or modality_of(meta).folder_dataset
+        keep += ("stride",)  # NER windows
+        folder = modality_of(meta).folder_dataset
+        stored = dcfg.get("name")
+        if stored in DATASETS and getattr(DATASETS.get(stored), "reads_any_root", False):
+            folder = stored  # a task's own reader (NER: CoNLL/JSONL, detection boxes)
+            keep += ("image_size",)  # detection: the size the detector trained at
         dcfg = {"name": folder, **{k: dcfg[k] for k in keep if k in dcfg}}
         if "carve" in DATASETS.options(folder):
             dcfg["carve"] = False  # scored whole: no val/test carve (and no per-class minimum)

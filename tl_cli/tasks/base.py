@@ -208,9 +208,6 @@ class TransferTask(pl.LightningModule):
     #: hyper-parameters the task adds to ``__init__`` beyond every task's (name -> a
     #: ``tl_cli.core.checkpoint`` Rule: type and bounds); a checkpoint may hold only these
     checkpoint_fields: dict[str, Any] = {}
-    #: the ``dataset.name`` that reads a new ``dataset.root`` for ``tl eval`` (None: the
-    #: modality's ``folder_dataset``); a task with its own labels (detection boxes) names its own
-    folder_dataset: str | None = None
     #: domain adaptation (``tl_cli.transfer.adapt``, set by tl_cli.commands.train): not a submodule, never saved
     adapter: Any = None
 

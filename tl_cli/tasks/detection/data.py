@@ -39,6 +39,9 @@ class DetectionData(TransferDataModule):
     """
 
     name = "detection"
+    #: ``tl eval dataset.root=OTHER`` reads another VOC/COCO/YOLO root with this module (not the
+    #: image modality's class folders), at the checkpoint's image_size, carving nothing
+    reads_any_root = True
 
     def __init__(
         self,

@@ -246,8 +246,6 @@ class DetectionTask(TransferTask):
     gate_metrics = ("map", "map_50", "map_75", "mar_100")
     eval_summary = ("map", "map_50", "map_75", "mar_100", "num_samples")
     predictor_class = DetectionPredictor
-    #: tl eval dataset.root=OTHER reads VOC/COCO/YOLO boxes (not the image modality's folders)
-    folder_dataset = "detection"
 
     # ------------------------------------------------------------------ model
     def build_head(self, head: dict[str, Any]) -> torch.nn.Module:
