@@ -626,7 +626,8 @@ def test_tiny_end_to_end_train_eval_predict_export(tmp_path: Path) -> None:
 
 
 def test_finetune_trains_the_backbone_from_the_first_epoch(tmp_path: Path) -> None:
-    """tl finetune task=detection: no L-BFGS head fit, so no head-only epoch; the backbone moves."""
+    """tl finetune task=detection: no L-BFGS head fit, so no head-only epoch; the backbone moves
+    except its stem and stride-2/4 stages."""
     from omegaconf import open_dict
 
     from tl_cli.commands.train import run
@@ -659,6 +660,10 @@ def test_finetune_trains_the_backbone_from_the_first_epoch(tmp_path: Path) -> No
     a = dict(fresh.named_parameters())
     moved = [n for n, p in tuned.backbone.named_parameters() if not torch.equal(p, a[n])]
     assert moved
+    # the stem and the stride-2/4 stages stay as pretrained (torchvision's trainable layers)
+    early = ("model.conv_stem.", "model.bn1.", "model.blocks.0.", "model.blocks.1.")
+    assert not [n for n in moved if n.startswith(early)], moved
+    assert any(n.startswith("model.blocks.2.") for n in moved)
 
 
 def test_collate_keeps_lists(tmp_path: Path) -> None:
