@@ -87,6 +87,24 @@ def test_carving_is_seeded_and_by_image(tmp_path: Path) -> None:
     assert len(flat) == len(set(flat)) == 20
 
 
+def test_no_carve_keeps_every_image(tmp_path: Path) -> None:
+    """dm.carve = False (tl eval dataset.root=OTHER): a pool stays whole; split folders stay as
+    given, with no val carved out of train."""
+    from tl_cli.tasks.detection.data import DetectionData
+
+    write_voc(tmp_path / "pool", 10)
+    dm = DetectionData(str(tmp_path / "pool"))
+    dm.carve = False
+    dm.prepare()
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 10, "val": 0}
+    assert "scored whole" in dm.layout
+    write_coco(tmp_path / "split" / "train", 6, seed=0)
+    write_coco(tmp_path / "split" / "test", 3, seed=2)
+    data = read_detection(tmp_path / "split", carve_splits=False)
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 6, "test": 3, "val": 0}
+    assert not data.carved
+
+
 def test_split_folders_roboflow_coco(tmp_path: Path) -> None:
     write_coco(tmp_path / "train", 8, seed=0)
     write_coco(tmp_path / "valid", 3, seed=1)
@@ -537,6 +555,15 @@ def test_tiny_end_to_end_train_eval_predict_export(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert {r["class"] for r in saved["per_class"]} == {"blue", "red"}
 
+    # another folder (one pool of VOC files): read as boxes, scored whole, nothing carved
+    write_voc(tmp_path / "other", 9, seed=5, size=(96, 72))
+    res = evaluate.run(
+        run_cfg(
+            [f"checkpoint={ckpt}", f"dataset.root={tmp_path / 'other'}"], tmp_path / "ev2", "eval"
+        )
+    )
+    assert res["split"] == "all" and res["num_samples"] == 9, res
+
     images = tmp_path / "data" / "images"
     out = tmp_path / "preds.csv"
     predict.run(
@@ -599,7 +626,8 @@ def test_tiny_end_to_end_train_eval_predict_export(tmp_path: Path) -> None:
 
 
 def test_finetune_trains_the_backbone_from_the_first_epoch(tmp_path: Path) -> None:
-    """tl finetune task=detection: no L-BFGS head fit, so no head-only epoch; the backbone moves."""
+    """tl finetune task=detection: no L-BFGS head fit, so no head-only epoch; the backbone moves
+    except its stem and stride-2/4 stages."""
     from omegaconf import open_dict
 
     from tl_cli.commands.train import run
@@ -632,6 +660,10 @@ def test_finetune_trains_the_backbone_from_the_first_epoch(tmp_path: Path) -> No
     a = dict(fresh.named_parameters())
     moved = [n for n, p in tuned.backbone.named_parameters() if not torch.equal(p, a[n])]
     assert moved
+    # the stem and the stride-2/4 stages stay as pretrained (torchvision's trainable layers)
+    early = ("model.conv_stem.", "model.bn1.", "model.blocks.0.", "model.blocks.1.")
+    assert not [n for n in moved if n.startswith(early)], moved
+    assert any(n.startswith("model.blocks.2.") for n in moved)
 
 
 def test_collate_keeps_lists(tmp_path: Path) -> None:

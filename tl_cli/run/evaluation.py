@@ -52,7 +52,8 @@ def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) ->
         folder = modality_of(meta).folder_dataset
         stored = dcfg.get("name")
         if stored in DATASETS and getattr(DATASETS.get(stored), "reads_any_root", False):
-            folder = stored  # a task's own reader (NER: CoNLL/JSONL), not the modality's
+            folder = stored  # a task's own reader (NER: CoNLL/JSONL, detection boxes)
+            keep += ("image_size",)  # detection: the size the detector trained at
         dcfg = {"name": folder, **{k: dcfg[k] for k in keep if k in dcfg}}
         if "carve" in DATASETS.options(folder):
             dcfg["carve"] = False  # scored whole: no val/test carve (and no per-class minimum)

@@ -39,6 +39,9 @@ class DetectionData(TransferDataModule):
     """
 
     name = "detection"
+    #: ``tl eval dataset.root=OTHER`` reads another VOC/COCO/YOLO root with this module (not the
+    #: image modality's class folders), at the checkpoint's image_size, carving nothing
+    reads_any_root = True
 
     def __init__(
         self,
@@ -88,11 +91,14 @@ class DetectionData(TransferDataModule):
     def _scan(self) -> None:
         if not self.root:
             raise TLError("dataset.root is not set: pass dataset.root=DIR (VOC, COCO or YOLO)")
-        test = self.test_fraction if self.carve else 0.0
-        self.info = read_detection(self.root, self.val_fraction, test, self.split_seed)
+        # carve False (tl eval dataset.root=OTHER): the folder is scored whole, nothing held out
+        self.info = read_detection(
+            self.root, self.val_fraction, self.test_fraction, self.split_seed, self.carve
+        )
         self.class_names = [BACKGROUND, *self.info.class_names]
         self.splits = {k: [(s, -1) for s in v] for k, v in self.info.splits.items()}
-        self.layout = f"{self.info.format}, {'carved' if self.info.carved else 'split folders'}"
+        how = "carved" if self.info.carved else "split folders" if self.carve else "scored whole"
+        self.layout = f"{self.info.format}, {how}"
 
     @property
     def object_names(self) -> list[str]:

@@ -440,6 +440,7 @@ def read_detection(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
+    carve_splits: bool = True,
 ) -> DetectionSplits:
     """Read a detection dataset root.
 
@@ -447,6 +448,8 @@ def read_detection(
     val); YOLO's ``root/images/{train,val}`` + ``root/labels/{train,val}``; or one pool at the
     root, carved into train/val/test by image with ``seed``. Class names come from the train
     split (sorted, or the YOLO names' order); a class that appears only in val/test is an error.
+    ``carve_splits=False`` (``tl eval dataset.root=OTHER`` scores a folder whole): nothing is
+    carved, a pool is all ``train`` and ``val`` is empty unless the root has a val/ folder.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -514,8 +517,13 @@ def read_detection(
         raise TLError(f"dataset.root={root}: mixed label formats ({detail}); use one format")
     fmt = formats[0]
 
-    carved = "pool" in raw
-    if carved:
+    carved = "pool" in raw and carve_splits
+    if not carve_splits:
+        if "pool" in raw:
+            raw["train"] = raw.pop("pool")
+            backgrounds["train"] = backgrounds.pop("pool")
+        raw.setdefault("val", [])
+    elif carved:
         pool = raw.pop("pool")
         raw.update(carve(pool, val_fraction, test_fraction, seed, str(root)))
         bg = backgrounds.pop("pool")

@@ -82,13 +82,34 @@ class MultiScaleFeatures(nn.Module):
             self.kind = "timm"
             self.indices = [last[s] for s in self.strides]
             self.out_channels = [int(info[i]["num_chs"]) for i in self.indices]
+            first_deep = next(f["module"] for f in info if int(f["reduction"]) >= self.strides[0])
         else:
             self.kind = "hooks"
-            self.names, self.out_channels = _probe_stages(model, self.strides, backbone.name)
+            self.names, self.out_channels, first_deep = _probe_stages(
+                model, self.strides, backbone.name
+            )
+        #: the stage where the first returned stride starts: everything before it is "early"
+        self.first_deep = str(first_deep)
 
     @property
     def tl_backbone(self) -> nn.Module:
         return self.backbone if "backbone" in self._modules else self._unregistered[0]
+
+    def early_parameters(self) -> list[nn.Parameter]:
+        """The stem and the stride-2/4 stages: the parameters before the first returned stage.
+
+        Fine-tuning keeps them frozen, as torchvision's detectors do by default
+        (``trainable_backbone_layers=3``) and Detectron2 does (``FREEZE_AT=2``): generic edges
+        and textures transfer as they are, a few hundred images cannot improve them, and their
+        high-resolution backward pass is the most expensive part of a CPU step.
+        """
+        out = []
+        prefix = self.first_deep + "."
+        for n, p in self.tl_backbone.model.named_parameters():
+            if n.startswith(prefix):
+                break
+            out.append(p)
+        return out
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         model = self.tl_backbone.model
@@ -115,8 +136,9 @@ class MultiScaleFeatures(nn.Module):
 
 def _probe_stages(
     model: nn.Module, strides: tuple[int, ...], name: str
-) -> tuple[list[str], list[int]]:
-    """Names and widths of the last stage module at each stride, found by one small forward."""
+) -> tuple[list[str], list[int], str]:
+    """Names and widths of the last stage module at each stride, and the first stage module at
+    the first stride, found by one small forward."""
     children = dict(model.named_children())
     if isinstance(children.get("features"), nn.Sequential):
         cands = [f"features.{i}" for i in range(len(children["features"]))]
@@ -143,10 +165,12 @@ def _probe_stages(
         for h in hooks:
             h.remove()
     last: dict[int, str] = {}
+    first: dict[int, str] = {}
     for n in cands:
         s = shapes.get(n)
         if s is not None and len(s) == 4 and s[-1] > 0:
             last[128 // s[-1]] = n
+            first.setdefault(128 // s[-1], n)
     missing = [s for s in strides if s not in last]
     if missing:
         raise TLError(
@@ -154,7 +178,7 @@ def _probe_stages(
             "convolutional backbone with strides 8, 16 and 32 (e.g. efficientnet_lite0, resnet50)"
         )
     names = [last[s] for s in strides]
-    return names, [int(shapes[n][1]) for n in names]
+    return names, [int(shapes[n][1]) for n in names], first[strides[0]]
 
 
 class Neck(nn.Module):
@@ -273,6 +297,21 @@ class Detector(nn.Module):
 
     def body_parameters(self) -> list[nn.Parameter]:
         return list(self.body.parameters())
+
+    def early_parameters(self) -> list[nn.Parameter]:
+        """Body parameters that stay frozen when fine-tuning (stem and stride-2/4 stages)."""
+        body = self.body
+        if isinstance(body, MultiScaleFeatures):
+            return body.early_parameters()
+        # a torchvision detector's body (IntermediateLayerGetter): the children before the
+        # first returned layer
+        out: list[nn.Parameter] = []
+        first = next(iter(getattr(body, "return_layers", {}) or {}), None)
+        for n, c in body.named_children():
+            if n == first:
+                break
+            out.extend(c.parameters())
+        return out
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Everything that is new: pyramid, detection head (and RPN)."""

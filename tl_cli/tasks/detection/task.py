@@ -28,6 +28,7 @@ from tl_cli.tasks.detection.data import BACKGROUND, CachedDetectionData, to_devi
 from tl_cli.tasks.detection.model import HEADS, Detector, detector_on
 from tl_cli.tasks.detection.transforms import load_image, resize_long_side, to_original
 from tl_cli.transfer.heads import HEADS as CLS_HEADS
+from tl_cli.transfer.strategies import GroupPlan
 
 
 class DetectionHeadOptions(torch.nn.Module):
@@ -282,9 +283,39 @@ class DetectionTask(TransferTask):
         # a detection head is not a convex problem on pooled features: no L-BFGS head fit, so
         # no head-only epoch before fine-tuning either (the head trains by SGD from epoch 0)
         self.strategy.head_fit = "sgd"
+        self._freeze_early_groups()
         # metrics are made on first use (not submodules: a checkpoint's shell is built on the
         # meta device, where torchmetrics cannot live, and their state stays on the CPU)
         self._maps: dict[str, Any] = {}
+
+    def _freeze_early_groups(self) -> None:
+        """The backbone's stem and stride-2/4 stages never train, under any strategy.
+
+        torchvision's detectors (``trainable_backbone_layers=3``) and Detectron2
+        (``FREEZE_AT=2``) keep them frozen by default: low-level edges and textures transfer as
+        they are, and their high-resolution backward pass is the costliest part of a CPU step.
+        The strategy's plan for those leading block groups becomes "never"; the later groups
+        keep theirs (fine-tuning, freeze-unfreeze, gradual unfreezing, layer-wise decay).
+        """
+        early = {id(p) for p in self.detector.early_parameters()}
+        groups = self.backbone.block_groups()
+        k = 0
+        for names in groups:
+            if not names or any(id(self.backbone.get_parameter(n)) not in early for n in names):
+                break
+            k += 1
+        if not k:
+            return
+        strategy, plans_of, n_groups = self.strategy, self.strategy.group_plans, len(groups)
+
+        def group_plans(n: int) -> list[GroupPlan]:
+            plans = plans_of(n)
+            if n != n_groups:  # a query about the strategy itself (backbone_ever_trains)
+                return plans
+            return [GroupPlan(None, p.lr_mult) if i < k else p for i, p in enumerate(plans)]
+
+        strategy.group_plans = group_plans  # type: ignore[method-assign]
+        self.frozen_early_groups = k
 
     @property
     def detector(self) -> Detector:
