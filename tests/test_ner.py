@@ -8,6 +8,7 @@ several pieces. No downloads.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -299,6 +300,50 @@ def test_load_converts_every_scheme_to_the_same_internal_tags(tmp_path):
         tags = [s.tags for s in d.splits["train"]]
         ref = ref or tags
         assert tags == ref
+
+
+WNUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ner-wnut17"
+
+
+def shared_wnut() -> Path:
+    """The shared WNUT 2017 set; skip if absent, fail under TL_REQUIRE_SHARED=1 (CI)."""
+    if (WNUT / "train.conll").is_file():
+        return WNUT
+    if os.environ.get("TL_REQUIRE_SHARED") == "1":
+        pytest.fail(f"TL_REQUIRE_SHARED=1 but {WNUT} is missing")
+    pytest.skip(f"{WNUT} not present")
+
+
+@pytest.mark.parametrize(
+    "scheme,layout", [("IOB1", "spaces"), ("IO", "tab"), ("BIOES", "spaces"), ("BIOES", "tab")]
+)
+def test_wnut_in_every_scheme_and_layout_reads_as_the_same_entities(tmp_path, scheme, layout):
+    """Real data (WNUT 2017, BIO) rewritten in another scheme, tab separated or as CoNLL-2003's
+    ``token POS tag`` with spaces: the scheme is detected, every file reads back to the same
+    internal tags (IO merges the adjacent same-type entities it cannot mark: 23 sentences),
+    and predictions are written back exactly as the file writes its tags."""
+    src = io.load(shared_wnut())
+    line = "{w} NN {t}\n" if layout == "spaces" else "{w}\t{t}\n"
+    for split, name in (("train", "train.conll"), ("val", "dev.conll"), ("test", "test.conll")):
+        sents = src.splits[split]
+        text = "\n".join(
+            "".join(line.format(w=w, t=t) for w, t in zip(x.tokens, schemes.convert(x.tags, scheme), strict=True))
+            for x in sents
+        )  # fmt: skip
+        write(tmp_path / name, text)
+    d = io.load(tmp_path)
+    assert d.source_scheme == scheme and d.scheme_report.how == "detected"
+    assert d.scheme_report.invalid == 0 and d.labels == src.labels
+    merged = 0
+    for split, sents in src.splits.items():
+        got = d.splits[split]
+        assert [x.tokens for x in got] == [x.tokens for x in sents]
+        for a, b in zip(sents, got, strict=True):
+            want = schemes.convert(schemes.convert(a.tags, scheme), "BIO")  # IO: adjacent merged
+            merged += want != a.tags
+            assert b.tags == want
+            assert model.in_scheme(b.tags, scheme) == schemes.convert(a.tags, scheme)
+    assert merged == (23 if scheme == "IO" else 0)  # sentences with adjacent same-type entities
 
 
 def test_single_file_is_carved_by_sentence_with_a_seed(tmp_path):
