@@ -930,11 +930,17 @@ def test_ner_student_loss_is_token_level_kd_on_word_starts(ner_run, tmp_path):
         p_s = F.log_softmax(s[words] / T, -1)
         want = T * T * (p_t.exp() * (p_t - p_s)).sum(-1).mean()
         assert kl == pytest.approx(float(want), rel=1e-4)
+        # unlabelled words (tl distill's unlabelled sentences): the KD term only, no CE
+        y2 = {**y, "labels": torch.where(words, align.UNLABELLED, y["labels"])}
+        assert task.training_step((x, y2), 0) == pytest.approx(float(want), rel=1e-4)
+        task.alpha = 0.0
+        assert float(task.training_step((x, y2), 0)) == 0.0
 
 
 def test_distill_a_ner_teacher_end_to_end(ner_run, tmp_path):
-    """tl distill teacher=<ner checkpoint>: a half-depth student, an ordinary ner checkpoint,
-    the teacher's F1 measured on the same test windows, the teacher untouched."""
+    """tl distill teacher=<ner checkpoint> (+ unlabelled sentences: text lines, a CoNLL file): a
+    half-depth student, an ordinary ner checkpoint, the teacher's F1 measured on the same test
+    windows, the teacher untouched."""
     import pytorch_lightning as pl
 
     from tl_cli.commands import evaluate
@@ -952,9 +958,13 @@ def test_distill_a_ner_teacher_end_to_end(ner_run, tmp_path):
             seen["grad"].append(any(p.grad is not None for p in pl_module.teacher.parameters()))
             seen["training"].append(any(m.training for m in pl_module.teacher.modules()))
 
+    unlab = tmp_path / "unlabelled"
+    unlab.mkdir()
+    write(unlab / "lines.txt", "alice visited new paris today.\n\nbob met carol in tokyo\n")
+    write(unlab / "more.conll", conll(synthetic(20, seed=9)))  # its tags are ignored
     cfg, overrides = distill_ner_cfg(
         ckpt, tmp_path / "run", "trainer.max_epochs=6", "optimizer.lr=3e-3",
-        "strategy.backbone_lr_mult=1.0", "fail_under.f1=0.5",
+        "strategy.backbone_lr_mult=1.0", "fail_under.f1=0.5", f"dataset.unlabeled_root={unlab}",
     )  # fmt: skip
     m = run(cfg, callbacks=[Spy()], overrides=overrides)
     assert m["task"] == "ner" and m["metric_names"]["monitor"] == "val/f1"
@@ -965,6 +975,7 @@ def test_distill_a_ner_teacher_end_to_end(ner_run, tmp_path):
     )
     assert m["student_params"] < m["teacher_params"] and m["speedup_b32"] > 0
     assert m["distill"]["student_init"] == "teacher" and m["distill"]["temperature"] == 2.0
+    assert m["distill"]["unlabeled_size"] == 22 and m["train_size"] == 160
     assert m["gates"][0]["key"] == "test/f1" and m["gates"][0]["passed"]
     assert seen["grad"] and not any(seen["grad"]) and not any(seen["training"])
     after = seen["module"].teacher.state_dict()
@@ -977,18 +988,3 @@ def test_distill_a_ner_teacher_end_to_end(ner_run, tmp_path):
     assert meta["hyper_parameters"]["backbone"]["depth"] == 1 and module.tag_scheme == "BIOES"
     res = evaluate.run(run_cfg([f"checkpoint={best}"], tmp_path / "ev", "eval"))
     assert res["f1"] == pytest.approx(m["test/f1"], abs=1e-6)
-
-
-def test_distill_a_ner_teacher_refuses_unlabelled_inputs(ner_run, tmp_path):
-    from tl_cli.commands.distill import run
-
-    out, _ = ner_run
-    (tmp_path / "u").mkdir()
-    write(tmp_path / "u" / "a.txt", "alice met bob\n")
-    cfg, overrides = distill_ner_cfg(
-        out / "checkpoints" / "best.ckpt",
-        tmp_path / "run",
-        f"dataset.unlabeled_root={tmp_path / 'u'}",
-    )
-    with pytest.raises(TLError, match="unlabeled_root=.*classification teacher only"):
-        run(cfg, overrides=overrides)

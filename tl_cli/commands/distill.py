@@ -265,9 +265,11 @@ def _make_build(
             adapter = nn.Identity()
         n_unlab = 0
         if unlabeled_root:
-            extra = unlabeled_items(unlabeled_root, modality)
-            n_unlab = len(extra)
-            dm.splits["train"] = list(dm.splits["train"]) + [(x, -1) for x in extra]
+            rows = task.unlabeled_rows(unlabeled_root)  # the task's own inputs (NER sentences)
+            if rows is None:
+                rows = [(x, -1) for x in unlabeled_items(unlabeled_root, modality)]
+            n_unlab = len(rows)
+            dm.splits["train"] = list(dm.splits["train"]) + rows
         temperature, alpha = kd_settings(*_check_kd(scfg), teacher.backbone.modality)
         task.attach_teacher(
             task.teacher_net(teacher),
@@ -449,12 +451,6 @@ def run(
         warn(line)
     dataset = resolve_dataset(cfg, tckpt["tl"].get("dataset"), keys)
     unlabeled_root = dataset.pop("unlabeled_root", None)
-    if unlabeled_root and not student_cls.reads_unlabeled:
-        raise TLError(
-            f"dataset.unlabeled_root={unlabeled_root}: extra unlabelled inputs are read for a "
-            f"classification teacher only; a {tckpt['tl']['task']} student learns from the "
-            "teacher's outputs on the labelled data"
-        )
     student_bb, from_teacher = resolve_student(cfg, teacher, tckpt["hyper_parameters"], keys)
     scfg = copy.deepcopy(cfg)
     with open_dict(scfg):

@@ -154,8 +154,6 @@ class Student:
     #: the teacher's score on the run's data is ``teacher/test/<this>`` (and ``<this>_ratio``
     #: the student's over the teacher's)
     teacher_metric = "acc"
-    #: ``dataset.unlabeled_root`` (inputs without labels, soft targets only) can join training
-    reads_unlabeled = False
 
     @staticmethod
     def teacher_net(teacher: Any) -> nn.Module:
@@ -188,6 +186,11 @@ class Student:
         # the plan again, now with the teacher as a never-trained submodule
         self.policy = TransferPolicy(self.strategy, self, frozen=self.frozen)
         self.policy.apply(0)
+
+    def unlabeled_rows(self, root: Any) -> list[Any] | None:
+        """``dataset.unlabeled_root``'s inputs as training rows ``(input, -1)`` (soft targets
+        only); None: the modality's inputs (``tl distill`` reads them)."""
+        return None
 
     def teacher_metrics(self) -> None:
         """Build what scores the teacher at test (called once the teacher is attached)."""
@@ -240,8 +243,6 @@ class DistillTask(Student, ClassificationTask):
     Built like a ClassificationTask (same hyper-parameters, so its checkpoint is an ordinary
     ``classification`` one); :meth:`attach_teacher` adds the teacher and the KD settings.
     """
-
-    reads_unlabeled = True
 
     def teacher_metrics(self) -> None:
         self.teacher_test_acc = MulticlassAccuracy(self.num_outputs, average="micro")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tl_cli.tasks.distill import DISTILLERS, Student, kd_loss
-from tl_cli.tasks.ner import infer, metrics
+from tl_cli.tasks.ner import infer, io, metrics
 from tl_cli.tasks.ner.align import IGNORE, gather_words
 from tl_cli.tasks.ner.model import TokenTagger
 from tl_cli.tasks.ner.task import NerTask
@@ -40,11 +40,16 @@ class NerDistillTask(Student, NerTask):
     def student_net(self) -> nn.Module:
         return TokenTagger(self.backbone, self.head)
 
+    def unlabeled_rows(self, root: Any) -> list[Any]:
+        """Sentences without tags: every word takes the KD term only (label ``UNLABELLED``)."""
+        return [(s, -1) for s in io.read_unlabeled(root)]
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         out = self.outputs(x)
         labels = y["labels"]
         words = labels != IGNORE  # each word's first sub-token, as the NER loss
+        # (an unlabelled sentence's words are UNLABELLED (-1): kd_loss takes no CE on them)
         with torch.no_grad():
             t = self.teacher(self.teacher_input(x)).float()
         if bool(words.any()):
