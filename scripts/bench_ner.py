@@ -285,13 +285,23 @@ def tl_loop(args: argparse.Namespace, d: Any) -> dict[str, Any]:
 
 
 def materialize(args: argparse.Namespace, d: Any) -> Path:
-    """The (limited) splits as CoNLL files for the tl commands: build/bench/ner/data_<limits>/."""
+    """The (limited) splits as CoNLL files for the tl commands:
+    build/bench/ner/data_<limits>[_<scheme>][_spaces]/ (tags re-encoded in ``--scheme``;
+    ``--spaces``: ``token POS tag`` lines, space separated, with a dummy POS column)."""
+    from tl_cli.tasks.ner import schemes
+
     name = f"data_{args.limit or 'all'}_{args.val_limit or 'all'}_{args.eval_limit or 'all'}"
-    root = OUT.parent / name
+    name += f"_{args.scheme}" if args.scheme != "BIO" else ""
+    name += "_spaces" if args.spaces else ""
+    root = args.out.parent / name
     root.mkdir(parents=True, exist_ok=True)
+    line = "{w} X {t}\n" if args.spaces else "{w}\t{t}\n"
     for split, fname in (("train", "train.conll"), ("val", "dev.conll"), ("test", "test.conll")):
         text = "\n".join(
-            "".join(f"{w}\t{t}\n" for w, t in zip(s.tokens, s.tags, strict=True))
+            "".join(
+                line.format(w=w, t=t)
+                for w, t in zip(s.tokens, schemes.convert(s.tags, args.scheme), strict=True)
+            )
             for s in d.splits[split]
         )
         (root / fname).write_text(text, encoding="utf-8")
@@ -306,13 +316,14 @@ def cli(args: argparse.Namespace, d: Any) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _bench_util import run_tl
 
-    root = materialize(args, d) if (args.limit or args.val_limit or args.eval_limit) else args.root
+    custom = args.limit or args.val_limit or args.eval_limit or args.scheme != "BIO" or args.spaces
+    root = materialize(args, d) if custom else args.root
     tag = args.tag or f"{args.command}_{args.limit or 'all'}"
     overrides = ["task=ner", f"dataset.root={root}", f"seed={args.seed}", *args.set]
     if args.epochs:
         overrides.append(f"trainer.max_epochs={args.epochs}")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res = run_tl(args.command, overrides, OUT.parent / "runs" / tag)
+    res = run_tl(args.command, overrides, args.out.parent / "runs" / tag)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     m = res["metrics"]
@@ -357,6 +368,13 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=None, help="first N val/test sentences")
     ap.add_argument("--val-limit", type=int, default=None, help="first N val sentences")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--scheme",
+        default="BIO",
+        choices=["BIO", "IOB1", "IO", "BIOES", "BILOU"],
+        help="cli mode: write the data's tags in this scheme",
+    )
+    ap.add_argument("--spaces", action="store_true", help="cli mode: token POS tag, spaces")
     ap.add_argument("--tag", default="", help="a label for this run in the results file")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -368,7 +386,10 @@ def main() -> None:
     if args.mode == "cli":  # the loop options do not apply
         opts = {
             k: opts[k]
-            for k in ("command", "set", "epochs", "limit", "val_limit", "eval_limit", "seed", "tag")
+            for k in (
+                *("command", "set", "epochs", "limit", "val_limit", "eval_limit", "seed"),
+                *("scheme", "spaces", "tag"),
+            )
         }
     record(
         {

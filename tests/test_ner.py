@@ -8,6 +8,7 @@ several pieces. No downloads.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -299,6 +300,50 @@ def test_load_converts_every_scheme_to_the_same_internal_tags(tmp_path):
         tags = [s.tags for s in d.splits["train"]]
         ref = ref or tags
         assert tags == ref
+
+
+WNUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ner-wnut17"
+
+
+def shared_wnut() -> Path:
+    """The shared WNUT 2017 set; skip if absent, fail under TL_REQUIRE_SHARED=1 (CI)."""
+    if (WNUT / "train.conll").is_file():
+        return WNUT
+    if os.environ.get("TL_REQUIRE_SHARED") == "1":
+        pytest.fail(f"TL_REQUIRE_SHARED=1 but {WNUT} is missing")
+    pytest.skip(f"{WNUT} not present")
+
+
+@pytest.mark.parametrize(
+    "scheme,layout", [("IOB1", "spaces"), ("IO", "tab"), ("BIOES", "spaces"), ("BIOES", "tab")]
+)
+def test_wnut_in_every_scheme_and_layout_reads_as_the_same_entities(tmp_path, scheme, layout):
+    """Real data (WNUT 2017, BIO) rewritten in another scheme, tab separated or as CoNLL-2003's
+    ``token POS tag`` with spaces: the scheme is detected, every file reads back to the same
+    internal tags (IO merges the adjacent same-type entities it cannot mark: 23 sentences),
+    and predictions are written back exactly as the file writes its tags."""
+    src = io.load(shared_wnut())
+    line = "{w} NN {t}\n" if layout == "spaces" else "{w}\t{t}\n"
+    for split, name in (("train", "train.conll"), ("val", "dev.conll"), ("test", "test.conll")):
+        sents = src.splits[split]
+        text = "\n".join(
+            "".join(line.format(w=w, t=t) for w, t in zip(x.tokens, schemes.convert(x.tags, scheme), strict=True))
+            for x in sents
+        )  # fmt: skip
+        write(tmp_path / name, text)
+    d = io.load(tmp_path)
+    assert d.source_scheme == scheme and d.scheme_report.how == "detected"
+    assert d.scheme_report.invalid == 0 and d.labels == src.labels
+    merged = 0
+    for split, sents in src.splits.items():
+        got = d.splits[split]
+        assert [x.tokens for x in got] == [x.tokens for x in sents]
+        for a, b in zip(sents, got, strict=True):
+            want = schemes.convert(schemes.convert(a.tags, scheme), "BIO")  # IO: adjacent merged
+            merged += want != a.tags
+            assert b.tags == want
+            assert model.in_scheme(b.tags, scheme) == schemes.convert(a.tags, scheme)
+    assert merged == (23 if scheme == "IO" else 0)  # sentences with adjacent same-type entities
 
 
 def test_single_file_is_carved_by_sentence_with_a_seed(tmp_path):
@@ -831,3 +876,115 @@ def test_max_epochs_auto_uses_the_ner_budget(ner_bert, ner_dir, tmp_path):
     # 160 sentences at batch 2: 80 steps per epoch -> ceil(600 / 80) = 8 epochs
     assert seen["max_epochs"] == 8 and m["defaults"]["epochs"] == 8
     assert m["defaults"]["optimizer_steps"] == 640
+
+
+# --------------------------------------------------------------------------- tl distill
+
+
+def distill_ner_cfg(ckpt: Path, out: Path, *extra: str):
+    overrides = [
+        f"teacher={ckpt}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.log_every_n_steps=1",
+        *extra,
+    ]
+    cfg = compose_cfg(overrides, "distill")
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg, overrides
+
+
+def test_ner_student_loss_is_token_level_kd_on_word_starts(ner_run, tmp_path):
+    """alpha=0: the NER cross-entropy on each word's first sub-token; alpha=1: T^2 x the KL
+    between the teacher's and the student's tag distributions at those positions only."""
+    import torch.nn.functional as F
+
+    from tl_cli.commands.distill import _make_build, load_teacher, resolve_dataset, resolve_student
+    from tl_cli.tasks.ner.distill import NerDistillTask
+
+    out, _ = ner_run
+    cfg, overrides = distill_ner_cfg(out / "checkpoints" / "best.ckpt", tmp_path / "r")
+    keys = {o.split("=", 1)[0] for o in overrides}
+    teacher, tckpt = load_teacher(out / "checkpoints" / "best.ckpt")
+    ds = resolve_dataset(cfg, tckpt["tl"]["dataset"], keys)
+    ds.pop("unlabeled_root")
+    bb, from_teacher = resolve_student(cfg, teacher, tckpt["hyper_parameters"], keys)
+    assert from_teacher and bb["depth"] == 1  # the tiny BERT's 2 layers, cut in half
+    task, dm = _make_build(cfg, teacher, tckpt, bb, True, ds, None)(cfg)
+    assert isinstance(task, NerDistillTask) and task.task_name == "ner"
+    assert (task.temperature, task.alpha) == (2.0, 0.5)  # auto: a text teacher
+    task.log = lambda *a, **k: None  # no trainer here
+    task.eval()  # no dropout: the same outputs in every call below
+    x, y = next(iter(dm.train_dataloader()))
+    words = y["labels"] != align.IGNORE
+    with torch.no_grad():
+        s, t = task(x), task.teacher(x)
+        assert s.shape == t.shape and int(words.sum()) < words.numel()
+        task.alpha = 0.0
+        ce = task.training_step((x, y), 0)
+        assert ce == pytest.approx(float(model.token_loss(s, y["labels"])), rel=1e-5)
+        task.alpha, T = 1.0, task.temperature
+        kl = task.training_step((x, y), 0)
+        p_t = F.log_softmax(t[words] / T, -1)
+        p_s = F.log_softmax(s[words] / T, -1)
+        want = T * T * (p_t.exp() * (p_t - p_s)).sum(-1).mean()
+        assert kl == pytest.approx(float(want), rel=1e-4)
+        # unlabelled words (tl distill's unlabelled sentences): the KD term only, no CE
+        y2 = {**y, "labels": torch.where(words, align.UNLABELLED, y["labels"])}
+        assert task.training_step((x, y2), 0) == pytest.approx(float(want), rel=1e-4)
+        task.alpha = 0.0
+        assert float(task.training_step((x, y2), 0)) == 0.0
+
+
+def test_distill_a_ner_teacher_end_to_end(ner_run, tmp_path):
+    """tl distill teacher=<ner checkpoint> (+ unlabelled sentences: text lines, a CoNLL file): a
+    half-depth student, an ordinary ner checkpoint, the teacher's F1 measured on the same test
+    windows, the teacher untouched."""
+    import pytorch_lightning as pl
+
+    from tl_cli.commands import evaluate
+    from tl_cli.commands.distill import run
+    from tl_cli.tasks.loading import load_module
+
+    out, tm = ner_run
+    ckpt = out / "checkpoints" / "best.ckpt"
+    before = {k: v.clone() for k, v in load_module(ckpt)[0].state_dict().items()}
+    seen = {"grad": [], "training": []}
+
+    class Spy(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            seen["module"] = pl_module
+            seen["grad"].append(any(p.grad is not None for p in pl_module.teacher.parameters()))
+            seen["training"].append(any(m.training for m in pl_module.teacher.modules()))
+
+    unlab = tmp_path / "unlabelled"
+    unlab.mkdir()
+    write(unlab / "lines.txt", "alice visited new paris today.\n\nbob met carol in tokyo\n")
+    write(unlab / "more.conll", conll(synthetic(20, seed=9)))  # its tags are ignored
+    cfg, overrides = distill_ner_cfg(
+        ckpt, tmp_path / "run", "trainer.max_epochs=6", "optimizer.lr=3e-3",
+        "strategy.backbone_lr_mult=1.0", "fail_under.f1=0.5", f"dataset.unlabeled_root={unlab}",
+    )  # fmt: skip
+    m = run(cfg, callbacks=[Spy()], overrides=overrides)
+    assert m["task"] == "ner" and m["metric_names"]["monitor"] == "val/f1"
+    # the teacher scored on the student's test windows: its own run's number
+    assert m["teacher/test/f1"] == pytest.approx(tm["test/f1"], abs=1e-6)
+    assert m["test/f1"] > 0.5 and m["f1_ratio"] == pytest.approx(
+        m["test/f1"] / m["teacher/test/f1"], abs=1e-3
+    )
+    assert m["student_params"] < m["teacher_params"] and m["speedup_b32"] > 0
+    assert m["distill"]["student_init"] == "teacher" and m["distill"]["temperature"] == 2.0
+    assert m["distill"]["unlabeled_size"] == 22 and m["train_size"] == 160
+    assert m["gates"][0]["key"] == "test/f1" and m["gates"][0]["passed"]
+    assert seen["grad"] and not any(seen["grad"]) and not any(seen["training"])
+    after = seen["module"].teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    raw = torch.load(best, map_location="cpu", weights_only=True)
+    assert not any(k.startswith(("teacher.", "teacher_input.")) for k in raw["state_dict"])
+    module, meta = load_module(best)
+    assert type(module).__name__ == "NerTask" and meta["tl"]["task"] == "ner"
+    assert meta["hyper_parameters"]["backbone"]["depth"] == 1 and module.tag_scheme == "BIOES"
+    res = evaluate.run(run_cfg([f"checkpoint={best}"], tmp_path / "ev", "eval"))
+    assert res["f1"] == pytest.approx(m["test/f1"], abs=1e-6)

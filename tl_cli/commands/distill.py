@@ -4,16 +4,19 @@
                [dataset.*] [dataset.unlabeled_root=DIR] [distill.temperature=T] [distill.alpha=A]
 
 * **Teacher**: loaded only through the checkpoint loader (validated, rebuilt by registry name);
-  the task (``tl_cli.tasks.distill.DistillTask``) holds it frozen and strips it from checkpoints.
+  a classification or NER checkpoint. The student task (``tl_cli.tasks.distill.DISTILLERS``:
+  ``DistillTask`` for classification, ``NerDistillTask`` for NER, token-level KD on each word's
+  first sub-token) holds it frozen and strips it from checkpoints.
 * **Data**: the teacher's own dataset (its checkpoint stores the dataset config with absolute
   roots) unless the command line names ``dataset=...`` or ``dataset.<key>=...`` (then those keys
   replace the stored ones). The class names must be the teacher's, in the same order.
 * **Student**: without ``backbone=...`` the teacher's own backbone cut to its first half
   (``backbone.depth``, DistilBERT-style), the kept blocks starting from the teacher's fine-tuned
   weights; with ``backbone=NAME`` any backbone of the same modality (pretrained weights).
-* The student's checkpoint is an ordinary ``classification`` checkpoint: ``tl eval``,
-  ``predict`` and ``export`` use it unchanged. metrics.json adds ``teacher/test/acc`` and the
-  keys of :data:`tl_cli.core.metrics.DISTILL_METRICS` (parameters, CPU latency, ratios).
+* The student's checkpoint is an ordinary checkpoint of the teacher's task: ``tl eval``,
+  ``predict`` and ``export`` use it unchanged. metrics.json adds ``teacher/test/acc`` (NER:
+  ``teacher/test/f1``) and the keys of :data:`tl_cli.core.metrics.DISTILL_METRICS` (parameters,
+  CPU latency, ratios).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ from tl_cli.core.registry import plain
 from tl_cli.modalities.backbones import count_params
 from tl_cli.run import gates as tl_gates
 from tl_cli.tasks.distill import (
-    DistillTask,
+    DISTILLERS,
     ImageAdapter,
+    Student,
     TeacherLogitData,
-    TeacherNet,
     kd_settings,
 )
 
@@ -80,9 +83,10 @@ def load_teacher(path: Any) -> tuple[Any, dict[str, Any]]:
             if msg.startswith("checkpoint=")
             else f"teacher={p}: {msg}"
         ) from None
-    if ckpt["tl"].get("task") != "classification":
+    if ckpt["tl"].get("task") not in DISTILLERS:
         raise TLError(
-            f"teacher={p}: a {ckpt['tl'].get('task')!r} checkpoint; distillation needs a classification teacher"
+            f"teacher={p}: a {ckpt['tl'].get('task')!r} checkpoint; tl distill takes a "
+            f"{' or '.join(repr(n) for n in DISTILLERS.names())} teacher"
         )
     from tl_cli.run.safety import first_nonfinite
 
@@ -220,7 +224,7 @@ def _make_build(
                 + (detail or "same names in another order")
                 + "; a student learns the teacher's classes: use the teacher's dataset or one with its class folders"
             )
-        task = DistillTask(
+        task = DISTILLERS.get(tckpt["tl"]["task"])(
             backbone=student_bb,
             head=plain(scfg.head),
             strategy=plain(scfg.strategy),
@@ -261,12 +265,14 @@ def _make_build(
             adapter = nn.Identity()
         n_unlab = 0
         if unlabeled_root:
-            extra = unlabeled_items(unlabeled_root, modality)
-            n_unlab = len(extra)
-            dm.splits["train"] = list(dm.splits["train"]) + [(x, -1) for x in extra]
+            rows = task.unlabeled_rows(unlabeled_root)  # the task's own inputs (NER sentences)
+            if rows is None:
+                rows = [(x, -1) for x in unlabeled_items(unlabeled_root, modality)]
+            n_unlab = len(rows)
+            dm.splits["train"] = list(dm.splits["train"]) + rows
         temperature, alpha = kd_settings(*_check_kd(scfg), teacher.backbone.modality)
         task.attach_teacher(
-            TeacherNet(teacher),
+            task.teacher_net(teacher),
             adapter,
             temperature,
             alpha,
@@ -390,9 +396,9 @@ def cpu_latency_ms(models: list[tuple[nn.Module, Any]], warmup: int, iters: int)
     return out
 
 
-def size_and_speed(module: DistillTask, dm: Any) -> dict[str, Any]:
+def size_and_speed(module: Student, dm: Any) -> dict[str, Any]:
     """Parameters and measured CPU latency (batch 1 and 32) of the student and the teacher."""
-    student = copy.deepcopy(nn.Sequential(module.backbone, module.head)).cpu()
+    student = copy.deepcopy(module.student_net()).cpu()
     teacher = copy.deepcopy(module.teacher).cpu()
     adapter = copy.deepcopy(module.teacher_input).cpu()
     out: dict[str, Any] = {
@@ -436,8 +442,9 @@ def run(
     out = Path(str(cfg.output_dir))
     guard_run_dir(out, cfg)
     gates = tl_gates.parse(cfg)
-    tl_gates.check_train_names(gates, DistillTask.final_metrics, DistillTask.gate_metrics)
     teacher, tckpt = load_teacher(teacher_path)
+    student_cls = DISTILLERS.get(tckpt["tl"]["task"])
+    tl_gates.check_train_names(gates, student_cls.final_metrics, student_cls.gate_metrics)
     temperature, alpha = kd_settings(temperature, alpha, teacher.backbone.modality)
     teacher_notes = teacher_warnings(tckpt)
     for line in teacher_notes:
@@ -449,6 +456,7 @@ def run(
     with open_dict(scfg):
         scfg.dataset = {k: v for k, v in dataset.items()}
         scfg.backbone = {k: v for k, v in student_bb.items() if k not in ("config", "tokenizer")}
+        scfg.task = {"name": tckpt["tl"]["task"]}  # the student's task is the teacher's
         kd = OmegaConf.to_container(scfg.distill) if scfg.get("distill") else {}
         scfg.distill = {**kd, "temperature": temperature, "alpha": alpha}
     init = "the teacher's first blocks" if from_teacher else "its pretrained weights"
@@ -470,17 +478,18 @@ def run(
         if data is not dm and not isinstance(data, TeacherLogitData)
         else "cached once (inputs not augmented)"
         if isinstance(data, TeacherLogitData)
-        else "computed every batch (augmented inputs)"
+        else "computed every batch"
     )
     n_unlab = info["unlabeled_size"]
     metrics["train_size"] = len(dm.splits["train"]) - n_unlab
-    if "teacher/test/acc" not in metrics and dm.has_split("val"):
-        metrics["teacher/val/acc"] = teacher_accuracy(module, dm, "val")
+    m = module.teacher_metric  # acc (classification), f1 (ner)
+    if f"teacher/test/{m}" not in metrics and dm.has_split("val"):
+        metrics[f"teacher/val/{m}"] = module.score_teacher(dm, "val")
     metrics.update(size_and_speed(module, dm))
-    acc_key = "test/acc" if "test/acc" in metrics else "val/acc"
-    t_acc = metrics.get(f"teacher/{acc_key}")
-    if t_acc:
-        metrics["acc_ratio"] = round(float(metrics[acc_key]) / float(t_acc), 4)
+    key = f"test/{m}" if f"test/{m}" in metrics else f"val/{m}"
+    t_score = metrics.get(f"teacher/{key}")
+    if t_score:
+        metrics[f"{m}_ratio"] = round(float(metrics[key]) / float(t_score), 4)
     metrics["distill"] = info
     metrics["warnings"] = teacher_notes + list(metrics.get("warnings") or [])
     metrics["gates"] = [g.as_dict() for g in tl_gates.evaluate(gates, metrics, "train")]
@@ -489,7 +498,9 @@ def run(
         write_json(out / "metrics.json", metrics)
         train_report(out, scfg, metrics)
         release_run_dir(out)
-        summary_table(f"tl distill: {out}", metrics, [*train_summary(metrics), *DISTILL_METRICS])
+        own = [f"teacher/test/{m}", f"{m}_ratio"]  # DISTILL_METRICS names them for acc
+        rest = [k for k in DISTILL_METRICS if k not in ("teacher/test/acc", "acc_ratio")]
+        summary_table(f"tl distill: {out}", metrics, [*train_summary(metrics), *own, *rest])
         say(f"[bold]defaults[/] {describe_defaults(metrics['defaults'])}")
         ckpt = out / "checkpoints" / "best.ckpt"
         say(
@@ -498,19 +509,3 @@ def run(
         tl_gates.print_gates(gates)
     tl_gates.enforce(gates, str(out / "metrics.json"))
     return metrics
-
-
-@torch.inference_mode()
-def teacher_accuracy(module: DistillTask, dm: Any, split: str) -> float:
-    """The teacher's accuracy on a split of the run's data (when there is no test split)."""
-    from lightning_fabric.utilities.apply_func import move_data_to_device
-
-    device = next(module.teacher.parameters()).device
-    loader = dm.make_loader(dm.dataset(split, train_aug=False), shuffle=False)
-    correct = total = 0
-    for x, y in loader:
-        x = move_data_to_device(x, device)
-        pred = module.teacher(module.teacher_input(x)).argmax(1).cpu()
-        correct += int((pred == y).sum())
-        total += len(y)
-    return correct / max(1, total)

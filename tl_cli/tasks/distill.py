@@ -1,5 +1,10 @@
-"""Knowledge distillation as a task (Hinton et al., 2015): a classification student trained on a
-frozen teacher's softened outputs (`tl distill` builds it: ``tl_cli.commands.distill``).
+"""Knowledge distillation as a task (Hinton et al., 2015): a student trained on a frozen teacher's
+softened outputs (`tl distill` builds it: ``tl_cli.commands.distill``).
+
+* **Students by task**: :class:`Student` holds what every student shares (the frozen teacher,
+  the KD settings, checkpoints without the teacher); ``DISTILLERS`` maps a teacher's task to its
+  student class: ``classification`` -> :class:`DistillTask` (below), ``ner`` -> a token-level
+  student (``tl_cli.tasks.ner.distill``).
 
 * **Teacher**: held as the ``teacher`` submodule, listed in ``DistillTask.frozen``: the transfer
   policy never gives it to the optimizer, its BatchNorm and dropout stay in eval mode and it runs
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from tl_cli.core.registry import Registry
 from tl_cli.tasks.base import cached
 from tl_cli.tasks.classification import ClassificationTask
 
@@ -128,14 +134,35 @@ class PairedExtractor(nn.Module):
         return torch.cat([s, t], dim=1)
 
 
-class DistillTask(ClassificationTask):
-    """A classification student trained by knowledge distillation from a frozen teacher.
+#: teacher checkpoint's task name -> the student task class that distils it (``tl distill``
+#: reads it; a task package registers its own: ``tl_cli.tasks.ner.distill``)
+DISTILLERS: Registry[Any] = Registry("distillation teacher task")
 
-    Built like a ClassificationTask (same hyper-parameters, so its checkpoint is an ordinary
-    ``classification`` one); :meth:`attach_teacher` adds the teacher and the KD settings.
+
+class Student:
+    """What a student shares whatever its task: a frozen teacher beside it, KD settings,
+    checkpoints of the student alone. Mixed in before the task class (``class
+    DistillTask(Student, ClassificationTask)``), so the student is that task in every other
+    respect and its checkpoint is an ordinary one of that task.
+
+    A task's student adds: ``teacher_net`` (the teacher module's inputs -> outputs network),
+    ``student_net`` (what is timed against it), its training step with the KD loss,
+    ``teacher/test/<teacher_metric>`` logged at test, and :meth:`score_teacher`.
     """
 
     frozen = ("teacher", "teacher_input")
+    #: the teacher's score on the run's data is ``teacher/test/<this>`` (and ``<this>_ratio``
+    #: the student's over the teacher's)
+    teacher_metric = "acc"
+
+    @staticmethod
+    def teacher_net(teacher: Any) -> nn.Module:
+        """The teacher task module -> the network of its raw outputs (no metrics, no loaders)."""
+        return TeacherNet(teacher)
+
+    def student_net(self) -> nn.Module:
+        """The student's network from inputs to outputs (timed against the teacher's)."""
+        return nn.Sequential(self.backbone, self.head)
 
     def attach_teacher(
         self,
@@ -155,24 +182,84 @@ class DistillTask(ClassificationTask):
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.distill_info = dict(info or {})
-        self.teacher_test_acc = MulticlassAccuracy(self.num_outputs, average="micro")
+        self.teacher_metrics()
         # the plan again, now with the teacher as a never-trained submodule
         self.policy = TransferPolicy(self.strategy, self, frozen=self.frozen)
         self.policy.apply(0)
 
+    def unlabeled_rows(self, root: Any) -> list[Any] | None:
+        """``dataset.unlabeled_root``'s inputs as training rows ``(input, -1)`` (soft targets
+        only); None: the modality's inputs (``tl distill`` reads them)."""
+        return None
+
+    def teacher_metrics(self) -> None:
+        """Build what scores the teacher at test (called once the teacher is attached)."""
+
+    def score_teacher(self, dm: Any, split: str) -> float:
+        """The teacher's ``teacher_metric`` on ``split`` of ``dm`` (when there is no test split)."""
+        raise NotImplementedError  # pragma: no cover
+
     @property
     def task_name(self) -> str:
-        return "classification"  # the checkpoint is a plain classifier's
+        """The registered task the student belongs to: its checkpoint is an ordinary one."""
+        from tl_cli.tasks.base import TASKS
+
+        for cls in type(self).__mro__:
+            name = next((n for n in TASKS.names() if TASKS.get(n) is cls), None)
+            if name is not None:
+                return name
+        return type(self).__name__  # pragma: no cover
 
     @property
     def has_teacher(self) -> bool:
         return "teacher" in self._modules
 
-    def train(self, mode: bool = True) -> DistillTask:
+    def train(self, mode: bool = True) -> Any:
         super().train(mode)
         if self.has_teacher:
             self.teacher.eval()  # dropout and BatchNorm of the teacher: always inference
         return self
+
+    # -- checkpoints: the student only
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if k.split(".", 1)[0] in self.frozen]:
+            del sd[k]
+        checkpoint["tl"]["distilled_from"] = dict(getattr(self, "distill_info", {}))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.has_teacher and isinstance(checkpoint.get("state_dict"), dict):
+            # resume / test(ckpt_path=best): the teacher's weights are not in the file
+            for k, v in self.teacher.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"teacher.{k}", v)
+
+
+@DISTILLERS.register("classification")
+class DistillTask(Student, ClassificationTask):
+    """A classification student trained by knowledge distillation from a frozen teacher.
+
+    Built like a ClassificationTask (same hyper-parameters, so its checkpoint is an ordinary
+    ``classification`` one); :meth:`attach_teacher` adds the teacher and the KD settings.
+    """
+
+    def teacher_metrics(self) -> None:
+        self.teacher_test_acc = MulticlassAccuracy(self.num_outputs, average="micro")
+
+    @torch.inference_mode()
+    def score_teacher(self, dm: Any, split: str) -> float:
+        from lightning_fabric.utilities.apply_func import move_data_to_device
+
+        device = next(self.teacher.parameters()).device
+        loader = dm.make_loader(dm.dataset(split, train_aug=False), shuffle=False)
+        correct = total = 0
+        for x, y in loader:
+            x = move_data_to_device(x, device)
+            pred = self.teacher(self.teacher_input(x)).argmax(1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
+        return correct / max(1, total)
 
     # -- inputs
     def cache_extractor(self) -> nn.Module:
@@ -243,21 +330,6 @@ class DistillTask(ClassificationTask):
             x, y = batch
             self.teacher_test_acc(self.teacher_logits(x), y)
             self.log("teacher/test/acc", self.teacher_test_acc, on_step=False, on_epoch=True)
-
-    # -- checkpoints: the student only
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        sd = checkpoint.get("state_dict", {})
-        for k in [k for k in sd if k.split(".", 1)[0] in self.frozen]:
-            del sd[k]
-        checkpoint["tl"]["distilled_from"] = dict(getattr(self, "distill_info", {}))
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.has_teacher and isinstance(checkpoint.get("state_dict"), dict):
-            # resume / test(ckpt_path=best): the teacher's weights are not in the file
-            for k, v in self.teacher.state_dict().items():
-                checkpoint["state_dict"].setdefault(f"teacher.{k}", v)
 
 
 def kd_settings(

@@ -24,6 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 IGNORE = -100
+#: the label of a word without a tag (``tl distill``'s unlabelled sentences: the teacher's
+#: distribution is its only target, no cross-entropy)
+UNLABELLED = -1
 
 
 @dataclass

@@ -20,7 +20,14 @@ from tl_cli.data.base import DATASETS, EpochShuffle, TransferDataModule
 from tl_cli.modalities.text.backbone import effective_text_preprocessing
 from tl_cli.modalities.text.tokenizer import get_tokenizer
 from tl_cli.tasks.ner import io
-from tl_cli.tasks.ner.align import Aligner, AlignStats, TokenCollate, TokenDataset, word_offsets
+from tl_cli.tasks.ner.align import (
+    UNLABELLED,
+    Aligner,
+    AlignStats,
+    TokenCollate,
+    TokenDataset,
+    word_offsets,
+)
 
 #: sub-tokens shared by consecutive windows of a long sentence, as a share of the window
 STRIDE_FRACTION = 0.25
@@ -182,7 +189,12 @@ class NerDataModule(TransferDataModule):
             else:
                 wins, _ = self.aligner.windows(words)
             lid = {t: i for i, t in enumerate(self.class_names)}
-            tags = [[lid[t] if t in lid else 0 for t in s.tags] for s in sents]
+            tags = [
+                [lid[t] if t in lid else 0 for t in s.tags]
+                if s.tags
+                else [UNLABELLED] * len(s.tokens)  # tl distill's unlabelled sentences
+                for s in sents
+            ]
             self._datasets[key] = TokenDataset(
                 wins, tags, word_offsets(words), train, words, [s.tags for s in sents]
             )

@@ -394,6 +394,30 @@ def read_predict_inputs(path: Path) -> tuple[list[PredictInput], int]:
     return [from_tokens(s.tokens) for s in sents], 0
 
 
+def read_unlabeled(root: str | os.PathLike[str]) -> list[Sentence]:
+    """Sentences without tags (``tl distill dataset.unlabeled_root=``): a file or every NER file
+    under a directory, read as ``tl predict`` reads its inputs (plain text lines split into
+    words, or CoNLL/JSONL tokens; any tags in them are ignored)."""
+    p = Path(os.path.expanduser(str(root)))
+    if not p.exists():
+        raise TLError(f"dataset.unlabeled_root={root} does not exist")
+    files = (
+        sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in NER_EXTS)
+        if p.is_dir()
+        else [p]
+    )
+    out = []
+    for f in files:
+        got, _ = read_predict_inputs(f)
+        out.extend(Sentence(list(inp.words), [], str(f)) for inp in got if inp.words)
+    if not out:
+        raise TLError(
+            f"dataset.unlabeled_root={root}: no sentences ({', '.join(NER_EXTS)} files: text "
+            "lines, CoNLL or JSONL)"
+        )
+    return out
+
+
 def _gold_if_tags(s: Sentence) -> list[str]:
     return s.tags
 
