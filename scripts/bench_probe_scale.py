@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 from _bench_util import ROOT, machine, save_json
