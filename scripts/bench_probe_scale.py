@@ -7,7 +7,8 @@
 default) divides each feature by its own standard deviation on the train split; ``scale=global``
 by one scale for all. Under a domain shift a feature that is nearly constant on the source gets
 a huge weight after per-feature standardisation and then swings the target's logits. This
-script fits both on the same features and scores them, beside two scikit-learn references
+script fits both on the same features and scores them (and both again on L2-normalised
+features: feature normalisation, issue 24 point 4), beside two scikit-learn references
 (``LogisticRegressionCV(Cs=10, cv=5)`` with and without ``StandardScaler``):
 
 * pairs ``SRC>TGT``: fit on every image of the source domain, score every image of the target
@@ -92,10 +93,20 @@ def score(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray) -> dict:
 
     k = int(max(y.max(), yt.max())) + 1
     out: dict = {"n_train": len(y), "n_eval": len(yt)}
-    for scale in ("dim", "global"):
-        fit = fit_probe(x, y, k, scale=scale)
-        pred = (torch.as_tensor(xt) @ fit.weight.T + fit.bias).argmax(1).numpy()
-        out[f"tl_{scale}"] = {
+
+    def l2(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-6)
+
+    for name, scale, f in (
+        ("tl_dim", "dim", None),
+        ("tl_global", "global", None),
+        ("tl_l2_dim", "dim", l2),  # each image's feature vector L2-normalised first
+        ("tl_l2_global", "global", l2),
+    ):
+        xa, xb = (x, xt) if f is None else (f(x), f(xt))
+        fit = fit_probe(xa, y, k, scale=scale)
+        pred = (torch.as_tensor(xb) @ fit.weight.T + fit.bias).argmax(1).numpy()
+        out[name] = {
             "acc": round(float((pred == yt).mean()), 4),
             "C": fit.C,
             "train_acc": round(fit.train_acc, 4),
