@@ -57,6 +57,12 @@ ROWS = [
     "catdog_grey_n40",
 ]
 TEST_FRACTION = 0.3
+# issue 24 point 4: cheap wins above the probe for `tl train` (feature extraction), one at a time
+FE_VARIANTS = {
+    # K augmented views of every train image cached (the L-BFGS head is fitted on all of them)
+    "cache_views=4": ["strategy.cache_views=4"],
+    "cache_views=8": ["strategy.cache_views=8"],
+}
 # item 3 of the defaults issue: each fine-tuning default against its alternative, one at a time
 VARIANTS = {
     "bn=train": ["strategy.bn=train"],
@@ -163,6 +169,12 @@ def main() -> None:
         help="which alternatives --variant-rows runs (default: all)",
     )
     ap.add_argument(
+        "--fe-variant-rows",
+        default="",
+        help=f"rows on which `tl train` also runs with {', '.join(FE_VARIANTS)} (one at a time)",
+    )
+    ap.add_argument("--fe-variants", default=",".join(FE_VARIANTS))
+    ap.add_argument(
         "--seeds",
         default="0",
         help="fine-tuning rows run once per seed (seed=S dataset.split_seed=S: another val carve "
@@ -219,6 +231,22 @@ def main() -> None:
                         row["probe"] = probe(cache)
                     print(f"    probe test/acc {row['probe']['test/acc']:.3f}", flush=True)
                 save_json(res_file, {**results, "command": command_line(), "machine": machine()})
+            fe_wanted = set(filter(None, args.fe_variants.split(",")))
+            if name in set(filter(None, args.fe_variant_rows.split(","))):
+                for key, extra in ((k, v) for k, v in FE_VARIANTS.items() if k in fe_wanted):
+                    for seed in seeds:
+                        print(f"[{name}] tl train {' '.join(extra)} seed {seed} ...", flush=True)
+                        sargs, sfx = seed_args(seed)
+                        slug = "".join(c if c.isalnum() or c in "._" else "_" for c in key)
+                        r = run(
+                            args,
+                            "train",
+                            [*common, *extra, *sargs],
+                            out / "runs" / f"{name}_fe_{slug}{sfx}",
+                        )
+                        row.setdefault("fe_variant_seeds", {}).setdefault(key, {})[seed] = _keep(r)
+                        print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
+                        save_json(res_file, results)
             if name in ft_rows:
                 for seed in seeds:
                     print(f"[{name}] tl finetune (defaults) seed {seed} ...", flush=True)
