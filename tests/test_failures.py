@@ -371,7 +371,8 @@ def test_real_sigint_exits_130_with_a_resume_command_that_works(
     assert r.returncode == 0, r.stderr[-3000:]
     import json
 
-    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 6
+    # six fine-tuning epochs after the head-only one (trainer.max_epochs counts fine-tuning)
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 7
 
 
 @pytest.mark.slow
@@ -428,11 +429,12 @@ def test_sigkill_at_several_points_never_leaves_a_half_written_checkpoint(
     r = run_tl(*_tiny_args(tiny_data, run_dir, f"trainer.max_epochs={epochs}", resume))
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == epochs and [h["epoch"] for h in metrics["history"]] == list(
-        range(epochs)
+    total = epochs + 1  # the head-only epoch, then trainer.max_epochs of fine-tuning
+    assert metrics["epochs"] == total and [h["epoch"] for h in metrics["history"]] == list(
+        range(total)
     )
     assert stale_temp_files(ckpt_dir) == []
-    assert read_checkpoint(last)["epoch"] == epochs - 1
+    assert read_checkpoint(last)["epoch"] == total - 1
 
 
 # --------------------------------------------------------------------------- bad checkpoints

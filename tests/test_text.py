@@ -21,6 +21,7 @@ from omegaconf import open_dict
 from tl_cli.core.errors import TLError
 
 from .conftest import ROOT, compose_cfg, run_tl
+from .tiny_bert import save_tiny_bert
 
 SHARED_AMAZON = ROOT.parent / "shared" / "data" / "sentiment-amazon" / "amazon_cells.csv"
 POS = "good great love excellent nice".split()
@@ -57,37 +58,7 @@ def write_jsonl(path: Path, rows, keys=("text", "label")) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny random BERT + WordPiece tokenizer directory (no pretrained weights)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tinybert")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILL]
-    tk = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    tok.save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(str(d))
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("tinybert"), [*POS, *NEG, *FILL])
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,11 @@ def dataset_for(meta: dict[str, Any], cfg: DictConfig, ckpt_path: Any = None) ->
         keep = ("batch_size", "num_workers", "val_fraction", "split_seed")
         keep += ("label_from", "label_regex", "max_seconds")
         keep += ("text_column", "label_column", "max_length", "test_fraction")
+        keep += ("stride",)  # NER windows
         folder = modality_of(meta).folder_dataset
+        stored = dcfg.get("name")
+        if stored in DATASETS and getattr(DATASETS.get(stored), "reads_any_root", False):
+            folder = stored  # a task's own reader (NER: CoNLL/JSONL), not the modality's
         dcfg = {"name": folder, **{k: dcfg[k] for k in keep if k in dcfg}}
         if "carve" in DATASETS.options(folder):
             dcfg["carve"] = False  # scored whole: no val/test carve (and no per-class minimum)

@@ -21,6 +21,8 @@ import tl_cli.modalities.text.modality  # noqa: F401
 import tl_cli.tasks.classification  # noqa: F401
 import tl_cli.tasks.detection.task  # noqa: F401
 import tl_cli.tasks.distill  # noqa: F401
+import tl_cli.tasks.ner.data  # noqa: F401
+import tl_cli.tasks.ner.task  # noqa: F401
 import tl_cli.transfer.adapt  # noqa: F401
 import tl_cli.transfer.heads  # noqa: F401
 import tl_cli.transfer.optimizers  # noqa: F401

@@ -83,6 +83,16 @@ class TextBackbone(nn.Module):
         self.stored_options = dict(stored_options or {})
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        h, mask = self._encode(x)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def token_features(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last hidden state of every token ``(B, T, hidden)``: what a token head (NER) reads;
+        ``forward`` mean-pools the same states over the attention mask."""
+        return self._encode(x)[0]
+
+    def _encode(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, dict) or "input_ids" not in x:
             raise TLError("a text backbone takes {'input_ids', 'attention_mask'} batches")
         ids = x["input_ids"]
@@ -98,8 +108,7 @@ class TextBackbone(nn.Module):
         finally:
             if frozen:
                 self.model.train()
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return h, mask
 
     def block_groups(self) -> list[list[str]]:
         return [[f"model.{n}" for n in g] for g in self._groups]

@@ -39,7 +39,7 @@ class TextItem:
         return self.text
 
 
-def _decode(path: Path, data: bytes) -> str:
+def decode_text(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -64,7 +64,7 @@ def read_table(
         data = path.read_bytes()
     except OSError as e:
         raise TLError(f"{path}: cannot read ({e.strerror or e})") from None
-    content = _decode(path, data)
+    content = decode_text(path, data)
     del data
     texts: list[str] = []
     labels: list[str | None] = []
@@ -151,7 +151,7 @@ def _label_str(v: Any) -> str:
 def read_text_lines(path: Path) -> tuple[list[str], int]:
     """A .txt file with one text per line (predict): (texts, skipped empty lines)."""
     try:
-        content = _decode(path, path.read_bytes())
+        content = decode_text(path, path.read_bytes())
     except OSError as e:
         raise TLError(f"{path}: cannot read ({e.strerror or e})") from None
     lines = content.splitlines()
@@ -169,7 +169,7 @@ def read_class_folders(root: Path) -> tuple[dict[str, list[str]], int]:
             raise TLError(f"{d}: class folder has no .txt files")
         texts = []
         for f in files:
-            t = _decode(f, f.read_bytes())
+            t = decode_text(f, f.read_bytes())
             if t.strip():
                 texts.append(t)
             else:
