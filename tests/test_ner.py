@@ -831,3 +831,17 @@ def test_max_epochs_auto_uses_the_ner_budget(ner_bert, ner_dir, tmp_path):
     # 160 sentences at batch 2: 80 steps per epoch -> ceil(600 / 80) = 8 epochs
     assert seen["max_epochs"] == 8 and m["defaults"]["epochs"] == 8
     assert m["defaults"]["optimizer_steps"] == 640
+
+
+def test_finetune_lr_mults_auto_keep_the_measured_defaults_for_ner(ner_bert, ner_dir):
+    """tl finetune task=ner trains its token head by SGD from random (no L-BFGS fit): auto keeps
+    the LRs WNUT 2017 was measured with (encoder x 0.1, head x 1.0; docs/ner.md), not the image
+    classifier's 0.01 / 0.1 of issue 24."""
+    from tl_cli.run.training import build
+
+    module, _ = build(compose_cfg(ner_overrides(ner_bert, ner_dir), "finetune"))
+    assert module.strategy.head_fit == "sgd"
+    assert (module.strategy.backbone_lr_mult, module.strategy.head_lr_factor) == (0.1, 1.0)
+    plan = module.policy.plan
+    assert {m for n, (_, m, _) in plan.items() if n.startswith("backbone.")} == {0.1}
+    assert {m for n, (_, m, _) in plan.items() if n.startswith("head.")} == {1.0}
