@@ -57,6 +57,12 @@ ROWS = [
     "catdog_grey_n40",
 ]
 TEST_FRACTION = 0.3
+# issue 24 point 4: cheap wins above the probe for `tl train` (feature extraction), one at a time
+FE_VARIANTS = {
+    # K augmented views of every train image cached (the L-BFGS head is fitted on all of them)
+    "cache_views=4": ["strategy.cache_views=4"],
+    "cache_views=8": ["strategy.cache_views=8"],
+}
 # item 3 of the defaults issue: each fine-tuning default against its alternative, one at a time
 VARIANTS = {
     "bn=train": ["strategy.bn=train"],
@@ -163,6 +169,12 @@ def main() -> None:
         help="which alternatives --variant-rows runs (default: all)",
     )
     ap.add_argument(
+        "--fe-variant-rows",
+        default="",
+        help=f"rows on which `tl train` also runs with {', '.join(FE_VARIANTS)} (one at a time)",
+    )
+    ap.add_argument("--fe-variants", default=",".join(FE_VARIANTS))
+    ap.add_argument(
         "--seeds",
         default="0",
         help="fine-tuning rows run once per seed (seed=S dataset.split_seed=S: another val carve "
@@ -194,26 +206,51 @@ def main() -> None:
             row = results["rows"].setdefault(name, {})
             cache = out / "cache" / name
             common = ["dataset=imagefolder", f"dataset.root={root}", *args.extra.split()]
-            print(f"[{name}] tl train (defaults) ...", flush=True)
-            r = run(
-                args,
-                "train",
-                [*common, f"strategy.cache_dir={cache}"],
-                out / "runs" / f"{name}_train",
-            )
-            row["train"] = _keep(r)
-            row["sizes"] = {
-                k: r["metrics"][k] for k in ("train_size", "val_size", "test_size", "num_classes")
-            }
-            print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
-            row["probe"] = probe(cache)
-            print(f"    probe test/acc {row['probe']['test/acc']:.3f}", flush=True)
-            save_json(res_file, {**results, "command": command_line(), "machine": machine()})
+            seeds = list(filter(None, args.seeds.split(",")))
+            for seed in seeds if (name in ft_rows or name in var_rows) else ["0"]:
+                # feature extraction per seed too: another seed carves another val split, so the
+                # head is fitted on other images; fine-tuning is compared with it seed by seed
+                sargs, sfx = seed_args(seed)
+                print(f"[{name}] tl train (defaults) seed {seed} ...", flush=True)
+                cache_arg = [f"strategy.cache_dir={cache}"] if seed == "0" else []
+                r = run(
+                    args,
+                    "train",
+                    [*common, *sargs, *cache_arg],
+                    out / "runs" / f"{name}_train{sfx}",
+                )
+                row.setdefault("train_seeds", {})[seed] = _keep(r)
+                print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
+                if seed == "0":
+                    row["train"] = _keep(r)
+                    row["sizes"] = {
+                        k: r["metrics"][k]
+                        for k in ("train_size", "val_size", "test_size", "num_classes")
+                    }
+                    if "probe" not in row or not args.reuse:
+                        row["probe"] = probe(cache)
+                    print(f"    probe test/acc {row['probe']['test/acc']:.3f}", flush=True)
+                save_json(res_file, {**results, "command": command_line(), "machine": machine()})
+            fe_wanted = set(filter(None, args.fe_variants.split(",")))
+            if name in set(filter(None, args.fe_variant_rows.split(","))):
+                for key, extra in ((k, v) for k, v in FE_VARIANTS.items() if k in fe_wanted):
+                    for seed in seeds:
+                        print(f"[{name}] tl train {' '.join(extra)} seed {seed} ...", flush=True)
+                        sargs, sfx = seed_args(seed)
+                        slug = "".join(c if c.isalnum() or c in "._" else "_" for c in key)
+                        r = run(
+                            args,
+                            "train",
+                            [*common, *extra, *sargs],
+                            out / "runs" / f"{name}_fe_{slug}{sfx}",
+                        )
+                        row.setdefault("fe_variant_seeds", {}).setdefault(key, {})[seed] = _keep(r)
+                        print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
+                        save_json(res_file, results)
             if name in ft_rows:
-                for seed in filter(None, args.seeds.split(",")):
+                for seed in seeds:
                     print(f"[{name}] tl finetune (defaults) seed {seed} ...", flush=True)
-                    sargs = [f"seed={seed}", f"dataset.split_seed={seed}"] if seed != "0" else []
-                    sfx = f"_s{seed}" if seed != "0" else ""
+                    sargs, sfx = seed_args(seed)
                     r = run(
                         args, "finetune", [*common, *sargs], out / "runs" / f"{name}_finetune{sfx}"
                     )
@@ -228,15 +265,35 @@ def main() -> None:
                     save_json(res_file, results)
             if name in var_rows:
                 for key, extra in ((k, v) for k, v in VARIANTS.items() if k in wanted):
-                    print(f"[{name}] tl finetune {' '.join(extra)} ...", flush=True)
-                    slug = "".join(c if c.isalnum() or c in "._" else "_" for c in key)
-                    r = run(args, "finetune", [*common, *extra], out / "runs" / f"{name}_ft_{slug}")
-                    row.setdefault("variants", {})[key] = _keep(r)
-                    print(f"    test/acc {r['metrics'].get('test/acc'):.3f}", flush=True)
-                    save_json(res_file, results)
+                    for seed in seeds:
+                        print(f"[{name}] tl finetune {' '.join(extra)} seed {seed} ...", flush=True)
+                        sargs, sfx = seed_args(seed)
+                        slug = "".join(c if c.isalnum() or c in "._" else "_" for c in key)
+                        r = run(
+                            args,
+                            "finetune",
+                            [*common, *extra, *sargs],
+                            out / "runs" / f"{name}_ft_{slug}{sfx}",
+                        )
+                        row.setdefault("variant_seeds", {}).setdefault(key, {})[seed] = _keep(r)
+                        if seed == "0":
+                            row.setdefault("variants", {})[key] = _keep(r)
+                        print(
+                            f"    test/acc {r['metrics'].get('test/acc'):.3f} "
+                            f"{collapse_check(row['variant_seeds'][key][seed])}",
+                            flush=True,
+                        )
+                        save_json(res_file, results)
             results.update({"command": command_line(), "machine": machine()})
             save_json(res_file, results)
     report(results, args.no_doc)
+
+
+def seed_args(seed: str) -> tuple[list[str], str]:
+    """The overrides and the run-dir suffix of one seed (seed 0: tl's defaults, no suffix)."""
+    if seed == "0":
+        return [], ""
+    return [f"seed={seed}", f"dataset.split_seed={seed}"], f"_s{seed}"
 
 
 def run(args: argparse.Namespace, command: str, overrides: list[str], run_dir: Path) -> dict:

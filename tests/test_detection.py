@@ -684,3 +684,25 @@ def test_raccoon_reads_as_voc() -> None:
     assert data.format == "voc" and data.class_names == ["raccoon"]
     assert sum(len(v) for v in data.splits.values()) == 200
     assert sum(s.num_boxes for v in data.splits.values() for s in v) == 217
+
+
+def test_finetune_lr_mults_auto_keep_the_measured_defaults_for_detection(tmp_path):
+    """Detection heads start at random (no L-BFGS fit): backbone x 0.1, head x 1.0, as measured."""
+    from tl_cli.run.training import build
+
+    from .conftest import compose_cfg
+
+    write_voc(tmp_path / "data", 6, size=(64, 48))
+    module, _ = build(
+        compose_cfg(
+            [
+                "task=detection",
+                "strategy=finetune",
+                f"dataset.root={tmp_path / 'data'}",
+                "dataset.image_size=64",
+                "head.fpn_channels=64",
+            ]
+        )
+    )
+    assert module.strategy.head_fit == "sgd"
+    assert (module.strategy.backbone_lr_mult, module.strategy.head_lr_factor) == (0.1, 1.0)

@@ -988,3 +988,17 @@ def test_distill_a_ner_teacher_end_to_end(ner_run, tmp_path):
     assert meta["hyper_parameters"]["backbone"]["depth"] == 1 and module.tag_scheme == "BIOES"
     res = evaluate.run(run_cfg([f"checkpoint={best}"], tmp_path / "ev", "eval"))
     assert res["f1"] == pytest.approx(m["test/f1"], abs=1e-6)
+
+
+def test_finetune_lr_mults_auto_keep_the_measured_defaults_for_ner(ner_bert, ner_dir):
+    """tl finetune task=ner trains its token head by SGD from random (no L-BFGS fit): auto keeps
+    the LRs WNUT 2017 was measured with (encoder x 0.1, head x 1.0; docs/ner.md), not the image
+    classifier's 0.01 / 0.1 of issue 24."""
+    from tl_cli.run.training import build
+
+    module, _ = build(compose_cfg(ner_overrides(ner_bert, ner_dir), "finetune"))
+    assert module.strategy.head_fit == "sgd"
+    assert (module.strategy.backbone_lr_mult, module.strategy.head_lr_factor) == (0.1, 1.0)
+    plan = module.policy.plan
+    assert {m for n, (_, m, _) in plan.items() if n.startswith("backbone.")} == {0.1}
+    assert {m for n, (_, m, _) in plan.items() if n.startswith("head.")} == {1.0}

@@ -225,3 +225,50 @@ def test_l2sp_penalises_distance_from_pretrained_instead_of_decay(tiny_cfg):
     # backbone groups carry no weight decay; the penalty was logged and is positive once weights move
     assert "backbone/no_decay" in spy.rows[0]["lr"] and "backbone" not in spy.rows[0]["lr"]
     assert m["history"][-1].get("train/l2sp", 0) > 0
+
+
+# --------------------------------------------------------------------------- lr_mult=auto (#24)
+
+
+def _plan_mults(module) -> tuple[set[float], set[float]]:
+    """The LR multipliers the policy planned for the backbone's and the head's parameters."""
+    plan = module.policy.plan
+    bb = {m for n, (_, m, _) in plan.items() if n.startswith("backbone.")}
+    head = {m for n, (_, m, _) in plan.items() if n.startswith("head.")}
+    return bb, head
+
+
+@pytest.mark.parametrize(
+    ("extra", "backbone", "head"),
+    [
+        ([], 0.01, 0.1),  # an image classifier from an L-BFGS head: the issue-24 LRs
+        (["strategy.head_fit=sgd"], 0.1, 1.0),  # a random head: the measured tl default
+        (["strategy.backbone_lr_mult=0.3", "strategy.head_lr_mult=0.5"], 0.3, 0.5),  # as given
+        (["strategy.backbone_lr_mult=0.3"], 0.3, 0.1),  # one given, the other auto
+    ],
+)
+def test_finetune_lr_mults_auto_follow_the_task(tiny_cfg, extra, backbone, head):
+    from tl_cli.run.training import build
+
+    module, _ = build(tiny_cfg("strategy=finetune", *extra))
+    assert module.strategy.backbone_lr_mult == backbone
+    assert module.strategy.head_lr_factor == head
+    assert _plan_mults(module) == ({backbone}, {head})
+
+
+def test_distill_student_keeps_the_measured_lr_mults(tiny_cfg):
+    from tl_cli.run.training import build
+    from tl_cli.tasks.distill import DistillTask
+
+    module, _ = build(tiny_cfg("strategy=finetune"))
+    student = DistillTask(**dict(module.hparams), pretrained=False)
+    assert student.strategy.head_fit == "lbfgs"  # an image student from an L-BFGS head ...
+    assert (student.strategy.backbone_lr_mult, student.strategy.head_lr_factor) == (0.1, 1.0)
+
+
+def test_lr_mult_words_other_than_auto_are_refused(tiny_cfg):
+    from tl_cli.core.errors import TLError
+    from tl_cli.run.training import build
+
+    with pytest.raises((TLError, ValueError), match="backbone_lr_mult='fast'"):
+        build(tiny_cfg("strategy=finetune", "strategy.backbone_lr_mult=fast"))

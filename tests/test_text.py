@@ -573,3 +573,19 @@ def test_a_stored_hf_config_never_names_remote_code():
         "auto_map": {"AutoModel": "someone/evil--modeling_evil.EvilModel"},
     }
     assert isinstance(_hf_model_from_config(cfg), BertModel)
+
+
+def test_finetune_lr_mults_auto_keep_the_measured_defaults_for_text(tiny_bert, text_csv):
+    """Text classification was measured at backbone x 0.1, head x 1.0 (docs/benchmarks.md,
+    "Text"): auto keeps them, the image finding of issue 24 does not apply to it."""
+    from tl_cli.run.training import build
+
+    from .conftest import compose_cfg
+
+    module, _ = build(
+        compose_cfg(tiny_text(tiny_bert, f"dataset.root={text_csv}", "strategy=finetune"))
+    )
+    assert module.strategy.head_fit == "lbfgs"
+    assert (module.strategy.backbone_lr_mult, module.strategy.head_lr_factor) == (0.1, 1.0)
+    plan = module.policy.plan
+    assert {m for n, (_, m, _) in plan.items() if n.startswith("backbone.")} == {0.1}

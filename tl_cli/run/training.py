@@ -518,6 +518,8 @@ def chosen_defaults(module: Any, cfg: DictConfig) -> dict[str, Any]:
         "balance": getattr(module, "balance", None),
         "head_lr_mult": getattr(strat, "head_lr_factor", 1.0),
     }
+    if getattr(strat, "auto", None) and module.policy.backbone_ever_trains:
+        out["lr_mults_auto"] = strat.auto_reason  # strategy.*_lr_mult=auto: where they came from
     return out
 
 
@@ -538,6 +540,8 @@ def describe_defaults(d: dict[str, Any]) -> str:
     bb = f", backbone LR x{d['backbone_lr_mult']:g}" if d["backbone_lr_mult"] is not None else ""
     if d["backbone_lr_mult"] is not None and d.get("head_lr_mult", 1.0) != 1.0:
         bb += f", head LR x{d['head_lr_mult']:g}"
+    if bb and d.get("lr_mults_auto"):
+        bb += f" (auto: {d['lr_mults_auto']})"
     bal = f", balance {d['balance']}" if d["balance"] else ""
     return f"{head}; {steps}; BN {d['bn']}{bb}{bal}"
 

@@ -250,6 +250,7 @@ class TransferTask(pl.LightningModule):
         self.preprocessing = self.backbone.effective_preprocessing(preprocessing_overrides or {})
         self.label_smoothing = float(label_smoothing)
         self.build_extra()
+        self.strategy.resolve_auto(*self.auto_lr_mults())  # after build_extra settled head_fit
         self.policy = TransferPolicy(self.strategy, self, frozen=self.frozen)
         sched = dict(scheduler)
         self.plateau = (
@@ -289,6 +290,18 @@ class TransferTask(pl.LightningModule):
 
     def build_extra(self) -> None:
         """Add objective-specific submodules (they train from epoch 0 unless in ``frozen``)."""
+
+    def auto_lr_mults(self) -> tuple[float, float, str]:
+        """What ``strategy.backbone_lr_mult=auto`` and ``strategy.head_lr_mult=auto`` (the
+        ``tl finetune`` defaults) come to for this task: (backbone, head, where from).
+
+        The LRs that suit fine-tuning depend on where training starts and on the backbone, so
+        each task answers with what was measured for it. By default: the backbone at
+        ``optimizer.lr x 0.1`` and the head at ``optimizer.lr``, the multipliers that text
+        classification, NER, audio and detection were measured with (docs/benchmarks.md "Text",
+        "Audio", docs/ner.md, docs/detection.md).
+        """
+        return 0.1, 1.0, "tl's measured default"
 
     def loss(
         self, out: torch.Tensor, y: torch.Tensor, stage: str

@@ -29,7 +29,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from tl_cli.core.registry import Registry
-from tl_cli.tasks.base import cached
+from tl_cli.tasks.base import TransferTask, cached
 from tl_cli.tasks.classification import ClassificationTask
 
 #: ``distill.temperature=auto`` / ``distill.alpha=auto`` (configs/distill.yaml), by the teacher's
@@ -209,6 +209,13 @@ class Student:
             if name is not None:
                 return name
         return type(self).__name__  # pragma: no cover
+
+    def auto_lr_mults(self) -> tuple[float, float, str]:
+        """A student keeps the fine-tuning LRs its benchmarks were measured with (backbone
+        ``x 0.1``, head ``x 1.0``; docs/distillation.md): it learns the teacher's soft targets
+        on top of its labels, a new objective rather than a start at the labels' optimum, and
+        the lower LRs of an image classifier (issue 24) were not measured for it."""
+        return TransferTask.auto_lr_mults(self)
 
     @property
     def has_teacher(self) -> bool:

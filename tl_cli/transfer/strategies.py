@@ -17,6 +17,9 @@ from typing import Any
 from tl_cli.core.registry import Registry
 
 NEVER = None  # unfreeze epoch of a group that never trains
+#: ``strategy.backbone_lr_mult=auto`` / ``head_lr_mult=auto``: the values measured for the task
+#: and modality (``TransferTask.auto_lr_mults``)
+AUTO = "auto"
 
 
 STRATEGIES: Registry[TransferStrategy] = Registry("strategy")  # filled below
@@ -34,7 +37,8 @@ class TransferStrategy:
     """Base class. Subclasses implement :meth:`group_plans`.
 
     Args:
-        backbone_lr_mult: backbone LR = ``optimizer.lr`` x this.
+        backbone_lr_mult: backbone LR = ``optimizer.lr`` x this; ``auto``: the task's measured
+            value (:meth:`resolve_auto`, called by the task before its policy is planned).
         layer_decay: if set (e.g. 0.75), each group below the deepest gets this factor once
             more (BEiT/ELECTRA layer-wise LR decay).
         train_bn: train the BatchNorm layers of frozen groups (affine params and running
@@ -51,13 +55,22 @@ class TransferStrategy:
 
     def __init__(
         self,
-        backbone_lr_mult: float = 0.1,
+        backbone_lr_mult: float | str = 0.1,
         layer_decay: float | None = None,
         train_bn: bool = False,
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "sgd",
     ) -> None:
+        #: options given as ``auto``, resolved by :meth:`resolve_auto` (name -> resolved or None)
+        self.auto: dict[str, float | None] = {}
+        if backbone_lr_mult == AUTO:
+            self.auto["backbone_lr_mult"] = None
+            backbone_lr_mult = 0.1  # a placeholder until the task resolves it
+        elif isinstance(backbone_lr_mult, str):
+            raise ValueError(
+                f"strategy.backbone_lr_mult={backbone_lr_mult!r} must be a number >= 0 or auto"
+            )
         if bn not in ("frozen", "train"):
             raise ValueError(f"strategy.bn={bn!r} must be frozen or train")
         if head_fit not in ("lbfgs", "sgd"):
@@ -101,13 +114,32 @@ class TransferStrategy:
     #: the head's LR as a multiple of ``optimizer.lr`` (None: 1.0); see :attr:`head_lr_factor`
     head_lr_mult: float | None = None
 
+    def resolve_auto(self, backbone_lr_mult: float, head_lr_mult: float, why: str) -> None:
+        """Give the options set to ``auto`` the task's values (``TransferTask.auto_lr_mults``).
+
+        Called once by the task, after it has settled ``head_fit`` and before its policy plans
+        the parameter groups. ``why`` says where the values come from (shown in the summary).
+        """
+        if "backbone_lr_mult" in self.auto:
+            self.backbone_lr_mult = float(backbone_lr_mult)
+            self.auto["backbone_lr_mult"] = self.backbone_lr_mult
+        if "head_lr_mult" in self.auto:
+            self.head_lr_mult = float(head_lr_mult)
+            self.auto["head_lr_mult"] = self.head_lr_mult
+        if self.auto:
+            self.auto_reason = why
+
+    #: where the ``auto`` values came from (set by :meth:`resolve_auto`)
+    auto_reason: str | None = None
+
     @property
     def head_lr_factor(self) -> float:
         """The head's LR as a multiple of ``optimizer.lr`` (``strategy.head_lr_mult``, default 1).
 
-        ``tl finetune`` sets 0.1: its head is fitted by L-BFGS and starts at its optimum, where
-        one AdamW step at 1e-3 moved the logit margin of a separable two-class set by 1.0 (of a
-        fitted margin of 2.5), at 1e-4 by 0.1 (scripts/bench_finetune_step.py, issue 24).
+        ``tl finetune`` sets ``auto``: 0.1 for an image classifier whose head is fitted by L-BFGS
+        (it starts at its optimum, where one AdamW step at 1e-3 moved the logit margin of a
+        separable two-class set by 1.0 of a fitted margin of 2.5, at 1e-4 by 0.1:
+        scripts/bench_finetune_step.py, issue 24); 1.0 for a head that starts at random.
         """
         return 1.0 if self.head_lr_mult is None else float(self.head_lr_mult)
 
@@ -159,15 +191,22 @@ class Finetune(TransferStrategy):
 
     def __init__(
         self,
-        backbone_lr_mult: float = 0.01,
+        backbone_lr_mult: float | str = AUTO,
         layer_decay: float | None = None,
         train_bn: bool = False,
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "lbfgs",
-        head_lr_mult: float | None = 0.1,
+        head_lr_mult: float | str | None = AUTO,
     ) -> None:
         super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        if head_lr_mult == AUTO:
+            self.auto["head_lr_mult"] = None
+            head_lr_mult = None  # 1.0 until the task resolves it
+        elif isinstance(head_lr_mult, str):
+            raise ValueError(
+                f"strategy.head_lr_mult={head_lr_mult!r} must be a number >= 0 or auto"
+            )
         if head_lr_mult is not None and head_lr_mult < 0:
             raise ValueError(f"strategy.head_lr_mult={head_lr_mult} must be >= 0")
         self.head_lr_mult = head_lr_mult

@@ -282,6 +282,22 @@ class ClassificationTask(TransferTask):
     def supports_head_fit(self) -> bool:
         return True
 
+    def auto_lr_mults(self) -> tuple[float, float, str]:
+        """An image backbone under an L-BFGS head fine-tunes at ``optimizer.lr x 0.01`` (the
+        backbone) and ``x 0.1`` (the head); anything else keeps the task default (0.1 / 1.0).
+
+        Such a run starts at an optimum (the head fitted on the pretrained features) with
+        BatchNorm frozen, and AdamW's first steps move every weight by about the LR whatever its
+        gradient: at 1e-4 one step moved the features by a third to a half of their norm and
+        the fine-tune collapsed on small sets; at 1e-3 a step moved the fitted head's logit
+        margin by 30-40% (issue 24; docs/benchmarks.md "Fine-tuning collapse").
+        """
+        if getattr(self.backbone, "modality", "image") == "image" and (
+            self.strategy.head_fit == "lbfgs"
+        ):
+            return 0.01, 0.1, "image backbone, L-BFGS head"
+        return super().auto_lr_mults()
+
     def loss(self, out: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
         smoothing = self.label_smoothing if stage == "train" else 0.0
         weight = None
