@@ -160,7 +160,9 @@ def test_init_checks_the_backbone_name(pretrained: Path, tmp_path: Path):
 
 
 def test_cli_refuses_text(unlabelled: Path, tmp_path: Path):
-    r = run_tl("pretrain", "modality=text", f"dataset.root={unlabelled}", f"hydra.run.dir={tmp_path}")
+    r = run_tl(
+        "pretrain", "modality=text", f"dataset.root={unlabelled}", f"hydra.run.dir={tmp_path}"
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         "tl: error: modality=text: tl pretrain supports images for now (modality=image)"

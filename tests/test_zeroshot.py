@@ -200,7 +200,9 @@ def test_text_zeroshot_real_minilm_obvious_sentences(tmp_path):
         + "".join(f'"{t}",negative\n' for t in neg)
     )
     out = tmp_path / "zs"
-    res = zeroshot.run(run_cfg(["modality=text", f"dataset.root={csv}", "device=cpu"], out, "zeroshot"))
+    res = zeroshot.run(
+        run_cfg(["modality=text", f"dataset.root={csv}", "device=cpu"], out, "zeroshot")
+    )
     assert res["split"] == "all" and res["num_samples"] == 8
     assert res["acc"] == 1.0, res["confusion_matrix"]
     module, meta = load_module(out / "checkpoints" / "zeroshot.ckpt")

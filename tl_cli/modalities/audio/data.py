@@ -382,5 +382,3 @@ DATASETS.register("audiofolder", AudioFolderDataModule)
 
 
 # --------------------------------------------------------------------------- predict / export
-
-
