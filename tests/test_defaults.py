@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from tl_cli.commands import train
-from tl_cli.core.console import History
 from tl_cli.run import training
+from tl_cli.run.callbacks import History
 from tl_cli.run.tuning import falling_slope
 from tl_cli.tasks.classification import val_score
 
@@ -354,8 +354,8 @@ def test_collapse_advice_never_names_the_setting_in_use():
             supports_head_fit=lambda: True,
         )
 
-    tip = train.collapse_advice(module("lbfgs"))
+    tip = training.collapse_advice(module("lbfgs"))
     assert "head_fit=lbfgs" not in tip and "strategy=feature_extraction" in tip
-    assert "head_fit=lbfgs" in train.collapse_advice(module("sgd"))
-    tip = train.collapse_advice(module("lbfgs", balance="weights", trains=False))
+    assert "head_fit=lbfgs" in training.collapse_advice(module("sgd"))
+    tip = training.collapse_advice(module("lbfgs", balance="weights", trains=False))
     assert "balance" not in tip and "feature_extraction" not in tip and "more data" in tip

@@ -18,21 +18,14 @@ from omegaconf import DictConfig
 
 import tl_cli.tasks.components  # noqa: F401 - every registry complete
 from tl_cli.core.checkpoint import read_checkpoint
-from tl_cli.core.console import (
-    EpochBar,
-    EpochLines,
-    History,
-    UnfreezeLines,
-    interactive,
-    say,
-    warn,
-)
+from tl_cli.core.console import interactive, say, warn
 from tl_cli.core.errors import TLError
 from tl_cli.core.metrics import DEFAULT_MONITOR, METRICS_SCHEMA_VERSION
 from tl_cli.core.outputs import claim_pending, claim_run_dir
 from tl_cli.core.registry import plain
 from tl_cli.data.base import DATASETS
 from tl_cli.modalities.backbones import count_params
+from tl_cli.run.callbacks import BudgetLine, EpochBar, EpochLines, History, UnfreezeLines
 from tl_cli.run.safety import (
     RunCheckpoint,
     TrainingGuard,
@@ -131,6 +124,24 @@ def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
             class_weights(labels, dm.num_classes), dtype=torch.float32
         )
     return module, dm
+
+
+def _on_cpu(trainer: pl.Trainer) -> bool:
+    try:
+        return trainer.strategy.root_device.type == "cpu"
+    except Exception:  # noqa: BLE001 - a strategy without a root device yet: assume not
+        return False
+
+
+def _on_command_line(key: str) -> bool | None:
+    """Whether the user's command line set ``key`` (None outside a Hydra run: tests compose)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except Exception:  # noqa: BLE001
+        return None
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in task)
 
 
 def _sweep_cache() -> str | None:
@@ -335,6 +346,25 @@ def train(
     )
     if auto:  # trainer.max_epochs=auto (the default): epochs from the data's size (tl_cli.transfer.budget)
         budget.resolve(trainer, dm, module)
+    # after the first epoch that trains: when the run ends, what chose its length, and a cut to
+    # trainer.max_time (or auto's limit on CPU)
+    cap_s, cap_why = budget.wall_cap(cfg.trainer, auto, _on_cpu(trainer))
+    spe = budget.steps_per_epoch(
+        len(dm.splits["train"]), int(getattr(dm, "batch_size", None) or 32), trainer.world_size
+    )
+    trainer.callbacks.append(
+        BudgetLine(
+            history,
+            budget.reason(
+                cfg.trainer,
+                int(trainer.max_epochs or 1),
+                spe,
+                _on_command_line("trainer.max_epochs"),
+            ),
+            cap_s,
+            cap_why,
+        )
+    )
     lr_find = None
     if cfg.get("tune_lr"):
         claim_pending(out)  # the finder writes lr_find.png: this run holds its dir from here on
