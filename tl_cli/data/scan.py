@@ -12,6 +12,7 @@ Cost, measured on the shared CIFAR-10 subset (5,506 PNGs, 2 CPU cores): see READ
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -27,6 +28,40 @@ from tl_cli.core.errors import TLError
 # We enforce PIL's pixel limit ourselves (with a clear message naming the file), so PIL's own
 # warning between 1x and 2x the limit would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+#: Pillow formats that "open" but hold no pixels Pillow can decode (stubs needing an external
+#: handler) or are not still images (video): never taken for images by their extension
+NOT_STILL_IMAGES = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG"})
+#: the words an error line uses for "any image" (the list of extensions is long)
+IMAGE_FORMATS_HINT = "any still image Pillow reads: JPEG, PNG, TIFF, PGM/PPM, GIF, BMP, WebP, ..."
+
+
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """Every file extension of a still-image format Pillow can read (``.jpg``, ``.tif``, ``.pgm``,
+    ``.gif``, ...), lower case, sorted: Pillow's own registry, so a format it learns is read too.
+    A file with another extension is an image when its content is one (`looks_like_image`)."""
+    Image.init()
+    return tuple(
+        sorted(
+            ext
+            for ext, fmt in Image.registered_extensions().items()
+            if fmt in Image.OPEN and fmt not in NOT_STILL_IMAGES
+        )
+    )
+
+
+def looks_like_image(path: str | os.PathLike[str]) -> bool:
+    """Whether Pillow recognises the file's content as an image (reads the header only): how a
+    file without an image extension is told apart from notes, CSVs and other non-image files."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                return im.format not in NOT_STILL_IMAGES
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image
+        return False
+
 
 #: Names that mean "a split", not "a class", when found as class folders.
 SPLIT_NAMES = frozenset(

@@ -173,11 +173,10 @@ def _closest(word: str, options: list[str], n: int = 3) -> list[str]:
 
 
 def trainer_params() -> list[str]:
-    import inspect
+    """``pytorch_lightning.Trainer``'s arguments, without importing Lightning."""
+    from tl_cli.run.validate import TRAINER_ARGS
 
-    import pytorch_lightning as pl
-
-    return [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    return list(TRAINER_ARGS)
 
 
 class Preflight:

@@ -10,7 +10,6 @@ the data scan as Hydra's ``InstantiationException``).
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -72,11 +71,25 @@ def check_scheduler(sched: dict[str, Any]) -> None:
         raise TLError(f"scheduler.mode={sched.get('mode')!r} must be min or max")
 
 
+#: ``pytorch_lightning.Trainer``'s arguments (the pinned version's; tests/test_config.py checks
+#: them against its signature): config keys are checked without importing Lightning, so a typo
+#: in ``trainer.*`` is one line in about a second, not after torch loads
+TRAINER_ARGS = (
+    "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks",
+    "fast_dev_run", "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time",
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+    "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
+    "log_every_n_steps", "enable_checkpointing", "enable_progress_bar", "enable_model_summary",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "deterministic",
+    "benchmark", "inference_mode", "use_distributed_sampler", "profiler", "detect_anomaly",
+    "barebones", "plugins", "sync_batchnorm", "reload_dataloaders_every_n_epochs",
+    "default_root_dir", "enable_autolog_hparams", "model_registry",
+)  # fmt: skip
+
+
 def trainer_kwargs(trainer: dict[str, Any]) -> dict[str, Any]:
     """``cfg.trainer`` minus ``_target_``, its keys checked against ``pytorch_lightning.Trainer``."""
-    import pytorch_lightning as pl
-
-    params = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    params = list(TRAINER_ARGS)
     out = {k: v for k, v in trainer.items() if k != "_target_"}
     for k in out:
         if k not in params:
