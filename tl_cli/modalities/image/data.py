@@ -67,7 +67,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
                 hi = 1.0
             else:
                 hi = max(top, 1.0)
-            im = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype("uint8"), mode="L")
+            im = Image.fromarray(np.rint(arr / hi * 255.0).clip(0, 255).astype("uint8"), mode="L")
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
