@@ -144,7 +144,14 @@ class EpochLines(pl.Callback):
             return
         row = self.history.epochs[-1]
         parts = [f"epoch {int(row['epoch']) + 1}/{trainer.max_epochs}"]
-        parts += [f"{k} {row[k]:.4f}" for k in self.keys if k in row]
+        for k in self.keys:
+            if k not in row:
+                continue
+            part = f"{k} {row[k]:.4f}"
+            if k == "train/loss" and "train/ce" in row:
+                # the objective (label smoothing, class weights) is not comparable with val/loss
+                part += f" (objective; cross-entropy {row['train/ce']:.4f})"
+            parts.append(part)
         if "lr" in row:  # only an epoch that took optimizer steps has an LR worth printing
             parts.append(f"lr {row['lr']:.2e}")
         elif row.get("steps") == 0:

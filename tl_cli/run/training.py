@@ -417,6 +417,7 @@ def train(
             "strategy": module.strategy.name,
             "num_classes": dm.num_classes,
             "class_names": dm.class_names,
+            "item_noun": getattr(dm, "item_noun", "inputs"),  # images, texts, recordings
             "train_size": len(dm.splits["train"]),
             "val_size": len(dm.splits["val"]),
             "test_size": len(dm.splits.get("test", [])),

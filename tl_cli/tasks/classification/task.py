@@ -292,6 +292,12 @@ class ClassificationTask(TransferTask):
     def update_metrics(self, out: torch.Tensor, y: torch.Tensor, stage: str) -> None:
         acc = getattr(self, f"{stage}_acc")
         acc(out, y)
+        if stage == "train" and (self.label_smoothing > 0 or self.class_weight is not None):
+            # train/loss is the objective (smoothed, class-weighted); train/ce is the plain
+            # cross-entropy, the number val/loss is comparable with
+            with torch.no_grad():
+                ce = F.cross_entropy(out.detach().float(), y)
+            self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
         if stage in ("val", "test"):
             bacc = getattr(self, f"{stage}_bacc")
