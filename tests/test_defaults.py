@@ -99,8 +99,10 @@ def test_data_warnings_imbalance_and_small_val():
 
     text_dm = dm([31, 10], 12)
     text_dm.item_noun = TextDataModule.item_noun
+    text_dm.val_hint = TextDataModule.val_hint
     imb, small = training.data_warnings(text_dm)
     assert "'k0' 31 texts" in imb and "validation split has 12 texts" in small
+    assert "add a val file (val.csv" in small and "val/ folder" not in small  # a CSV has no folders
     assert AudioFolderDataModule.item_noun == "recordings"
 
 

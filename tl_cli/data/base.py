@@ -230,6 +230,8 @@ class TransferDataModule(pl.LightningDataModule):
 
     #: what one input is called in messages (warnings about the splits)
     item_noun = "images"
+    #: how a user adds a validation split to this kind of data (warnings name it)
+    val_hint = "a val/ folder"
 
     name = "data"
 

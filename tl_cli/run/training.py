@@ -183,13 +183,15 @@ def data_warnings(dm: Any) -> list[str]:
     if 0 < n_val < MIN_VAL_IMAGES and not getattr(dm, "val_is_train", False):
         out.append(
             f"the validation split has {n_val} {noun} (one = {100 / n_val:.1f} points of "
-            "val/acc): too few to pick a checkpoint reliably; add a val/ folder or raise "
+            f"val/acc): too few to pick a checkpoint reliably; add {getattr(dm, 'val_hint', 'a val split')} or raise "
             "dataset.val_fraction"
         )
     return out
 
 
-def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) -> list[str]:
+def collapse_warnings(
+    metrics: dict[str, Any], module: Any, num_classes: int, noun: str = "inputs"
+) -> list[str]:
     """Predictions of the chosen checkpoint that all fall in one class (val at the best epoch, test)."""
     out = []
     best = next(
@@ -199,7 +201,8 @@ def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) ->
     if best.get("val/pred_classes") == 1 and num_classes > 1:
         out.append(
             f"predictions collapsed: the best checkpoint (epoch {metrics['best_epoch']}) predicts one "
-            f"class for every validation image; the head has not learned the task (try "
+            f"class for every validation {noun[:-1] if noun.endswith('s') else noun}; the head has "
+            f"not learned the task (try "
             f"{collapse_advice(module)})"
         )
     counts = getattr(module, "pred_counts", {}).get("test")
@@ -207,7 +210,7 @@ def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) ->
         name = module.class_names[int(counts.argmax())]
         out.append(
             f"predictions collapsed: the best checkpoint predicts {name!r} for all "
-            f"{int(counts.sum())} test images"
+            f"{int(counts.sum())} test {noun}"
         )
     return out
 
@@ -443,8 +446,10 @@ def train(
     ]
     if lr_find:
         metrics["lr_find"] = lr_find
-    metrics["warnings"] = data_warnings(dm) + collapse_warnings(metrics, module, dm.num_classes)
-    for line in collapse_warnings(metrics, module, dm.num_classes):
+    noun = getattr(dm, "item_noun", "inputs")
+    collapsed = collapse_warnings(metrics, module, dm.num_classes, noun)
+    metrics["warnings"] = data_warnings(dm) + collapsed
+    for line in collapsed:
         warn(line)
     objects = {
         "module": module,

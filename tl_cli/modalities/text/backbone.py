@@ -842,6 +842,7 @@ class TextDataModule(TransferDataModule):
     """
 
     item_noun = "texts"
+    val_hint = "a val file (val.csv/.tsv/.jsonl beside train.*)"
 
     name = "text"
 
