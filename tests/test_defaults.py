@@ -109,8 +109,10 @@ def test_data_warnings_imbalance_and_small_val():
 def test_collapse_warning_only_when_one_class_is_predicted():
     hist = [{"epoch": 0, "val/pred_classes": 1.0}, {"epoch": 1, "val/pred_classes": 2.0}]
     mod = SimpleNamespace(pred_counts={"test": torch.tensor([0, 5])}, class_names=["x", "y"])
-    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
+    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2, "images")
     assert len(w) == 2 and "'y' for all 5 test images" in w[1]
+    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2, "texts")
+    assert "every validation text;" in w[0] and "'y' for all 5 test texts" in w[1]
     mod.pred_counts["test"] = torch.tensor([1, 4])
     assert training.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
 
