@@ -141,15 +141,16 @@ def one_epoch_figure(
     ax.axis("off")
     row = history[-1] if history else {}
     families = list(dict.fromkeys(k.split("/", 1)[1] for k in keys if "/" in k))
+    smoothed = PLAIN_TRAIN_LOSS in row
     cells = [
         [
-            AXIS_NAMES.get(f, f),
+            "loss (train: the objective)" if f == "loss" and smoothed else AXIS_NAMES.get(f, f),
             *(f"{row[f'{s}/{f}']:.4f}" if f"{s}/{f}" in row else "-" for s in ("train", "val")),
         ]
         for f in families
     ]
-    if PLAIN_TRAIN_LOSS in row:
-        cells.append(["train cross-entropy", f"{row[PLAIN_TRAIN_LOSS]:.4f}", "-"])
+    if smoothed:
+        cells.append(["cross-entropy (as val/loss)", f"{row[PLAIN_TRAIN_LOSS]:.4f}", "-"])
     if cells:
         table = ax.table(
             cellText=cells, colLabels=["", "train", "val"], loc="center", cellLoc="center"
