@@ -386,6 +386,8 @@ def claim_run_dir(
     if not _rank_zero():
         return
     out = Path(out)
+    if out.is_dir() and str(out.resolve()) in _HELD:
+        return  # this run holds it already: what is there is its own (tl zeroshot scores its ckpt)
     refuse_earlier_run(out, overwrite, resume_from)
     if not create and not out.is_dir():
         _PENDING.clear()
