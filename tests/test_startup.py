@@ -116,3 +116,18 @@ def test_predict_to_a_file_elsewhere_leaves_no_run_dir(tmp_path: Path, good_ckpt
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.is_file() and not (tmp_path / "outputs").exists()
+
+
+def test_every_command_logs_to_a_file_named_after_it():
+    """One rule (docs/outputs.md): the console log is <command>.log, Hydra's job name."""
+    from hydra import compose, initialize_config_dir
+
+    from tl_cli.cli import COMMANDS, config_dir
+
+    for command, (config, _, _) in COMMANDS.items():
+        if config is None:  # tl backbones: a plain command, no run dir
+            continue
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name=config, return_hydra_config=True)
+        assert cfg.hydra.job.name == command, command
+        assert cfg.hydra.run.dir.startswith(f"outputs/{command}/"), command
