@@ -100,3 +100,10 @@ def test_an_explicit_count_without_a_limit_is_kept(tmp_path: Path, epochs: str):
         ]
     )
     assert train.run(cfg)["epochs"] == 3
+
+
+def test_every_modality_leaves_the_epochs_to_auto():
+    """Audio fixed 20 epochs: with the L-BFGS head it ran 20 identical epochs of 0 steps (images
+    and text ran one); each modality's default now follows trainer.max_epochs=auto."""
+    for modality in ("image", "text", "audio"):
+        assert compose_cfg([f"modality={modality}"]).trainer.max_epochs == "auto", modality

@@ -527,7 +527,7 @@ def describe_defaults(d: dict[str, Any]) -> str:
     steps = (
         "0 optimizer steps (head at its optimum, backbone frozen)"
         if not d["optimizer_steps"]
-        else f"{d['optimizer_steps']} optimizer steps ({d['epochs']} epochs x {d['steps_per_epoch']}), "
+        else f"{d['optimizer_steps']} optimizer steps ({d['epochs']} epoch{'' if d['epochs'] == 1 else 's'} x {d['steps_per_epoch']}), "
         f"LR {d['lr']:.3g}, warm-up {d['warmup_steps']} steps"
     )
     bb = f", backbone LR x{d['backbone_lr_mult']:g}" if d["backbone_lr_mult"] is not None else ""
