@@ -131,3 +131,17 @@ def test_every_command_logs_to_a_file_named_after_it():
             cfg = compose(config_name=config, return_hydra_config=True)
         assert cfg.hydra.job.name == command, command
         assert cfg.hydra.run.dir.startswith(f"outputs/{command}/"), command
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("d.csv", "text,category\nhi,a\n", "d.csv: no column 'label' (columns: text, category)"),
+        ("d.jsonl", '{"text": "hi", "lab": "a"}\n', "d.jsonl: line 1: no 'label' key"),
+    ],
+)
+def test_a_table_without_its_label_column_fails_before_torch(name, content, says, tmp_path):
+    (tmp_path / name).write_text(content)
+    rc, heavy, err = _run_main(["train", "modality=text", f"dataset.root={name}"], tmp_path)
+    assert heavy == [] and rc == 2, err[-2000:]
+    assert f"tl: error: {says}" in err and "set dataset.label_column" in err

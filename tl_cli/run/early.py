@@ -1,5 +1,6 @@
 """The checks a command can make before it imports torch and Lightning (several seconds on a busy
-machine): a missing data folder, a missing or broken checkpoint file, a train value out of range.
+machine): a missing data folder, a missing or broken checkpoint file, a train value out of range,
+a data file's own mistakes (a CSV without its label column: `tl_cli.data.checks`).
 
 `tl_cli.cli` calls `check_before_imports` once Hydra has composed the config and before the
 command's module is imported, so these mistakes are one line in about a second. Each check is the
@@ -47,6 +48,17 @@ def check_before_imports(command: str, cfg: Any) -> None:
         for name in DATA_PATHS:
             if is_set(_value(dataset, name)):
                 require_exists(f"dataset.{name}", _value(dataset, name))
+        # the dataset's own torch-free checks (a CSV's text and label columns)
+        from omegaconf import OmegaConf
+
+        from tl_cli.data.checks import check_dataset
+
+        try:
+            plain = OmegaConf.to_container(dataset, resolve=True)
+        except Exception:  # noqa: BLE001 - an interpolation only the command resolves
+            plain = None
+        if isinstance(plain, dict):
+            check_dataset(plain)
     if command in TRAINS and "trainer" in cfg:
         from tl_cli.run.validate import check_train_values
 
