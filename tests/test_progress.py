@@ -46,3 +46,18 @@ def test_short_work_prints_only_its_end_line(monkeypatch, capsys):
 
 def test_duration_reads_at_a_glance():
     assert [console.duration(s) for s in (4.4, 65, 3725)] == ["4s", "1m05s", "1h02m"]
+
+
+def test_a_long_image_scan_shows_progress(monkeypatch, capsys, tmp_path):
+    from PIL import Image
+
+    from tl_cli.data import scan
+
+    paths = []
+    for i in range(3):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    assert scan.scan_images(paths) == [] and "checking images" not in capsys.readouterr().out
+    monkeypatch.setattr(scan, "SCAN_PROGRESS_FROM", 3)  # as if it were a large folder
+    assert scan.scan_images(paths) == []
+    assert "checking images: 3 files in" in capsys.readouterr().out

@@ -106,9 +106,10 @@ class Ticker:
 
 
 @contextlib.contextmanager
-def progress(desc: str, total: int) -> Iterator[Callable[[], None]]:
+def progress(desc: str, total: int, unit: str = "batch") -> Iterator[Callable[[], None]]:
     """Yield an ``advance()`` callable: a rich bar on a terminal; elsewhere a plain line every
-    `PLAIN_EVERY_S` seconds (`Ticker`). Both end with one line: the batches and the time taken."""
+    `PLAIN_EVERY_S` seconds (`Ticker`). Both end with one line: how many ``unit``s, how long."""
+    units = unit if total == 1 else (f"{unit}es" if unit.endswith(("s", "ch")) else f"{unit}s")
     if interactive() and rank_zero():
         from rich.progress import (
             BarColumn,
@@ -130,7 +131,7 @@ def progress(desc: str, total: int) -> Iterator[Callable[[], None]]:
             t0 = time.time()
             yield lambda: p.advance(task)
         # the bar goes; its timing stays
-        say(f"{desc}: {total} batch{'' if total == 1 else 'es'} in {time.time() - t0:.1f}s")
+        say(f"{desc}: {total} {units} in {time.time() - t0:.1f}s")
         return
     t0 = time.time()
     ticker = Ticker(desc, total)
@@ -141,7 +142,7 @@ def progress(desc: str, total: int) -> Iterator[Callable[[], None]]:
         ticker.update(done[0])
 
     yield advance
-    say(f"{desc}: {total} batch{'' if total == 1 else 'es'} in {time.time() - t0:.1f}s")
+    say(f"{desc}: {total} {units} in {time.time() - t0:.1f}s")
 
 
 def fmt(v: Any, key: str = "") -> str:
