@@ -61,3 +61,12 @@ def test_a_long_image_scan_shows_progress(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(scan, "SCAN_PROGRESS_FROM", 3)  # as if it were a large folder
     assert scan.scan_images(paths) == []
     assert "checking images: 3 files in" in capsys.readouterr().out
+
+
+def test_work_that_stopped_early_says_how_far_it_got(monkeypatch, capsys):
+    """Issue 29: an interrupted tl pretrain printed the planned total as done."""
+    monkeypatch.setattr(console, "interactive", lambda: False)
+    with console.progress("pretrain steps", total=500) as advance:
+        for _ in range(50):
+            advance()
+    assert "pretrain steps: stopped after 50 of 500 batches in" in capsys.readouterr().out

@@ -88,7 +88,7 @@ class StepProgress(pl.Callback):
         self.interrupt: BaseException | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._advance = self._stack.enter_context(progress("pretrain steps", self.total))
+        self._advance = self._stack.enter_context(progress("pretraining", self.total, unit="step"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self._advance()

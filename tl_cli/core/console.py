@@ -108,8 +108,21 @@ class Ticker:
 @contextlib.contextmanager
 def progress(desc: str, total: int, unit: str = "batch") -> Iterator[Callable[[], None]]:
     """Yield an ``advance()`` callable: a rich bar on a terminal; elsewhere a plain line every
-    `PLAIN_EVERY_S` seconds (`Ticker`). Both end with one line: how many ``unit``s, how long."""
-    units = unit if total == 1 else (f"{unit}es" if unit.endswith(("s", "ch")) else f"{unit}s")
+    `PLAIN_EVERY_S` seconds (`Ticker`). Both end with one line: how many ``unit``s, how long;
+    work that stopped early (an interrupt) says how far it got, never the planned total."""
+
+    def plural(n: int) -> str:
+        return unit if n == 1 else (f"{unit}es" if unit.endswith(("s", "ch")) else f"{unit}s")
+
+    t0 = time.time()
+    done = [0]
+
+    def end_line() -> str:
+        took = f"in {time.time() - t0:.1f}s"
+        if done[0] >= total:
+            return f"{desc}: {total} {plural(total)} {took}"
+        return f"{desc}: stopped after {done[0]} of {total} {plural(total)} {took}"
+
     if interactive() and rank_zero():
         from rich.progress import (
             BarColumn,
@@ -128,21 +141,22 @@ def progress(desc: str, total: int, unit: str = "batch") -> Iterator[Callable[[]
             transient=True,
         ) as p:
             task = p.add_task(desc, total=total)
-            t0 = time.time()
-            yield lambda: p.advance(task)
-        # the bar goes; its timing stays
-        say(f"{desc}: {total} {units} in {time.time() - t0:.1f}s")
+
+            def advance_bar() -> None:
+                done[0] += 1
+                p.advance(task)
+
+            yield advance_bar
+        say(end_line())  # the bar goes; its timing stays
         return
-    t0 = time.time()
     ticker = Ticker(desc, total)
-    done = [0]
 
     def advance() -> None:
         done[0] += 1
         ticker.update(done[0])
 
     yield advance
-    say(f"{desc}: {total} {units} in {time.time() - t0:.1f}s")
+    say(end_line())
 
 
 def fmt(v: Any, key: str = "") -> str:
