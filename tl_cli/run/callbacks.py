@@ -203,6 +203,8 @@ class BudgetLine(pl.Callback):
         if self.cap_s is not None:
             elapsed = time.time() - self._t_fit
             fit = budget.epochs_within(self.cap_s - elapsed, epoch_s, done, total)
+            if trainer.world_size > 1:  # every rank must stop at the same epoch: rank 0 decides
+                fit = int(trainer.strategy.broadcast(fit, src=0))
             if fit < total and budget.shrink(trainer, pl_module, fit):
                 cut = (
                     f"; cut from {total} to {fit} epochs to fit {self.cap_why} "
