@@ -107,3 +107,16 @@ def test_every_modality_leaves_the_epochs_to_auto():
     and text ran one); each modality's default now follows trainer.max_epochs=auto."""
     for modality in ("image", "text", "audio"):
         assert compose_cfg([f"modality={modality}"]).trainer.max_epochs == "auto", modality
+
+
+def test_an_explicit_count_on_a_converged_head_says_the_epochs_do_not_train(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "data", {"train": 8, "test": 2})
+    cfg = compose_cfg(
+        [*TINY, f"dataset.root={root}", f"output_dir={tmp_path / 'run'}", "trainer.max_epochs=2"]
+    )
+    m = train.run(cfg)
+    out = capsys.readouterr().out
+    assert m["epochs"] == 2 and m["defaults"]["optimizer_steps"] == 0
+    assert "so the 2 epochs take no optimizer step and score the same head" in out
+    assert all("lr" not in r and r["steps"] == 0 for r in m["history"])
+    assert out.count("no optimizer step  ") + out.count("no optimizer step ") >= 2

@@ -44,7 +44,11 @@ class History(pl.Callback):
             if k.startswith(("train/", "val/")):
                 row[k] = float(v)
         row["seconds"] = round(time.time() - self._t0, 3)
-        row["steps"] = int(trainer.global_step - self._step0)
+        # Lightning counts a step whose training_step returned None (nothing to update) as taken:
+        # a task that knows its epoch only scored (a fitted head, a head-only epoch) says so
+        scores_only = getattr(pl_module, "scores_only", None)
+        stepped = not (callable(scores_only) and scores_only())
+        row["steps"] = int(trainer.global_step - self._step0) if stepped else 0
         opt = trainer.optimizers[0] if trainer.optimizers else None
         if opt is not None and opt.param_groups and row["steps"] > 0:
             # the head's LR (other groups are multiples of it; metrics.csv has every group)
@@ -186,6 +190,14 @@ class BudgetLine(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t_fit = time.time()
+        epochs = int(trainer.max_epochs or 1)
+        if getattr(pl_module, "head_converged", False) and epochs > 1 and rank_zero():
+            # an explicit count on a converged head: say that the epochs will not train
+            say(
+                f"[bold]budget[/] {self.reason}: the head is fitted by L-BFGS and the backbone "
+                f"is frozen, so the {epochs} epochs take no optimizer step and score the same "
+                "head (trainer.max_epochs=auto runs one; strategy.head_fit=sgd trains the head)"
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or not self.history.epochs:
