@@ -540,12 +540,16 @@ def teacher_accuracy(module: DistillTask, dm: Any, split: str) -> float:
     """The teacher's accuracy on a split of the run's data (when there is no test split)."""
     from lightning_fabric.utilities.apply_func import move_data_to_device
 
+    from tl_cli.core.console import progress
+
     device = next(module.teacher.parameters()).device
     loader = dm.make_loader(dm.dataset(split, train_aug=False), shuffle=False)
     correct = total = 0
-    for x, y in loader:
-        x = move_data_to_device(x, device)
-        pred = module.teacher(module.teacher_input(x)).argmax(1).cpu()
-        correct += int((pred == y).sum())
-        total += len(y)
+    with progress(f"teacher on {split}", len(loader)) as advance:
+        for x, y in loader:
+            x = move_data_to_device(x, device)
+            pred = module.teacher(module.teacher_input(x)).argmax(1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
+            advance()
     return correct / max(1, total)
