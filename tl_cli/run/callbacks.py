@@ -111,7 +111,8 @@ class UnfreezeLines(pl.Callback):
 class EpochLines(pl.Callback):
     """One line per finished epoch, numbered from 1, on a terminal and in logs alike; in logs
     (not a terminal) also a plain progress line every `PLAIN_EVERY_S` seconds inside a long
-    epoch (training and validation batches), so CI shows the run is alive."""
+    epoch (training and validation batches) and the final test pass, so CI shows the run is
+    alive."""
 
     def __init__(self, history: History, keys: tuple[str, ...] | list[str] = EPOCH_METRICS) -> None:
         self.history = history
@@ -137,6 +138,16 @@ class EpochLines(pl.Callback):
         self._val = Ticker(f"epoch {trainer.current_epoch + 1} validation", total)
 
     def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:  # noqa: ANN001
+        if self._val is not None and trainer.is_global_zero:
+            self._val.update(batch_idx + 1)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        totals = trainer.num_test_batches
+        self._val = Ticker("testing the best checkpoint", int(sum(totals)) if totals else None)
+
+    def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:  # noqa: ANN001
         if self._val is not None and trainer.is_global_zero:
