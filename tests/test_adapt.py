@@ -261,3 +261,17 @@ def test_adabn_on_a_coil_slice_scores_the_target_like_tl_eval(tmp_path: Path) ->
     with open_dict(ecfg):
         ecfg.output_dir = str(tmp_path / "eval")
     assert evaluate.run(ecfg)["acc"] == pytest.approx(m["target/acc"], abs=1e-6)
+
+
+def test_domains_plot_has_readable_markers_and_a_class_legend():
+    """Issue 29: domains.png markers were tiny and nothing said which marker is which class."""
+    from tl_cli.transfer.domains import domains_figure
+
+    rng = np.random.default_rng(0)
+    src, tgt = rng.normal(size=(30, 8)), rng.normal(size=(20, 8)) + 1
+    ys, yt = np.arange(30) % 3, np.r_[np.arange(15) % 3, -np.ones(5, dtype=int)]
+    fig = domains_figure((src, tgt), None, ys, yt, "adapt=none", class_names=["cat", "dog", "fox"])
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["source", "target", "unlabelled target", "cat", "dog", "fox"]
+    sizes = [float(c.get_sizes()[0]) for c in fig.axes[0].collections]
+    assert min(sizes) >= 20  # points^2; it was 12

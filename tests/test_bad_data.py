@@ -265,6 +265,60 @@ def test_odd_formats_load_as_rgb(tmp_path: Path) -> None:
         assert raw.mode.startswith("I")  # really a 16-bit file
 
 
+def test_every_still_image_format_pillow_reads_is_a_class_image(tmp_path: Path, capsys) -> None:
+    """Issue 29: AT&T/ORL faces (.pgm) were refused ("class folder has no images (.jpg, ...)");
+    microscopy comes as 16-bit .tif, scans as .ppm, web images as .gif. Images are told by
+    Pillow (extension or content); other files are skipped and counted, never read as images."""
+    grey16 = np.linspace(0, 4000, 64, dtype=np.uint16).reshape(8, 8)
+    for cls, shade in (("s1", 60), ("s2", 200)):
+        d = tmp_path / cls
+        d.mkdir()
+        Image.new("L", (8, 8), shade).save(d / "face.pgm")
+        Image.new("RGB", (8, 8), (shade, 0, 0)).save(d / "scan.ppm")
+        Image.fromarray(grey16 + shade).save(d / "cells.tif")  # 16-bit greyscale TIFF
+        Image.new("RGB", (8, 8), (0, shade, 0)).convert("P").save(d / "web.gif")
+        Image.new("CMYK", (8, 8), (0, shade, 0, 0)).save(d / "print.tiff")
+        Image.new("F", (8, 8), shade / 255).save(d / "float.tif")  # 32-bit float in [0, 1]
+        Image.new("RGB", (8, 8), (shade,) * 3).save(d / "no_extension", format="PNG")
+        (d / "notes.txt").write_text("not an image")
+        (d / "labels.csv").write_text("a,b\n")
+    data = _dm(tmp_path)
+    data.prepare()
+    files = sorted(Path(p).name for p, _ in data.splits["train"] + data.splits["val"])
+    assert len(files) == 14 and "notes.txt" not in files and "labels.csv" not in files
+    assert files.count("face.pgm") == 2 and files.count("no_extension") == 2
+    assert "skipped 4 file(s) that are not images" in capsys.readouterr().out
+    assert data.skipped_other == 4
+    for p, _ in data.splits["train"] + data.splits["val"]:
+        im = load_image(p)
+        assert im.mode == "RGB" and im.size == (8, 8), p
+    with Image.open(tmp_path / "s1" / "cells.tif") as raw:
+        assert raw.mode.startswith("I;16")  # really 16 bits
+    # 16-bit scales from its full range; float from [0, 1]
+    assert load_image(tmp_path / "s1" / "cells.tif").getpixel((7, 7))[0] == round(
+        4060 / 65535 * 255
+    )
+    assert _close(load_image(tmp_path / "s2" / "float.tif").getpixel((0, 0)), (200, 200, 200), 1)
+
+
+def test_a_folder_of_only_non_images_names_what_it_reads(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "readme.md").write_text("# not an image")
+    with pytest.raises(TLError, match=r"class folder has no images \(any still image Pillow reads"):
+        _dm(tmp_path).prepare()
+
+
+def test_predict_finds_images_by_format_not_a_short_extension_list(tmp_path: Path) -> None:
+    from tl_cli.modalities.base import get_modality
+
+    Image.new("L", (8, 8), 9).save(tmp_path / "face.pgm")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo", format="JPEG")
+    (tmp_path / "notes.txt").write_text("x")
+    found = get_modality("image").find(str(tmp_path))
+    assert [Path(f).name for f in found] == ["face.pgm", "photo"]
+
+
 def test_exif_rotated_jpeg_is_upright(tmp_path: Path) -> None:
     img = Image.new("RGB", (40, 20), (0, 0, 230))
     img.paste((230, 0, 0), (0, 0, 20, 20))  # left half red

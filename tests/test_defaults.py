@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from tl_cli.commands import train
-from tl_cli.core.console import History
 from tl_cli.run import training
+from tl_cli.run.callbacks import History
 from tl_cli.run.tuning import falling_slope
 from tl_cli.tasks.classification import val_score
 
@@ -99,16 +99,20 @@ def test_data_warnings_imbalance_and_small_val():
 
     text_dm = dm([31, 10], 12)
     text_dm.item_noun = TextDataModule.item_noun
+    text_dm.val_hint = TextDataModule.val_hint
     imb, small = training.data_warnings(text_dm)
     assert "'k0' 31 texts" in imb and "validation split has 12 texts" in small
+    assert "add a val file (val.csv" in small and "val/ folder" not in small  # a CSV has no folders
     assert AudioFolderDataModule.item_noun == "recordings"
 
 
 def test_collapse_warning_only_when_one_class_is_predicted():
     hist = [{"epoch": 0, "val/pred_classes": 1.0}, {"epoch": 1, "val/pred_classes": 2.0}]
     mod = SimpleNamespace(pred_counts={"test": torch.tensor([0, 5])}, class_names=["x", "y"])
-    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2)
+    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2, "images")
     assert len(w) == 2 and "'y' for all 5 test images" in w[1]
+    w = training.collapse_warnings({"history": hist, "best_epoch": 1}, mod, 2, "texts")
+    assert "every validation text;" in w[0] and "'y' for all 5 test texts" in w[1]
     mod.pred_counts["test"] = torch.tensor([1, 4])
     assert training.collapse_warnings({"history": hist, "best_epoch": 2}, mod, 2) == []
 

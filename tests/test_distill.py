@@ -314,3 +314,55 @@ def test_class_name_mismatch_is_one_line(good_ckpt, tmp_path):
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and "differ from the teacher's" in lines[0], r.stderr
     assert "missing cat, dog, fox" in lines[0] and "extra ant, bee" in lines[0]
+
+
+# --------------------------------------------------------------------------- latency
+
+
+class _FakeData:
+    """What size_and_speed reads from a data module: a test split and a loader's collate."""
+
+    def has_split(self, split: str) -> bool:
+        return split == "test"
+
+    def dataset(self, split: str, train_aug: bool = False):
+        return [(torch.full((3, 8, 8), float(i)), i % 2) for i in range(5)]
+
+    def make_loader(self, ds, shuffle: bool = False):
+        return torch.utils.data.DataLoader(ds, batch_size=2)
+
+
+def _fake_module():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        backbone=torch.nn.Flatten(),
+        head=torch.nn.Linear(192, 2),
+        teacher=torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.Linear(64, 2)
+        ),
+        teacher_input=torch.nn.Identity(),
+    )
+
+
+def test_latency_is_short_by_default_with_units_and_can_be_off(capsys):
+    """Issue 29: tl distill went silent for minutes after its last epoch (the latency timing);
+    it now shows progress, says the figures with units, and distill.latency=off skips it."""
+    from tl_cli.commands.distill import LATENCY_PASSES, latency_mode, size_and_speed
+
+    assert latency_mode(compose_cfg([], "distill")) == "short"
+    assert sum(n for _, n in LATENCY_PASSES["short"].values()) < sum(
+        n for _, n in LATENCY_PASSES["full"].values()
+    )
+    out = size_and_speed(_fake_module(), _FakeData(), "short")
+    for k in ("student_latency_ms_b1", "teacher_latency_ms_b32", "speedup_b32"):
+        assert out[k] > 0, k
+    said = capsys.readouterr().out
+    assert "latency on CPU, ms per input: student" in said and "ms (batch 32)" in said
+    assert "CPU latency of student and teacher" in said  # the progress line's description
+    off = size_and_speed(_fake_module(), _FakeData(), "off")
+    assert not any("latency" in k or "speedup" in k for k in off) and off["param_ratio"] > 1
+    from tl_cli.core.errors import TLError
+
+    with pytest.raises(TLError, match="distill.latency='slow' must be one of short, full, off"):
+        latency_mode(compose_cfg(["distill.latency=slow"], "distill"))

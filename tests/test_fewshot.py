@@ -78,6 +78,28 @@ def test_prototypes_are_class_means_of_centred_normalised_features(proto_run, ti
     assert "test/acc" in metrics
 
 
+def test_without_a_val_split_leave_one_out_is_the_headline(proto_run):
+    """Issue 29: strategy=prototypes headlined val/acc measured on its own training items."""
+    from tl_cli.core.metrics import train_summary
+    from tl_cli.run import gates
+
+    out, metrics = proto_run
+    assert (
+        metrics["val_is_train"] and metrics["loo/acc"] == metrics["defaults"]["head_fit"]["loo_acc"]
+    )
+    assert train_summary(metrics)[0] == "loo/acc"
+    # a bare gate means the test metric when there is one, else leave-one-out, never val
+    no_test = {k: v for k, v in metrics.items() if not k.startswith("test/")}
+    assert gates.resolve_train_key("acc", no_test) == "loo/acc"
+    assert gates.resolve_train_key("acc", metrics) == "test/acc"
+    from tl_cli.commands.train import headline
+    from tl_cli.tasks.classification import ClassificationTask
+
+    line = headline(metrics, ClassificationTask)
+    assert line.startswith(f"loo/acc {metrics['loo/acc']:.4f} (leave-one-out; val/acc ")
+    assert "is measured on the training items" in line
+
+
 def test_prototype_checkpoint_eval_predict_export(proto_run, tiny_data, tmp_path):
     out, _ = proto_run
     ckpt = out / "checkpoints" / "best.ckpt"

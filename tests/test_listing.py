@@ -34,10 +34,59 @@ def test_every_registered_backbone_is_listed_with_facts():
     assert by["resnet18"].params == 11_176_512
 
 
-def test_param_counts_equal_the_real_backbone():
-    bb = create_backbone("efficientnet_lite0", weights="none", pretrained=False)
-    spec = registered_backbones()["efficientnet_lite0"]
-    assert listing.describe("efficientnet_lite0", "bundled", spec).params == count_params(bb)
+def test_registry_rows_equal_the_real_backbones():
+    """`tl backbones` reads params and input size from the registry rows (no model built): each
+    row must equal what its builder builds, and torchvision's file names and sizes its tables."""
+    from torchvision.models import get_model_weights
+
+    for name, spec in registered_backbones().items():
+        cfg = {"name": name, "source": spec.source}
+        if spec.modality == "image":
+            with torch.device("meta"):
+                bb = build_backbone({**cfg, "weights": "none"}, pretrained=False)
+            assert spec.input_size == int(bb.preprocessing["input_size"]), name
+        else:
+            bb = build_backbone(cfg, pretrained=False)
+            assert spec.input_size is None, name
+        assert spec.params == count_params(bb), name
+        if spec.source == "torchvision":
+            w = get_model_weights(spec.arch).DEFAULT
+            assert spec.weights_file == Path(w.url).name, name
+            assert spec.download_mb == w.meta["_file_size"], name
+
+
+def test_registered_rows_import_no_torch():
+    """`tl backbones` without a filter lists the registry: no torch, timm or torchvision."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tl_cli.commands.backbones import main; rc = main(['--json']); "
+        "heavy = sorted(m for m in ('torch', 'timm', 'torchvision', 'transformers') "
+        "if m in sys.modules); print(rc, heavy)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip().splitlines()[-1] == "0 []", r.stdout[-500:] + r.stderr[-2000:]
+
+
+def test_torch_hub_dir_is_torchs(monkeypatch, tmp_path):
+    for env in ({}, {"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "x")}):
+        monkeypatch.delenv("TORCH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert listing.torch_hub_dir() == Path(torch.hub.get_dir()), env
+
+
+def test_registered_torchvision_weights_offline_only_when_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    spec = registered_backbones()["resnet18"]
+    info = listing.registered(spec)
+    assert info.offline is False and info.weights == "45 MB download"
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"x")
+    info = listing.registered(spec)
+    assert info.offline is True and info.weights == "cached"
 
 
 def test_torchvision_weights_offline_only_when_cached(tmp_path, monkeypatch):

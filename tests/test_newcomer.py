@@ -306,6 +306,9 @@ def test_eval_writes_error_analysis(good_ckpt: Path, tmp_path: Path, capsys):
     )
     with Image.open(tmp_path / "ev/top_losses.png") as im:
         assert im.size[0] > 200
+    # report.md links both (issue 29: they were written but not linked)
+    md = (tmp_path / "ev/report.md").read_text()
+    assert "[misclassified.csv](misclassified.csv)" in md and "](top_losses.png)" in md
     out = capsys.readouterr().out
     assert "most confused (true -> predicted):" in out
     assert not list((tmp_path / "ev").glob(".*.tmp"))

@@ -20,7 +20,14 @@ STEPS = 4
 
 def _pretrain_cfg(root: Path, out: Path, *extra: str):
     cfg = compose_cfg(
-        [*TINY, f"dataset.root={root}", f"trainer.max_steps={STEPS}", *extra], "pretrain"
+        [
+            *TINY,
+            f"dataset.root={root}",
+            f"trainer.max_steps={STEPS}",
+            "trainer.max_epochs=-1",  # TINY's 2 epochs would count instead of the steps
+            *extra,
+        ],
+        "pretrain",
     )
     with open_dict(cfg):
         cfg.output_dir = str(out)
@@ -140,7 +147,9 @@ def test_no_images_is_one_line(tmp_path: Path):
 
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("x")
-    with pytest.raises(TLError, match=r"dataset.root=.*empty: no images \(.jpg"):
+    with pytest.raises(
+        TLError, match=r"dataset.root=.*empty: no images \(any still image Pillow reads"
+    ):
         run(_pretrain_cfg(tmp_path / "empty", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -183,3 +192,106 @@ def test_cli_refuses_a_huge_image_size_up_front(unlabelled: Path, tmp_path: Path
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert lines[0].startswith("tl: error: dataset.image_size=100000 must be in [16, 1024]")
     assert not (tmp_path / "run" / "backbone.safetensors").exists()
+
+
+def test_warmups_shrink_to_fit_a_short_run():
+    """Issue 29: trainer.max_steps=20 with the 50-step head warm-up left the backbone's LR at 0
+    for the whole run (weights bit-identical to the pretrained ones, a loss drop reported)."""
+    from tl_cli.commands.pretrain import fit_warmups
+
+    p = {"head_warmup_steps": 50, "warmup_steps": 50}
+    line = fit_warmups(p, 20)
+    assert p == {"head_warmup_steps": 5, "warmup_steps": 5} and "shortened to 5 + 5" in line
+    p = {"head_warmup_steps": 50, "warmup_steps": 50}
+    assert fit_warmups(p, 500) is None and p["head_warmup_steps"] == 50  # the defaults fit
+
+
+def test_default_warmups_on_a_short_run_still_train_the_backbone(
+    unlabelled: Path, tmp_path: Path, capsys
+):
+    import pytorch_lightning as pl
+    from safetensors.torch import load_file
+
+    from tl_cli.commands.pretrain import run
+    from tl_cli.modalities.backbones import build_backbone
+
+    out = tmp_path / "run"
+    meta = run(_pretrain_cfg(unlabelled, out))  # STEPS=4 < the default 50 + 50 warm-up steps
+    assert "do not fit 4 steps" in capsys.readouterr().out
+    assert meta["settings"]["head_warmup_steps"] + meta["settings"]["warmup_steps"] == 2
+    pl.seed_everything(42, verbose=False)
+    init = build_backbone(compose_cfg([*TINY], "pretrain").backbone).model.state_dict()
+    saved = load_file(str(out / "backbone.safetensors"))
+    assert any(not torch.equal(saved[k], init[k]) for k in saved if k.endswith(".weight"))
+
+
+def test_max_epochs_counts_in_steps_and_says_so(unlabelled: Path, tmp_path: Path, capsys):
+    from tl_cli.commands.pretrain import run
+
+    cfg = _pretrain_cfg(
+        unlabelled, tmp_path / "run", "trainer.max_epochs=1", "dataset.batch_size=6"
+    )
+    meta = run(cfg)
+    out = capsys.readouterr().out
+    assert meta["steps"] == 3  # 18 images at batch 6, full batches: 3 steps per epoch
+    assert "trainer.max_epochs=1: 1 x 3 steps" in out and "trainer.max_steps=4 is not used" in out
+    # the next command trains at the size the backbone was pretrained at
+    assert "dataset.image_size=32" in out.split("next:", 1)[1]
+
+
+def test_interrupt_keeps_the_backbone_and_exits_130(unlabelled: Path, tmp_path: Path, monkeypatch):
+    import signal
+
+    from tl_cli.commands.pretrain import run
+    from tl_cli.transfer.simclr import SimCLRModule
+
+    step = SimCLRModule.training_step
+
+    def interrupted(self, batch, i):
+        if len(self.losses) == 3:
+            raise KeyboardInterrupt  # Ctrl-C after three optimizer steps
+        return step(self, batch, i)
+
+    monkeypatch.setattr(SimCLRModule, "training_step", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(TLError) as e:
+            run(
+                _pretrain_cfg(
+                    unlabelled, out, "trainer.max_steps=10", "pretrain.head_warmup_steps=0"
+                )
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after an interrupt
+    assert e.value.exit_code == 130
+    assert "interrupted (SIGINT) at step 3/10; kept the backbone so far" in str(e.value)
+    meta = json.loads((out / "pretrain.json").read_text())
+    assert meta["interrupted"] is True and meta["steps"] == 3 and meta["planned_steps"] == 10
+    assert (out / "backbone.safetensors").stat().st_size > 0
+
+
+def test_interrupt_during_the_head_warmup_writes_nothing(
+    unlabelled: Path, tmp_path: Path, monkeypatch
+):
+    import signal
+
+    from tl_cli.commands.pretrain import run
+    from tl_cli.transfer.simclr import SimCLRModule
+
+    step = SimCLRModule.training_step
+
+    def interrupted(self, batch, i):
+        if len(self.losses) == 2:
+            raise KeyboardInterrupt
+        return step(self, batch, i)
+
+    monkeypatch.setattr(SimCLRModule, "training_step", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(TLError, match="before the backbone had changed.*nothing written") as e:
+            run(_pretrain_cfg(unlabelled, out, "trainer.max_steps=40"))  # head warm-up: 10 steps
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert e.value.exit_code == 130 and not (out / "backbone.safetensors").exists()

@@ -147,3 +147,70 @@ def test_tune_lr_runs_the_finder_saves_plot_and_trains_with_the_suggestion(tiny_
     assert "![Learning-rate finder](lr_find.png)" in (out / "report.md").read_text()
     assert json.loads((out / "metrics.json").read_text())["lr_find"] == info
     assert torch.isfinite(torch.tensor(m["val/loss"]))
+
+
+def test_one_epoch_shows_its_numbers_and_the_head_fit_not_two_dots():
+    """Issue 29: a one-epoch run's curves.png was two dots on a 0.96-1.04 axis."""
+    hist = [{"epoch": 0, "train/loss": 0.2, "train/acc": 0.97, "val/loss": 0.1, "val/acc": 1.0}]
+    head = {"method": "lbfgs", "C": 0.5, "folds": 5, "cv_acc": 0.95, "train_acc": 0.97}
+    fig = report.curves_figure(hist, "t", best_epoch=1, head_fit=head)
+    (ax,) = fig.axes
+    assert not ax.get_lines()  # no curve
+    texts = [c.get_text().get_text() for c in ax.tables[0].get_celld().values()]
+    assert {"accuracy", "0.9700", "1.0000", "loss", "0.2000", "0.1000"} <= set(texts)
+    assert "C=0.5" in ax.get_title("left") and "5-fold CV accuracy 0.950" in ax.get_title("left")
+
+
+def test_a_smoothed_objective_is_drawn_beside_the_comparable_cross_entropy():
+    """Issue 29: train/loss with label smoothing (0.77 at train acc 1.0) beside val/loss 0.04."""
+    hist = [
+        {
+            "epoch": e,
+            "train/loss": 0.8,
+            "train/ce": 0.05,
+            "train/acc": 1.0,
+            "val/loss": 0.04,
+            "val/acc": 1.0,
+        }
+        for e in range(2)
+    ]
+    loss_ax, _ = report.curves_figure(hist, "t").axes
+    labels = {ln.get_label(): ln for ln in loss_ax.get_lines()}
+    assert np.allclose(labels["train cross-entropy (comparable with val/loss)"].get_ydata(), 0.05)
+    assert any(k.startswith("train/loss (the objective") for k in labels)
+
+
+def test_epoch_line_names_the_objective_and_gives_the_cross_entropy(capsys):
+    from types import SimpleNamespace
+
+    from tl_cli.run.callbacks import EpochLines, History
+
+    h = History()
+    h.epochs.append(
+        {
+            "epoch": 0,
+            "train/loss": 0.77,
+            "train/ce": 0.04,
+            "val/loss": 0.04,
+            "seconds": 1.0,
+            "steps": 3,
+            "lr": 1e-3,
+        }
+    )
+    trainer = SimpleNamespace(is_global_zero=True, max_epochs=1, progress_bar_callback=None)
+    EpochLines(h, ("train/loss", "val/loss")).on_train_epoch_end(trainer, None)
+    out = capsys.readouterr().out
+    assert "train/loss 0.7700 (objective; cross-entropy 0.0400)" in out and "lr 1.00e-03" in out
+    h.epochs.append({"epoch": 1, "train/loss": 0.5, "val/loss": 0.04, "seconds": 1.0, "steps": 0})
+    EpochLines(h, ("train/loss", "val/loss")).on_train_epoch_end(trainer, None)
+    out = capsys.readouterr().out
+    assert "lr" not in out and "no optimizer step" in out  # no LR when nothing stepped
+
+
+def test_a_smoothed_run_records_the_comparable_train_loss(trained):
+    run_dir, metrics = trained
+    assert metrics["item_noun"] == "images"
+    assert all("train/ce" in r for r in metrics["history"])  # label_smoothing 0.1 (the default)
+    md = (run_dir / "report.md").read_text()
+    assert "`train/ce`, the plain cross-entropy, is the one comparable with `val/loss`" in md
+    assert "- images: train" in md

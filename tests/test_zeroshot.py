@@ -146,6 +146,34 @@ def test_image_zeroshot_checkpoint_is_ordinary(stub_conse, tiny_data, tmp_path):
     assert r["passed"] is True  # top-T (torch.topk) exports and matches PyTorch
 
 
+def test_zeroshot_skips_a_truncated_jpeg_when_asked_also_when_scoring(stub_conse, tmp_path):
+    """Issue 29: dataset.skip_corrupt=true skipped the file while building, then the scoring step
+    (an eval config without the option) failed on it: every re-read carries the data options."""
+    import shutil
+
+    from .conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"": 4})
+    good = root / "cat" / "cat_000.png"
+    from PIL import Image
+
+    Image.open(good).convert("RGB").save(root / "cat" / "whole.jpg", quality=90)
+    data = (root / "cat" / "whole.jpg").read_bytes()
+    (root / "cat" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    shutil.copy(good, root / "dog" / "extra.png")
+    with pytest.raises(TLError, match="truncated.jpg.*dataset.skip_corrupt=true"):
+        zeroshot.run(run_cfg([*TINY_FEATURES, f"dataset.root={root}"], tmp_path / "z1", "zeroshot"))
+    res = zeroshot.run(
+        run_cfg(
+            [*TINY_FEATURES, f"dataset.root={root}", "dataset.skip_corrupt=true"],
+            tmp_path / "z2",
+            "zeroshot",
+        )
+    )
+    # 4 + 1 + 4 + 1 + 4 readable images, the truncated one skipped in the scoring too
+    assert res["num_samples"] == 14 and (tmp_path / "z2" / "eval.json").is_file()
+
+
 def test_zeroshot_from_class_names_alone(stub_conse, tmp_path):
     out = tmp_path / "zs"
     zeroshot.run(run_cfg([*TINY_FEATURES, "classes=[Cats,golden_retriever]"], out, "zeroshot"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from tl_cli import __version__
@@ -109,15 +110,44 @@ def _task(command: str):
             # a first line before the imports and the data scan (seconds on a cold start)
             print(f"tl {command}: {cfg.get('output_dir')}", flush=True)
         module = COMMANDS[command][1]
-        run = importlib.import_module(f"tl_cli.commands.{module}").run
         try:
+            from tl_cli.run.early import check_before_imports
+
+            check_before_imports(command, cfg)  # missing paths, bad values: before torch loads
+            run = importlib.import_module(f"tl_cli.commands.{module}").run
             return objective(cfg, run(cfg))  # a float only for sweepers (optimized_metric set)
         finally:
-            from tl_cli.core.outputs import release_run_dir
+            from tl_cli.core.outputs import discard_if_untouched, release_run_dir
 
             release_run_dir()  # the run dir's lock, also after a failure (multirun: next job)
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                # failed before writing anything, or wrote elsewhere: no empty run dir left
+                _discard(cfg, discard_if_untouched)
 
     return task
+
+
+#: when this process started (a run dir Hydra made since then, holding nothing else, is ours)
+_STARTED = time.time()
+
+
+def _discard(cfg, discard) -> None:  # noqa: ANN001 - a DictConfig and core.outputs' function
+    """Remove the run dir Hydra made for this job if nothing else was written into it (a
+    multirun job keeps its dir: a failed one records failed.json there)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return
+        out, job = hc.runtime.output_dir, hc.job.name
+    except Exception:  # noqa: BLE001 - not inside a Hydra run: nothing Hydra made to tidy
+        return
+    if out:
+        from tl_cli.run.preflight import EXISTING_ANCESTOR
+
+        discard(out, job, _STARTED - 1.0, EXISTING_ANCESTOR)
 
 
 def main(argv: list[str] | None = None) -> None:

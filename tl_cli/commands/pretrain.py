@@ -65,11 +65,11 @@ def find_images(root: Path) -> list[Path]:
     by two paths counts once (`tl_cli.data.inputs`, the finder tl predict uses).
     """
     from tl_cli.data.inputs import _unique_files, _walk
-    from tl_cli.modalities.image.data import IMG_EXTS
+    from tl_cli.modalities.image.data import IMAGE_FILES
 
     def wanted(f: str) -> bool:
         rel = Path(f).relative_to(root).parts
-        return f.lower().endswith(IMG_EXTS) and not any(p.startswith(".") for p in rel)
+        return not any(p.startswith(".") for p in rel) and IMAGE_FILES.matches(Path(f))
 
     return [Path(f) for f in _unique_files(sorted(f for f in _walk(str(root)) if wanted(f)))]
 
@@ -85,9 +85,10 @@ class StepProgress(pl.Callback):
         self.every = max(1, total // 10)
         self._stack = contextlib.ExitStack()
         self._advance: Any = None
+        self.interrupt: BaseException | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._advance = self._stack.enter_context(progress("pretrain steps", self.total))
+        self._advance = self._stack.enter_context(progress("pretraining", self.total, unit="step"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self._advance()
@@ -100,6 +101,7 @@ class StepProgress(pl.Callback):
         self._stack.close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self.interrupt = exception
         self._stack.close()
 
 
@@ -170,6 +172,13 @@ def _settings(cfg: DictConfig) -> tuple[dict[str, Any], int, int]:
     steps = cfg.trainer.get("max_steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise TLError(f"trainer.max_steps={steps!r} must be a positive integer (pretraining steps)")
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs not in (-1, None) and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+    ):
+        raise TLError(
+            f"trainer.max_epochs={epochs!r} must be a positive integer (or -1: trainer.max_steps counts)"
+        )
     bs = cfg.dataset.get("batch_size")
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2:
         raise TLError(f"dataset.batch_size={bs!r} must be an integer >= 2 (contrastive pairs)")
@@ -186,8 +195,7 @@ def _settings(cfg: DictConfig) -> tuple[dict[str, Any], int, int]:
 def _images(cfg: DictConfig) -> tuple[Path, list[Path], int]:
     from omegaconf import OmegaConf
 
-    from tl_cli.data.scan import drop_corrupt
-    from tl_cli.modalities.image.data import IMG_EXTS
+    from tl_cli.data.scan import IMAGE_FORMATS_HINT, drop_corrupt
 
     root_s = None if OmegaConf.is_missing(cfg.dataset, "root") else cfg.dataset.get("root")
     if not root_s:
@@ -198,10 +206,33 @@ def _images(cfg: DictConfig) -> tuple[Path, list[Path], int]:
     paths = find_images(root)
     if not paths:
         raise TLError(
-            f"dataset.root={root_s}: no images ({', '.join(IMG_EXTS)}) in it or its subfolders"
+            f"dataset.root={root_s}: no images ({IMAGE_FORMATS_HINT}) in it or its subfolders"
         )
     kept, bad = drop_corrupt({"": paths}, root, bool(cfg.dataset.get("skip_corrupt")))
     return root, kept[""], len(bad)
+
+
+def fit_warmups(p: dict[str, Any], steps: int) -> str | None:
+    """Shrink the two warm-ups to half of a short run, so the backbone trains (its LR is 0 during
+    ``head_warmup_steps``); returns the line that says so, or None when they fit already.
+
+    A run of 20 steps with the default 50-step head warm-up would otherwise end with the
+    backbone exactly as it started, its weights bit-identical to the pretrained ones.
+    """
+    head, warm = int(p["head_warmup_steps"]), int(p["warmup_steps"])
+    if head < 0 or warm < 0:
+        raise TLError("pretrain.head_warmup_steps and pretrain.warmup_steps must be >= 0")
+    budget = steps // 2
+    if head + warm <= budget:
+        return None
+    new_head = head * budget // (head + warm)
+    new_warm = budget - new_head
+    p["head_warmup_steps"], p["warmup_steps"] = new_head, new_warm
+    return (
+        f"pretrain.head_warmup_steps={head} + pretrain.warmup_steps={warm} do not fit "
+        f"{steps} steps (the backbone would barely train): shortened to {new_head} + {new_warm}, "
+        f"half of the run"
+    )
 
 
 def _modality_choice() -> str | None:
@@ -249,6 +280,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     bs_eff = min(bs, len(paths))
     prep = backbone.effective_preprocessing({"image_size": cfg.dataset.get("image_size")})
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs not in (-1, None):  # tl pretrain counts steps: epochs become steps, said once
+        per_epoch = max(1, len(paths) // bs_eff)  # drop_last: full batches only
+        say(
+            f"trainer.max_epochs={epochs}: {epochs} x {per_epoch} steps ({len(paths)} images at "
+            f"batch {bs_eff}) = {epochs * per_epoch} pretraining steps (trainer.max_steps={steps} "
+            "is not used; tl pretrain counts optimizer steps)"
+        )
+        steps = epochs * per_epoch
+    shrunk = fit_warmups(p, steps)
+    if shrunk:
+        say(shrunk)
     say(
         f"[bold]data[/] {len(paths)} unlabelled images under {root} (labels and folder names unused), "
         f"{prep['input_size']} px, batch {bs_eff} x 2 views\n"
@@ -276,23 +319,46 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer_cfg.update(max_steps=steps, max_epochs=-1)
     trainer = pl.Trainer(
         **trainer_cfg,
-        callbacks=[StepProgress(steps)],
+        callbacks=[ticks := StepProgress(steps)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         default_root_dir=str(out),
     )
     claim_run_dir(out, overwrite=overwrite)  # lock the run dir while this run writes
+    start = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     t0 = time.time()
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     try:
         trainer.fit(module, loader)
-    except KeyboardInterrupt:
-        raise TLError("interrupted: nothing written", exit_code=130) from None
+    except (KeyboardInterrupt, SystemExit, SIGTERMException):
+        # Lightning turns Ctrl-C into sys.exit(1) after its own teardown, and re-raises SIGTERM:
+        # keep what was learnt
+        if not trainer.interrupted:
+            raise
     seconds = time.time() - t0
     losses = module.losses
     if not losses or not all(math.isfinite(v) for v in losses):
         raise TLError(
             "pretraining loss became NaN/inf: lower pretrain.lr; nothing written", exit_code=1
+        )
+    changed = any(not torch.equal(v, start[k]) for k, v in backbone.state_dict().items())
+    signal_name, code = (
+        ("SIGTERM", 143) if isinstance(ticks.interrupt, SIGTERMException) else ("SIGINT", 130)
+    )
+    if trainer.interrupted and not changed:
+        raise TLError(
+            f"pretraining interrupted ({signal_name}) at step {len(losses)}/{steps}, before the "
+            f"backbone had changed (its LR is 0 for the first {p['head_warmup_steps']} steps): "
+            "nothing written",
+            exit_code=code,
+        )
+    if not changed:
+        raise TLError(
+            f"the backbone did not change in {len(losses)} steps (its weights equal the "
+            "pretrained ones): raise pretrain.lr or trainer.max_steps; nothing written",
+            exit_code=1,
         )
     bcfg = dict(plain(cfg.backbone))
     meta = {
@@ -309,6 +375,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
         "preprocessing": plain(prep),
         "steps": len(losses),
+        "planned_steps": steps,
+        "interrupted": bool(trainer.interrupted),
         "epochs": trainer.current_epoch + (0 if trainer.is_last_batch else 1),
         "seed": seed,
         "fit_seconds": round(seconds, 1),
@@ -325,10 +393,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         release_run_dir(out)
         ls = meta["loss"]
+        size = int(prep["input_size"])
         say(
             f"loss {ls['first_tenth_mean']:.4f} -> {ls['last_tenth_mean']:.4f} (first/last tenth of "
             f"{len(losses)} steps) in {seconds:.0f}s\n"
             f"weights: {out / WEIGHTS_FILE}\n"
-            f"next: tl train init={out} dataset.root=LABELLED_DIR  (or tl finetune init={out} ...)"
+            f"next: tl train init={out} dataset.root=LABELLED_DIR dataset.image_size={size}  "
+            f"(or tl finetune init={out} ...; the size it was pretrained at)"
+        )
+    if trainer.interrupted:
+        raise TLError(
+            f"pretraining interrupted ({signal_name}) at step {len(losses)}/{steps}; kept the "
+            f"backbone so far in {out / WEIGHTS_FILE} (pretrain.json says interrupted: true)",
+            exit_code=code,
         )
     return meta

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from tl_cli.core.console import say, stage_table, summary_table
-from tl_cli.core.metrics import train_summary
+from tl_cli.core.metrics import LOO_ACC, train_summary
 from tl_cli.core.outputs import release_run_dir, write_json
 from tl_cli.run import gates as tl_gates
 from tl_cli.run.loggers import make_logger
@@ -22,6 +22,21 @@ from tl_cli.run.training import (
     task_class,
     train,
 )
+
+
+def headline(metrics: dict[str, Any], task: Any) -> str:
+    """The run's result in one line: the task's validation metric at the best epoch; without a
+    val split (val measured on the training items), the leave-one-out accuracy instead."""
+    val = next((k for k in task.final_metrics if k.startswith("val/")), task.monitor[0])
+    shown = f"{val} {metrics[val]:.4f} " if isinstance(metrics.get(val), float) else ""
+    if metrics.get("val_is_train") and isinstance(metrics.get(LOO_ACC), float):
+        shown = (
+            f"{LOO_ACC} {metrics[LOO_ACC]:.4f} (leave-one-out; {shown.strip()} is measured on "
+            "the training items: no val split) "
+        )
+    elif metrics.get("val_is_train"):
+        shown = f"{shown}(measured on the training items: no val split) "
+    return f"{shown}(best epoch {metrics['best_epoch']})"
 
 
 def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
@@ -55,9 +70,7 @@ def run(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str
         if metrics.get("stages"):
             stage_table(metrics["stages"])
         say(f"[bold]defaults[/] {describe_defaults(metrics['defaults'])}")
-        val = next((k for k in task.final_metrics if k.startswith("val/")), task.monitor[0])
-        shown = f"{val} {metrics[val]:.4f} " if isinstance(metrics.get(val), float) else ""
-        say(f"{shown}(best epoch {metrics['best_epoch']}), checkpoint {ckpt_dir / 'best.ckpt'}")
+        say(f"{headline(metrics, task)}, checkpoint {ckpt_dir / 'best.ckpt'}")
         say(f"report: {out / 'report.md'}\nnext: tl eval checkpoint={ckpt_dir / 'best.ckpt'}")
         tl_gates.print_gates(gates)
     # exit 1 on a failed gate, after the outputs exist

@@ -603,19 +603,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import pickle
     import re
-    import zipfile
 
-    p = Path(str(path)).expanduser()
-    if not p.exists():
-        raise TLError(f"checkpoint={p}: file not found")
-    if not p.is_file():
-        raise TLError(f"checkpoint={p}: not a file")
-    if p.stat().st_size == 0:
-        raise TLError(f"checkpoint={p}: not a readable checkpoint (empty file)")
-    if not zipfile.is_zipfile(p):
-        raise TLError(
-            f"checkpoint={p}: not a readable checkpoint (not a torch zip archive: truncated, or not a checkpoint)"
-        )
+    from tl_cli.core.paths import require_checkpoint_file
+
+    p = require_checkpoint_file(path)  # missing, a folder, empty, not a zip: before unpickling
     try:
         ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,4 +1,8 @@
-"""Console output: rich progress on a terminal, one plain line per epoch elsewhere (CI)."""
+"""Console output: rich progress on a terminal, plain lines at a steady pace elsewhere (CI, tee).
+
+This module imports no torch or Lightning (``tl`` prints its first line and its config errors
+before those load); the Lightning callbacks that print epochs live in `tl_cli.run.callbacks`.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pytorch_lightning as pl
 from rich.console import Console
 from rich.table import Table
 
 from tl_cli.core.errors import log_line
-from tl_cli.core.metrics import EPOCH_METRICS
 
 # Not a terminal (CI logs, pipes): no wrapping at 80 columns.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -59,9 +61,68 @@ def warn(msg: str) -> None:
     say(f"[bold yellow]warning[/] {msg}")
 
 
+#: not a terminal: a plain progress line at most this often (seconds) during long work
+PLAIN_EVERY_S = 30.0
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``: a time a person reads at a glance."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Ticker:
+    """Plain progress lines for logs (not a terminal): ``desc: 120/400 (30%), 1m10s, about 2m40s
+    left``, at most one every ``every`` seconds, so a CI log shows a long step is alive without
+    one line per batch. On a terminal it prints nothing (the rich bar shows progress there)."""
+
+    def __init__(self, desc: str, total: int | None, every: float = PLAIN_EVERY_S) -> None:
+        self.desc, self.total, self.every = desc, total, every
+        self.t0 = self.last = time.time()
+        self.enabled = not interactive() and rank_zero()
+
+    def line(self, done: int) -> str:
+        elapsed = time.time() - self.t0
+        if self.total:
+            left = elapsed / max(done, 1) * (self.total - done)
+            return (
+                f"{self.desc}: {done}/{self.total} ({100 * done / self.total:.0f}%), "
+                f"{duration(elapsed)}, about {duration(left)} left"
+            )
+        return f"{self.desc}: {done} done, {duration(elapsed)}"
+
+    def update(self, done: int) -> None:
+        """Called after each unit of work; prints when ``every`` seconds have passed."""
+        if not self.enabled or (self.total and done >= self.total):
+            return
+        now = time.time()
+        if now - self.last >= self.every:
+            self.last = now
+            say(self.line(done))
+
+
 @contextlib.contextmanager
-def progress(desc: str, total: int) -> Iterator[Callable[[], None]]:
-    """Yield an ``advance()`` callable: a rich bar on a terminal, start/end lines otherwise."""
+def progress(desc: str, total: int, unit: str = "batch") -> Iterator[Callable[[], None]]:
+    """Yield an ``advance()`` callable: a rich bar on a terminal; elsewhere a plain line every
+    `PLAIN_EVERY_S` seconds (`Ticker`). Both end with one line: how many ``unit``s, how long;
+    work that stopped early (an interrupt) says how far it got, never the planned total."""
+
+    def plural(n: int) -> str:
+        return unit if n == 1 else (f"{unit}es" if unit.endswith(("s", "ch")) else f"{unit}s")
+
+    t0 = time.time()
+    done = [0]
+
+    def end_line() -> str:
+        took = f"in {time.time() - t0:.1f}s"
+        if done[0] >= total:
+            return f"{desc}: {total} {plural(total)} {took}"
+        return f"{desc}: stopped after {done[0]} of {total} {plural(total)} {took}"
+
     if interactive() and rank_zero():
         from rich.progress import (
             BarColumn,
@@ -80,14 +141,22 @@ def progress(desc: str, total: int) -> Iterator[Callable[[], None]]:
             transient=True,
         ) as p:
             task = p.add_task(desc, total=total)
-            t0 = time.time()
-            yield lambda: p.advance(task)
-        # the bar goes; its timing stays
-        say(f"{desc}: {total} batch{'' if total == 1 else 'es'} in {time.time() - t0:.1f}s")
+
+            def advance_bar() -> None:
+                done[0] += 1
+                p.advance(task)
+
+            yield advance_bar
+        say(end_line())  # the bar goes; its timing stays
         return
-    t0 = time.time()
-    yield lambda: None
-    say(f"{desc}: {total} batch{'' if total == 1 else 'es'} in {time.time() - t0:.1f}s")
+    ticker = Ticker(desc, total)
+
+    def advance() -> None:
+        done[0] += 1
+        ticker.update(done[0])
+
+    yield advance
+    say(end_line())
 
 
 def fmt(v: Any, key: str = "") -> str:
@@ -96,103 +165,6 @@ def fmt(v: Any, key: str = "") -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
     return str(v)
-
-
-class History(pl.Callback):
-    """Per-epoch metrics (train and val), kept in memory for metrics.json and the summary."""
-
-    def __init__(self) -> None:
-        self.epochs: list[dict[str, float]] = []
-        self._t0 = 0.0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t0 = time.time()  # a resume can start mid-epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t0 = time.time()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        row: dict[str, float] = {"epoch": trainer.current_epoch}
-        for k, v in trainer.callback_metrics.items():
-            if k.startswith(("train/", "val/")):
-                row[k] = float(v)
-        row["seconds"] = round(time.time() - self._t0, 3)
-        opt = trainer.optimizers[0] if trainer.optimizers else None
-        if opt is not None and opt.param_groups:
-            # the head's LR (other groups are multiples of it; metrics.csv has every group)
-            g = next(
-                (g for g in opt.param_groups if str(g.get("name", "")).startswith("head")), None
-            )
-            row["lr"] = float((g or opt.param_groups[0])["lr"])
-        joined = unfrozen_at(pl_module, trainer.current_epoch)
-        if joined and trainer.current_epoch > 0:
-            row["unfrozen"] = joined  # type: ignore[assignment]
-        self.epochs.append(row)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epochs = list(state.get("epochs", []))
-
-
-def say_above_bar(trainer: pl.Trainer, msg: str) -> None:
-    """``say``, printed through a live rich progress bar's console (above the bar, not into it)."""
-    bar = trainer.progress_bar_callback
-    live = getattr(bar, "progress", None) if isinstance(bar, pl.callbacks.RichProgressBar) else None
-    if live is not None and rank_zero():
-        live.console.print(msg, soft_wrap=True)
-        from rich.text import Text
-
-        log_line(Text.from_markup(msg).plain)
-        return
-    say(msg)
-
-
-def unfrozen_at(pl_module: Any, epoch: int) -> list[str]:
-    """The backbone block groups that start training at ``epoch`` (policy plan labels)."""
-    plan = getattr(getattr(pl_module, "policy", None), "plan", None) or {}
-    return sorted(
-        {lab for ue, _, lab in plan.values() if ue == epoch and lab.startswith("backbone")},
-        key=lambda lab: int(lab.split(".")[-1]) if lab.split(".")[-1].isdigit() else 0,
-    )
-
-
-class UnfreezeLines(pl.Callback):
-    """One line at the epoch a backbone block group joins training (freeze_unfreeze, ...)."""
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        e = trainer.current_epoch
-        joined = unfrozen_at(pl_module, e)
-        if not joined or e == 0 or not trainer.is_global_zero:
-            return
-        groups = getattr(getattr(pl_module, "backbone", None), "block_groups", lambda: [])()
-        idx = [int(g.split(".")[-1]) for g in joined if g.split(".")[-1].isdigit()]
-        span = f"{min(idx)}-{max(idx)}" if len(idx) > 1 else str(idx[0]) if idx else "?"
-        say_above_bar(
-            trainer,
-            f"epoch {e + 1}: unfreezing backbone block group(s) {span} "
-            f"({len(joined)} of {len(groups)}); they train from now on",
-        )
-
-
-class EpochLines(pl.Callback):
-    """One line per finished epoch, numbered from 1, on a terminal and in logs alike."""
-
-    def __init__(self, history: History, keys: tuple[str, ...] | list[str] = EPOCH_METRICS) -> None:
-        self.history = history
-        self.keys = tuple(keys)  # the task's epoch_metrics
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.history.epochs:
-            return
-        row = self.history.epochs[-1]
-        parts = [f"epoch {int(row['epoch']) + 1}/{trainer.max_epochs}"]
-        parts += [f"{k} {row[k]:.4f}" for k in self.keys if k in row]
-        if "lr" in row:
-            parts.append(f"lr {row['lr']:.2e}")
-        parts.append(f"{row['seconds']:.1f}s")
-        say_above_bar(trainer, "  ".join(parts))
 
 
 def summary_table(title: str, metrics: dict[str, Any], keys: list[str] | None = None) -> None:
@@ -226,39 +198,3 @@ def stage_table(rows: list[dict[str, Any]]) -> None:
             "yes" if r.get("in_best_ckpt") else "",
         )
     show(t)
-
-
-class EpochBar(pl.callbacks.RichProgressBar):
-    """Lightning's rich bar, numbered from 1 (``Epoch 3/3``), with the running train loss.
-
-    The bar goes at the end of each epoch; `EpochLines` leaves one line per finished epoch.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(leave=False)
-        self._loss_sum = 0.0
-        self._loss_n = 0
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        d = f"Epoch {current_epoch + 1}"
-        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
-            d += f"/{self.trainer.max_epochs}"
-        return d
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._loss_sum, self._loss_n = 0.0, 0
-        super().on_train_epoch_start(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._loss_sum += float(loss.detach())
-            self._loss_n += 1
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        if self._loss_n and trainer.training:
-            items["loss"] = f"{self._loss_sum / self._loss_n:.4f}"
-        return items

@@ -38,11 +38,18 @@ TARGET_METRICS = (
 TRAIN_SUMMARY = (*FINAL_METRICS, *TARGET_METRICS, "best_epoch", "epochs", "fit_seconds")
 
 
+#: the leave-one-out accuracy of a run validated on its own training items (strategy=prototypes
+#: without a val split): its headline, and what a bare ``fail_under.acc`` gates when there is no test
+LOO_ACC = "loo/acc"
+
+
 def train_summary(metrics: dict) -> list[str]:
     """The summary keys of a train run: its task's final metrics (metrics.json ``metric_names``,
     written from the task's declarations), the adaptation ones, then best epoch, epochs, time."""
     final = (metrics.get("metric_names") or {}).get("final") or FINAL_METRICS
-    return [*final, *TARGET_METRICS, "best_epoch", "epochs", "fit_seconds"]
+    # no val split (prototypes): the leave-one-out accuracy first, the honest estimate
+    loo = [LOO_ACC] if LOO_ACC in metrics else []
+    return [*loo, *final, *TARGET_METRICS, "best_epoch", "epochs", "fit_seconds"]
 
 
 def epoch_keys(metrics: dict) -> tuple[str, ...]:

@@ -388,8 +388,8 @@ def claim_run_dir(
     if not _rank_zero():
         return
     out = Path(out)
-    if str(out.resolve()) in _HELD:
-        return  # this process claimed it already (tl zeroshot scores into its own run dir)
+    if out.is_dir() and str(out.resolve()) in _HELD:
+        return  # this run holds it already: what is there is its own (tl zeroshot scores its ckpt)
     refuse_earlier_run(out, overwrite, resume_from)
     if not create and not out.is_dir():
         _PENDING.clear()
@@ -443,3 +443,50 @@ def output_path(cfg: Any, default_name: str, protect: list[str]) -> Path:
         path = out_dir / default_name
         inside_run_dir(path, out_dir)
     return check_output(path, overwrite=bool(cfg.get("overwrite", False)), inputs=protect)
+
+
+#: what Hydra writes into every run dir before a command starts (its config record, the log)
+HYDRA_RECORD = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
+
+
+def discard_if_untouched(
+    out: PathLike, job: str, since: float, existed: PathLike | None = None
+) -> bool:
+    """Remove a run dir that holds nothing but what Hydra wrote when this process started it
+    (``.hydra/`` and ``<job>.log``): a command that failed before writing, or one whose output
+    went elsewhere (``tl predict output=preds.csv``), leaves no empty run dir behind.
+
+    Only a dir whose every entry is one of those, each written at or after ``since`` (this
+    process's start), is removed: a dir holding anything else, or older, is left as it is. Then
+    the folders above it that are now empty, up to ``existed`` (the deepest one that was there
+    before the command started; not removed), go too. Returns whether the run dir was removed.
+    """
+    import shutil
+
+    d = Path(out)
+    try:
+        entries = list(d.iterdir())
+        record = d / ".hydra"
+        names = {e.name for e in entries}
+        if not names <= {".hydra", f"{job}.log", LOCK_NAME}:
+            return False
+        files = [e for e in entries if e.is_file()]
+        if record.exists():
+            if not record.is_dir() or not {e.name for e in record.iterdir()} <= HYDRA_RECORD:
+                return False
+            files += list(record.iterdir())
+        if any(f.is_symlink() or not f.is_file() or f.stat().st_mtime < since for f in files):
+            return False
+        shutil.rmtree(d)
+    except OSError:
+        return False
+    if existed is not None:
+        stop = Path(existed).resolve()
+        parent = d.resolve().parent
+        while parent != stop and stop in parent.parents:
+            try:
+                parent.rmdir()  # only when empty
+            except OSError:
+                break
+            parent = parent.parent
+    return True

@@ -112,26 +112,45 @@ BALANCE = (None, "none", "weights", "sampler")
 
 @dataclass(frozen=True)
 class FileKind:
-    """What a folder dataset reads: file extensions and the words its error lines use."""
+    """What a folder dataset reads: file extensions and the words its error lines use.
+
+    ``sniff``: a file with another extension is one of these when ``sniff(path)`` says its
+    content is (images: whatever Pillow recognises); ``formats``: how error lines name the
+    accepted files (default: the extensions).
+    """
 
     exts: tuple[str, ...]
     noun: str  # "image"
     plural: str  # "images"
+    sniff: Callable[[Path], bool] | None = None
+    formats: str | None = None
 
     @property
     def placeholder(self) -> str:
         return f"<{self.noun}>"
 
+    @property
+    def listing(self) -> str:
+        return self.formats or ", ".join(self.exts)
+
     def matches(self, p: Path) -> bool:
-        return p.suffix.lower() in self.exts and not p.name.startswith(".")
+        if p.name.startswith("."):
+            return False
+        return p.suffix.lower() in self.exts or (self.sniff is not None and self.sniff(p))
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def scan_class_folders(split_dir: Path, kind: FileKind) -> dict[str, list[Path]]:
-    """Map class name -> sorted files of ``kind`` in ``split_dir/<class>/**``; errors name the path."""
+def scan_class_folders(
+    split_dir: Path, kind: FileKind, others: list[Path] | None = None
+) -> dict[str, list[Path]]:
+    """Map class name -> sorted files of ``kind`` in ``split_dir/<class>/**``; errors name the path.
+
+    ``others`` collects the (not hidden) files of the class folders that are not of ``kind``
+    (notes, CSVs): they are skipped, and the caller says how many.
+    """
     ph = kind.placeholder
     stray = sorted(p for p in split_dir.iterdir() if p.is_file() and kind.matches(p))
     if stray:
@@ -142,11 +161,17 @@ def scan_class_folders(split_dir: Path, kind: FileKind) -> dict[str, list[Path]]
     out: dict[str, list[Path]] = {}
     for d in _class_dirs(split_dir):
         # a dangling symlink stays in the list: the corrupt-file scan reports (or skips) it
-        files = sorted(
-            p for p in d.rglob("*") if (p.is_file() or p.is_symlink()) and kind.matches(p)
-        )
+        files, skipped = [], []
+        for p in sorted(d.rglob("*")):
+            if p.is_file() or p.is_symlink():
+                if kind.matches(p):
+                    files.append(p)
+                elif not any(part.startswith(".") for part in p.relative_to(d).parts):
+                    skipped.append(p)
+        if others is not None:
+            others.extend(skipped)
         if not files:
-            raise TLError(f"{d}: class folder has no {kind.plural} ({', '.join(kind.exts)})")
+            raise TLError(f"{d}: class folder has no {kind.plural} ({kind.listing})")
         out[d.name] = files
     if len(out) < 2:
         raise TLError(
@@ -205,6 +230,8 @@ class TransferDataModule(pl.LightningDataModule):
 
     #: what one input is called in messages (warnings about the splits)
     item_noun = "images"
+    #: how a user adds a validation split to this kind of data (warnings name it)
+    val_hint = "a val/ folder"
 
     name = "data"
 
@@ -363,9 +390,20 @@ class ClassFolderDataModule(TransferDataModule):
         self.skipped_corrupt: list[Any] = []  # tl_cli.data.scan.BadImage, for metrics.json
 
     def _folders(self, split_dir: Path) -> dict[str, list[Path]]:
-        """``scan_class_folders`` + the corrupt-image scan (tl_cli.data.scan)."""
+        """``scan_class_folders`` + the corrupt-image scan (tl_cli.data.scan); files that are not
+        of the dataset's kind are skipped and counted (one line)."""
+        others: list[Path] = []
+        listed = scan_class_folders(split_dir, self.kind, others)
+        if others:
+            from tl_cli.core.console import say
+
+            eg = ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+            say(
+                f"{split_dir}: skipped {len(others)} file(s) that are not {self.kind.plural} ({eg})"
+            )
+        self.skipped_other = getattr(self, "skipped_other", 0) + len(others)
         found, bad = drop_corrupt(
-            scan_class_folders(split_dir, self.kind),
+            listed,
             split_dir,
             self.skip_corrupt,
             scan=self.scan_files,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,16 +86,27 @@ def _unique_files(paths: list[str]) -> list[str]:
     return out
 
 
-def find_inputs(inputs: Any, extensions: tuple[str, ...], noun: str = "images") -> list[str]:
+def find_inputs(
+    inputs: Any,
+    extensions: tuple[str, ...],
+    noun: str = "images",
+    sniff: Callable[[Path], bool] | None = None,
+    formats: str | None = None,
+) -> list[str]:
     """Input file paths from a directory (recursive), a file, a glob, or a list of those; sorted, unique.
 
     A file named explicitly is kept whatever its extension (an unreadable one becomes an error row);
-    directories and globs keep ``extensions`` only. Directory symlinks are followed, but a
-    folder is never entered twice (no symlink loops), and a file reached by several paths counts once.
+    directories and globs keep ``extensions`` only, and files whose content ``sniff`` recognises
+    (images without an image extension). Directory symlinks are followed, but a folder is never
+    entered twice (no symlink loops), and a file reached by several paths counts once.
+    ``formats`` names the accepted files in error lines (default: the extensions).
     """
+    listing = formats or ", ".join(extensions)
 
     def wanted(p: Path) -> bool:
-        return p.suffix.lower() in extensions and not p.name.startswith(".")
+        if p.name.startswith("."):
+            return False
+        return p.suffix.lower() in extensions or (sniff is not None and sniff(p))
 
     specs = (
         [str(i) for i in inputs] if isinstance(inputs, list | tuple | ListConfig) else [str(inputs)]
@@ -106,7 +118,7 @@ def find_inputs(inputs: Any, extensions: tuple[str, ...], noun: str = "images") 
         if p.is_dir():
             hits = sorted(f for f in _walk(spec) if wanted(Path(f)))
             if not hits:
-                raise TLError(f"inputs={spec}: no {noun} in this folder ({', '.join(extensions)})")
+                raise TLError(f"inputs={spec}: no {noun} in this folder ({listing})")
         elif p.is_file():
             hits = [spec]
         elif glob.has_magic(spec):
@@ -117,9 +129,7 @@ def find_inputs(inputs: Any, extensions: tuple[str, ...], noun: str = "images") 
             )
             hits = sorted(f for f in matched if Path(f).is_file() and wanted(Path(f)))
             if not hits:
-                raise TLError(
-                    f"inputs={spec}: the pattern matches no {noun} ({', '.join(extensions)})"
-                )
+                raise TLError(f"inputs={spec}: the pattern matches no {noun} ({listing})")
         else:
             raise TLError(f"inputs={spec}: no such file or folder")
         found.extend(hits)

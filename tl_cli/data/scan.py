@@ -12,6 +12,7 @@ Cost, measured on the shared CIFAR-10 subset (5,506 PNGs, 2 CPU cores): see READ
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -27,6 +28,40 @@ from tl_cli.core.errors import TLError
 # We enforce PIL's pixel limit ourselves (with a clear message naming the file), so PIL's own
 # warning between 1x and 2x the limit would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+#: Pillow formats that "open" but hold no pixels Pillow can decode (stubs needing an external
+#: handler) or are not still images (video): never taken for images by their extension
+NOT_STILL_IMAGES = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG"})
+#: the words an error line uses for "any image" (the list of extensions is long)
+IMAGE_FORMATS_HINT = "any still image Pillow reads: JPEG, PNG, TIFF, PGM/PPM, GIF, BMP, WebP, ..."
+
+
+@functools.cache
+def image_extensions() -> tuple[str, ...]:
+    """Every file extension of a still-image format Pillow can read (``.jpg``, ``.tif``, ``.pgm``,
+    ``.gif``, ...), lower case, sorted: Pillow's own registry, so a format it learns is read too.
+    A file with another extension is an image when its content is one (`looks_like_image`)."""
+    Image.init()
+    return tuple(
+        sorted(
+            ext
+            for ext, fmt in Image.registered_extensions().items()
+            if fmt in Image.OPEN and fmt not in NOT_STILL_IMAGES
+        )
+    )
+
+
+def looks_like_image(path: str | os.PathLike[str]) -> bool:
+    """Whether Pillow recognises the file's content as an image (reads the header only): how a
+    file without an image extension is told apart from notes, CSVs and other non-image files."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                return im.format not in NOT_STILL_IMAGES
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image
+        return False
+
 
 #: Names that mean "a split", not "a class", when found as class folders.
 SPLIT_NAMES = frozenset(
@@ -117,12 +152,35 @@ def scan_images(
     """
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if _big_files(paths) else 1
-    if workers <= 1 or len(paths) < 64:
-        reasons: Iterable[str | None] = map(check_image, paths)
-        return [BadImage(str(p), r) for p, r in zip(paths, reasons, strict=True) if r]
-    with ThreadPoolExecutor(workers) as pool:
-        reasons = list(pool.map(check_image, paths, chunksize=64))
+    with _scan_progress(len(paths)) as advance:
+        if workers <= 1 or len(paths) < 64:
+            reasons: list[str | None] = []
+            for p in paths:
+                reasons.append(check_image(p))
+                advance()
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                reasons = []
+                for r in pool.map(check_image, paths, chunksize=64):
+                    reasons.append(r)
+                    advance()
     return [BadImage(str(p), r) for p, r in zip(paths, reasons, strict=True) if r]
+
+
+#: a scan of this many files or more shows progress (a bar, or a line every 30 s in logs): large
+#: JPEGs take about 13 ms each, so 100,000 of them take minutes
+SCAN_PROGRESS_FROM = 5000
+
+
+def _scan_progress(n: int):
+    """``progress`` for a long scan; a no-op context for a short one (it takes well under 1 s)."""
+    import contextlib
+
+    if n < SCAN_PROGRESS_FROM:
+        return contextlib.nullcontext(lambda: None)
+    from tl_cli.core.console import progress
+
+    return progress("checking images", n, unit="file")
 
 
 def _big_files(

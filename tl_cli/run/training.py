@@ -18,21 +18,14 @@ from omegaconf import DictConfig
 
 import tl_cli.tasks.components  # noqa: F401 - every registry complete
 from tl_cli.core.checkpoint import read_checkpoint
-from tl_cli.core.console import (
-    EpochBar,
-    EpochLines,
-    History,
-    UnfreezeLines,
-    interactive,
-    say,
-    warn,
-)
+from tl_cli.core.console import interactive, say, warn
 from tl_cli.core.errors import TLError
 from tl_cli.core.metrics import DEFAULT_MONITOR, METRICS_SCHEMA_VERSION
 from tl_cli.core.outputs import claim_pending, claim_run_dir
 from tl_cli.core.registry import plain
 from tl_cli.data.base import DATASETS
 from tl_cli.modalities.backbones import count_params
+from tl_cli.run.callbacks import BudgetLine, EpochBar, EpochLines, History, UnfreezeLines
 from tl_cli.run.safety import (
     RunCheckpoint,
     TrainingGuard,
@@ -133,6 +126,24 @@ def build(cfg: DictConfig) -> tuple[TransferTask, Any]:
     return module, dm
 
 
+def _on_cpu(trainer: pl.Trainer) -> bool:
+    try:
+        return trainer.strategy.root_device.type == "cpu"
+    except Exception:  # noqa: BLE001 - a strategy without a root device yet: assume not
+        return False
+
+
+def _on_command_line(key: str) -> bool | None:
+    """Whether the user's command line set ``key`` (None outside a Hydra run: tests compose)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except Exception:  # noqa: BLE001
+        return None
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in task)
+
+
 def _sweep_cache() -> str | None:
     """In a multirun, an on-disk feature cache shared by the sweep's jobs (keyed and verified by
     tl_cli.data.features, so jobs with another backbone, preprocessing or data do not collide)."""
@@ -172,13 +183,15 @@ def data_warnings(dm: Any) -> list[str]:
     if 0 < n_val < MIN_VAL_IMAGES and not getattr(dm, "val_is_train", False):
         out.append(
             f"the validation split has {n_val} {noun} (one = {100 / n_val:.1f} points of "
-            "val/acc): too few to pick a checkpoint reliably; add a val/ folder or raise "
+            f"val/acc): too few to pick a checkpoint reliably; add {getattr(dm, 'val_hint', 'a val split')} or raise "
             "dataset.val_fraction"
         )
     return out
 
 
-def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) -> list[str]:
+def collapse_warnings(
+    metrics: dict[str, Any], module: Any, num_classes: int, noun: str = "inputs"
+) -> list[str]:
     """Predictions of the chosen checkpoint that all fall in one class (val at the best epoch, test)."""
     out = []
     best = next(
@@ -188,7 +201,8 @@ def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) ->
     if best.get("val/pred_classes") == 1 and num_classes > 1:
         out.append(
             f"predictions collapsed: the best checkpoint (epoch {metrics['best_epoch']}) predicts one "
-            f"class for every validation image; the head has not learned the task (try "
+            f"class for every validation {noun[:-1] if noun.endswith('s') else noun}; the head has "
+            f"not learned the task (try "
             f"{collapse_advice(module)})"
         )
     counts = getattr(module, "pred_counts", {}).get("test")
@@ -196,7 +210,7 @@ def collapse_warnings(metrics: dict[str, Any], module: Any, num_classes: int) ->
         name = module.class_names[int(counts.argmax())]
         out.append(
             f"predictions collapsed: the best checkpoint predicts {name!r} for all "
-            f"{int(counts.sum())} test images"
+            f"{int(counts.sum())} test {noun}"
         )
     return out
 
@@ -267,7 +281,7 @@ def train(
     history, guard, checkpoint_cb, all_callbacks = make_callbacks(
         cfg, module, out, callbacks, logger
     )
-    trainer = make_trainer(cfg, dm, module, all_callbacks, logger, out, trainer_extra)
+    trainer = make_trainer(cfg, dm, module, all_callbacks, logger, out, trainer_extra, history)
     lr_find = None
     if cfg.get("tune_lr"):
         claim_pending(out)  # the finder writes lr_find.png: this run holds its dir from here on
@@ -396,6 +410,7 @@ def make_trainer(
     logger: Any,
     out: Path,
     extra: dict[str, Any],
+    history: History,
 ) -> pl.Trainer:
     """Lightning's Trainer from ``cfg.trainer`` (``max_epochs=auto``: from the data's size)."""
     from tl_cli.transfer import budget
@@ -414,6 +429,25 @@ def make_trainer(
     )
     if auto:  # trainer.max_epochs=auto (the default): epochs from the data's size
         budget.resolve(trainer, dm, module)
+    # after the first epoch that trains: when the run ends, what chose its length, and a cut to
+    # trainer.max_time (or auto's limit on CPU)
+    cap_s, cap_why = budget.wall_cap(cfg.trainer, auto, _on_cpu(trainer))
+    spe = budget.steps_per_epoch(
+        len(dm.splits["train"]), int(getattr(dm, "batch_size", None) or 32), trainer.world_size
+    )
+    trainer.callbacks.append(
+        BudgetLine(
+            history,
+            budget.reason(
+                cfg.trainer,
+                int(trainer.max_epochs or 1),
+                spe,
+                _on_command_line("trainer.max_epochs"),
+            ),
+            cap_s,
+            cap_why,
+        )
+    )
     return trainer
 
 
@@ -434,6 +468,13 @@ def final_metrics(
     ckpt_dir = out / "checkpoints"
     metrics = collect_metrics(history, checkpoint_cb, trainer, fit_seconds, monitor, mode)
     metrics["defaults"] = chosen_defaults(module, cfg)
+    if getattr(dm, "val_is_train", False):
+        # no val split (prototypes): val/* is measured on the training items; the leave-one-out
+        # accuracy is the honest estimate, and the headline (and a bare fail_under.acc) use it
+        metrics["val_is_train"] = True
+        loo = (module.head_fit_info or {}).get("loo_acc")
+        if loo is not None:
+            metrics["loo/acc"] = float(loo)
     stages = stage_rows(metrics, module.policy.head_only_epochs, monitor, mode)
     if stages:
         metrics["stages"] = stages
@@ -474,6 +515,7 @@ def final_metrics(
             "strategy": module.strategy.name,
             "num_classes": dm.num_classes,
             "class_names": dm.class_names,
+            "item_noun": getattr(dm, "item_noun", "inputs"),  # images, texts, recordings
             "train_size": len(dm.splits["train"]),
             "val_size": len(dm.splits["val"]),
             "test_size": len(dm.splits.get("test", [])),
@@ -490,8 +532,10 @@ def final_metrics(
         for r in metrics["history"]
         if r.get("unfrozen")
     ]
-    metrics["warnings"] = data_warnings(dm) + collapse_warnings(metrics, module, dm.num_classes)
-    for line in collapse_warnings(metrics, module, dm.num_classes):
+    noun = getattr(dm, "item_noun", "inputs")
+    collapsed = collapse_warnings(metrics, module, dm.num_classes, noun)
+    metrics["warnings"] = data_warnings(dm) + collapsed
+    for line in collapsed:
         warn(line)
     return metrics
 
@@ -534,7 +578,7 @@ def describe_defaults(d: dict[str, Any]) -> str:
     steps = (
         "0 optimizer steps (head at its optimum, backbone frozen)"
         if not d["optimizer_steps"]
-        else f"{d['optimizer_steps']} optimizer steps ({d['epochs']} epochs x {d['steps_per_epoch']}), "
+        else f"{d['optimizer_steps']} optimizer steps ({d['epochs']} epoch{'' if d['epochs'] == 1 else 's'} x {d['steps_per_epoch']}), "
         f"LR {d['lr']:.3g}, warm-up {d['warmup_steps']} steps"
     )
     bb = f", backbone LR x{d['backbone_lr_mult']:g}" if d["backbone_lr_mult"] is not None else ""

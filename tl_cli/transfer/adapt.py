@@ -822,6 +822,7 @@ def finish(
                 tgt_labels=labels[tgt_idx],
                 title=f"adapt={adapter.name}",
                 after_title=_after_title(adapter, module),
+                class_names=list(module.class_names),
             )
         except Exception as e:  # a plot never fails a finished run
             warn(f"domains.png not written: {type(e).__name__}: {e}")

@@ -29,20 +29,32 @@ def pca_2d(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return y[: len(a)], y[len(a) :], ratio
 
 
+def marker_size(n: int) -> float:
+    """Scatter marker area (points^2) for ``n`` points: large enough to tell the class markers
+    apart when there are few points, smaller when hundreds would overlap."""
+    return float(np.clip(3000.0 / max(n, 1), 20.0, 70.0))
+
+
+def _marker(c: int) -> str:
+    return "x" if c < 0 else MARKERS[int(c) % len(MARKERS)]
+
+
 def _panel(ax, src, tgt, ys, yt, title: str) -> None:
     ps, pt, ratio = pca_2d(src, tgt)
+    size = marker_size(len(ps) + len(pt))
     for dom, pts, labels in (("source", ps, ys), ("target", pt, yt)):
         for c in np.unique(labels):
             sel = labels == c
-            marker = "x" if c < 0 else MARKERS[int(c) % len(MARKERS)]
+            marker = _marker(c)
             ax.scatter(
                 pts[sel, 0],
                 pts[sel, 1],
-                s=12,
+                s=size,
                 marker=marker,
                 c=COLORS[dom],
                 alpha=0.6,
-                linewidths=0.8 if marker in ("x", "1") else 0.0,
+                edgecolors="white" if marker not in ("x", "1") else None,
+                linewidths=1.2 if marker in ("x", "1") else 0.4,
             )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%})")
@@ -57,15 +69,33 @@ def plot_domains(
     tgt_labels: np.ndarray,
     title: str = "",
     after_title: str = "after adaptation",
+    class_names: list[str] | None = None,
 ) -> Path:
-    """Write the plot: one panel (before) or two (before, after)."""
+    """Write the plot: one panel (before) or two (before, after); the legend names the domains
+    (colour) and the classes (marker; ``class_names`` in label order)."""
+    from tl_cli.core.plots import save_figure as _save
+
+    fig = domains_figure(before, after, src_labels, tgt_labels, title, after_title, class_names)
+    _save(fig, Path(path))
+    return Path(path)
+
+
+def domains_figure(
+    before: tuple[np.ndarray, np.ndarray],
+    after: tuple[np.ndarray, np.ndarray] | None,
+    src_labels: np.ndarray,
+    tgt_labels: np.ndarray,
+    title: str = "",
+    after_title: str = "after adaptation",
+    class_names: list[str] | None = None,
+):
+    """The figure `plot_domains` saves."""
     from matplotlib.lines import Line2D
 
     from tl_cli.core.plots import figure as _figure
-    from tl_cli.core.plots import save_figure as _save
 
     panels = 1 if after is None else 2
-    fig = _figure(5.5 * panels, 5)
+    fig = _figure(5.5 * panels + 2.0, 5)  # + the legend's column
     axes = np.atleast_1d(fig.subplots(1, panels))
     _panel(
         axes[0],
@@ -79,7 +109,22 @@ def plot_domains(
     handles = [
         Line2D([], [], marker="o", ls="", color=COLORS[d], label=d) for d in ("source", "target")
     ]
-    fig.legend(handles=handles, loc="outside upper right", fontsize=9)
+    present = sorted({int(c) for c in np.concatenate([src_labels, tgt_labels])})
+    for c in present:
+        name = (
+            "unlabelled target"
+            if c < 0
+            else (class_names[c] if class_names and c < len(class_names) else f"class {c}")
+        )
+        handles.append(
+            Line2D([], [], marker=_marker(c), ls="", color="0.3", label=name, markersize=7)
+        )
+    fig.legend(
+        handles=handles,
+        loc="outside right upper",
+        fontsize=8 if len(handles) <= 20 else 6,
+        title="colour: domain; marker: class",
+        title_fontsize=8,
+    )
     fig.suptitle(f"{title}: PCA of source and target (marker = class)", fontsize=11)
-    _save(fig, Path(path))
-    return Path(path)
+    return fig

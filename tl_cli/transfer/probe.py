@@ -47,7 +47,7 @@ class ProbeFit:
         cv = (
             f"{self.folds}-fold CV acc {self.cv_acc:.3f}"
             if self.cv_acc is not None
-            else "no CV (a class has < 2 train images)"
+            else "no CV (a class has < 2 training items)"
         )
         return f"L2 C={self.C:.3g} ({cv}), train acc {self.train_acc:.3f}, {self.seconds:.1f}s"
 

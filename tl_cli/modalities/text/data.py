@@ -3,14 +3,9 @@
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,161 +16,13 @@ from tl_cli.core.console import say
 from tl_cli.core.errors import TLError
 from tl_cli.data.base import DATASETS, TransferDataModule, stratified_split
 from tl_cli.modalities.text.backbone import effective_text_preprocessing
+from tl_cli.modalities.text.files import (
+    TEXT_EXTS,
+    TextItem,
+    read_class_folders,
+    read_table,
+)
 from tl_cli.modalities.text.tokenizer import pad_batch, rust_errors, tokenizer_for
-
-TEXT_EXTS = (".csv", ".tsv", ".jsonl")
-
-
-@dataclass(frozen=True)
-class TextItem:
-    """One document. Not a bare ``str``: the feature cache keys it by content, not ``os.stat``."""
-
-    text: str
-
-    def cache_bytes(self) -> bytes:
-        return hashlib.sha256(self.text.encode()).digest()
-
-    def __str__(self) -> str:  # what reports (misclassified.csv) show
-        return self.text
-
-
-def decode_text(path: Path, data: bytes) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise TLError(
-            f"{path}: line {line}: bytes that are not UTF-8 ({data[e.start : e.start + 4]!r}); "
-            "save the file as UTF-8"
-        ) from None
-
-
-def read_table(
-    path: Path, text_column: str | None, label_column: str | None
-) -> tuple[list[str], list[str | None], int]:
-    """(texts, labels, skipped_empty) of a .csv/.tsv/.jsonl file; errors name the file and line.
-
-    ``label_column=None`` reads texts only (predict). Empty or whitespace-only texts are skipped.
-    """
-    ext = path.suffix.lower()
-    if ext not in TEXT_EXTS:
-        raise TLError(f"{path}: not a {', '.join(TEXT_EXTS)} file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise TLError(f"{path}: cannot read ({e.strerror or e})") from None
-    content = decode_text(path, data)
-    del data
-    texts: list[str] = []
-    labels: list[str | None] = []
-    skipped = 0
-    want = [c for c in (text_column, label_column) if c is not None]
-
-    def add(text: Any, label: Any, line: int) -> None:
-        nonlocal skipped
-        if text is None or not str(text).strip():
-            skipped += 1
-            return
-        if label_column is not None:
-            if label is None or (isinstance(label, str) and not label.strip()):
-                raise TLError(f"{path}: line {line}: empty {label_column!r} value")
-            label = _label_str(label)
-        texts.append(str(text))
-        labels.append(label)
-
-    if ext == ".jsonl":
-        for i, raw in enumerate(content.splitlines(), 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise TLError(f"{path}: line {i}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TLError(f"{path}: line {i}: expected a JSON object per line")
-            for c in want:
-                if c not in row:
-                    raise TLError(
-                        f"{path}: line {i}: no {c!r} key (keys: {', '.join(map(str, row))}); "
-                        f"set dataset.{'text' if c == text_column else 'label'}_column"
-                    )
-            add(row[text_column], row.get(label_column) if label_column else None, i)
-        return texts, labels, skipped
-
-    csv.field_size_limit(1 << 30)
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter="\t" if ext == ".tsv" else ",")
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise TLError(
-            f"{path}: empty file (expected a header row with {', '.join(want)})"
-        ) from None
-    except csv.Error as e:
-        raise TLError(f"{path}: line 1: {e}") from None
-    header = [h.strip() for h in header]
-    idx = {}
-    for c in want:
-        if c not in header:
-            raise TLError(
-                f"{path}: no column {c!r} (columns: {', '.join(header)}); "
-                f"set dataset.{'text' if c == text_column else 'label'}_column"
-            )
-        idx[c] = header.index(c)
-    try:
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not f.strip() for f in row):
-                continue
-            if len(row) <= max(idx.values()):
-                raise TLError(
-                    f"{path}: line {line}: {len(row)} field(s), the header has {len(header)}"
-                )
-            add(
-                row[idx[text_column]] if text_column else None,
-                row[idx[label_column]] if label_column else None,
-                line,
-            )
-    except csv.Error as e:
-        raise TLError(f"{path}: line {reader.line_num}: {e}") from None
-    return texts, labels, skipped
-
-
-def _label_str(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).strip()
-
-
-def read_text_lines(path: Path) -> tuple[list[str], int]:
-    """A .txt file with one text per line (predict): (texts, skipped empty lines)."""
-    try:
-        content = decode_text(path, path.read_bytes())
-    except OSError as e:
-        raise TLError(f"{path}: cannot read ({e.strerror or e})") from None
-    lines = content.splitlines()
-    texts = [t for t in lines if t.strip()]
-    return texts, len(lines) - len(texts)
-
-
-def read_class_folders(root: Path) -> tuple[dict[str, list[str]], int]:
-    """root/<class>/*.txt, one document per file: ({class: texts}, skipped empty)."""
-    out: dict[str, list[str]] = {}
-    skipped = 0
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in d.rglob("*.txt") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise TLError(f"{d}: class folder has no .txt files")
-        texts = []
-        for f in files:
-            t = decode_text(f, f.read_bytes())
-            if t.strip():
-                texts.append(t)
-            else:
-                skipped += 1
-        out[d.name] = texts
-    return out, skipped
 
 
 class TextDataset(Dataset):
@@ -225,6 +72,7 @@ class TextDataModule(TransferDataModule):
     """
 
     item_noun = "texts"
+    val_hint = "a val file (val.csv/.tsv/.jsonl beside train.*)"
 
     name = "text"
 

@@ -12,7 +12,7 @@ import torch
 from tl_cli.core.console import say
 from tl_cli.core.errors import TLError
 from tl_cli.modalities.base import MODALITIES, Modality
-from tl_cli.modalities.text.data import TEXT_EXTS, read_table, read_text_lines
+from tl_cli.modalities.text.files import TEXT_EXTS, read_table, read_text_lines
 from tl_cli.modalities.text.tokenizer import (
     encode,
     get_tokenizer,

@@ -156,7 +156,7 @@ def interpret(
 
 
 def normalize_rows(matrix: list[list[int]]):
-    """Each row divided by its total (a row with no images stays 0): per-class recall on the diagonal."""
+    """Each row divided by its total (a row with no inputs stays 0): per-class recall on the diagonal."""
     import numpy as np
 
     cm = np.asarray(matrix, dtype=float)
@@ -170,14 +170,19 @@ def plot_confusion(
     path: Path,
     normalize: bool = True,
     title: str = "",
+    noun: str = "inputs",
 ) -> Path:
     """Rows = true class, columns = predicted; ``normalize`` divides each row by its count (recall)."""
-    save_figure(confusion_figure(matrix, class_names, normalize, title), path)
+    save_figure(confusion_figure(matrix, class_names, normalize, title, noun), path)
     return path
 
 
 def confusion_figure(
-    matrix: list[list[int]], class_names: list[str], normalize: bool = True, title: str = ""
+    matrix: list[list[int]],
+    class_names: list[str],
+    normalize: bool = True,
+    title: str = "",
+    noun: str = "inputs",
 ):
     import numpy as np
 
@@ -195,7 +200,7 @@ def confusion_figure(
         ax=ax,
         fraction=0.046,
         pad=0.04,
-        label="fraction of true class" if normalize else "images",
+        label="fraction of true class" if normalize else noun,
     )
     font = 10 if n <= 12 else 8 if n <= 25 else 6 if n <= 50 else 4
     ax.set_xticks(

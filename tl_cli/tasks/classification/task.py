@@ -86,7 +86,8 @@ class ClassificationPredictor(Predictor):
                 "checkpoint": str(Path(str(self.cfg.checkpoint)).resolve()),
                 "class_names": self.class_names,
                 "topk": self.k,
-                "num_images": len(rows),
+                "num_inputs": len(rows),
+                "num_images": len(rows),  # tl 0.1's name, kept for readers of schema 1
                 "num_errors": sum(1 for r in rows if r["error"]),
                 "predictions": [
                     {"path": r["path"], "topk": r["result"] or [], "error": r["error"]}
@@ -198,7 +199,12 @@ class ClassificationTask(TransferTask):
             f"{ev.num_samples} {noun}, acc {m.get('acc', 0.0):.3f}"
         )
         png = plot_confusion(
-            m["confusion_matrix"], self.class_names, out / "confusion_matrix.png", normalize, title
+            m["confusion_matrix"],
+            self.class_names,
+            out / "confusion_matrix.png",
+            normalize,
+            title,
+            noun,
         )
         rows = [
             [c, r["precision"], r["recall"], r["f1"], r["support"]]
@@ -308,6 +314,12 @@ class ClassificationTask(TransferTask):
     def update_metrics(self, out: torch.Tensor, y: torch.Tensor, stage: str) -> None:
         acc = getattr(self, f"{stage}_acc")
         acc(out, y)
+        if stage == "train" and (self.label_smoothing > 0 or self.class_weight is not None):
+            # train/loss is the objective (smoothed, class-weighted); train/ce is the plain
+            # cross-entropy, the number val/loss is comparable with
+            with torch.no_grad():
+                ce = F.cross_entropy(out.detach().float(), y)
+            self.log("train/ce", ce, on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
         if stage in ("val", "test"):
             bacc = getattr(self, f"{stage}_bacc")

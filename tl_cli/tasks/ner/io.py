@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from tl_cli.core.errors import TLError
-from tl_cli.modalities.text.data import decode_text  # UTF-8, naming the file and line of a bad byte
+from tl_cli.modalities.text.files import (
+    decode_text,
+)  # UTF-8, naming the file and line of a bad byte
 from tl_cli.tasks.ner import schemes
 from tl_cli.tasks.ner.schemes import SchemeReport, Tagged
 
