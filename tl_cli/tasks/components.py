@@ -19,6 +19,7 @@ import tl_cli.modalities.text.backbone  # noqa: F401
 import tl_cli.tasks.classification  # noqa: F401
 import tl_cli.tasks.distill  # noqa: F401
 import tl_cli.transfer.adapt  # noqa: F401
+import tl_cli.transfer.dsn  # noqa: F401
 import tl_cli.transfer.heads  # noqa: F401
 import tl_cli.transfer.optimizers  # noqa: F401
 import tl_cli.transfer.prototypes  # noqa: F401

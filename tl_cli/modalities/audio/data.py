@@ -317,6 +317,35 @@ class AudioFolderDataModule(ClassFolderDataModule):
         if self.pattern is not None:
             self.layout += f", labels from file names ({self.pattern.pattern})"
 
+    def read_target(self, root: Path) -> list[tuple[Any, str | None]]:
+        """A target domain (``dataset.target_root``): with ``label_from=regex`` the clips at any
+        depth, labelled by ``label_regex`` when every file name matches it and unlabelled when
+        none does; otherwise class folders (labelled) or a flat folder of clips (unlabelled)."""
+        if self.pattern is None:
+            return super().read_target(root)
+        from tl_cli.data.scan import drop_corrupt
+
+        if not root.is_dir():
+            raise TLError(f"dataset.target_root={root} is not a directory (a folder of clips)")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and self.kind.matches(p))
+        if not files:
+            raise TLError(f"dataset.target_root={root}: no audio files ({', '.join(AUDIO_EXTS)})")
+        matches = [self.pattern.search(p.name) for p in files]
+        labels = [m.group(1) if m is not None and m.group(1) else None for m in matches]
+        missing = [p for p, y in zip(files, labels, strict=True) if y is None]
+        if missing and len(missing) < len(files):
+            raise TLError(
+                f"{missing[0]}: file name does not match dataset.label_regex="
+                f"{self.pattern.pattern!r} while {len(files) - len(missing)} other target files do "
+                "(label all target files, or none: an unlabelled target is only adapted to)"
+            )
+        kept, bad = drop_corrupt(
+            {"": files}, root, self.skip_corrupt, scan=self.scan_files, noun=self.kind.noun
+        )
+        self.skipped_corrupt.extend(bad)
+        label = dict(zip(files, labels, strict=True))
+        return [(str(p), label[p]) for p in kept[""]]
+
     # -- preprocessing and loaders
     def preprocessing_overrides(self) -> dict[str, Any]:
         return {"max_seconds": float(self.max_seconds)} if self.max_seconds else {}
@@ -346,5 +375,3 @@ DATASETS.register("audiofolder", AudioFolderDataModule)
 
 
 # --------------------------------------------------------------------------- predict / export
-
-
