@@ -503,3 +503,44 @@ def test_predict_and_export(tones: Path, tmp_path: Path):
         assert side["verification"]["passed"] is True, side["verification"]
         if fmt == "onnx":  # the graph takes any batch and any clip length from one window up
             assert "torch.export" in side["exporter"], side["exporter"]
+
+
+def test_group_regex_holds_out_whole_words_and_warns_on_a_text_dependent_val(
+    tmp_path: Path, capsys
+):
+    """Speaker ID scored on unseen words: dataset.group_regex carves val by word; a val/ folder
+    that repeats train's words while test's are new gets one warning line."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    for split, digits in (("train", "0123"), ("test", "89")):
+        for digit in digits:
+            d = tmp_path / split / digit
+            d.mkdir(parents=True)
+            for spk in ("ann", "bob"):
+                for take in range(2):
+                    sf.write(d / f"{digit}_{spk}_{take}.wav", clip(300.0, 8000, 0.3, rng), 8000)
+    kw = {"label_from": "regex", "label_regex": r"^\d+_([a-z]+)_", "val_fraction": 0.25}
+    dm = AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d+)_", **kw).prepare()
+    g = dm.split_groups()
+    assert len(g["val"]) == 1 and not g["val"] & g["train"] and g["test"] == {"8", "9"}
+    assert "val holds out group(s)" in dm.layout
+    assert {y for _, y in dm.splits["val"]} == {0, 1}  # both speakers say the held-out word
+    assert "shares its dataset.group_regex groups" not in capsys.readouterr().out
+    # the same seed, the same words held out
+    again = AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d+)_", **kw).prepare()
+    assert again.splits["val"] == dm.splits["val"]
+    # a val/ folder with train's words, test with new ones: one warning line
+    (tmp_path / "val" / "0").mkdir(parents=True)
+    for spk in ("ann", "bob"):
+        sf.write(tmp_path / "val" / "0" / f"0_{spk}_9.wav", clip(300.0, 8000, 0.3, rng), 8000)
+    AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d+)_", **kw).prepare()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "val shares its dataset.group_regex groups with train (0)" in text
+    assert "test's (8, 9) are all new" in text
+    with pytest.raises(TLError, match="group_regex.*exactly one group"):
+        AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d)_(\w)", **kw)
+    (tmp_path / "test" / "8" / "odd.wav").write_bytes((tmp_path / "val/0/0_ann_9.wav").read_bytes())
+    with pytest.raises(TLError, match=r"odd.wav: file name does not match dataset"):
+        AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d+)_", **kw).prepare()
