@@ -377,6 +377,37 @@ def test_meanstd_pooling_and_context_padding():
             speech.build_speech(**bad)
 
 
+def test_voice_features_are_mel_band_statistics_of_the_clip_alone():
+    """backbone.features=voice: the mean and std of each mel band over the clip's own frames
+    (context and batch padding left out); both = words then voice."""
+    kw = {"pooling": "meanstd", "pad_frames": 38, "window_stride": 16, "normalize": False}
+    voice = speech.build_speech(features="voice", **kw).eval()
+    both = speech.build_speech(features="both", **kw).eval()
+    words = speech.build_speech(features="words", **kw).eval()
+    assert (voice.num_features, both.num_features) == (64, 256)
+    assert voice.preprocessing["features"] == "voice"
+    x = torch.from_numpy(clip(300.0, 16000, 0.7, np.random.default_rng(3)))
+    with torch.no_grad():
+        v = voice(x[None])
+        batched = voice(
+            {"audio": torch.cat([x, torch.zeros(7000)])[None], "lengths": torch.tensor([len(x)])}
+        )
+        # the definition, by hand: the frames that lie within the clip, nothing else
+        mel = voice.frontend(F.pad(x, (38 * speech.HOP, 38 * speech.HOP))[None])[0] / 10 + 2
+        frames = mel[38 : 38 + (len(x) - speech.N_FFT) // speech.HOP + 1]
+        want = torch.cat([frames.mean(0), (frames.var(0, unbiased=False) + 1e-5).sqrt()])
+        b = both(x[None])
+    assert torch.allclose(v[0], want, atol=1e-3)
+    assert torch.allclose(v, batched, atol=1e-4)
+    assert torch.allclose(b[:, :192], words(x[None]), atol=1e-4) and torch.allclose(
+        b[:, 192:], v, atol=1e-4
+    )
+    with pytest.raises(
+        TLError, match="backbone.features='speaker' must be one of words, voice, both"
+    ):
+        speech.build_speech(features="speaker")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
