@@ -143,7 +143,7 @@ def run_one(suite: str, src: str, tgt: str, method: str, seed: int, extra: list[
     }
 
 
-def reference(suite: str, src: str, tgt: str, seeds: list[int]) -> list[dict]:
+def reference(suite: str, src: str, tgt: str, seeds: list[int], extra: list[str]) -> list[dict]:
     """The in-domain ceiling: the L-BFGS probe on the target's own labels, 5-fold CV on the
     target's cached features (the same backbone and preprocessing as the adaptation runs)."""
     import numpy as np
@@ -154,7 +154,8 @@ def reference(suite: str, src: str, tgt: str, seeds: list[int]) -> list[dict]:
     from tl_cli.run.training import build
     from tl_cli.transfer.probe import fit_probe
 
-    cfg, _ = config(suite, src, tgt, "none", 0, [])
+    # the runs' backbone and data options (not their adaptation options)
+    cfg, _ = config(suite, src, tgt, "none", 0, [e for e in extra if not e.startswith("adapt.")])
     module, dm = build(cfg)
     data = FeatureDataModule(module.backbone, dm, cache_dir=str(OUT / "cache"))
     data.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
@@ -296,7 +297,7 @@ def main() -> None:
             src, tgt = pair.split(":")
             todo: list[dict] = []
             if args.reference:
-                todo += reference(args.suite, src, tgt, args.seeds)
+                todo += reference(args.suite, src, tgt, args.seeds, list(args.extra))
             for r in todo:
                 with open(lines, "a") as fh:
                     fh.write(json.dumps(r) + "\n")
