@@ -21,6 +21,14 @@ from omegaconf import open_dict
 from PIL import Image
 
 from tests.conftest import COLORS, TINY, compose_cfg, make_image_folder, run_tl
+from tests.test_audio import clip, make_audio_folder
+from tests.test_text import (
+    make_texts,
+    tiny_bert,  # noqa: F401 - the session fixture, used by name
+    tiny_text,
+    write_csv,
+    write_jsonl,
+)
 from tl_cli.commands import evaluate, train
 from tl_cli.core.errors import TLError
 from tl_cli.run import training
@@ -275,3 +283,219 @@ def test_domains_plot_has_readable_markers_and_a_class_legend():
     assert labels == ["source", "target", "unlabelled target", "cat", "dog", "fox"]
     sizes = [float(c.get_sizes()[0]) for c in fig.axes[0].collections]
     assert min(sizes) >= 20  # points^2; it was 12
+
+
+# --------------------------------------------------------------------------- text and audio (issue 28)
+
+
+@pytest.fixture
+def bert(request: pytest.FixtureRequest) -> Path:
+    """test_text's tiny random BERT directory (one per session)."""
+    return request.getfixturevalue("tiny_bert")
+
+
+def _same_training(m1: dict, m2: dict, a: Path, b: Path) -> None:
+    """Loss curves and saved weights bit for bit; the target was scored both times."""
+    assert [r["train/loss"] for r in m1["history"]] == [r["train/loss"] for r in m2["history"]]
+    sd1 = torch.load(a / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
+    sd2 = torch.load(b / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert m1["defaults"]["optimizer_steps"] > 0
+    assert "target/acc" in m1 and "target/acc" in m2
+
+
+def text_adapt_cfg(bert: Path, source: Path, target: Path, out: Path, *extra: str):
+    cfg = compose_cfg(
+        [*tiny_text(bert, *extra), f"dataset.root={source}", f"dataset.target_root={target}"]
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def text_domains(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("textdom")
+    return write_csv(d / "source.csv", make_texts(30)), write_csv(
+        d / "target.csv", make_texts(8, 5)
+    )
+
+
+@pytest.mark.parametrize(
+    "method", ["dann", "self_training", "dsn", "self_training+finetune", "dsn+finetune"]
+)
+def test_text_target_labels_never_reach_training(
+    bert: Path, text_domains, tmp_path: Path, monkeypatch, method: str
+) -> None:
+    """As for images: scrambled target labels train bit for bit the same (cached features and a
+    transformer that trains)."""
+    source, target = text_domains
+    name, _, strategy = method.partition("+")
+    extra = [f"adapt={name}", "strategy.head_fit=sgd"]
+    if name in ("dann", "dsn"):
+        extra += ["adapt.bottleneck=16", "adapt.hidden=32"]
+    if strategy:
+        extra += [f"strategy={strategy}", "trainer.max_epochs=1"]
+    m1 = train.run(text_adapt_cfg(bert, source, target, tmp_path / "a", *extra))
+    _scramble(monkeypatch)
+    m2 = train.run(text_adapt_cfg(bert, source, target, tmp_path / "b", *extra))
+    _same_training(m1, m2, tmp_path / "a", tmp_path / "b")
+    assert m1["target_size"] == 16 and m1["target_labelled"] is True
+
+
+def test_text_target_readers(bert: Path, tmp_path: Path) -> None:
+    """A table with labels scores the target; a table without a label column, a .txt file (one
+    text per line) or a flat folder of .txt documents is unlabelled; class folders label it."""
+    import tl_cli.tasks.components  # noqa: F401
+    from tl_cli.data.base import DATASETS
+
+    source = write_csv(tmp_path / "source.csv", make_texts(10))
+    dm = DATASETS.build({"name": "text", "root": str(source)}).prepare()
+    rows = make_texts(3, 9)
+
+    def scan(target: Path) -> tuple[list, bool]:
+        return adapt.scan_target({"target_root": str(target)}, dm)
+
+    items, labelled = scan(write_jsonl(tmp_path / "t.jsonl", rows))
+    assert labelled and [y for _, y in items] == [dm.class_names.index(r[1]) for r in rows]
+    assert [i.text for i, _ in items] == [r[0] for r in rows]
+    items, labelled = scan(write_csv(tmp_path / "u.csv", [(r[0],) for r in rows], header=("text",)))
+    assert not labelled and [y for _, y in items] == [-1] * 6
+    lines = tmp_path / "u.txt"
+    lines.write_text("a phone\n\nthe battery is great\n")
+    items, labelled = scan(lines)
+    assert not labelled and [i.text for i, _ in items] == ["a phone", "the battery is great"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, (text, _) in enumerate(rows):
+        (flat / f"{i}.txt").write_text(text + "\nsame document\n")
+    items, labelled = scan(flat)
+    assert not labelled and len(items) == 6 and all("\n" in i.text for i, _ in items)
+    folders = tmp_path / "folders"
+    for i, (text, label) in enumerate(rows):
+        (folders / label).mkdir(parents=True, exist_ok=True)
+        (folders / label / f"{i}.txt").write_text(text)
+    items, labelled = scan(folders)
+    assert labelled and sorted(y for _, y in items) == [0, 0, 0, 1, 1, 1]
+    bad = write_csv(tmp_path / "bad.csv", [("fine", "neutral"), ("ok", "positive")])
+    with pytest.raises(TLError, match="neutral are not classes of the source"):
+        scan(bad)
+    with pytest.raises(TLError, match="target_root.*no .csv"):
+        (tmp_path / "empty").mkdir()
+        scan(tmp_path / "empty")
+
+
+def test_text_unlabelled_target_trains_and_reports_no_accuracy(bert: Path, tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "source.csv", make_texts(20))
+    target = tmp_path / "target.txt"
+    target.write_text("\n".join(t for t, _ in make_texts(5, 3)) + "\n")
+    out = tmp_path / "run"
+    m = train.run(
+        text_adapt_cfg(bert, source, target, out, "adapt=self_training", "strategy.head_fit=sgd")
+    )
+    assert m["target_labelled"] is False and m["target_size"] == 10
+    assert "target/acc" not in m and "target/entropy" in m and (out / "domains.png").exists()
+
+
+def test_adabn_of_backbone_batchnorm_on_a_transformer_is_one_line(
+    bert: Path, text_domains, tmp_path: Path
+) -> None:
+    source, target = text_domains
+    cfg = text_adapt_cfg(bert, source, target, tmp_path, "adapt=adabn", "adapt.layers=all")
+    with pytest.raises(TLError) as e:
+        training.build(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "no BatchNorm" in msg and "adapt.layers=head" in msg
+    # the default (the head's feature statistics) applies to any backbone
+    m = train.run(text_adapt_cfg(bert, source, target, tmp_path / "ok", "adapt=adabn"))
+    assert "target/acc" in m
+
+
+@pytest.fixture(scope="module")
+def audio_domains(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("audiodom")
+    return make_audio_folder(d / "source", {"": 6}), make_audio_folder(d / "target", {"": 3}, 4)
+
+
+def audio_adapt_cfg(source: Path, target: Path, out: Path, *extra: str):
+    cfg = compose_cfg(
+        [
+            "modality=audio",
+            f"dataset.root={source}",
+            f"dataset.target_root={target}",
+            "dataset.num_workers=0",
+            "dataset.batch_size=8",
+            "trainer.accelerator=cpu",
+            "trainer.max_epochs=2",
+            "strategy.head_fit=sgd",
+            *extra,
+        ]
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["dann", "dsn"])
+def test_audio_target_labels_never_reach_training(
+    audio_domains, tmp_path: Path, monkeypatch, method: str
+) -> None:
+    source, target = audio_domains
+    extra = [f"adapt={method}", "adapt.bottleneck=16", "adapt.hidden=32"]
+    m1 = train.run(audio_adapt_cfg(source, target, tmp_path / "a", *extra))
+    _scramble(monkeypatch)
+    m2 = train.run(audio_adapt_cfg(source, target, tmp_path / "b", *extra))
+    _same_training(m1, m2, tmp_path / "a", tmp_path / "b")
+    assert m1["target_size"] == 9
+
+
+def test_audio_targets_by_folder_flat_and_file_name(tmp_path: Path) -> None:
+    """Class folders label the target; a flat folder does not (and its clips are checked like the
+    source's); with label_from=regex the file names label it, or nothing does."""
+    import soundfile as sf
+
+    import tl_cli.tasks.components  # noqa: F401
+    from tl_cli.data.base import DATASETS
+
+    source = make_audio_folder(tmp_path / "source", {"": 2})
+    dm = DATASETS.build({"name": "audiofolder", "root": str(source)}).prepare()
+    items, labelled = adapt.scan_target({"target_root": str(source)}, dm)
+    assert labelled and len(items) == 6
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        sf.write(flat / f"clip{i}.wav", clip(300.0, 8000, 0.4, rng), 8000)
+    items, labelled = adapt.scan_target({"target_root": str(flat)}, dm)
+    assert not labelled and len(items) == 3
+    (flat / "broken.wav").write_text("not audio")
+    with pytest.raises(TLError, match="broken.wav"):
+        adapt.scan_target({"target_root": str(flat)}, dm)
+
+    spk = tmp_path / "speakers"
+    for digit in ("0", "1"):
+        (spk / digit).mkdir(parents=True)
+        for who in ("ann", "bob"):
+            sf.write(spk / digit / f"{digit}_{who}_0.wav", clip(300.0, 8000, 0.4, rng), 8000)
+    rdm = DATASETS.build(
+        {
+            "name": "audiofolder",
+            "root": str(spk),
+            "label_from": "regex",
+            "label_regex": r"^\d+_([a-z]+)_",
+            "val_fraction": 0.5,
+        }
+    ).prepare()
+    new = tmp_path / "new"
+    new.mkdir()
+    sf.write(new / "7_bob_3.wav", clip(300.0, 8000, 0.4, rng), 8000)
+    sf.write(new / "8_ann_3.wav", clip(300.0, 8000, 0.4, rng), 8000)
+    items, labelled = adapt.scan_target({"target_root": str(new)}, rdm)
+    assert labelled and sorted(y for _, y in items) == [0, 1]
+    sf.write(new / "unnamed.wav", clip(300.0, 8000, 0.4, rng), 8000)
+    with pytest.raises(TLError, match="unnamed.wav: file name does not match"):
+        adapt.scan_target({"target_root": str(new)}, rdm)
+    for p in new.glob("*_*_*.wav"):
+        p.unlink()
+    items, labelled = adapt.scan_target({"target_root": str(new)}, rdm)
+    assert not labelled and len(items) == 1

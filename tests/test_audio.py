@@ -377,6 +377,37 @@ def test_meanstd_pooling_and_context_padding():
             speech.build_speech(**bad)
 
 
+def test_voice_features_are_mel_band_statistics_of_the_clip_alone():
+    """backbone.features=voice: the mean and std of each mel band over the clip's own frames
+    (context and batch padding left out); both = words then voice."""
+    kw = {"pooling": "meanstd", "pad_frames": 38, "window_stride": 16, "normalize": False}
+    voice = speech.build_speech(features="voice", **kw).eval()
+    both = speech.build_speech(features="both", **kw).eval()
+    words = speech.build_speech(features="words", **kw).eval()
+    assert (voice.num_features, both.num_features) == (64, 256)
+    assert voice.preprocessing["features"] == "voice"
+    x = torch.from_numpy(clip(300.0, 16000, 0.7, np.random.default_rng(3)))
+    with torch.no_grad():
+        v = voice(x[None])
+        batched = voice(
+            {"audio": torch.cat([x, torch.zeros(7000)])[None], "lengths": torch.tensor([len(x)])}
+        )
+        # the definition, by hand: the frames that lie within the clip, nothing else
+        mel = voice.frontend(F.pad(x, (38 * speech.HOP, 38 * speech.HOP))[None])[0] / 10 + 2
+        frames = mel[38 : 38 + (len(x) - speech.N_FFT) // speech.HOP + 1]
+        want = torch.cat([frames.mean(0), (frames.var(0, unbiased=False) + 1e-5).sqrt()])
+        b = both(x[None])
+    assert torch.allclose(v[0], want, atol=1e-3)
+    assert torch.allclose(v, batched, atol=1e-4)
+    assert torch.allclose(b[:, :192], words(x[None]), atol=1e-4) and torch.allclose(
+        b[:, 192:], v, atol=1e-4
+    )
+    with pytest.raises(
+        TLError, match="backbone.features='speaker' must be one of words, voice, both"
+    ):
+        speech.build_speech(features="speaker")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -525,3 +556,44 @@ def test_a_wav_cut_short_is_refused(tmp_path: Path):
     nearly = tmp_path / "nearly.wav"
     nearly.write_bytes(data[:-2])  # one sample short: within the tolerance of sloppy writers
     assert check_audio(nearly) is None
+
+
+def test_group_regex_holds_out_whole_words_and_warns_on_a_text_dependent_val(
+    tmp_path: Path, capsys
+):
+    """Speaker ID scored on unseen words: dataset.group_regex carves val by word; a val/ folder
+    that repeats train's words while test's are new gets one warning line."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    for split, digits in (("train", "0123"), ("test", "89")):
+        for digit in digits:
+            d = tmp_path / split / digit
+            d.mkdir(parents=True)
+            for spk in ("ann", "bob"):
+                for take in range(2):
+                    sf.write(d / f"{digit}_{spk}_{take}.wav", clip(300.0, 8000, 0.3, rng), 8000)
+    kw = {"label_from": "regex", "label_regex": r"^\d+_([a-z]+)_", "val_fraction": 0.25}
+    dm = AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d+)_", **kw).prepare()
+    g = dm.split_groups()
+    assert len(g["val"]) == 1 and not g["val"] & g["train"] and g["test"] == {"8", "9"}
+    assert "val holds out group(s)" in dm.layout
+    assert {y for _, y in dm.splits["val"]} == {0, 1}  # both speakers say the held-out word
+    assert "shares its dataset.group_regex groups" not in capsys.readouterr().out
+    # the same seed, the same words held out
+    again = AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d+)_", **kw).prepare()
+    assert again.splits["val"] == dm.splits["val"]
+    # a val/ folder with train's words, test with new ones: one warning line
+    (tmp_path / "val" / "0").mkdir(parents=True)
+    for spk in ("ann", "bob"):
+        sf.write(tmp_path / "val" / "0" / f"0_{spk}_9.wav", clip(300.0, 8000, 0.3, rng), 8000)
+    AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d+)_", **kw).prepare()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "val shares its dataset.group_regex groups with train (0)" in text
+    assert "test's (8, 9) are all new" in text
+    with pytest.raises(TLError, match="group_regex.*exactly one group"):
+        AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d)_(\w)", **kw)
+    (tmp_path / "test" / "8" / "odd.wav").write_bytes((tmp_path / "val/0/0_ann_9.wav").read_bytes())
+    with pytest.raises(TLError, match=r"odd.wav: file name does not match dataset"):
+        AudioFolderDataModule(root=str(tmp_path), group_regex=r"^(\d+)_", **kw).prepare()

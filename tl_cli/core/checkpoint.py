@@ -215,6 +215,7 @@ PREPROCESSING: dict[str, dict[str, tuple[Rule, bool]]] = {
         "window_frames": (Int(1, 1000), False),
         "window_stride": (Int(1, 1000), False),
         "pooling": (OneOf("mean", "meanstd", "attention"), False),
+        "features": (OneOf("words", "voice", "both"), False),
         # descriptions for a reader of the sidecar (nothing parses them)
         "channels": (Text(), False),
         "resampler": (Text(), False),
@@ -237,6 +238,7 @@ BACKBONE_OPTIONS: dict[str, Rule] = {
     "revision": Maybe(Text(200)),
     # speech_embedding
     "pooling": OneOf("mean", "meanstd", "attention"),
+    "features": OneOf("words", "voice", "both"),
     "normalize": Bool(),
     "pad_frames": Int(0, 1000),
     "window_stride": Int(1, 1000),

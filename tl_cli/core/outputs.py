@@ -48,6 +48,7 @@ RUN_OUTPUTS = (
     "curves.png",
     "lr_find.png",
     "domains.png",
+    "disentangle.png",
     "csv/metrics.csv",  # the default logger (Lightning's CSVLogger)
     "csv/hparams.yaml",
     # tl eval

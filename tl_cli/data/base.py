@@ -368,6 +368,12 @@ class TransferDataModule(pl.LightningDataModule):
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
         return f"{self.name}: {self.num_classes} classes, {sizes} ({self.layout})"
 
+    def read_target(self, root: Path) -> list[tuple[Any, str | None]]:
+        """The inputs of a target domain (``dataset.target_root``, ``tl_cli.transfer.adapt``) read
+        the way this dataset reads its own, each with its class name, or None when unlabelled.
+        Nothing is carved: every input is the target's. A data module that reads files overrides it."""
+        raise TLError(f"dataset={self.name} cannot read a target domain (dataset.target_root)")
+
 
 class ClassFolderDataModule(TransferDataModule):
     """Folders of files, one folder per class (``kind`` says which files). Three layouts:
@@ -459,6 +465,31 @@ class ClassFolderDataModule(TransferDataModule):
             self.layout = "class folders, val carved"
         self.class_names = classes
         self.splits = splits
+
+    def read_target(self, root: Path) -> list[tuple[Any, str | None]]:
+        """Class folders (``root/<class>/*``, or ``root/train`` [+ ``val``, ``test``] of them):
+        labelled; a flat folder of files (at any depth below, no class folders): unlabelled.
+        Unreadable files fail the scan or are skipped (``dataset.skip_corrupt``), as the source's."""
+        if not root.is_dir():
+            raise TLError(
+                f"dataset.target_root={root} is not a directory (class folders of "
+                f"{self.kind.plural}, or a flat folder of them)"
+            )
+        subs = {d.name for d in _class_dirs(root)}
+        direct = [p for p in root.iterdir() if p.is_file() and self.kind.matches(p)]
+        if direct and not subs:  # a flat folder: unlabelled inputs
+            files = sorted(p for p in root.rglob("*") if p.is_file() and self.kind.matches(p))
+            kept, bad = drop_corrupt(
+                {"": files}, root, self.skip_corrupt, scan=self.scan_files, noun=self.kind.noun
+            )
+            self.skipped_corrupt.extend(bad)
+            return [(str(p), None) for p in kept[""]]
+        dirs = [root / s for s in ("train", "val", "test") if s in subs] or [root]
+        out: list[tuple[Any, str | None]] = []
+        for d in dirs:
+            found = self._folders(d)
+            out += [(str(p), c) for c in sorted(found) for p in found[c]]
+        return out
 
     def _carve(self, items: list[tuple[Any, int]], classes: list[str], where: Path):
         if not self.carve:  # scored whole, or every item a support item: nothing held out

@@ -25,6 +25,7 @@ import tl_cli.tasks.ner.data  # noqa: F401
 import tl_cli.tasks.ner.distill  # noqa: F401
 import tl_cli.tasks.ner.task  # noqa: F401
 import tl_cli.transfer.adapt  # noqa: F401
+import tl_cli.transfer.dsn  # noqa: F401
 import tl_cli.transfer.heads  # noqa: F401
 import tl_cli.transfer.optimizers  # noqa: F401
 import tl_cli.transfer.prototypes  # noqa: F401

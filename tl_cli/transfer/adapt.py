@@ -171,6 +171,17 @@ class Adapter:
         features); the target's new backbone features, or None when nothing changed."""
         return None
 
+    def plots(
+        self,
+        module: Any,
+        out: Path,
+        src: np.ndarray,
+        tgt: np.ndarray,
+        src_labels: np.ndarray,
+        tgt_labels: np.ndarray,
+    ) -> None:
+        """Plots of the method's own beside domains.png (``src``/``tgt``: backbone features)."""
+
     def describe(self) -> str:
         return "source-only (no adaptation)"
 
@@ -253,6 +264,14 @@ class AdaBN(Adapter):
         return head, strategy
 
     def bind(self, module: Any) -> None:
+        if self.layers == "all" and not bn_layers(module.backbone):
+            # a transformer (text) normalises each input with LayerNorm: nothing to re-estimate
+            raise TLError(
+                f"adapt.layers=all re-estimates backbone BatchNorm statistics, and backbone "
+                f"{module.backbone.name} has no BatchNorm layers (LayerNorm normalises each input "
+                "on its own); adapt.layers=head (the default) adapts the feature statistics at "
+                "the head's input, and adapt=dann, self_training or dsn adapt the features"
+            )
         if self.layers == "all" and not module.policy.backbone_ever_trains:
             warn(
                 "adapt.layers=all with a frozen backbone: its BatchNorm statistics are its "
@@ -377,8 +396,8 @@ class DANN(Adapter):
         head = dict(head)
         if head.get("name") == "linear":
             say(
-                f"adapt=dann: the head is bottleneck ({self.bottleneck}) -> linear; the domain "
-                "discriminator sees the bottleneck features"
+                f"adapt={self.name}: the head is bottleneck ({self.bottleneck}) -> linear; the "
+                "domain similarity loss sees the bottleneck features"
             )
             head = {"name": "bottleneck", "dim": self.bottleneck, "dropout": head.get("dropout", 0)}
         strategy = dict(strategy)
@@ -392,7 +411,7 @@ class DANN(Adapter):
         super().bind(module)
         if not isinstance(module.head, nn.Sequential) or len(module.head) < 2:
             raise TLError(
-                "adapt=dann needs a head with a hidden layer (head=linear becomes a bottleneck head; "
+                f"adapt={self.name} needs a head with a hidden layer (head=linear becomes a bottleneck head; "
                 f"head={module.hparams['head'].get('name')} has none)"
             )
         dim = module.head[-1].in_features
@@ -562,45 +581,30 @@ def progress(module: Any) -> float:
 
 def scan_target(dataset_cfg: dict[str, Any], dm: Any) -> tuple[list[tuple[Any, int]], bool]:
     """The target's items ``(input, label)`` with labels as source class indices (-1: unlabelled),
-    read by the source's reader, and whether the target has labels."""
-    from tl_cli.data.base import DATASETS, _class_dirs
-
+    read by the source's own reader (``dm.read_target``: class folders or a flat folder of images
+    or clips; a table, lines or folders of texts), and whether the target has labels."""
     raw = dataset_cfg.get("target_root")
     root = Path(os.path.expanduser(str(raw)))
     if not root.exists():
         raise TLError(f"dataset.target_root={root} does not exist")
-    kind = getattr(dm, "kind", None)
-    if root.is_dir() and kind is not None:
-        direct = sorted(p for p in root.iterdir() if p.is_file() and kind.matches(p))
-        if direct and not _class_dirs(root):
-            # a flat folder: unlabelled target inputs
-            files = sorted(p for p in root.rglob("*") if p.is_file() and kind.matches(p))
-            return [(str(p), -1) for p in files], False
-    clone_cfg = {**dataset_cfg, "root": str(root), "target_root": None}
-    name = clone_cfg.get("name")
-    if name in ("sample",):
-        clone_cfg["name"] = "imagefolder"
-    if "carve" in DATASETS.options(clone_cfg["name"]):
-        clone_cfg["carve"] = False
-    clone = DATASETS.build(clone_cfg)
     try:
-        clone.prepare()
+        found = dm.read_target(root)
     except TLError as e:
-        raise TLError(f"dataset.target_root: {e}") from None
-    unknown = [c for c in clone.class_names if c not in dm.class_names]
+        msg = str(e)
+        raise TLError(msg if "target_root" in msg else f"dataset.target_root: {msg}") from None
+    named = [c for _, c in found if c is not None]
+    if named and len(named) != len(found):  # a reader labels all of a target or none of it
+        raise TLError(f"dataset.target_root={root}: some inputs have labels and some do not")
+    unknown = sorted({c for c in named if c not in dm.class_names})
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise TLError(
-            f"dataset.target_root={root}: class folder(s) {shown} are not classes of the source "
+            f"dataset.target_root={root}: label(s) {shown} are not classes of the source "
             f"({', '.join(dm.class_names[:5])}{' ...' if len(dm.class_names) > 5 else ''}); target "
-            "class folders must use the source's class names (or give a flat folder of unlabelled files)"
+            "labels must use the source's class names (or give the target without labels)"
         )
-    remap = [dm.class_names.index(c) for c in clone.class_names]
-    items = [(item, remap[y]) for split in clone.splits.values() for item, y in split]
-    for attr in ("skipped_corrupt",):
-        if hasattr(dm, attr) and hasattr(clone, attr):
-            getattr(dm, attr).extend(getattr(clone, attr))
-    return items, True
+    idx = {c: i for i, c in enumerate(dm.class_names)}
+    return [(item, idx[c] if c is not None else -1) for item, c in found], bool(named)
 
 
 def setup(cfg: Any, dm: Any) -> Adapter | None:
@@ -622,13 +626,13 @@ def setup(cfg: Any, dm: Any) -> Adapter | None:
     adapter.target_labelled = labelled
     if not labelled:
         say(
-            f"target: {len(items)} unlabelled inputs (no class folders): target accuracy cannot be "
-            "reported; watch source/val/acc and target/entropy"
+            f"target: {len(items)} unlabelled inputs: target accuracy cannot be reported; watch "
+            "source/val/acc and target/entropy"
         )
     else:
         say(
-            f"target: {len(items)} inputs in class folders: labels are used only to score the "
-            "target, never for training"
+            f"target: {len(items)} labelled inputs: labels are used only to score the target, "
+            "never for training"
         )
     say(f"[bold]adapt[/] {adapter.describe()}")
     return adapter
@@ -813,12 +817,13 @@ def finish(
     if trainer.is_global_zero:
         from tl_cli.transfer.domains import plot_domains
 
+        src_labels = np.asarray([y for _, y in dm.splits["train"]])[src_idx]
         try:
             plot_domains(
                 out / "domains.png",
                 before=(src_before, tgt_before[tgt_idx]),
                 after=(z_src, z_t[tgt_idx]) if (adapter.name != "none") else None,
-                src_labels=np.asarray([y for _, y in dm.splits["train"]])[src_idx],
+                src_labels=src_labels,
                 tgt_labels=labels[tgt_idx],
                 title=f"adapt={adapter.name}",
                 after_title=_after_title(adapter, module),
@@ -826,6 +831,10 @@ def finish(
             )
         except Exception as e:  # a plot never fails a finished run
             warn(f"domains.png not written: {type(e).__name__}: {e}")
+        try:
+            adapter.plots(module, out, src_before, tgt_before[tgt_idx], src_labels, labels[tgt_idx])
+        except Exception as e:  # a plot never fails a finished run
+            warn(f"{adapter.name} plots not written: {type(e).__name__}: {e}")
     module.cpu()
     return res
 

@@ -128,3 +128,39 @@ def domains_figure(
     )
     fig.suptitle(f"{title}: PCA of source and target (marker = class)", fontsize=11)
     return fig
+
+
+def plot_disentangle(
+    path: Path,
+    panels: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    src_labels: np.ndarray,
+    tgt_labels: np.ndarray,
+) -> Path:
+    """``disentangle.png`` (``adapt=dsn``): a 2 x 2 grid, rows the shared and private codes,
+    columns the encoders before and after training; each panel a PCA of source and target."""
+    from matplotlib.lines import Line2D
+
+    from tl_cli.core.plots import figure as _figure
+    from tl_cli.core.plots import save_figure as _save
+
+    fig = _figure(11, 10)
+    axes = fig.subplots(2, 2)
+    what = {
+        "shared": "shared code (the classifier's input)",
+        "private": "private codes (one encoder per domain)",
+    }
+    for i, space in enumerate(("shared", "private")):
+        for j, when in enumerate(("before", "after")):
+            src, tgt = panels[(space, when)]
+            _panel(axes[i, j], src, tgt, src_labels, tgt_labels, f"{when} training: {what[space]}")
+    handles = [
+        Line2D([], [], marker="o", ls="", color=COLORS[d], label=d) for d in ("source", "target")
+    ]
+    fig.legend(handles=handles, loc="outside upper right", fontsize=9)
+    fig.suptitle(
+        "adapt=dsn: the shared code should mix the domains, the private codes keep them apart "
+        "(PCA, marker = class)",
+        fontsize=11,
+    )
+    _save(fig, Path(path))
+    return Path(path)

@@ -54,6 +54,10 @@ EMBED_DIM = 96
 #: the most frames backbone.pad_frames / window_stride may be (10 s)
 MAX_FRAMES = 1000
 POOLING = ("mean", "meanstd", "attention")
+#: backbone.features: what the pooled vector describes (docs/audio.md, "Speaker identification")
+FEATURES = ("words", "voice", "both")
+#: voice statistics: the mean and standard deviation of every mel band over the clip's frames
+VOICE_DIM = 2 * N_MELS
 #: measured max |torch - onnxruntime| on real speech and noise (tests/test_audio.py checks them)
 MEL_TOLERANCE = 5e-3  # dB, on log-mel values up to ~110 dB (fp32 sums of ~1e14 powers): measured 1.5e-3 on a loud chirp, 1e-4 on speech
 EMBED_TOLERANCE = 1e-4  # on the 96-d embedding of a window (values up to ~50); measured 3e-5
@@ -258,11 +262,17 @@ class SpeechEmbeddingBackbone(nn.Module):
         normalize: bool = True,
         pad_frames: int = 0,
         window_stride: int = WINDOW_STRIDE,
+        features: str = "words",
         pretrained: bool = True,
     ) -> None:
         super().__init__()
         if pooling not in POOLING:
             raise TLError(f"backbone.pooling={pooling!r} must be one of {', '.join(POOLING)}")
+        if features not in FEATURES:
+            raise TLError(
+                f"backbone.features={features!r} must be one of {', '.join(FEATURES)} (words: "
+                "what is said; voice: who says it, for speaker identification; both)"
+            )
         # the bounds a checkpoint is held to (tl_cli.core.checkpoint.BACKBONE_OPTIONS)
         if (
             isinstance(pad_frames, bool)
@@ -288,7 +298,11 @@ class SpeechEmbeddingBackbone(nn.Module):
         self.pooling = pooling
         self.normalize = bool(normalize)
         self.pad_frames = int(pad_frames)
-        self.num_features = 2 * EMBED_DIM if pooling == "meanstd" else EMBED_DIM
+        self.features = features
+        words = 2 * EMBED_DIM if pooling == "meanstd" else EMBED_DIM
+        self.num_features = {"words": words, "voice": VOICE_DIM, "both": words + VOICE_DIM}[
+            features
+        ]
         self.frontend = MelFrontEnd()
         # The architecture and the pretrained weights come from the same packaged graph: with
         # pretrained=False a checkpoint's state dict replaces them right after.
@@ -316,6 +330,7 @@ class SpeechEmbeddingBackbone(nn.Module):
             "window_frames": WINDOW_FRAMES,
             "window_stride": self.window_stride,
             "pooling": pooling,
+            "features": features,
             "normalize": "layer norm of the pooled embedding (no parameters)"
             if normalize
             else "none",
@@ -358,6 +373,8 @@ class SpeechEmbeddingBackbone(nn.Module):
             wav = x
         if wav.dim() == 1:
             wav = wav.unsqueeze(0)
+        clip_len = lengths if lengths is not None else None
+        n_in = wav.shape[1]
         if self.pad_frames:  # silence before and after every clip (after its batch padding too)
             pad = self.pad_frames * HOP
             wav = F.pad(wav, (pad, pad))
@@ -369,6 +386,13 @@ class SpeechEmbeddingBackbone(nn.Module):
         mel = self.frontend(wav) / 10.0 + 2.0
         if augment:
             mel = spec_augment(mel)
+        voice = None
+        if self.features != "words":
+            voice = self.voice(mel, clip_len, n_in)
+            if self.normalize:
+                voice = F.layer_norm(voice, (voice.shape[-1],))
+            if self.features == "voice":
+                return voice
         win = self.windows(mel)  # (B, W, 76, 32)
         b, w = win.shape[:2]
         emb = self.encoder(win.reshape(b * w, WINDOW_FRAMES, N_MELS)).reshape(b, w, -1)
@@ -391,7 +415,29 @@ class SpeechEmbeddingBackbone(nn.Module):
         # The raw embeddings are large (|x| up to ~50, a common offset of ~10 per dimension): a
         # parameter-free layer norm puts every clip's vector at zero mean and unit variance, which
         # a new linear head trains on far better (across speakers: 0.60 -> 0.86 test accuracy).
-        return F.layer_norm(pooled, (pooled.shape[-1],)) if self.normalize else pooled
+        out = F.layer_norm(pooled, (pooled.shape[-1],)) if self.normalize else pooled
+        return out if voice is None else torch.cat([out, voice], dim=-1)
+
+    def voice(self, mel: torch.Tensor, lengths: torch.Tensor | None, n_in: int) -> torch.Tensor:
+        """Statistics pooling over the clip's own log-mel frames: the mean and standard deviation
+        of each of the 32 bands ``(B, 64)``. The frames of the context padding (``pad_frames``)
+        and of the batch padding are left out: silence says nothing about a voice. Frame ``f``
+        covers samples ``[f * 160, f * 160 + 512)`` of the padded clip; it counts when it lies
+        within the clip (at least one frame per clip)."""
+        b, t, _ = mel.shape
+        n = (
+            lengths.to(mel.device)
+            if lengths is not None
+            else torch.full((b,), n_in, device=mel.device, dtype=torch.long)
+        )
+        first = self.pad_frames  # the context padding is a whole number of frames
+        last = first + ((n - N_FFT).clamp_min(0) // HOP)  # the last frame inside the clip
+        idx = torch.arange(t, device=mel.device)[None, :]
+        valid = (idx >= first) & (idx <= last[:, None])
+        w = valid.to(mel.dtype) / valid.sum(dim=1, keepdim=True).clamp_min(1).to(mel.dtype)
+        mean = (w.unsqueeze(-1) * mel).sum(dim=1)
+        var = (w.unsqueeze(-1) * (mel - mean.unsqueeze(1)).square()).sum(dim=1)
+        return torch.cat([mean, (var + 1e-5).sqrt()], dim=-1)
 
 
 def build_speech(
@@ -400,6 +446,7 @@ def build_speech(
     normalize: bool = True,
     pad_frames: int = 0,
     window_stride: int = WINDOW_STRIDE,
+    features: str = "words",
     pretrained: bool = True,
 ) -> SpeechEmbeddingBackbone:
     """``backbone.source=speech``: the bundled speech embedding model (the only name for now)."""
@@ -413,6 +460,7 @@ def build_speech(
         normalize=normalize,
         pad_frames=pad_frames,
         window_stride=window_stride,
+        features=features,
         pretrained=pretrained,
     )
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tl_cli.core.console import warn
 from tl_cli.core.errors import TLError
 from tl_cli.data.base import (
     DATASETS,
@@ -257,6 +258,18 @@ def pad_collate(
 # --------------------------------------------------------------------------- data module
 
 
+def _one_group_regex(key: str, value: Any, what: str = "the group") -> re.Pattern[str]:
+    try:
+        pattern = re.compile(str(value))
+    except re.error as e:
+        raise TLError(f"dataset.{key}={value!r} is not a valid regex: {e}") from None
+    if pattern.groups != 1:
+        raise TLError(
+            f"dataset.{key}={value!r} must have exactly one group ({what}), it has {pattern.groups}"
+        )
+    return pattern
+
+
 class AudioFolderDataModule(ClassFolderDataModule):
     """Folders of audio clips, one folder per class (or labels from file names).
 
@@ -265,6 +278,10 @@ class AudioFolderDataModule(ClassFolderDataModule):
         skip_corrupt: skip unreadable clips with a warning instead of failing.
         label_from: ``folder`` (class folders) or ``regex`` (``label_regex`` on file names).
         label_regex: a regular expression with one group, searched in each file name.
+        group_regex: a regular expression with one group naming what a file says or where it was
+            recorded (the word of ``<word>_<speaker>_<take>.wav``: ``'^(\\d+)_'``); a carved val
+            then holds out whole groups, so that it scores unseen words as a text-independent test
+            does, and tl warns when val shares its groups with train while test does not.
         max_seconds: clips longer than this are cropped (null: the backbone's default).
         augment: ``light`` (time shift, gain, noise; SpecAugment masking in the backbone) or ``none``.
     """
@@ -281,10 +298,14 @@ class AudioFolderDataModule(ClassFolderDataModule):
         skip_corrupt: bool = False,
         label_from: str = "folder",
         label_regex: str | None = None,
+        group_regex: str | None = None,
         max_seconds: float | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(root=root, skip_corrupt=skip_corrupt, **kw)
+        self.group_pattern = _one_group_regex("group_regex", group_regex) if group_regex else None
+        #: the groups a carved val holds out (dataset.group_regex)
+        self.held_groups: list[str] = []
         if label_from not in LABEL_FROM:
             raise TLError(
                 f"dataset.label_from={label_from!r} must be one of {', '.join(LABEL_FROM)}"
@@ -296,17 +317,7 @@ class AudioFolderDataModule(ClassFolderDataModule):
                 raise TLError(
                     "dataset.label_from=regex needs dataset.label_regex, e.g. '^\\d+_([a-z]+)_'"
                 )
-            try:
-                self.pattern = re.compile(str(label_regex))
-            except re.error as e:
-                raise TLError(
-                    f"dataset.label_regex={label_regex!r} is not a valid regex: {e}"
-                ) from None
-            if self.pattern.groups != 1:
-                raise TLError(
-                    f"dataset.label_regex={label_regex!r} must have exactly one group (the label), "
-                    f"it has {self.pattern.groups}"
-                )
+            self.pattern = _one_group_regex("label_regex", label_regex, "the label")
         from tl_cli.core.checkpoint import MAX_AUDIO_SECONDS
 
         if max_seconds is not None and not 0 < float(max_seconds) <= MAX_AUDIO_SECONDS:
@@ -352,6 +363,99 @@ class AudioFolderDataModule(ClassFolderDataModule):
         super()._scan()
         if self.pattern is not None:
             self.layout += f", labels from file names ({self.pattern.pattern})"
+        if self.held_groups:
+            self.layout += f", val holds out group(s) {', '.join(self.held_groups)} whole"
+        if self.group_pattern is not None:
+            line = self.group_warning()
+            if line:
+                warn(line)
+
+    # -- groups (dataset.group_regex): words held out whole
+    def group_of(self, path: Any) -> str:
+        assert self.group_pattern is not None
+        m = self.group_pattern.search(Path(str(path)).name)
+        if m is None or not m.group(1):
+            raise TLError(
+                f"{path}: file name does not match dataset.group_regex="
+                f"{self.group_pattern.pattern!r} (or its group is empty)"
+            )
+        return m.group(1)
+
+    def split_groups(self) -> dict[str, set[str]]:
+        return {k: {self.group_of(p) for p, _ in v} for k, v in self.splits.items() if v}
+
+    def group_warning(self) -> str | None:
+        """A line when val shares its groups (words) with train while test's are all new: val
+        then scores what test does not (text-dependent against text-independent)."""
+        g = self.split_groups()
+        if "test" not in g or "val" not in g:
+            return None
+        shared_val = g["val"] & g["train"]
+        if g["test"] & g["train"] or not shared_val:
+            return None
+        return (
+            f"val shares its dataset.group_regex groups with train ({', '.join(sorted(shared_val)[:5])}"
+            f"{' ...' if len(shared_val) > 5 else ''}) while test's ({', '.join(sorted(g['test'])[:5])}"
+            f"{' ...' if len(g['test']) > 5 else ''}) are all new: val/acc measures seen words, test "
+            "unseen ones (drop the val/ folder to carve val by group)"
+        )
+
+    def _carve(self, items: list[tuple[Any, int]], classes: list[str], where: Path):
+        """With ``group_regex``: val holds out whole groups (a seeded choice of
+        ``round(val_fraction x groups)``, at least one, never all); otherwise the stratified carve."""
+        if self.group_pattern is None or not self.carve:
+            return super()._carve(items, classes, where)
+        groups = sorted({self.group_of(p) for p, _ in items})
+        if len(groups) < 2:
+            raise TLError(
+                f"{where}: dataset.group_regex={self.group_pattern.pattern!r} finds "
+                f"{len(groups)} group(s) ({', '.join(groups)}); holding out whole groups for val "
+                "needs at least 2 (or give a val/ folder)"
+            )
+        import random
+
+        n_val = min(len(groups) - 1, max(1, round(len(groups) * float(self.val_fraction))))
+        held_groups = set(random.Random(self.split_seed).sample(groups, n_val))
+        keep = [it for it in items if self.group_of(it[0]) not in held_groups]
+        held = [it for it in items if self.group_of(it[0]) in held_groups]
+        missing = sorted({classes[y] for _, y in items} - {classes[y] for _, y in keep})
+        if missing:
+            raise TLError(
+                f"{where}: holding out group(s) {', '.join(sorted(held_groups))} for val leaves "
+                f"class(es) {', '.join(missing[:5])} without training clips; change "
+                "dataset.split_seed or give a val/ folder"
+            )
+        self.held_groups = sorted(held_groups)
+        return keep, held
+
+    def read_target(self, root: Path) -> list[tuple[Any, str | None]]:
+        """A target domain (``dataset.target_root``): with ``label_from=regex`` the clips at any
+        depth, labelled by ``label_regex`` when every file name matches it and unlabelled when
+        none does; otherwise class folders (labelled) or a flat folder of clips (unlabelled)."""
+        if self.pattern is None:
+            return super().read_target(root)
+        from tl_cli.data.scan import drop_corrupt
+
+        if not root.is_dir():
+            raise TLError(f"dataset.target_root={root} is not a directory (a folder of clips)")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and self.kind.matches(p))
+        if not files:
+            raise TLError(f"dataset.target_root={root}: no audio files ({', '.join(AUDIO_EXTS)})")
+        matches = [self.pattern.search(p.name) for p in files]
+        labels = [m.group(1) if m is not None and m.group(1) else None for m in matches]
+        missing = [p for p, y in zip(files, labels, strict=True) if y is None]
+        if missing and len(missing) < len(files):
+            raise TLError(
+                f"{missing[0]}: file name does not match dataset.label_regex="
+                f"{self.pattern.pattern!r} while {len(files) - len(missing)} other target files do "
+                "(label all target files, or none: an unlabelled target is only adapted to)"
+            )
+        kept, bad = drop_corrupt(
+            {"": files}, root, self.skip_corrupt, scan=self.scan_files, noun=self.kind.noun
+        )
+        self.skipped_corrupt.extend(bad)
+        label = dict(zip(files, labels, strict=True))
+        return [(str(p), label[p]) for p in kept[""]]
 
     # -- preprocessing and loaders
     def preprocessing_overrides(self) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class AudioModality(Modality):
                     "window_stride",
                     "pad_frames",
                     "pooling",
+                    "features",
                     "normalize",
                 )
                 if k in prep

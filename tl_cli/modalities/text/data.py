@@ -19,8 +19,11 @@ from tl_cli.modalities.text.backbone import effective_text_preprocessing
 from tl_cli.modalities.text.files import (
     TEXT_EXTS,
     TextItem,
+    decode_text,
+    has_column,
     read_class_folders,
     read_table,
+    read_text_lines,
 )
 from tl_cli.modalities.text.tokenizer import pad_batch, rust_errors, tokenizer_for
 
@@ -230,6 +233,60 @@ class TextDataModule(TransferDataModule):
             [y for _, y in items], fraction, self.split_seed, classes, where
         )
         return [items[i] for i in keep], [items[i] for i in held]
+
+    # -- a target domain (tl_cli.transfer.adapt)
+    def read_target(self, root: Path) -> list[tuple[Any, str | None]]:
+        """A target domain (``dataset.target_root``), nothing carved: a .csv/.tsv/.jsonl file
+        (labelled when it has ``label_column``, else texts only), a .txt file (one text per line,
+        unlabelled), or a folder: split files (``train``/``val``/``test``), class folders of .txt
+        (labelled), or a flat folder of .txt documents and tables."""
+        if root.is_file():
+            return self._target_file(root)
+        split_files = sorted(
+            p
+            for p in root.iterdir()
+            if p.is_file()
+            and p.suffix.lower() in (*TEXT_EXTS, ".txt")
+            and not p.name.startswith(".")
+        )
+        if (
+            any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+            and not split_files
+        ):
+            found, skipped = read_class_folders(root)
+            self.skipped_empty += skipped
+            return [(TextItem(t), c) for c in sorted(found) for t in found[c]]
+        if not split_files:
+            raise TLError(
+                f"dataset.target_root={root}: no .csv/.tsv/.jsonl/.txt files and no class folders "
+                "of .txt files"
+            )
+        out: list[tuple[Any, str | None]] = []
+        for f in split_files:
+            if f.suffix.lower() == ".txt":  # one document per file, as in class folders
+                text = decode_text(f, f.read_bytes())
+                if text.strip():
+                    out.append((TextItem(text), None))
+                else:
+                    self.skipped_empty += 1
+            else:
+                out += self._target_file(f)
+        return out
+
+    def _target_file(self, path: Path) -> list[tuple[Any, str | None]]:
+        ext = path.suffix.lower()
+        if ext == ".txt":
+            texts, skipped = read_text_lines(path)
+            labels: list[str | None] = [None] * len(texts)
+        elif ext in TEXT_EXTS:
+            label = self.label_column if has_column(path, self.label_column) else None
+            texts, labels, skipped = read_table(path, self.text_column, label)
+        else:
+            raise TLError(f"dataset.target_root={path}: not a {', '.join(TEXT_EXTS)} or .txt file")
+        self.skipped_empty += skipped
+        if not texts:
+            raise TLError(f"dataset.target_root={path}: no non-empty texts")
+        return [(TextItem(t), y) for t, y in zip(texts, labels, strict=True)]
 
     # -- preprocessing
     def preprocessing_overrides(self) -> dict[str, Any]:

@@ -206,6 +206,24 @@ def check_text_dataset(dataset: dict[str, Any]) -> None:
 CHECKS["text"] = check_text_dataset
 
 
+def has_column(path: Path, column: str) -> bool:
+    """Whether a .csv/.tsv file's header (a .jsonl file's first object) names ``column``."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            if path.suffix.lower() == ".jsonl":
+                for raw in fh:
+                    if raw.strip():
+                        row = json.loads(raw)
+                        return isinstance(row, dict) and column in row
+                return False
+            header = next(csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    except (StopIteration, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
+        return False  # read_table then names the problem
+    except OSError as e:
+        raise TLError(f"{path}: cannot read ({e.strerror or e})") from None
+    return column in [h.strip() for h in header]
+
+
 def _label_str(v: Any) -> str:
     if isinstance(v, bool):
         return str(v).lower()
