@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 train: install ## train efficientnet_lite0 on the built-in sample (offline, a few minutes on 2 CPU cores)
 	$(BIN)/tl train
 
+# Tests run in parallel, one worker per core, each file on one worker (module fixtures built once),
+# one torch thread per worker (two workers with two threads each oversubscribe a 2-core machine).
+TEST_WORKERS ?= auto
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: install ## the whole test suite (slow tests included)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: install ## the suite without slow-marked tests
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install ## ruff check + format check
 	$(BIN)/ruff check tl_cli tests scripts

@@ -122,3 +122,14 @@ def run_tl(
 @pytest.fixture(autouse=True)
 def _seed_python():
     random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_runtime_left_behind():
+    """A test that runs the ``tl`` app in-process (test_readme) leaves Hydra's HydraConfig set;
+    a later test in the same process would then read that run's overrides and choices (a resume
+    hint, a logger's name). Each test starts without it, as a fresh ``tl`` process does."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

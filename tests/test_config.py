@@ -103,7 +103,7 @@ def test_dataset_options_instantiate(name: str, tiny_data: Path):
     dm = DATASETS.build(cfg)
     assert isinstance(dm, TransferDataModule)
     for key in ("batch_size", "val_fraction", "split_seed", "augment", "image_size"):
-        if key in cfg or name not in ("text", "audiofolder"):  # no image_size there
+        if key in cfg or name not in ("text", "audiofolder", "ner"):  # no image_size there
             assert getattr(dm, key) == cfg[key], key  # the options reach the data module
     if name.startswith("cifar"):  # cifar would download on prepare()
         assert dm.name == name and dm.download is True

@@ -335,9 +335,9 @@ class _FakeData:
 def _fake_module():
     from types import SimpleNamespace
 
+    backbone, head = torch.nn.Flatten(), torch.nn.Linear(192, 2)
     return SimpleNamespace(
-        backbone=torch.nn.Flatten(),
-        head=torch.nn.Linear(192, 2),
+        student_net=lambda: torch.nn.Sequential(backbone, head),
         teacher=torch.nn.Sequential(
             torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.Linear(64, 2)
         ),

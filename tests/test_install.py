@@ -60,6 +60,9 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
         check=True,
         capture_output=True,
         text=True,
+        # no PYTHONPATH: a source tree on it (with the egg-info the build above leaves there)
+        # makes pip think tl-cli is installed already and skip the wheel
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     # dependencies come from this test environment (a path entry only: its editable finder of
     # tl_cli is not activated, so the installed wheel is what runs)

@@ -203,7 +203,7 @@ def test_zeroshot_cli_error_exit_2_one_line(tmp_path):
     r = run_tl("zeroshot", "backbone=resnet18", "classes=[a,b]", f"hydra.run.dir={tmp_path / 'r'}")
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "bundled backbones" in lines[0]
+    assert len(lines) == 1 and "ImageNet classifier" in lines[0] and "backbone=resnet18" in lines[0]
 
 
 @pytest.mark.slow

@@ -72,7 +72,10 @@ def _choice(cfg: DictConfig) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return str(HydraConfig.get().runtime.choices.get("logger"))
+        choice = HydraConfig.get().runtime.choices.get("logger")
     except Exception:  # noqa: BLE001 - no Hydra runtime (tests compose the config directly)
-        target = str(OmegaConf.select(cfg, "logger._target_", default=""))
-        return target.rsplit(".", 1)[-1].replace("Logger", "").lower() or "?"
+        choice = None
+    if choice:  # None: a Hydra runtime of another run in this process (tests), or no group
+        return str(choice)
+    target = str(OmegaConf.select(cfg, "logger._target_", default=""))
+    return target.rsplit(".", 1)[-1].replace("Logger", "").lower() or "?"

@@ -258,14 +258,18 @@ class DistillTask(Student, ClassificationTask):
     def score_teacher(self, dm: Any, split: str) -> float:
         from lightning_fabric.utilities.apply_func import move_data_to_device
 
+        from tl_cli.core.console import progress
+
         device = next(self.teacher.parameters()).device
         loader = dm.make_loader(dm.dataset(split, train_aug=False), shuffle=False)
         correct = total = 0
-        for x, y in loader:
-            x = move_data_to_device(x, device)
-            pred = self.teacher(self.teacher_input(x)).argmax(1).cpu()
-            correct += int((pred == y).sum())
-            total += len(y)
+        with torch.inference_mode(), progress(f"teacher on {split}", len(loader)) as advance:
+            for x, y in loader:
+                x = move_data_to_device(x, device)
+                pred = self.teacher(self.teacher_input(x)).argmax(1).cpu()
+                correct += int((pred == y).sum())
+                total += len(y)
+                advance()
         return correct / max(1, total)
 
     # -- inputs
