@@ -47,6 +47,28 @@ ONNX_EXTRA = "pip install 'tl-cli[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Export a checkpoint's model, check the written file against PyTorch, write its sidecar."""
+    opts = _options(cfg)
+    ckpt_path, out, sidecar = opts["checkpoint"], opts["out"], opts["sidecar"]
+    module, ckpt = load_module(ckpt_path)
+    meta = ckpt["tl"]
+    prep = dict(meta["preprocessing"])
+    modality = modality_of(meta)
+    spec = module.export_spec(modality, prep)
+    exporter, verification = _write_model(cfg, opts, spec, modality, prep, ckpt)
+    doc = _sidecar_doc(opts, spec, modality, prep, ckpt, exporter, verification)
+    check_output(
+        sidecar, overwrite=opts["overwrite"], inputs=[ckpt_path], label=f"the sidecar {sidecar}"
+    )
+    write_json(sidecar, doc)
+    if opts["in_run_dir"]:
+        release_run_dir(out.parent)
+    _print(out, sidecar, doc)
+    return {"output": str(out), "sidecar": str(sidecar), **verification}
+
+
+def _options(cfg: DictConfig) -> dict[str, Any]:
+    """Every option checked and every output path claimed before the checkpoint is read."""
     usage = "tl export checkpoint=RUN/checkpoints/best.ckpt format=onnx|torchscript|safetensors [output=PATH]"
     ckpt_path = str(required_key(cfg, "checkpoint", usage))
     fmt = str(cfg.get("format", "onnx")).lower()
@@ -72,28 +94,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_output(sidecar, overwrite=overwrite, inputs=[ckpt_path], label=f"the sidecar {sidecar}")
     if in_run_dir:
         lock_run_dir(out.parent)  # the run dir: one tl run at a time
+    return {
+        "checkpoint": ckpt_path,
+        "format": fmt,
+        "atol": atol,
+        "samples": n_samples,
+        "out": out,
+        "sidecar": sidecar,
+        "in_run_dir": in_run_dir,
+        "overwrite": overwrite,
+    }
 
-    module, ckpt = load_module(ckpt_path)
-    meta = ckpt["tl"]
-    prep = dict(meta["preprocessing"])
-    modality = modality_of(meta)
-    names = modality.input_names(prep)
-    spec = module.export_spec(modality, prep)
+
+def _write_model(
+    cfg: DictConfig,
+    opts: dict[str, Any],
+    spec: Any,
+    modality: Any,
+    prep: dict[str, Any],
+    ckpt: dict[str, Any],
+) -> tuple[Any, dict[str, Any]]:
+    """The model file, written beside its name and checked before it is renamed into place
+    (never half a model file; a file that fails the check is removed). Returns the exporter's
+    description and the check's result."""
+    fmt, atol, n_samples, out = opts["format"], opts["atol"], opts["samples"], opts["out"]
     net = spec.net
     example = modality.example(prep, 2, seed=0)
     # another batch size: the export must not fix it
     samples = modality.example(prep, n_samples, seed=1)
-
     # again: a file that appeared meanwhile is not replaced either
-    check_output(out, overwrite=overwrite, inputs=[ckpt_path])
-    with atomic_path(out) as tmp:  # written beside it, then renamed: never half a model file
+    check_output(out, overwrite=opts["overwrite"], inputs=[opts["checkpoint"]])
+    with atomic_path(out) as tmp:
         if fmt == "onnx":
             exporter = export_onnx(
                 net,
                 example,
                 tmp,
                 int(cfg.get("opset", 18)),
-                names,
+                modality.input_names(prep),
                 modality.dynamic_axes(prep),
                 modality.axis_min(prep),
                 spec.output_names,
@@ -102,7 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         elif fmt == "torchscript":
             exporter = export_torchscript(net, example, tmp)
         else:
-            exporter = export_safetensors(net, tmp, meta)
+            exporter = export_safetensors(net, tmp, ckpt["tl"])
 
         # the check runs on the written file before it is renamed into place: a file that
         # fails it is removed with its temp name, and no sidecar is written
@@ -128,12 +166,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"{atol:g} ({fmt} via {verification['runtime']}); nothing was written to {out}",
                 exit_code=EXIT_FAILED,
             )
+    return exporter, verification
+
+
+def _sidecar_doc(
+    opts: dict[str, Any],
+    spec: Any,
+    modality: Any,
+    prep: dict[str, Any],
+    ckpt: dict[str, Any],
+    exporter: Any,
+    verification: dict[str, Any],
+) -> dict[str, Any]:
+    """The sidecar: what a runtime needs to feed the model and read its outputs."""
     hp = ckpt["hyper_parameters"]
-    doc = {
+    return {
         "schema_version": SIDECAR_SCHEMA_VERSION,
-        "format": fmt,
-        "file": out.name,
-        "task": meta["task"],
+        "format": opts["format"],
+        "file": opts["out"].name,
+        "task": ckpt["tl"]["task"],
         **spec.sidecar,
         "preprocessing": prep,
         "modality": modality.name,
@@ -144,18 +195,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "head": hp.get("head"),
             "preprocessing_overrides": hp.get("preprocessing_overrides"),
         },
-        "source_checkpoint": str(Path(ckpt_path).resolve()),
+        "source_checkpoint": str(Path(opts["checkpoint"]).resolve()),
         "exporter": exporter,
         "tl_version": __version__,
         "torch_version": torch.__version__,
         "verification": verification,
     }
-    check_output(sidecar, overwrite=overwrite, inputs=[ckpt_path], label=f"the sidecar {sidecar}")
-    write_json(sidecar, doc)
-    if in_run_dir:
-        release_run_dir(out.parent)
-    _print(out, sidecar, doc)
-    return {"output": str(out), "sidecar": str(sidecar), **verification}
 
 
 # --------------------------------------------------------------------------- writers
