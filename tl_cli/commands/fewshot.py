@@ -224,28 +224,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     out = Path(str(cfg.output_dir))
     overwrite = bool(cfg.get("overwrite", False))
-    n_way = _ints(cfg.get("n_way", 5), "n_way")
-    if len(n_way) != 1:
-        raise TLError(f"n_way={cfg.n_way!r} must be one integer")
-    n_way = n_way[0]
-    shots = _ints(cfg.get("n_shot", [1, 5]), "n_shot")
-    episodes = _ints(cfg.get("episodes", 600), "episodes")
-    if len(episodes) != 1:
-        raise TLError(f"episodes={cfg.episodes!r} must be one integer")
-    episodes = episodes[0]
-    if episodes > MAX_EPISODES:
-        raise TLError(
-            f"episodes={episodes} must be at most {MAX_EPISODES} (the 95% interval is "
-            f"already +-{1.96 * 0.5 / MAX_EPISODES**0.5:.4f} at most)"
-        )
-    try:
-        seed = int(cfg.get("seed", 0))
-    except (TypeError, ValueError):
-        raise TLError(f"seed={cfg.get('seed')!r} must be an integer") from None
-    center = str(cfg.get("center", "none"))
-    if center not in ("support", "none"):
-        raise TLError(f"center={center!r} must be support or none")
-    split = str(cfg.get("split", "all"))
+    n_way, shots, episodes, seed, center, split = _episode_options(cfg)
     device = pick_device(cfg.get("device", "auto"))
     check_output(out / "fewshot.json", overwrite=overwrite)
 
@@ -299,6 +278,42 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json(out / "fewshot.json", doc)
     release_run_dir(out)
+    _show(results, n_way, n_query, episodes)
+    if len(counts) == n_way:
+        warn(f"only {len(counts)} classes: every episode uses the same classes")
+    say(f"results: {out / 'fewshot.json'}")
+    return doc
+
+
+def _episode_options(cfg: DictConfig) -> tuple[int, list[int], int, int, str, str]:
+    """``n_way``, ``n_shot``, ``episodes``, ``seed``, ``center``, ``split``, checked."""
+    n_way = _ints(cfg.get("n_way", 5), "n_way")
+    if len(n_way) != 1:
+        raise TLError(f"n_way={cfg.n_way!r} must be one integer")
+    n_way = n_way[0]
+    shots = _ints(cfg.get("n_shot", [1, 5]), "n_shot")
+    episodes = _ints(cfg.get("episodes", 600), "episodes")
+    if len(episodes) != 1:
+        raise TLError(f"episodes={cfg.episodes!r} must be one integer")
+    episodes = episodes[0]
+    if episodes > MAX_EPISODES:
+        raise TLError(
+            f"episodes={episodes} must be at most {MAX_EPISODES} (the 95% interval is "
+            f"already +-{1.96 * 0.5 / MAX_EPISODES**0.5:.4f} at most)"
+        )
+    try:
+        seed = int(cfg.get("seed", 0))
+    except (TypeError, ValueError):
+        raise TLError(f"seed={cfg.get('seed')!r} must be an integer") from None
+    center = str(cfg.get("center", "none"))
+    if center not in ("support", "none"):
+        raise TLError(f"center={center!r} must be support or none")
+    split = str(cfg.get("split", "all"))
+    return n_way, shots, episodes, seed, center, split
+
+
+def _show(results: dict[str, Any], n_way: int, n_query: int, episodes: int) -> None:
+    """The accuracy table: one row per shot count, with its 95% interval."""
     from rich.table import Table
 
     t = Table(
@@ -310,7 +325,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for k, r in results.items():
         t.add_row(k, f"{r['acc']:.4f}", f"± {r['ci95']:.4f}")
     show(t)
-    if len(counts) == n_way:
-        warn(f"only {len(counts)} classes: every episode uses the same classes")
-    say(f"results: {out / 'fewshot.json'}")
-    return doc
