@@ -115,8 +115,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import tl_cli.tasks.components  # noqa: F401 - every registry complete
     from tl_cli.core.device import pick_device
     from tl_cli.core.outputs import check_output, claim_run_dir, earlier_outputs, release_run_dir
-    from tl_cli.core.registry import plain
-    from tl_cli.data.base import DATASETS
     from tl_cli.modalities.backbones import build_backbone  # noqa: F401 - registries
     from tl_cli.run import gates as tl_gates
     from tl_cli.run.training import stored_dataset_config
@@ -132,6 +130,41 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"{found[0]} already exists: choose another hydra.run.dir, or pass overwrite=true"
         )
     device = pick_device(cfg.get("device", "auto"))
+    dm, class_names, classes, overrides = _classes(cfg)
+    has_root = dm is not None
+    descriptions = class_descriptions(class_names, classes)
+    module = _build_classifier(cfg, class_names, descriptions, overrides, device)
+    module.dataset_config = stored_dataset_config(cfg.dataset) if has_root else None
+    claim_run_dir(out, overwrite=overwrite)
+    save_module(module.cpu(), ckpt_path)
+    say(f"checkpoint: {ckpt_path}")
+    result: dict[str, Any] = {
+        "checkpoint": str(ckpt_path),
+        "class_names": class_names,
+        "descriptions": descriptions,
+    }
+    if dm is None:
+        release_run_dir(out)
+        say(f"next: tl eval checkpoint={ckpt_path} dataset.root=DIR")
+        return result
+    # scored as `tl eval` scores it, from the checkpoint just written, on the data module built
+    # from the user's own dataset options (skip_corrupt, batch_size, ...)
+    from tl_cli.run.evaluation import evaluate_module, pick_split
+    from tl_cli.tasks.loading import load_module
+
+    scored, ckpt = load_module(ckpt_path)
+    dm.set_preprocessing(ckpt["tl"]["preprocessing"])
+    split = pick_split(dm, str(cfg.get("split", "auto")), new_root=True)
+    result.update(evaluate_module(scored, ckpt_path, dm, split, cfg, gates))
+    return result
+
+
+def _classes(cfg: DictConfig) -> tuple[Any, list[str], Any, dict[str, Any]]:
+    """The data module (None without ``dataset.root``), the class names, the user's
+    ``classes`` (a dict of descriptions, or None) and the preprocessing overrides."""
+    from tl_cli.core.registry import plain
+    from tl_cli.data.base import DATASETS
+
     classes = cfg.get("classes")
     classes = (
         OmegaConf.to_container(classes) if isinstance(classes, DictConfig | ListConfig) else classes
@@ -158,7 +191,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "tl zeroshot needs class names: dataset.root=DIR (its class folders or labels) "
             "or classes=[name,name,...]"
         )
-    descriptions = class_descriptions(class_names, classes)
+    return dm, class_names, classes, overrides
+
+
+def _build_classifier(
+    cfg: DictConfig,
+    class_names: list[str],
+    descriptions: list[str],
+    overrides: dict[str, Any],
+    device: Any,
+) -> Any:
+    """ConSE on an image backbone's ImageNet head, or the text encoder's class embeddings."""
     from tl_cli.modalities.backbones import get_spec
 
     spec = get_spec(str(cfg.backbone.get("name")))
@@ -180,26 +223,4 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = build(cfg, class_names, descriptions, overrides, device)
     if module.backbone.modality not in ("image", "text"):
         raise TLError(f"tl zeroshot reads images or text, not {module.backbone.modality}")
-    module.dataset_config = stored_dataset_config(cfg.dataset) if has_root else None
-    claim_run_dir(out, overwrite=overwrite)
-    save_module(module.cpu(), ckpt_path)
-    say(f"checkpoint: {ckpt_path}")
-    result: dict[str, Any] = {
-        "checkpoint": str(ckpt_path),
-        "class_names": class_names,
-        "descriptions": descriptions,
-    }
-    if dm is None:
-        release_run_dir(out)
-        say(f"next: tl eval checkpoint={ckpt_path} dataset.root=DIR")
-        return result
-    # scored as `tl eval` scores it, from the checkpoint just written, on the data module built
-    # from the user's own dataset options (skip_corrupt, batch_size, ...)
-    from tl_cli.run.evaluation import evaluate_module, pick_split
-    from tl_cli.tasks.loading import load_module
-
-    scored, ckpt = load_module(ckpt_path)
-    dm.set_preprocessing(ckpt["tl"]["preprocessing"])
-    split = pick_split(dm, str(cfg.get("split", "auto")), new_root=True)
-    result.update(evaluate_module(scored, ckpt_path, dm, split, cfg, gates))
-    return result
+    return module
