@@ -212,18 +212,7 @@ def _make_build(
     def build(scfg: DictConfig):
         dm = DATASETS.build(dataset)
         dm.prepare()
-        t_names = list(teacher.class_names)
-        if list(dm.class_names) != t_names:
-            missing = [c for c in t_names if c not in dm.class_names]
-            extra = [c for c in dm.class_names if c not in t_names]
-            detail = (f"missing {', '.join(missing[:5])}" if missing else "") + (
-                f"{'; ' if missing else ''}extra {', '.join(extra[:5])}" if extra else ""
-            )
-            raise TLError(
-                f"dataset classes differ from the teacher's (teacher={tckpt['path']}): "
-                + (detail or "same names in another order")
-                + "; a student learns the teacher's classes: use the teacher's dataset or one with its class folders"
-            )
+        _check_classes(dm, teacher, tckpt)
         task = DISTILLERS.get(tckpt["tl"]["task"])(
             backbone=student_bb,
             head=plain(scfg.head),
@@ -242,34 +231,9 @@ def _make_build(
                 f"{teacher.backbone.modality}: pick a {teacher.backbone.modality} student"
             )
         if from_teacher:
-            tsd = teacher.backbone.state_dict()
-            ssd = task.backbone.state_dict()
-            bad = [k for k in ssd if k not in tsd or tsd[k].shape != ssd[k].shape]
-            if bad:
-                raise TLError(
-                    f"the student backbone does not fit the teacher's weights (e.g. {bad[0]})"
-                )
-            task.backbone.load_state_dict({k: tsd[k] for k in ssd}, strict=True)
-        if modality == "image":
-            adapter: nn.Module = ImageAdapter(task.preprocessing, teacher.preprocessing)
-        else:
-            same = {k: v for k, v in task.preprocessing.items() if k != "max_length"} == {
-                k: v for k, v in teacher.preprocessing.items() if k != "max_length"
-            }
-            if not same:
-                raise TLError(
-                    f"backbone {task.backbone.name} reads its {modality} inputs differently from the "
-                    f"teacher's {teacher.backbone.name} (tokenizer / front end): pick a student "
-                    "with the same one, or the teacher's own backbone with backbone.depth=K"
-                )
-            adapter = nn.Identity()
-        n_unlab = 0
-        if unlabeled_root:
-            rows = task.unlabeled_rows(unlabeled_root)  # the task's own inputs (NER sentences)
-            if rows is None:
-                rows = [(x, -1) for x in unlabeled_items(unlabeled_root, modality)]
-            n_unlab = len(rows)
-            dm.splits["train"] = list(dm.splits["train"]) + rows
+            _load_teacher_backbone(task, teacher)
+        adapter = _teacher_input(task, teacher, modality)
+        n_unlab = _add_unlabelled(task, dm, unlabeled_root, modality)
         temperature, alpha = kd_settings(*_check_kd(scfg), teacher.backbone.modality)
         task.attach_teacher(
             task.teacher_net(teacher),
@@ -288,24 +252,87 @@ def _make_build(
         ds_store = {k: v for k, v in dataset.items() if k != "unlabeled_root"}
         task.dataset_config = stored_dataset_config(ds_store)
         dm.set_preprocessing(task.preprocessing)
-        task.balance = getattr(dm, "balance", None)
-        if task.balance == "sampler" and n_unlab:
-            raise TLError(
-                "dataset.balance=sampler cannot draw unlabelled inputs by class; "
-                "use dataset.balance=weights with dataset.unlabeled_root"
-            )
-        if task.balance == "weights":
-            import numpy as np
-
-            from tl_cli.transfer.probe import class_weights
-
-            labels = np.asarray([y for _, y in dm.splits["train"] if y >= 0])
-            task.class_weight = torch.as_tensor(
-                class_weights(labels, dm.num_classes), dtype=torch.float32
-            )
+        _balance(task, dm, n_unlab)
         return task, dm
 
     return build
+
+
+def _check_classes(dm: Any, teacher: Any, tckpt: dict[str, Any]) -> None:
+    """A student learns the teacher's classes: the data's must be the same, in order."""
+    t_names = list(teacher.class_names)
+    if list(dm.class_names) != t_names:
+        missing = [c for c in t_names if c not in dm.class_names]
+        extra = [c for c in dm.class_names if c not in t_names]
+        detail = (f"missing {', '.join(missing[:5])}" if missing else "") + (
+            f"{'; ' if missing else ''}extra {', '.join(extra[:5])}" if extra else ""
+        )
+        raise TLError(
+            f"dataset classes differ from the teacher's (teacher={tckpt['path']}): "
+            + (detail or "same names in another order")
+            + "; a student learns the teacher's classes: use the teacher's dataset or one with its class folders"
+        )
+
+
+def _load_teacher_backbone(task: Any, teacher: Any) -> None:
+    """``student_init=teacher``: the student backbone starts from the teacher's own weights."""
+    tsd = teacher.backbone.state_dict()
+    ssd = task.backbone.state_dict()
+    bad = [k for k in ssd if k not in tsd or tsd[k].shape != ssd[k].shape]
+    if bad:
+        raise TLError(f"the student backbone does not fit the teacher's weights (e.g. {bad[0]})")
+    task.backbone.load_state_dict({k: tsd[k] for k in ssd}, strict=True)
+
+
+def _teacher_input(task: Any, teacher: Any, modality: str) -> nn.Module:
+    """What turns the student's batch into the teacher's input: an image adapter (another size or
+    normalisation), else nothing, and then the two must read inputs the same way."""
+    if modality == "image":
+        adapter: nn.Module = ImageAdapter(task.preprocessing, teacher.preprocessing)
+    else:
+        same = {k: v for k, v in task.preprocessing.items() if k != "max_length"} == {
+            k: v for k, v in teacher.preprocessing.items() if k != "max_length"
+        }
+        if not same:
+            raise TLError(
+                f"backbone {task.backbone.name} reads its {modality} inputs differently from the "
+                f"teacher's {teacher.backbone.name} (tokenizer / front end): pick a student "
+                "with the same one, or the teacher's own backbone with backbone.depth=K"
+            )
+        adapter = nn.Identity()
+    return adapter
+
+
+def _add_unlabelled(task: Any, dm: Any, root: Any, modality: str) -> int:
+    """``dataset.unlabeled_root``'s inputs join training as rows without a label (soft
+    targets only); how many."""
+    n_unlab = 0
+    if root:
+        rows = task.unlabeled_rows(root)  # the task's own inputs (NER sentences)
+        if rows is None:
+            rows = [(x, -1) for x in unlabeled_items(root, modality)]
+        n_unlab = len(rows)
+        dm.splits["train"] = list(dm.splits["train"]) + rows
+    return n_unlab
+
+
+def _balance(task: Any, dm: Any, n_unlab: int) -> None:
+    """``dataset.balance``: class weights from the labelled rows; no sampler with unlabelled ones."""
+    task.balance = getattr(dm, "balance", None)
+    if task.balance == "sampler" and n_unlab:
+        raise TLError(
+            "dataset.balance=sampler cannot draw unlabelled inputs by class; "
+            "use dataset.balance=weights with dataset.unlabeled_root"
+        )
+    if task.balance == "weights":
+        import numpy as np
+
+        from tl_cli.transfer.probe import class_weights
+
+        labels = np.asarray([y for _, y in dm.splits["train"] if y >= 0])
+        task.class_weight = torch.as_tensor(
+            class_weights(labels, dm.num_classes), dtype=torch.float32
+        )
 
 
 def _check_kd(cfg: DictConfig) -> tuple[float | None, float | None]:
