@@ -16,7 +16,7 @@ and are scored by the same COCO mAP (torchmetrics, faster_coco_eval).
 One run per call, so that each fits a short turn of the shared lock; rows are appended to
 ``--out`` as they finish and ``--report`` renders the docs section from them:
 
-    OMP_NUM_THREADS=1 flock /work/heavy.lock timeout 900 nice -n 10 \\
+    OMP_NUM_THREADS=1 flock /work/bench.lock timeout 900 nice -n 5 \\
         python scripts/bench_detection.py --run reference --epochs 5 --out bench_det.jsonl
     ... --run finetune / --run train / --run train --set head=retinanet --label train:retinanet
     python scripts/bench_detection.py --report bench_det.jsonl     # docs/benchmarks.md section
@@ -309,7 +309,7 @@ def main() -> None:
         res = tl_run(args.run, args.data, args.epochs, args.seed, args.set, work)
     bench_cmd = " ".join(
         [
-            f"OMP_NUM_THREADS={args.threads} flock /work/heavy.lock timeout 900 nice -n 10",
+            f"OMP_NUM_THREADS={args.threads} flock /work/bench.lock timeout 900 nice -n 5",
             "python scripts/bench_detection.py",
             f"--run {args.run}",
             *(f"--set {s}" for s in args.set),
