@@ -57,6 +57,7 @@ def folder_features(
         return z["x"], z["y"]
     import torch
 
+    import tl_cli.modalities.image.data  # noqa: F401  (registers imagefolder)
     from tl_cli.data.base import DATASETS, ItemDataset
     from tl_cli.data.features import extract
     from tl_cli.modalities.backbones import build_backbone
