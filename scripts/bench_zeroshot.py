@@ -76,6 +76,7 @@ def image_logits(name: str, root: Path, split: str) -> dict:
         return {"logits": z["logits"], "labels": z["labels"], "classes": list(z["classes"])}
     import torch
 
+    import tl_cli.modalities.image.data  # noqa: F401  (registers imagefolder)
     from tl_cli.data.base import DATASETS
     from tl_cli.data.features import extract
     from tl_cli.modalities.backbones import build_backbone
