@@ -795,6 +795,93 @@ def test_eval_predict_export_from_the_checkpoint(ner_run, ner_dir, tmp_path):
     assert "tokenizer" in side
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors"])
+def test_export_torchscript_and_safetensors_keep_the_token_axis_free(ner_run, tmp_path, fmt):
+    """The other two export formats of a NER checkpoint: token logits checked against PyTorch by
+    tl export, then run here on a batch of a length neither the trace nor tl's check used."""
+    from safetensors.torch import load_model
+
+    from tl_cli.commands import export
+    from tl_cli.modalities.base import modality_of
+    from tl_cli.modalities.text.tokenizer import encode, tokenizer_for
+    from tl_cli.tasks.loading import load_module
+
+    out, _ = ner_run
+    ckpt = out / "checkpoints" / "best.ckpt"
+    res = export.run(run_cfg([f"checkpoint={ckpt}", f"format={fmt}"], tmp_path / "ex", "export"))
+    assert res["passed"] is True, res
+    module, meta = load_module(ckpt)
+    side = json.loads(Path(res["sidecar"]).read_text())
+    n = len(module.class_names)
+    assert side["tags"] == module.class_names and side["output"]["shape"] == ["batch", "tokens", n]
+    assert side["data_tag_scheme"] == "BIOES" and "tokenizer" in side
+
+    prep = dict(meta["tl"]["preprocessing"])
+    words = "alice visited new paris and bob met carol in new paris again".split()
+    enc = encode(tokenizer_for(prep), [" ".join(words), "bob"], prep)
+    x = (enc["input_ids"], enc["attention_mask"])
+    with torch.no_grad():
+        ref = module(enc)
+        if fmt == "torchscript":
+            got = torch.jit.load(res["output"])(*x)
+        else:
+            net = module.export_spec(modality_of(meta["tl"]), prep).net
+            for p in net.parameters():
+                p.data.zero_()  # every weight must come from the file
+            load_model(net, res["output"], strict=True)
+            got = net(*x)
+    assert ref.shape == (2, x[0].shape[1], n) and got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["strategy=freeze_unfreeze", "strategy.unfreeze_at_epoch=1"],
+        ["strategy=gradual_unfreeze", "strategy.milestones=[1]"],
+        ["strategy=finetune", "strategy.layer_decay=0.5"],
+        ["strategy=finetune", "strategy.l2sp_alpha=0.01"],
+    ],
+    ids=["freeze_unfreeze", "gradual_unfreeze", "layer_decay", "l2sp"],
+)
+def test_transfer_strategies_fine_tune_the_ner_encoder(ner_bert, ner_dir, tmp_path, strategy):
+    """Every strategy the issue names trains a NER tagger: the encoder stays as loaded through
+    epoch 1 under (gradual) unfreezing and moves from the start otherwise; by the end the
+    embeddings and the deepest layer have trained, and the run scores entities."""
+    import pytorch_lightning as pl
+
+    from tl_cli.modalities.backbones import build_backbone
+    from tl_cli.run.training import train
+
+    cfg = compose_cfg(
+        ner_overrides(
+            ner_bert, ner_dir, *strategy, "trainer.max_epochs=3", "optimizer.lr=3e-3",
+            "strategy.backbone_lr_mult=1.0", "dataset.max_length=12",
+        ),
+        "finetune",
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    start = build_backbone({"name": "hf", "source": "hf", "path": str(ner_bert)}).state_dict()
+    moved: list[dict[str, float]] = []
+
+    class Moved(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            now = pl_module.backbone.state_dict()
+            moved.append({k: float((now[k].cpu() - v).abs().max()) for k, v in start.items()})
+
+    m, _ = train(cfg, callbacks=[Moved()])
+    assert m["task"] == "ner" and m["test/f1"] > 0.3, m
+    assert len(moved) == 3
+    unfreezes = "unfreeze" in strategy[0]
+    assert (max(moved[0].values()) == 0.0) == unfreezes, moved[0]
+    for k in (
+        "model.encoder.layer.1.output.dense.weight",
+        "model.embeddings.word_embeddings.weight",
+    ):
+        assert moved[-1][k] > 0, k
+
+
 def test_eval_on_another_file_in_another_scheme_with_an_unseen_type(ner_run, tmp_path, capsys):
     from tl_cli.commands import evaluate
 
