@@ -280,6 +280,26 @@ def test_load_directory_with_dev_and_test(tmp_path):
     assert d.layout == "train.conll + dev.conll + test.conll"
 
 
+def test_a_set_tag_scheme_settles_what_detection_cannot(tmp_path):
+    """A file whose entities all start with I- and never touch reads as IO or as IOB1: auto
+    says IO; ``dataset.tag_scheme=iob1`` reads it as IOB1, the summary says it was set, and
+    predictions go back in IOB1 (B- between two adjacent entities of one type, which IO cannot
+    write). A tag of another scheme in a set scheme names its line."""
+    f = write(tmp_path / "a.conll", "alice\tI-PER\nmet\tO\nbob\tI-PER\n\nin\tO\nparis\tI-LOC\n\n")
+    auto = io.load(f, carve_splits=False)
+    assert auto.source_scheme == "IO" and auto.scheme_report.describe() == "IO (detected)"
+    d = io.load(f, tag_scheme="iob1", carve_splits=False)
+    assert d.source_scheme == "IOB1" and d.scheme_report.describe() == "IOB1 (set)"
+    assert "tags read as IOB1 (set)" in d.describe() and not d.warnings
+    assert [s.tags for s in d.splits["train"]] == [["B-PER", "O", "B-PER"], ["O", "B-LOC"]]
+    two = ["B-PER", "B-PER", "O"]  # two adjacent one-word persons
+    assert model.in_scheme(two, "IOB1") == ["I-PER", "B-PER", "O"]
+    assert model.in_scheme(two, "IO") == ["I-PER", "I-PER", "O"]
+    g = write(tmp_path / "b.conll", "alice\tS-PER\nmet\tO\n")
+    with pytest.raises(TLError, match=r"b.conll: line 1: tag 'S-PER' is not a BIO tag"):
+        io.load(g, tag_scheme="BIO", carve_splits=False)
+
+
 def test_load_converts_every_scheme_to_the_same_internal_tags(tmp_path):
     data = synthetic(20, seed=3)
     ref = None
