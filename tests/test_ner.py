@@ -920,6 +920,31 @@ def test_eval_on_another_file_in_another_scheme_with_an_unseen_type(ner_run, tmp
     assert "entity type(s) the model never learned: ORG" in capsys.readouterr().out
 
 
+def test_bad_ner_data_is_one_line_exit_2_before_training(ner_bert, tmp_path):
+    """The real ``tl finetune task=ner`` on a train file mixing BIO and IOB1 starts: one line
+    naming a line of each, exit 2, no traceback, nothing trained or written. (A bad byte in a
+    test file of a directory stops io.load the same way, before any model is built.)"""
+    import re
+
+    from .conftest import run_tl
+
+    root = tmp_path / "data"
+    root.mkdir()
+    write(root / "train.conll", "alice\tB-PER\nmet\tO\n\nparis\tI-LOC\nx\tO\n")
+    run = tmp_path / "run"
+    r = run_tl("finetune", *ner_overrides(ner_bert, root), f"hydra.run.dir={run}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    want = r"mixed BIO and IOB1 tags.*train.conll: line 1.*train.conll: line 4"
+    assert len(lines) == 1 and re.search(want, lines[0]), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
+    write(root / "train.conll", "alice\tB-PER\n")
+    write(root / "test.conll", b"alice\tB-PER\n\nM\xfcller\tO\n")
+    with pytest.raises(TLError, match=r"test.conll: line 3: bytes that are not UTF-8"):
+        io.load(root)
+
+
 def test_train_task_ner_frozen_encoder_trains_the_head_by_sgd(ner_bert, ner_dir, tmp_path):
     """tl train task=ner: the encoder stays as loaded, the head trains (head_fit=lbfgs is read as
     sgd: no head-only epoch)."""
