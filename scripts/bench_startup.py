@@ -67,9 +67,14 @@ COMMANDS = [
     ("tl train trainer.max_epoch=1 (key typo)", 3.0, ["train", "trainer.max_epoch=1"]),
     ("tl train trainer.max_epochs=0 (bad value)", 3.0, ["train", "trainer.max_epochs=0"]),
     (
-        "tl train dataset.root=/no/such/folder",
+        "tl train dataset=imagefolder dataset.root=/no/such/folder",
         3.0,
-        ["train", "dataset.root=/no/such/folder"],
+        ["train", "dataset=imagefolder", "dataset.root=/no/such/folder"],
+    ),
+    (
+        "tl train modality=text dataset.root=nolabel.csv (no label column)",
+        3.0,
+        ["train", "modality=text", "dataset.root=nolabel.csv"],
     ),
     ("tl eval checkpoint=/no/such.ckpt", 3.0, ["eval", "checkpoint=/no/such.ckpt"]),
 ]
@@ -165,6 +170,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
+        (cwd / "nolabel.csv").write_text("text\ngreat value\nbroke in a week\n")
         for label, target, cmd in COMMANDS:
             walls, cpus, rc = time_command(cmd, args.runs, cwd)
             med = statistics.median(walls)
