@@ -160,6 +160,28 @@ def test_skip_corrupt_skips_with_a_warning_and_counts_in_metrics(tmp_path: Path,
     assert saved["train_size"] + saved["val_size"] == 24
 
 
+def test_skipped_files_are_named_in_the_run_log_too(tmp_path: Path, capsys) -> None:
+    """Hydra's job logging gives the root logger a file handler (RUN/<command>.log): the skipped
+    files are listed there as well as on stderr, so the run's record says what it left out."""
+    import logging
+
+    from tl_cli.data.scan import BadImage, warn_skipped
+
+    log = tmp_path / "zeroshot.log"
+    handler = logging.FileHandler(log)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        warn_skipped([BadImage(str(tmp_path / "cat" / "t.jpg"), "truncated")], tmp_path)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    text = log.read_text()
+    assert f"skipping 1 unreadable image(s) under {tmp_path}" in text
+    assert f"skipped {tmp_path / 'cat' / 't.jpg'}: truncated" in text
+    assert "skipping 1 unreadable image(s)" in capsys.readouterr().err
+
+
 def test_skip_corrupt_still_fails_when_a_class_has_no_readable_image(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", {"train": 3})
     (root / "train" / "wolf").mkdir()

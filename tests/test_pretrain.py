@@ -239,7 +239,10 @@ def test_max_epochs_counts_in_steps_and_says_so(unlabelled: Path, tmp_path: Path
     assert "dataset.image_size=32" in out.split("next:", 1)[1]
 
 
-def test_interrupt_keeps_the_backbone_and_exits_130(unlabelled: Path, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("inside_step", [False, True])
+def test_interrupt_keeps_the_backbone_and_exits_130(
+    unlabelled: Path, tmp_path: Path, monkeypatch, inside_step: bool
+):
     import signal
 
     from tl_cli.commands.pretrain import run
@@ -248,6 +251,11 @@ def test_interrupt_keeps_the_backbone_and_exits_130(unlabelled: Path, tmp_path: 
     step = SimCLRModule.training_step
 
     def interrupted(self, batch, i):
+        if inside_step:  # Ctrl-C in the 4th step, after its loss, before its update
+            loss = step(self, batch, i)
+            if len(self.losses) == 4:
+                raise KeyboardInterrupt
+            return loss
         if len(self.losses) == 3:
             raise KeyboardInterrupt  # Ctrl-C after three optimizer steps
         return step(self, batch, i)

@@ -78,6 +78,30 @@ def test_help_and_config_errors_import_no_torch(args, says, tmp_path):
     assert not (tmp_path / "outputs").exists()  # a command that wrote nothing leaves no run dir
 
 
+def test_a_csv_without_its_label_column_fails_before_torch(tmp_path: Path):
+    (tmp_path / "reviews.csv").write_text("text\ngreat value\nbroke in a week\n")
+    rc, heavy, err = _run_main(["train", "modality=text", "dataset.root=reviews.csv"], tmp_path)
+    assert heavy == [], (heavy, err[-2000:])
+    assert rc == 2 and "no column 'label' (columns: text); set dataset.label_column" in err, err
+    assert "Traceback" not in err and not (tmp_path / "outputs").exists()
+
+
+def test_help_into_a_closed_pipe_ends_quietly(tmp_path: Path):
+    """``tl train --help | head -1``: the reader closes the pipe before tl has written."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tl_cli", "train", "--help"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # nobody reads: tl's first write meets a closed pipe
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 141, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
 def test_a_failed_run_keeps_folders_that_were_there(tmp_path: Path):
     (tmp_path / "outputs" / "eval" / "earlier").mkdir(parents=True)
     r = run_tl("eval", "checkpoint=/no/such.ckpt", cwd=tmp_path)
@@ -116,6 +140,7 @@ def test_predict_to_a_file_elsewhere_leaves_no_run_dir(tmp_path: Path, good_ckpt
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.is_file() and not (tmp_path / "outputs").exists()
+    assert r.stdout.startswith(f"tl predict: {out}\n")  # not a run dir that is then removed
 
 
 def test_every_command_logs_to_a_file_named_after_it():

@@ -326,6 +326,7 @@ def test_train_eval_end_to_end(tiny_bert, text_csv, tmp_path):
     res = predict.run(cfg)
     assert res["num_images"] == 10 and res["num_errors"] == 0
     rows = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("text,label_1,")  # the column holds the text, not a file path
     assert rows[-2].startswith("great great value,") and rows[-1].startswith(
         "terrible awful broke,"
     )

@@ -107,8 +107,10 @@ def _task(command: str):
     @keep_sweeping  # multirun: a failed job is recorded and the sweep goes on
     def task(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            # a first line before the imports and the data scan (seconds on a cold start)
-            print(f"tl {command}: {cfg.get('output_dir')}", flush=True)
+            # a first line before the imports and the data scan (seconds on a cold start); a
+            # command told where to write (output=) names that: its run dir is then not kept
+            where = cfg.get("output") or cfg.get("output_dir")
+            print(f"tl {command}: {where}", flush=True)
         module = COMMANDS[command][1]
         try:
             from tl_cli.run.early import check_before_imports
@@ -151,6 +153,18 @@ def _discard(cfg, discard) -> None:  # noqa: ANN001 - a DictConfig and core.outp
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``tl ARGS``. A reader that stops early (``tl train --help | head``) ends tl quietly, with
+    the shell's exit code for a closed pipe (141), not a traceback."""
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        # Python's recipe: point stdout at devnull so the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(141) from None
+
+
+def _main(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     prog = sys.argv[0]
     if args and args[0] == "backbones":  # a plain command, no Hydra

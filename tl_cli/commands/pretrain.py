@@ -338,7 +338,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not trainer.interrupted:
             raise
     seconds = time.time() - t0
-    losses = module.losses
+    # the steps that finished (an interrupt inside a step leaves its loss without its update)
+    losses = module.losses[: trainer.global_step]
     if not losses or not all(math.isfinite(v) for v in losses):
         raise TLError(
             "pretraining loss became NaN/inf: lower pretrain.lr; nothing written", exit_code=1

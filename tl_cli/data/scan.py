@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tl_cli.core.errors import TLError
+from tl_cli.core.errors import TLError, log_line
 
 # We enforce PIL's pixel limit ourselves (with a clear message naming the file), so PIL's own
 # warning between 1x and 2x the limit would only be noise.
@@ -235,18 +235,17 @@ def drop_corrupt(
 
 
 def warn_skipped(bad: Sequence[BadImage], where: Path, noun: str = "image") -> None:
-    """One warning line per skipped file (up to MAX_LISTED), on stderr."""
-    print(
+    """One warning line per skipped file (up to MAX_LISTED), on stderr and in the run's log
+    (``<command>.log`` keeps which files a run left out)."""
+    lines = [
         f"tl: warning: skipping {len(bad)} unreadable {noun}(s) under {where} (dataset.skip_corrupt=true)",
-        file=sys.stderr,
-    )
-    for b in bad[:MAX_LISTED]:
-        print(f"tl: warning: skipped {b.path}: {b.reason}", file=sys.stderr)
+        *(f"tl: warning: skipped {b.path}: {b.reason}" for b in bad[:MAX_LISTED]),
+    ]
     if len(bad) > MAX_LISTED:
-        print(
-            f"tl: warning: ... and {len(bad) - MAX_LISTED} more (listed in metrics.json)",
-            file=sys.stderr,
-        )
+        lines.append(f"tl: warning: ... and {len(bad) - MAX_LISTED} more (listed in metrics.json)")
+    for line in lines:
+        print(line, file=sys.stderr)
+        log_line(line, level=30)
 
 
 def check_split_depth(root: Path, class_dirs: Iterable[str], placeholder: str = "<image>") -> None:

@@ -27,6 +27,9 @@ class Modality:
     name = "base"
     #: the noun used in messages (``images``, ``texts``, ``clips``)
     noun = "inputs"
+    #: the first column of ``tl predict``'s CSV (and key of its JSON rows): what it holds, a file
+    #: ``path`` (images, clips) or the ``text`` itself
+    item_column = "path"
     #: the ``dataset.name`` that reads a user's own data of this modality (a folder of class
     #: folders, a CSV, ...): ``tl eval dataset.root=DIR``, ``tl train modality=X dataset.root=...``
     folder_dataset = "imagefolder"
@@ -46,7 +49,7 @@ class Modality:
         return [str(i) for i in items]
 
     def item_name(self, item: Any) -> str:
-        """What the ``path`` column of predictions shows for an item."""
+        """What the ``item_column`` of predictions shows for an item."""
         return str(item)
 
     def loader(self, prep: dict[str, Any]) -> Callable[[Any], Any]:  # pragma: no cover

@@ -248,7 +248,12 @@ def train_report(out: Path, cfg: Any, metrics: dict[str, Any]) -> dict[str, str]
         f"- model: {metrics.get('backbone')} ({metrics.get('strategy')}), {metrics.get('num_classes')} classes: "
         + ", ".join(metrics.get("class_names", [])[:20])
         + (" ..." if len(metrics.get("class_names", [])) > 20 else ""),
-        f"- {metrics.get('item_noun', 'inputs')}: train {metrics.get('train_size')}, val {metrics.get('val_size')}, test {metrics.get('test_size')}",
+        f"- {metrics.get('item_noun', 'inputs')}: train {metrics.get('train_size')}, val {metrics.get('val_size')}, test {metrics.get('test_size')}"
+        + (
+            " (no val split: val is the training items; loo/acc, leave-one-out, is the estimate)"
+            if metrics.get("val_is_train")
+            else ""
+        ),
         f"- best checkpoint: `{metrics.get('best_checkpoint')}` (epoch {metrics.get('best_epoch')} of {metrics.get('epochs')})",
     ]
     if status:

@@ -30,6 +30,7 @@ class TextModality(Modality):
 
     name = "text"
     noun = "texts"
+    item_column = "text"  # predictions show the text itself, not a file path
     folder_dataset = "text"
     text_column = "text"
 

@@ -77,7 +77,7 @@ class ClassificationPredictor(Predictor):
     def write(self, path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
         if fmt == "csv":
             with atomic_path(path) as tmp:  # written beside it, then renamed: never half a file
-                write_csv(tmp, rows, self.k)
+                write_csv(tmp, rows, self.k, self.modality.item_column)
             return
         write_json(
             path,
@@ -90,7 +90,11 @@ class ClassificationPredictor(Predictor):
                 "num_images": len(rows),  # tl 0.1's name, kept for readers of schema 1
                 "num_errors": sum(1 for r in rows if r["error"]),
                 "predictions": [
-                    {"path": r["path"], "topk": r["result"] or [], "error": r["error"]}
+                    {
+                        self.modality.item_column: r["path"],
+                        "topk": r["result"] or [],
+                        "error": r["error"],
+                    }
                     for r in rows
                 ],
             },
@@ -127,11 +131,10 @@ class ClassificationPredictor(Predictor):
         console.print(t)
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]], k: int) -> None:
-    """Columns: path, label_1, prob_1, ..., label_k, prob_k, error (empty when the input was read)."""
-    header = (
-        ["path"] + [c for j in range(1, k + 1) for c in (f"label_{j}", f"prob_{j}")] + ["error"]
-    )
+def write_csv(path: Path, rows: list[dict[str, Any]], k: int, first: str = "path") -> None:
+    """Columns: ``first`` (the modality's item column: path, or text), label_1, prob_1, ...,
+    label_k, prob_k, error (empty when the input was read)."""
+    header = [first] + [c for j in range(1, k + 1) for c in (f"label_{j}", f"prob_{j}")] + ["error"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
