@@ -438,20 +438,34 @@ def main() -> None:
     print(text_table(headers, rows))
     if args.no_doc:
         return
-    body = f"""## {suite["title"]}
-
-`scripts/bench_adapt.py --suite {args.suite}`: trained on the labelled source, adapted to the
+    loads = [float(r["machine_load"][0]) for r in results if r.get("machine_load")]
+    load = f"1-minute load {min(loads):.1f}-{max(loads):.1f}" if loads else "load not recorded"
+    if suite.get("split"):
+        what = """speaker identification on unseen words: the
+speakers are the labels, `train/` holds the digits 0-6 (val carved by whole words) and `test/` the
+digits 7-9 (test accuracy, in %). `tl train` defaults for audio otherwise: frozen backbone, cached
+features, L-BFGS head (deterministic: one seed). `log-mel probe` and `keyword-embedding probe`:
+hand-written scikit-learn logistic regressions (standardised, C=1) on onnxruntime features of the
+same clips. See docs/audio.md, "Speaker identification"."""
+        command = f"python scripts/bench_adapt.py --suite {args.suite} --reference --extra backbone.features=voice"
+    else:
+        what = """trained on the labelled source, adapted to the
 target, whose labels only score it (target accuracy over the whole target, mean ± sample std over
 seeds, in %). `tl train` defaults for the modality otherwise: frozen backbone, cached features.
 `in-domain reference`: tl's L-BFGS probe trained on the target's own labels (5-fold CV on the
-target, the same features): the ceiling. See docs/adaptation.md for what each method does.
+target, the same features): the ceiling. See docs/adaptation.md for what each method does."""
+        command = f"python scripts/bench_adapt.py --suite {args.suite} --reference"
+    body = f"""## {suite["title"]}
+
+`scripts/bench_adapt.py --suite {args.suite}`: {what}
 
 {md_table(headers, rows)}
 
-Machine: {machine()}. Timings on a shared, loaded machine (load average 5-10 on 2 cores): rough.
+Machine: {machine()}, one torch thread (`OMP_NUM_THREADS=1`), shared with other jobs ({load}
+while these rows ran): timings are rough. Commands of each row: the `cmd` field of the JSON lines.
 
 ```bash
-python scripts/bench_adapt.py --suite {args.suite} --reference
+{command}
 ```
 """
     write_section("adapt" if args.suite == "coil" else f"adapt-{args.suite}", body)
