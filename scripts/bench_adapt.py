@@ -461,8 +461,8 @@ target, the same features): the ceiling. See docs/adaptation.md for what each me
 
 {md_table(headers, rows)}
 
-Machine: {machine()}, one torch thread (`OMP_NUM_THREADS=1`), shared with other jobs ({load}
-while these rows ran): timings are rough. Commands of each row: the `cmd` field of the JSON lines.
+Machine: {machine()}, `OMP_NUM_THREADS=1`, shared with other jobs ({load} while
+these rows ran): timings are rough. Commands of each row: the `cmd` field of the JSON lines.
 
 ```bash
 {command}
