@@ -12,6 +12,14 @@ target's labels only score it, ``target/acc`` in metrics.json):
   MiniLM. The source CSV is carved as usual (val, test); the whole movie set is the target.
 * ``speech``: spoken digits (labels: the digit folders), trained on two speakers and adapted to
   the third (``george+jackson:lucas`` ...), the bundled speech embedding model.
+* ``speaker``: speaker identification on unseen words, no adaptation: the three speakers are the
+  labels (``dataset.label_from=regex``), ``train/`` holds the digits 0-6 and ``test/`` the digits
+  7-9 (``test/acc``); val is carved from train by whole words (``dataset.group_regex``). Compare
+  ``--extra backbone.features=words|voice|both``. Its ``--reference`` rows are hand-written
+  scikit-learn logistic regressions (standardised, C=1, on all of train) on features computed with
+  onnxruntime from openWakeWord's ONNX files, independent of tl's torch port: ``log-mel probe``
+  (the mean and std of each mel band over the clip's frames) and ``keyword-embedding probe``
+  (the mean of the speech embedding model's windows, openWakeWord's plain recipe).
 
 ``--reference`` adds the in-domain ceiling: tl's L-BFGS probe trained on the *target's* labels,
 scored by 5-fold stratified cross-validation on the target (the same frozen features, one fold
@@ -56,7 +64,22 @@ SUITES: dict[str, dict[str, Any]] = {
         "pairs": ("george+jackson:lucas", "george+lucas:jackson", "jackson+lucas:george"),
         "overrides": ["modality=audio", "dataset.num_workers=0"],
     },
+    "speaker": {
+        "title": "Speaker identification on unseen words (spoken digits)",
+        "pairs": ("digits0-6:digits7-9",),
+        "overrides": [
+            "modality=audio",
+            "dataset.num_workers=0",
+            "dataset.label_from=regex",
+            "dataset.label_regex='^\\d+_([a-z]+)_'",
+            "dataset.group_regex='^(\\d+)_'",
+        ],
+        # one root with train/ and test/ (scored as test/acc), not a source and a target
+        "split": True,
+    },
 }
+#: rows that are not tl runs (the ceiling; the speaker suite's hand-written probes)
+REFERENCES = ("in-domain reference", "log-mel probe", "keyword-embedding probe")
 # overrides that only place the bench's files or pin the machine: left out of the printed command
 HIDDEN = ("strategy.cache_dir", "overwrite", "trainer.accelerator", "dataset.num_workers")
 
@@ -80,6 +103,29 @@ def speaker_folder(speakers: list[str]) -> Path:
     return out
 
 
+def word_split(train: str, test: str) -> Path:
+    """``train/<digit>/`` with the digits of ``train`` and ``test/<digit>/`` with those of ``test``
+    (symlinks into the shared set, every speaker)."""
+    src = DATA / "spoken-digits-3speakers"
+    out = OUT / "data" / f"words{train}-{test}"
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    for split, digits in (("train", train), ("test", test)):
+        for digit in digits:
+            (tmp / split / digit).mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / digit).glob("*.wav")):
+                (tmp / split / digit / f.name).symlink_to(f)
+    tmp.rename(out)
+    return out
+
+
+def digits(name: str) -> str:
+    """``digits0-6`` -> ``0123456``."""
+    lo, hi = name.removeprefix("digits").split("-")
+    return "".join(str(d) for d in range(int(lo), int(hi) + 1))
+
+
 def domain(suite: str, name: str) -> Path:
     if suite == "coil":
         return DATA / "coil20-domains" / name
@@ -97,10 +143,13 @@ def config(suite: str, src: str, tgt: str, method: str, seed: int, extra: list[s
 
     from tl_cli.cli import config_dir
 
+    if SUITES[suite].get("split"):
+        data = [f"dataset.root={word_split(digits(src), digits(tgt))}"]
+    else:
+        data = [f"dataset.root={domain(suite, src)}", f"dataset.target_root={domain(suite, tgt)}"]
     overrides = [
         *SUITES[suite]["overrides"],
-        f"dataset.root={domain(suite, src)}",
-        f"dataset.target_root={domain(suite, tgt)}",
+        *data,
         f"adapt={method}",
         *extra,
         f"seed={seed}",
@@ -129,18 +178,75 @@ def run_one(suite: str, src: str, tgt: str, method: str, seed: int, extra: list[
     t0 = time.perf_counter()
     m = run(cfg)
     shown = (o for o in overrides if not o.startswith(HIDDEN))
+    split = SUITES[suite].get("split")  # scored on test/, not on a target
     return {
         "suite": suite,
         "pair": f"{src}->{tgt}",
         "method": method + tag(extra),
         "seed": seed,
-        "target_acc": m["target/acc"],
-        "source_val_acc": m["source/val/acc"],
-        "target_entropy": m["target/entropy"],
+        "target_acc": m["test/acc" if split else "target/acc"],
+        "source_val_acc": m["val/acc" if split else "source/val/acc"],
+        "target_entropy": None if split else m["target/entropy"],
         "fit_seconds": m["fit_seconds"],
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "cmd": "tl train " + " ".join(shown),
     }
+
+
+def speaker_probes(src: str, tgt: str) -> list[dict]:
+    """Hand-written speaker-ID probes (the issue's): scikit-learn logistic regression on
+    onnxruntime features of train (all of it) scored on test; deterministic, so one row each."""
+    import numpy as np
+    import onnxruntime as ort
+    from bench_audio import ort_embed
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from tl_cli.modalities.audio.backbone import MIN_SAMPLES, model_dir
+    from tl_cli.modalities.audio.data import load_audio
+
+    root = word_split(digits(src), digits(tgt))
+    files = {s: sorted((root / s).rglob("*.wav")) for s in ("train", "test")}
+    labels = {s: [f.name.split("_")[1] for f in fs] for s, fs in files.items()}
+    mel = ort.InferenceSession(str(model_dir() / "melspectrogram.onnx"))
+
+    def mel_stats(paths: list[Path]) -> np.ndarray:
+        out = []
+        for p in paths:
+            x = load_audio(p, 16000)
+            if len(x) < MIN_SAMPLES:  # as in ort_embed: centre-pad a short clip to one window
+                room = MIN_SAMPLES - len(x)
+                x = np.pad(x, (room // 2, room - room // 2))
+            x16 = np.clip(np.round(x * 32768), -32768, 32767).astype(np.float32)
+            spec = mel.run(None, {"input": x16[None]})[0].squeeze() / 10 + 2  # (frames, 32)
+            out.append(np.concatenate([spec.mean(0), spec.std(0)]))
+        return np.stack(out)
+
+    rows = []
+    for name, feats in (
+        ("log-mel probe", mel_stats),
+        ("keyword-embedding probe", lambda ps: ort_embed(ps)[0]),
+    ):
+        t0 = time.perf_counter()
+        xtr, xte = feats(files["train"]), feats(files["test"])
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+        clf.fit(xtr, labels["train"])
+        acc = float(np.mean(clf.predict(xte) == np.array(labels["test"])))
+        rows.append(
+            {
+                "suite": "speaker",
+                "pair": f"{src}->{tgt}",
+                "method": name,
+                "seed": 0,
+                "target_acc": acc,
+                "source_val_acc": None,
+                "target_entropy": None,
+                "fit_seconds": round(time.perf_counter() - t0, 1),
+                "cmd": "",
+            }
+        )
+    return rows
 
 
 def reference(suite: str, src: str, tgt: str, seeds: list[int], extra: list[str]) -> list[dict]:
@@ -210,7 +316,7 @@ def table(results: list[dict], pairs: list[str], methods: list[str]) -> tuple[li
         "fit s (mean)",
     ]
     rows = []
-    order = [*methods, "in-domain reference"]
+    order = [*methods, *REFERENCES]
     for pair_arg in pairs:
         pair = pair_arg.replace(":", "->")
         base = None
@@ -250,14 +356,15 @@ def table(results: list[dict], pairs: list[str], methods: list[str]) -> tuple[li
     return headers, rows
 
 
-def read_lines(path: Path) -> list[dict]:
+def read_lines(path: Path, suite: str) -> list[dict]:
     if not path.exists():
         return []
     out: dict[tuple, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            out[(r["pair"], r["method"], r["seed"])] = r  # the latest run of a row counts
+            if r.get("suite", suite) == suite:  # one file may hold every suite's lines
+                out[(r["pair"], r["method"], r["seed"])] = r  # the latest run of a row counts
     return list(out.values())
 
 
@@ -265,7 +372,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=sorted(SUITES), default="coil")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument(
+        "--methods", nargs="+", default=None, help="default: all (speaker: none, no target)"
+    )
     ap.add_argument("--pairs", nargs="+", default=None, help="e.g. coil2:coil1 (default: all)")
     ap.add_argument(
         "--extra",
@@ -279,6 +388,12 @@ def main() -> None:
     )
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     ap.add_argument(
+        "--lines",
+        type=Path,
+        default=None,
+        help="the JSON lines file to append to and read (default: build/bench/adapt/SUITE.jsonl)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -290,13 +405,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     suite = SUITES[args.suite]
     pairs = args.pairs or list(suite["pairs"])
-    lines = OUT / f"{args.suite}.jsonl"
+    args.methods = args.methods or (["none"] if suite.get("split") else list(METHODS))
+    lines = args.lines or OUT / f"{args.suite}.jsonl"
     lines.parent.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         for pair in pairs:
             src, tgt = pair.split(":")
             todo: list[dict] = []
-            if args.reference:
+            if args.reference and suite.get("split"):
+                todo += speaker_probes(src, tgt)
+            elif args.reference:
                 todo += reference(args.suite, src, tgt, args.seeds, list(args.extra))
             for r in todo:
                 with open(lines, "a") as fh:
@@ -313,27 +431,41 @@ def main() -> None:
                         f"{r['target_acc']:.4f}",
                         flush=True,
                     )
-    results = read_lines(lines)
+    results = read_lines(lines, args.suite)
     methods = list(dict.fromkeys([*args.methods, *(r["method"] for r in results)]))
-    methods = [m for m in methods if m != "in-domain reference"]
+    methods = [m for m in methods if m not in REFERENCES]
     headers, rows = table(results, pairs, methods)
     print(text_table(headers, rows))
     if args.no_doc:
         return
-    body = f"""## {suite["title"]}
-
-`scripts/bench_adapt.py --suite {args.suite}`: trained on the labelled source, adapted to the
+    loads = [float(r["machine_load"][0]) for r in results if r.get("machine_load")]
+    load = f"1-minute load {min(loads):.1f}-{max(loads):.1f}" if loads else "load not recorded"
+    if suite.get("split"):
+        what = """speaker identification on unseen words: the
+speakers are the labels, `train/` holds the digits 0-6 (val carved by whole words) and `test/` the
+digits 7-9 (test accuracy, in %). `tl train` defaults for audio otherwise: frozen backbone, cached
+features, L-BFGS head (deterministic: one seed). `log-mel probe` and `keyword-embedding probe`:
+hand-written scikit-learn logistic regressions (standardised, C=1) on onnxruntime features of the
+same clips. See docs/audio.md, "Speaker identification"."""
+        command = f"python scripts/bench_adapt.py --suite {args.suite} --reference --extra backbone.features=voice"
+    else:
+        what = """trained on the labelled source, adapted to the
 target, whose labels only score it (target accuracy over the whole target, mean ± sample std over
 seeds, in %). `tl train` defaults for the modality otherwise: frozen backbone, cached features.
 `in-domain reference`: tl's L-BFGS probe trained on the target's own labels (5-fold CV on the
-target, the same features): the ceiling. See docs/adaptation.md for what each method does.
+target, the same features): the ceiling. See docs/adaptation.md for what each method does."""
+        command = f"python scripts/bench_adapt.py --suite {args.suite} --reference"
+    body = f"""## {suite["title"]}
+
+`scripts/bench_adapt.py --suite {args.suite}`: {what}
 
 {md_table(headers, rows)}
 
-Machine: {machine()}. Timings on a shared, loaded machine (load average 5-10 on 2 cores): rough.
+Machine: {machine()}, `OMP_NUM_THREADS=1`, shared with other jobs ({load} while
+these rows ran): timings are rough. Commands of each row: the `cmd` field of the JSON lines.
 
 ```bash
-python scripts/bench_adapt.py --suite {args.suite} --reference
+{command}
 ```
 """
     write_section("adapt" if args.suite == "coil" else f"adapt-{args.suite}", body)
