@@ -202,7 +202,7 @@ def test_full_disk_names_the_file_and_keeps_the_old_one(ckpt, images, tmp_path, 
         from tl_cli.tasks.classification import task as classification
 
         monkeypatch.setattr(
-            classification, "write_csv", lambda path, rows, k: half_then_full(open(path, "wb"))
+            classification, "write_csv", lambda path, *a, **k: half_then_full(open(path, "wb"))
         )
     with pytest.raises(TLError) as e:
         predict.run(
