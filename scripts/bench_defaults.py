@@ -333,16 +333,25 @@ def _keep(r: dict) -> dict:
 
 
 def collapse_check(d: dict) -> str:
-    """Fine-tuning collapsed if an epoch's train/acc fell below the head-only epoch's (its start)."""
+    """Did fine-tuning fall below its start (the head-only epoch's train/acc)?
+
+    train/acc is measured on augmented images while the weights move, so on a set of 72 images
+    one epoch swings by 3-4 images (5 points) either way. A *dip* is one epoch more than 5 points
+    below the start; a *collapse* is a run that stays there: the mean of its last 3 epochs more
+    than 5 points below the start (the issue's runs ended at chance, ln 2)."""
     stages = d.get("stages") or []
     hist = d.get("history") or []
     if not stages or len(hist) < 2 or "train/acc" not in hist[0]:
         return "(no head-only epoch)"
     start = hist[0]["train/acc"]
-    low = min(h["train/acc"] for h in hist[1:] if "train/acc" in h)
+    after = [h["train/acc"] for h in hist[1:] if "train/acc" in h]
+    low, end = min(after), float(np.mean(after[-3:]))
     best = "head only" if stages[0].get("in_best_ckpt") else "fine-tuned"
-    flag = "COLLAPSE" if low < start - 0.05 else "ok"
-    return f"(train/acc start {start:.3f}, lowest after {low:.3f}: {flag}; best.ckpt {best})"
+    flag = "COLLAPSE" if end < start - 0.05 else ("dip" if low < start - 0.05 else "ok")
+    return (
+        f"(train/acc start {start:.3f}, lowest after {low:.3f}, last 3 epochs {end:.3f}: {flag}; "
+        f"best.ckpt {best})"
+    )
 
 
 def variant_table(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -381,7 +390,7 @@ def report(results: dict, no_doc: bool) -> None:
         "tl finetune acc / bal. acc / fit s (epochs)",
         "train >= probe - 1pt",
         "finetune >= train",
-        "collapses (train/acc < start - 5pt)",
+        "collapses (last 3 epochs' train/acc < start - 5pt)",
     ]
     rows, cmds = [], []
     for name in ROWS:

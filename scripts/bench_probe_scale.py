@@ -92,10 +92,13 @@ def folder_features(
     return x, y
 
 
-def row_features(row: str, tta: bool = False) -> tuple[np.ndarray | None, ...]:
-    """The row's cached train and test features (and with ``tta`` its test images read again,
-    plain and mirrored, at 224 px: the plain ones are checked against the cache)."""
-    cache = ROOT / "build" / "bench" / "defaults" / "cache" / row
+def row_features(
+    row: str, tta: bool = False, defaults: Path = ROOT / "build" / "bench" / "defaults"
+) -> tuple[np.ndarray | None, ...]:
+    """The row's cached train and test features under ``defaults`` (bench_defaults.py --out), and
+    with ``tta`` its test images read again, plain and mirrored, at 224 px (the plain ones are
+    checked against the cache)."""
+    cache = defaults / "cache" / row
 
     def one(split: str) -> tuple[np.ndarray, np.ndarray]:
         (f,) = sorted(cache.glob(f"{split}-*.features.npy"))
@@ -104,7 +107,7 @@ def row_features(row: str, tta: bool = False) -> tuple[np.ndarray | None, ...]:
     x, y, xt, yt = (*one("train"), *one("test"))
     if not tta:
         return x, y, xt, yt, None
-    root = ROOT / "build" / "bench" / "defaults" / "data" / row
+    root = defaults / "data" / row
     xp, yp = folder_features(f"{row}-test", root, "test", 224)
     if not (np.array_equal(yp, yt) and np.allclose(xp, xt, atol=1e-3)):
         raise SystemExit(f"{row}: the test images read again differ from tl's cached features")
@@ -172,6 +175,11 @@ def main() -> None:
     ap.add_argument("--pairs", default="coil1>coil2,coil2>coil1")
     ap.add_argument("--rows", default="")
     ap.add_argument("--tta", action="store_true", help="also score flip test-time augmentation")
+    ap.add_argument(
+        "--defaults-out",
+        default=str(ROOT / "build" / "bench" / "defaults"),
+        help="bench_defaults.py --out whose feature caches --rows reads",
+    )
     args = ap.parse_args()
     res_file = OUT / "results.json"
     res = json.loads(res_file.read_text()) if res_file.exists() else {}
@@ -186,8 +194,11 @@ def main() -> None:
         print(key, json.dumps(res["pairs"][key]), flush=True)
         save_json(res_file, res)
     for row in filter(None, args.rows.split(",")):
-        res.setdefault("rows", {})[row] = score(*row_features(row, args.tta))
-        print(row, json.dumps(res["rows"][row]), flush=True)
+        tag = row if Path(args.defaults_out).name == "defaults" else f"{row} ({args.defaults_out})"
+        res.setdefault("rows", {})[tag] = score(
+            *row_features(row, args.tta, Path(args.defaults_out))
+        )
+        print(tag, json.dumps(res["rows"][tag]), flush=True)
         save_json(res_file, res)
 
 

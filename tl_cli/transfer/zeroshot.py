@@ -4,7 +4,8 @@
   Embeddings", ICLR 2014): the bundled EfficientNet-Lite's own ImageNet classifier gives
   probabilities over the 1,000 ImageNet classes; the text encoder (the bundled MiniLM,
   sentence-transformers pooling: mean over tokens, then L2 normalisation) embeds the ImageNet
-  class names (timm's offline ``ImageNetInfo``) and the user's class names. An image's embedding
+  class descriptions (timm's offline ``ImageNetInfo``: lemmas and WordNet definition) and the
+  user's class names. An image's embedding
   is the probability-weighted mean of the embeddings of its ``top_t`` ImageNet classes; its score
   for a class is the cosine between that and the class name's embedding. The head ``conse``
   (:class:`ConSEHead`) holds all of it as plain tensors: ImageNet classifier, ImageNet name
@@ -228,11 +229,20 @@ class TextEncoder:
 
 
 def imagenet_names() -> list[str]:
-    """The 1,000 ImageNet-1k class descriptions, offline from timm (``goldfish, Carassius auratus``)."""
+    """The 1,000 ImageNet-1k class descriptions, offline from timm: lemmas and WordNet definition
+    (``goldfish, Carassius auratus: small golden or orange-red freshwater fishes ...``).
+
+    Why the definition: ConSE places an image among the text embeddings of its most probable
+    ImageNet classes, so those embeddings should say what the classes are, not only name them
+    (``sorrel`` or ``wallaby, brush kangaroo`` alone tell a sentence encoder little). Measured with
+    ``scripts/bench_zeroshot.py --variants`` (issue 24): with the lemmas alone 0.405 on three
+    classes ImageNet-1k lacks (deer, horse, raccoon) and 0.494 on CIFAR-10; with the definitions
+    0.521 and 0.584 (docs/benchmarks.md, *Zero-shot on classes ImageNet lacks*).
+    """
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
+    return [info.index_to_description(i, detailed=True) for i in range(1000)]
 
 
 @HEADS.register("conse")
