@@ -36,6 +36,8 @@ def headline(metrics: dict[str, Any], task: Any) -> str:
         )
     elif metrics.get("val_is_train"):
         shown = f"{shown}(measured on the training items: no val split) "
+    if metrics.get("val_is_train"):  # no epoch was picked on val: a best epoch would mislead
+        return shown.strip()
     return f"{shown}(best epoch {metrics['best_epoch']})"
 
 
