@@ -120,3 +120,30 @@ def test_an_explicit_count_on_a_converged_head_says_the_epochs_do_not_train(tmp_
     assert "so the 2 epochs take no optimizer step and score the same head" in out
     assert all("lr" not in r and r["steps"] == 0 for r in m["history"])
     assert out.count("no optimizer step  ") + out.count("no optimizer step ") >= 2
+    # nor in metrics.csv (Lightning's LR monitor logs at each epoch's start, stepped or not)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    assert rows and not [r for r in rows for k, v in r.items() if k.startswith("lr-") and v]
+
+
+def test_metrics_csv_has_an_lr_for_the_epochs_that_step_only(tmp_path):
+    """tl finetune: the head-only epoch takes no step, so it logs no lr; the 2 epochs after do."""
+    import csv
+
+    root = make_image_folder(tmp_path / "data", {"train": 8, "test": 2})
+    cfg = compose_cfg(
+        [
+            *TINY,
+            f"dataset.root={root}",
+            f"output_dir={tmp_path / 'run'}",
+            "strategy=finetune",
+            "trainer.max_epochs=2",
+        ],
+        "finetune",
+    )
+    m = train.run(cfg)
+    assert m["epochs"] == 3 and [r["steps"] > 0 for r in m["history"]] == [False, True, True]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    lr_rows = [r for r in rows if any(k.startswith("lr-") and v for k, v in r.items())]
+    assert len(lr_rows) == 2, lr_rows

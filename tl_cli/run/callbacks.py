@@ -90,6 +90,18 @@ def unfrozen_at(pl_module: Any, epoch: int) -> list[str]:
     )
 
 
+class SteppedLRMonitor(pl.callbacks.LearningRateMonitor):
+    """Lightning's LR monitor (an ``lr-*`` column per param group in metrics.csv and the other
+    loggers), silent for an epoch that takes no optimizer step (a fitted head, the head-only epoch
+    before fine-tuning): an LR there would read as if the epoch trained at it."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        scores_only = getattr(trainer.lightning_module, "scores_only", None)
+        if callable(scores_only) and scores_only():
+            return
+        super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
 class UnfreezeLines(pl.Callback):
     """One line at the epoch a backbone block group joins training (freeze_unfreeze, ...)."""
 

@@ -25,7 +25,14 @@ from tl_cli.core.outputs import claim_pending, claim_run_dir
 from tl_cli.core.registry import plain
 from tl_cli.data.base import DATASETS
 from tl_cli.modalities.backbones import count_params
-from tl_cli.run.callbacks import BudgetLine, EpochBar, EpochLines, History, UnfreezeLines
+from tl_cli.run.callbacks import (
+    BudgetLine,
+    EpochBar,
+    EpochLines,
+    History,
+    SteppedLRMonitor,
+    UnfreezeLines,
+)
 from tl_cli.run.safety import (
     RunCheckpoint,
     TrainingGuard,
@@ -398,7 +405,7 @@ def make_callbacks(
     if interactive():
         callbacks.append(EpochBar())
     if logger:  # an lr column per param group in metrics.csv (and the other loggers)
-        callbacks.append(pl.callbacks.LearningRateMonitor(logging_interval="epoch"))
+        callbacks.append(SteppedLRMonitor(logging_interval="epoch"))
     return history, guard, checkpoint_cb, callbacks
 
 
