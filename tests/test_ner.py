@@ -300,6 +300,21 @@ def test_a_set_tag_scheme_settles_what_detection_cannot(tmp_path):
         io.load(g, tag_scheme="BIO", carve_splits=False)
 
 
+def test_iob1_train_without_touching_entities_reads_as_iob1_from_its_dev_file(tmp_path):
+    """An IOB1 corpus whose train split never puts two entities of one type side by side has no
+    B- in train (it reads as IO), while its dev file does (found on WNUT's first 500 training
+    sentences in IOB1): the B- in dev settles IOB1 instead of failing, and predictions go back
+    in IOB1. A real IO corpus (no B- anywhere) stays IO."""
+    write(tmp_path / "train.conll", "alice\tI-PER\nmet\tO\nbob\tI-PER\n\nin\tO\nparis\tI-LOC\n")
+    write(tmp_path / "dev.conll", "alice\tI-PER\nbob\tB-PER\nmet\tO\n")
+    d = io.load(tmp_path)
+    assert d.source_scheme == "IOB1" and d.scheme_report.how == "detected"
+    assert "B- between adjacent entities" in d.describe()
+    assert d.splits["val"][0].tags == ["B-PER", "B-PER", "O"]
+    (tmp_path / "dev.conll").unlink()
+    assert io.load(tmp_path).source_scheme == "IO"
+
+
 def test_load_converts_every_scheme_to_the_same_internal_tags(tmp_path):
     data = synthetic(20, seed=3)
     ref = None

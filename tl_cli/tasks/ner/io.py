@@ -286,6 +286,12 @@ def load(
         report = schemes.check_scheme(tagged, forced, "set", f"dataset.tag_scheme={tag_scheme}")
         if not any(t != "O" for s in raw["train"] for t in s.tags):
             raise TLError(f"{train_file}: no entity tags (every tag is O); NER needs entities")
+    if report.how == "detected" and report.scheme == "IO":
+        # IO and IOB1 write the same tags until two entities of one type touch: a train file
+        # without such a pair reads as IO, and a dev/test file's B- between them says IOB1
+        if any(t.startswith("B-") for k in ("val", "test") for s in raw.get(k, []) for t in s.tags):
+            report = schemes.check_scheme(tagged, "IOB1", "detected", train_file)
+            report.note = "IO in train; B- between adjacent entities in the other files"
     warnings: list[str] = []
     if report.invalid:
         warnings.append(
