@@ -86,6 +86,25 @@ def _unique_files(paths: list[str]) -> list[str]:
     return out
 
 
+def input_specs(inputs: Any) -> list[str]:
+    """``inputs=`` as a list of strings (one value, or a list from the command line)."""
+    return (
+        [str(i) for i in inputs] if isinstance(inputs, list | tuple | ListConfig) else [str(inputs)]
+    )
+
+
+def input_files(inputs: Any, what: str) -> list[Path]:
+    """``inputs=`` naming files only (text lines, tables): each must exist; ``what`` says in the
+    error line which files the command reads."""
+    out = []
+    for spec in input_specs(inputs):
+        p = Path(os.path.expanduser(spec))
+        if not p.is_file():
+            raise TLError(f"inputs={spec}: no such file ({what})")
+        out.append(p)
+    return out
+
+
 def find_inputs(
     inputs: Any,
     extensions: tuple[str, ...],
@@ -108,11 +127,8 @@ def find_inputs(
             return False
         return p.suffix.lower() in extensions or (sniff is not None and sniff(p))
 
-    specs = (
-        [str(i) for i in inputs] if isinstance(inputs, list | tuple | ListConfig) else [str(inputs)]
-    )
     found: list[str] = []
-    for spec in specs:
+    for spec in input_specs(inputs):
         spec = os.path.expanduser(spec)
         p = Path(spec)
         if p.is_dir():

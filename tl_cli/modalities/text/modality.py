@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +34,15 @@ class TextModality(Modality):
     text_column = "text"
 
     def _files(self, inputs: Any) -> list[Path]:
-        from omegaconf import ListConfig
+        from tl_cli.data.inputs import input_files, input_specs
 
-        specs = list(inputs) if isinstance(inputs, list | tuple | ListConfig) else [inputs]
-        out = []
-        for spec in specs:
-            p = Path(os.path.expanduser(str(spec)))
-            if not p.is_file():
-                raise TLError(
-                    f"inputs={spec}: no such file (text inputs are .csv/.tsv/.jsonl/.txt files)"
-                )
+        out = input_files(inputs, "text inputs are .csv/.tsv/.jsonl/.txt files")
+        for spec, p in zip(input_specs(inputs), out, strict=True):
             if p.suffix.lower() not in (*TEXT_EXTS, ".txt"):
                 raise TLError(
                     f"inputs={spec}: not a text file; give a {', '.join(TEXT_EXTS)} file with a "
                     f"'{self.text_column}' column, or a .txt file with one text per line"
                 )
-            out.append(p)
         return out
 
     def find(self, inputs: Any) -> list[Any]:

@@ -10,7 +10,6 @@ character offsets into ``text``; ``output=X.conll`` writes ``token<TAB>tag`` lin
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +56,9 @@ class NerPredictor(Predictor):
         return "sentences"
 
     def _paths(self, inputs: Any) -> list[Path]:
-        from omegaconf import ListConfig
+        from tl_cli.data.inputs import input_files
 
-        specs = list(inputs) if isinstance(inputs, list | tuple | ListConfig) else [inputs]
-        out = []
-        for spec in specs:
-            p = Path(os.path.expanduser(str(spec)))
-            if not p.is_file():
-                raise TLError(
-                    f"inputs={spec}: no such file (NER inputs are .txt lines or "
-                    f"{', '.join(io.NER_EXTS)} files)"
-                )
-            out.append(p)
-        return out
+        return input_files(inputs, f"NER inputs are .txt lines or {', '.join(io.NER_EXTS)} files")
 
     def find(self, inputs: Any) -> list[Any]:
         items = []
