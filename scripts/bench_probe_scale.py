@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,17 +42,118 @@ DOMAINS = {
 }
 
 
+#: fonts for the printed digits (DejaVu ships with the OS, STIX and Computer Modern with
+#: matplotlib): the target domain of the digits pair
+FONT_DIRS = ("/usr/share/fonts/truetype/dejavu",)
+FONT_SEED = 0
+#: Computer Modern's symbol faces map the digit codes to other glyphs (|, \infty, \ni)
+SYMBOL_FACES = ("cmex10", "cmsy10")
+
+
+def digit_domains() -> dict[str, Path]:
+    """A digits pair built offline (issue 24 point 5: "train on one digit style, score on
+    another at 64 px"): ``hand``, scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels,
+    upsampled bilinearly to 64 px), and ``font``, the ten digits printed in every TrueType font
+    on the machine (DejaVu, and matplotlib's STIX and Computer Modern), 4 random placements
+    each (scale 0.55-0.85 of the frame, shift up to 8%, rotation up to 8 degrees). Both are white
+    on black, grey, saved as 64 px PNG; tl reads them as RGB like any grey image."""
+    import random
+
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+    from sklearn.datasets import load_digits
+
+    root = OUT / "digits"
+    hand, font = root / "hand", root / "font"
+    if not (hand / "9").is_dir():
+        d = load_digits()
+        for i, (img, label) in enumerate(zip(d.images, d.target, strict=True)):
+            (hand / str(label)).mkdir(parents=True, exist_ok=True)
+            a = (img / 16.0 * 255).round().astype(np.uint8)
+            Image.fromarray(a, "L").resize((64, 64), Image.BILINEAR).save(
+                hand / str(label) / f"{i:04d}.png"
+            )
+    if not (font / "9").is_dir():
+        dirs = [*FONT_DIRS, str(Path(matplotlib.get_data_path()) / "fonts" / "ttf")]
+        files = sorted({p.name: p for d in dirs for p in Path(d).glob("*.ttf")}.values())
+        files = [f for f in files if f.stem not in SYMBOL_FACES]
+        rng = random.Random(FONT_SEED)
+        kept = 0
+        for f in files:
+            glyphs = []
+            for digit in "0123456789":
+                try:
+                    ft = ImageFont.truetype(str(f), 96)
+                except OSError:
+                    break
+                canvas = Image.new("L", (160, 160), 0)
+                ImageDraw.Draw(canvas).text((80, 80), digit, fill=255, font=ft, anchor="mm")
+                glyphs.append(canvas.crop(canvas.getbbox()))
+            if len(glyphs) < 10 or len({g.tobytes() for g in glyphs}) < 10:
+                continue  # a face without ten distinct digit glyphs
+            kept += 1
+            for digit, g in enumerate(glyphs):
+                (font / str(digit)).mkdir(parents=True, exist_ok=True)
+                for k in range(4):
+                    s = 64 * rng.uniform(0.55, 0.85) / max(g.size)
+                    gl = g.resize((max(1, round(g.width * s)), max(1, round(g.height * s))))
+                    gl = gl.rotate(rng.uniform(-8, 8), resample=Image.BILINEAR, expand=True)
+                    img = Image.new("L", (64, 64), 0)
+                    dx, dy = (round(rng.uniform(-0.08, 0.08) * 64) for _ in range(2))
+                    img.paste(gl, ((64 - gl.width) // 2 + dx, (64 - gl.height) // 2 + dy))
+                    img.save(font / str(digit) / f"{f.stem}-{k}.png")
+        print(f"[digits] printed digits from {kept} fonts", flush=True)
+    domains = {"hand": hand, "font": font}
+    # font8: the printed digits through the handwritten set's own capture (8x8, 17 grey levels,
+    # upsampled the same way): the style differs, the resolution does not
+    domains["font8"] = root / "font8"
+    # font A -> font B: sans-serif faces vs serif faces (both printed, both 64 px)
+    domains["sans"], domains["serif"] = root / "sans", root / "serif"
+    for name, keep in (
+        ("font8", lambda stem: True),
+        ("sans", lambda stem: stem.startswith(("DejaVuSans", "cmss"))),
+        ("serif", lambda stem: stem.startswith(("DejaVuSerif", "STIX", "cmr", "cmb", "cmti"))),
+    ):
+        if (domains[name] / "9").is_dir():
+            continue
+        for f in sorted(font.rglob("*.png")):
+            if not keep(f.stem.rsplit("-", 1)[0]):
+                continue
+            dst = domains[name] / f.parent.name / f.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if name == "font8":  # size-normalised like the handwritten set: the glyph's box
+                g = Image.open(f)  # fills the frame's height, then 8x8 by area averaging
+                g = g.crop(g.getbbox())
+                k = 60 / max(g.height, g.width * 60 / 56)
+                g = g.resize((max(1, round(g.width * k)), max(1, round(g.height * k))))
+                big = Image.new("L", (64, 64), 0)
+                big.paste(g, ((64 - g.width) // 2, (64 - g.height) // 2))
+                a = np.asarray(big.resize((8, 8), Image.BOX), dtype=np.float64)
+                a = (np.round(a / 255 * 16) / 16 * 255).astype(np.uint8)
+                Image.fromarray(a, "L").resize((64, 64), Image.BILINEAR).save(dst)
+            else:
+                dst.symlink_to(f)
+    return domains
+
+
 def domain_features(name: str, size: int, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features of every image of a domain folder (cached in OUT/NAME-SIZE.npz)."""
-    return folder_features(name, DOMAINS[name], "train", size, flip)
+    roots = DOMAINS if name in DOMAINS else digit_domains()
+    return folder_features(name, roots[name], "train", size, flip)
 
 
 def folder_features(
-    name: str, root: Path, split: str, size: int, flip: bool = False
+    name: str,
+    root: Path,
+    split: str,
+    size: int,
+    flip: bool = False,
+    limit: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features of a split of an image folder, eval transform, mirrored with ``flip`` (cached in
-    OUT/NAME-SIZE[-flip].npz)."""
-    f = OUT / f"{name}-{size}{'-flip' if flip else ''}.npz"
+    """Features of a split of an image folder, eval transform, mirrored with ``flip``, the first
+    ``limit`` images only if given (cached in OUT/NAME-SIZE[-flip][-LIMIT].npz)."""
+    tag = f"{'-flip' if flip else ''}{f'-{limit}' if limit else ''}"
+    f = OUT / f"{name}-{size}{tag}.npz"
     if f.exists():
         z = np.load(f)
         return z["x"], z["y"]
@@ -77,9 +179,9 @@ def folder_features(
     dm.set_preprocessing(bb.effective_preprocessing(dm.preprocessing_overrides()))
     t0 = time.perf_counter()
     ds = dm.dataset(split, train_aug=False)
-    if flip:
-        tf = ds.transform
-        ds = ItemDataset(ds.items, ds.loader, lambda img: torch.flip(tf(img), dims=[-1]))
+    items = ds.items[:limit] if limit else ds.items
+    tf = ds.transform
+    ds = ItemDataset(items, ds.loader, (lambda img: torch.flip(tf(img), dims=[-1])) if flip else tf)
     with torch.inference_mode():
         x, y = extract(bb, ds, dm, torch.device("cpu"), name)
     print(
@@ -92,12 +194,21 @@ def folder_features(
     return x, y
 
 
+def test_tag(root: Path) -> str:
+    """A name for a row's test images that rows sharing them share (the CIFAR slices all test
+    on the whole CIFAR test split): a digest of the files' resolved paths."""
+    import hashlib
+
+    files = sorted(str(p.resolve()) for p in (root / "test").rglob("*") if p.is_file())
+    return "test-" + hashlib.sha256("\n".join(files).encode()).hexdigest()[:12]
+
+
 def row_features(
     row: str, tta: bool = False, defaults: Path = ROOT / "build" / "bench" / "defaults"
 ) -> tuple[np.ndarray | None, ...]:
     """The row's cached train and test features under ``defaults`` (bench_defaults.py --out), and
-    with ``tta`` its test images read again, plain and mirrored, at 224 px (the plain ones are
-    checked against the cache)."""
+    with ``tta`` its test images read again mirrored at 224 px (the first 64 also plain, checked
+    against tl's cache: the same images, order and preprocessing)."""
     cache = defaults / "cache" / row
 
     def one(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +218,17 @@ def row_features(
     x, y, xt, yt = (*one("train"), *one("test"))
     if not tta:
         return x, y, xt, yt, None
-    root = defaults / "data" / row
-    xp, yp = folder_features(f"{row}-test", root, "test", 224)
-    if not (np.array_equal(yp, yt) and np.allclose(xp, xt, atol=1e-3)):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_defaults import build_row
+
+    root = build_row(row, defaults / "data")
+    tag = test_tag(root)
+    xp, yp = folder_features(tag, root, "test", 224, limit=64)
+    if not (np.array_equal(yp, yt[:64]) and np.allclose(xp, xt[:64], atol=1e-3)):
         raise SystemExit(f"{row}: the test images read again differ from tl's cached features")
-    xf, _ = folder_features(f"{row}-test", root, "test", 224, flip=True)
+    xf, yf = folder_features(tag, root, "test", 224, flip=True)
+    if not np.array_equal(yf, yt):
+        raise SystemExit(f"{row}: the mirrored test images are not tl's test split")
     return x, y, xt, yt, xf
 
 
@@ -167,6 +284,62 @@ def score(
     return out
 
 
+#: the table's columns: (heading, result key, flip TTA)
+VARIANTS = (
+    ("`dim` (tl's head before)", "tl_dim", False),
+    ("`global`", "tl_global", False),
+    ("L2 + `dim`", "tl_l2_dim", False),
+    ("L2 + `global`", "tl_l2_global", False),
+    ("`dim` + flip TTA", "tl_dim", True),
+    ("`global` + flip TTA", "tl_global", True),
+    ("L2 + `dim` + flip TTA", "tl_l2_dim", True),
+    ("L2 + `global` + flip TTA", "tl_l2_global", True),
+    ("scikit-learn, raw features", "sk_raw", False),
+)
+
+
+def table(res: dict, defaults: Path, rows: list[str]) -> str:
+    """Markdown: one line per bench_defaults row (test accuracy), the mean over the rows, and each
+    variant's mean difference to the probe (scikit-learn StandardScaler + LogisticRegressionCV,
+    bench_defaults' probe) and its worst row."""
+    from _bench_util import md_table
+
+    dres = defaults / "results.json"
+    drows = json.loads(dres.read_text())["rows"] if dres.exists() else {}
+    names = rows or [r for r in res.get("rows", {}) if "(" not in r]
+    heads = ["data set", "probe", "tl train", *(h for h, _, _ in VARIANTS), "cache_views=4"]
+    out, cols = [], {h: [] for h in heads[1:]}
+    for name in names:
+        r = res["rows"].get(name)
+        if r is None:
+            continue
+        d = drows.get(name, {})
+        vals = {
+            "probe": r["sk_std"]["acc"],
+            "tl train": (d.get("train") or {}).get("test/acc"),
+            "cache_views=4": (
+                ((d.get("fe_variant_seeds") or {}).get("cache_views=4") or {}).get("0") or {}
+            ).get("test/acc"),
+        }
+        for h, key, tta in VARIANTS:
+            vals[h] = r[key].get("acc_flip_tta") if tta else r[key]["acc"]
+        for h in heads[1:]:
+            cols[h].append(None if vals[h] is None else vals[h] - vals["probe"])
+        out.append([name, *("-" if vals[h] is None else f"{vals[h]:.3f}" for h in heads[1:])])
+
+    def mean(h: str) -> str:
+        v = [x for x in cols[h] if x is not None]
+        return f"{100 * sum(v) / len(v):+.1f} ({len(v)})" if v else "-"
+
+    def worst(h: str) -> str:
+        v = [x for x in cols[h] if x is not None]
+        return f"{100 * min(v):+.1f}" if v else "-"
+
+    out.append(["**mean vs probe, points (rows)**", *(mean(h) for h in heads[1:])])
+    out.append(["worst row vs probe, points", *(worst(h) for h in heads[1:])])
+    return md_table(heads, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,6 +349,12 @@ def main() -> None:
     ap.add_argument("--rows", default="")
     ap.add_argument("--tta", action="store_true", help="also score flip test-time augmentation")
     ap.add_argument(
+        "--table",
+        action="store_true",
+        help="print the markdown table of every scored row (and tl train / cache_views=4 from "
+        "bench_defaults' results), then stop",
+    )
+    ap.add_argument(
         "--defaults-out",
         default=str(ROOT / "build" / "bench" / "defaults"),
         help="bench_defaults.py --out whose feature caches --rows reads",
@@ -183,6 +362,9 @@ def main() -> None:
     args = ap.parse_args()
     res_file = OUT / "results.json"
     res = json.loads(res_file.read_text()) if res_file.exists() else {}
+    if args.table:
+        print(table(res, Path(args.defaults_out), [r for r in args.rows.split(",") if r]))
+        return
     res["machine"], res["load"] = machine(), os.getloadavg()[0]
     for pair in filter(None, args.pairs.split(",")):
         src, tgt = pair.split(">")
@@ -191,6 +373,7 @@ def main() -> None:
         xf = domain_features(tgt, args.size, flip=True)[0] if args.tta else None
         key = f"{pair} @{args.size}"
         res.setdefault("pairs", {})[key] = score(x, y, xt, yt, xf)
+        res["pairs"][key]["load"] = os.getloadavg()[0]
         print(key, json.dumps(res["pairs"][key]), flush=True)
         save_json(res_file, res)
     for row in filter(None, args.rows.split(",")):
@@ -198,6 +381,7 @@ def main() -> None:
         res.setdefault("rows", {})[tag] = score(
             *row_features(row, args.tta, Path(args.defaults_out))
         )
+        res["rows"][tag]["load"] = os.getloadavg()[0]
         print(tag, json.dumps(res["rows"][tag]), flush=True)
         save_json(res_file, res)
 
