@@ -136,10 +136,12 @@ def digit_domains() -> dict[str, Path]:
     return domains
 
 
-def domain_features(name: str, size: int, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def domain_features(
+    name: str, size: int, flip: bool = False, crop_pct: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Features of every image of a domain folder (cached in OUT/NAME-SIZE.npz)."""
     roots = DOMAINS if name in DOMAINS else digit_domains()
-    return folder_features(name, roots[name], "train", size, flip)
+    return folder_features(name, roots[name], "train", size, flip, crop_pct=crop_pct)
 
 
 def folder_features(
@@ -149,10 +151,13 @@ def folder_features(
     size: int,
     flip: bool = False,
     limit: int | None = None,
+    crop_pct: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features of a split of an image folder, eval transform, mirrored with ``flip``, the first
-    ``limit`` images only if given (cached in OUT/NAME-SIZE[-flip][-LIMIT].npz)."""
+    ``limit`` images only if given, the backbone's centre crop replaced by ``crop_pct`` (1.0: the
+    whole image) if given (cached in OUT/NAME-SIZE[-flip][-LIMIT][-cropP].npz)."""
     tag = f"{'-flip' if flip else ''}{f'-{limit}' if limit else ''}"
+    tag += f"-crop{crop_pct:g}" if crop_pct else ""
     f = OUT / f"{name}-{size}{tag}.npz"
     if f.exists():
         z = np.load(f)
@@ -176,7 +181,10 @@ def folder_features(
     )
     dm.carve = False
     dm.prepare()
-    dm.set_preprocessing(bb.effective_preprocessing(dm.preprocessing_overrides()))
+    prep = bb.effective_preprocessing(dm.preprocessing_overrides())
+    if crop_pct:
+        prep = {**prep, "crop_pct": crop_pct}
+    dm.set_preprocessing(prep)
     t0 = time.perf_counter()
     ds = dm.dataset(split, train_aug=False)
     items = ds.items[:limit] if limit else ds.items
@@ -298,16 +306,34 @@ VARIANTS = (
 )
 
 
+CLI_RUNS = ROOT / "build" / "bench" / "fe_cli"
+
+
+def cli_acc(row: str, which: str) -> float | None:
+    """test/acc of the real ``tl train`` on the row's cached features (build/bench/fe_cli.sh):
+    ``new`` with the defaults, ``old`` with ``head.norm=none strategy.head_scale=dim``."""
+    f = CLI_RUNS / f"{row}_{which}" / "metrics.json"
+    return json.loads(f.read_text())["test/acc"] if f.exists() else None
+
+
 def table(res: dict, defaults: Path, rows: list[str]) -> str:
     """Markdown: one line per bench_defaults row (test accuracy), the mean over the rows, and each
     variant's mean difference to the probe (scikit-learn StandardScaler + LogisticRegressionCV,
-    bench_defaults' probe) and its worst row."""
+    bench_defaults' probe) and its worst row; the real ``tl train`` before and now beside them,
+    and ``cache_views=4`` (bench_defaults ``--fe-variant-rows``, at today's defaults)."""
     from _bench_util import md_table
 
     dres = defaults / "results.json"
     drows = json.loads(dres.read_text())["rows"] if dres.exists() else {}
     names = rows or [r for r in res.get("rows", {}) if "(" not in r]
-    heads = ["data set", "probe", "tl train", *(h for h, _, _ in VARIANTS), "cache_views=4"]
+    heads = [
+        "data set",
+        "probe",
+        "tl train before",
+        "tl train now",
+        *(h for h, _, _ in VARIANTS),
+        "cache_views=4",
+    ]
     out, cols = [], {h: [] for h in heads[1:]}
     for name in names:
         r = res["rows"].get(name)
@@ -316,7 +342,8 @@ def table(res: dict, defaults: Path, rows: list[str]) -> str:
         d = drows.get(name, {})
         vals = {
             "probe": r["sk_std"]["acc"],
-            "tl train": (d.get("train") or {}).get("test/acc"),
+            "tl train before": cli_acc(name, "old"),
+            "tl train now": cli_acc(name, "new"),
             "cache_views=4": (
                 ((d.get("fe_variant_seeds") or {}).get("cache_views=4") or {}).get("0") or {}
             ).get("test/acc"),
@@ -349,6 +376,12 @@ def main() -> None:
     ap.add_argument("--rows", default="")
     ap.add_argument("--tta", action="store_true", help="also score flip test-time augmentation")
     ap.add_argument(
+        "--crop-pct",
+        type=float,
+        default=None,
+        help="pairs: replace the backbone's centre-crop fraction (1.0: resize the whole image)",
+    )
+    ap.add_argument(
         "--table",
         action="store_true",
         help="print the markdown table of every scored row (and tl train / cache_views=4 from "
@@ -368,10 +401,10 @@ def main() -> None:
     res["machine"], res["load"] = machine(), os.getloadavg()[0]
     for pair in filter(None, args.pairs.split(",")):
         src, tgt = pair.split(">")
-        x, y = domain_features(src, args.size)
-        xt, yt = domain_features(tgt, args.size)
-        xf = domain_features(tgt, args.size, flip=True)[0] if args.tta else None
-        key = f"{pair} @{args.size}"
+        x, y = domain_features(src, args.size, crop_pct=args.crop_pct)
+        xt, yt = domain_features(tgt, args.size, crop_pct=args.crop_pct)
+        xf = domain_features(tgt, args.size, True, args.crop_pct)[0] if args.tta else None
+        key = f"{pair} @{args.size}" + (f" crop_pct={args.crop_pct:g}" if args.crop_pct else "")
         res.setdefault("pairs", {})[key] = score(x, y, xt, yt, xf)
         res["pairs"][key]["load"] = os.getloadavg()[0]
         print(key, json.dumps(res["pairs"][key]), flush=True)
