@@ -240,6 +240,30 @@ def row_features(
     return x, y, xt, yt, xf
 
 
+def oracle_c(x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray) -> dict:
+    """Target accuracy at every C of the grid (no CV) for tl's old head (``dim``) and the new
+    one (L2 + ``global``): what choosing C on the source's folds costs under a shift. The best of
+    these needs target labels, so it is a bound, not a method."""
+    import torch
+
+    from tl_cli.transfer.probe import C_GRID, fit_probe
+
+    def l2(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-6)
+
+    k = int(max(y.max(), yt.max())) + 1
+    out = {}
+    for name, scale, f in (("tl_dim", "dim", None), ("tl_l2_global", "global", l2)):
+        xa, xb = (x, xt) if f is None else (f(x), f(xt))
+        accs = {}
+        for c in C_GRID:
+            fit = fit_probe(xa, y, k, grid=(c,), scale=scale)
+            pred = (torch.as_tensor(xb) @ fit.weight.T + fit.bias).argmax(1).numpy()
+            accs[f"{c:.3g}"] = round(float((pred == yt).mean()), 4)
+        out[name] = accs
+    return out
+
+
 def score(
     x: np.ndarray,
     y: np.ndarray,
@@ -367,6 +391,22 @@ def table(res: dict, defaults: Path, rows: list[str]) -> str:
     return md_table(heads, out)
 
 
+def pairs_table(res: dict) -> str:
+    """Markdown: source-only accuracy on the target domain of every scored pair (all variants)."""
+    from _bench_util import md_table
+
+    heads = ["pair (source > target, size)", "train / target images", "probe (StandardScaler)"]
+    heads += [h for h, _, _ in VARIANTS]
+    out = []
+    for key, r in res.get("pairs", {}).items():
+        cells = [key, f"{r['n_train']} / {r['n_eval']}", f"{r['sk_std']['acc']:.3f}"]
+        for _, k, tta in VARIANTS:
+            v = r[k].get("acc_flip_tta") if tta else r[k]["acc"]
+            cells.append("-" if v is None else f"{v:.3f}")
+        out.append(cells)
+    return md_table(heads, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -375,6 +415,11 @@ def main() -> None:
     ap.add_argument("--pairs", default="coil1>coil2,coil2>coil1")
     ap.add_argument("--rows", default="")
     ap.add_argument("--tta", action="store_true", help="also score flip test-time augmentation")
+    ap.add_argument(
+        "--oracle-c",
+        action="store_true",
+        help="pairs: also score the target at every C of the grid (a bound: it needs its labels)",
+    )
     ap.add_argument(
         "--crop-pct",
         type=float,
@@ -397,6 +442,8 @@ def main() -> None:
     res = json.loads(res_file.read_text()) if res_file.exists() else {}
     if args.table:
         print(table(res, Path(args.defaults_out), [r for r in args.rows.split(",") if r]))
+        print()
+        print(pairs_table(res))
         return
     res["machine"], res["load"] = machine(), os.getloadavg()[0]
     for pair in filter(None, args.pairs.split(",")):
@@ -406,6 +453,8 @@ def main() -> None:
         xf = domain_features(tgt, args.size, True, args.crop_pct)[0] if args.tta else None
         key = f"{pair} @{args.size}" + (f" crop_pct={args.crop_pct:g}" if args.crop_pct else "")
         res.setdefault("pairs", {})[key] = score(x, y, xt, yt, xf)
+        if args.oracle_c:
+            res["pairs"][key]["oracle_c"] = oracle_c(x, y, xt, yt)
         res["pairs"][key]["load"] = os.getloadavg()[0]
         print(key, json.dumps(res["pairs"][key]), flush=True)
         save_json(res_file, res)

@@ -185,3 +185,23 @@ def test_predict_and_eval_apply_tta_flip(ckpt, tiny_data, tmp_path):
     with pytest.raises(TLError, match="tta=mirror"):
         evaluate.run(cfg_for("eval", ckpt, tmp_path / "bad", "tta=mirror"))
     assert not (tmp_path / "bad" / "eval.json").exists()
+
+
+def test_exported_torchscript_applies_the_l2_normalisation(ckpt, tmp_path):
+    """The exported graph is backbone -> normalise -> linear: it matches the hand-computed
+    normalised logits, not the logits of the raw features."""
+    import warnings
+
+    from tl_cli.commands import export
+
+    export.run(cfg_for("export", ckpt, tmp_path / "x", "format=torchscript"))
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    module, _ = load_module(ckpt)
+    x = torch.rand(2, 3, 32, 32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        got = torch.jit.load(str(tmp_path / "x" / "model.pt"))(x)
+        f = module.backbone(x)
+    w, b = raw["head.0.weight"], raw["head.0.bias"]
+    assert torch.allclose(got, torch.nn.functional.normalize(f, dim=1) @ w.T + b, atol=1e-4)
+    assert not torch.allclose(got, f @ w.T + b, atol=1e-3)
