@@ -270,6 +270,7 @@ def score(
     xt: np.ndarray,
     yt: np.ndarray,
     xt_flip: np.ndarray | None = None,
+    sklearn: tuple[str, ...] = ("sk_std", "sk_raw"),
 ) -> dict:
     import torch
     from sklearn.linear_model import LogisticRegressionCV
@@ -306,6 +307,8 @@ def score(
             out[name]["acc_flip_tta"] = round(float((pred == yt).mean()), 4)
     cv = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
     for name, steps in (("sk_std", [StandardScaler()]), ("sk_raw", [])):
+        if name not in sklearn:
+            continue
         clf = make_pipeline(*steps, LogisticRegressionCV(Cs=10, cv=cv, max_iter=5000))
         with threadpool_limits(1):
             clf.fit(x, y)
@@ -333,11 +336,16 @@ VARIANTS = (
 CLI_RUNS = ROOT / "build" / "bench" / "fe_cli"
 
 
-def cli_acc(row: str, which: str) -> float | None:
-    """test/acc of the real ``tl train`` on the row's cached features (build/bench/fe_cli.sh):
-    ``new`` with the defaults, ``old`` with ``head.norm=none strategy.head_scale=dim``."""
-    f = CLI_RUNS / f"{row}_{which}" / "metrics.json"
-    return json.loads(f.read_text())["test/acc"] if f.exists() else None
+def cli_acc(row: str, which: str, drow: dict) -> float | None:
+    """test/acc of the real ``tl train`` with the defaults ``before`` issue 24's head change or
+    ``now``: bench_defaults' own run of the row (its metrics say which head it fitted), else the
+    run on the row's cached features by build/bench/fe_cli.sh (today's defaults)."""
+    train = drow.get("train") or {}
+    norm = ((train.get("defaults") or {}).get("head_fit") or {}).get("norm")
+    if train and (norm == "l2") == (which == "now"):
+        return train.get("test/acc")
+    f = CLI_RUNS / f"{row}_new" / "metrics.json"
+    return json.loads(f.read_text())["test/acc"] if which == "now" and f.exists() else None
 
 
 def table(res: dict, defaults: Path, rows: list[str]) -> str:
@@ -366,14 +374,15 @@ def table(res: dict, defaults: Path, rows: list[str]) -> str:
         d = drows.get(name, {})
         vals = {
             "probe": r["sk_std"]["acc"],
-            "tl train before": cli_acc(name, "old"),
-            "tl train now": cli_acc(name, "new"),
+            "tl train before": cli_acc(name, "before", d),
+            "tl train now": cli_acc(name, "now", d),
             "cache_views=4": (
                 ((d.get("fe_variant_seeds") or {}).get("cache_views=4") or {}).get("0") or {}
             ).get("test/acc"),
         }
         for h, key, tta in VARIANTS:
-            vals[h] = r[key].get("acc_flip_tta") if tta else r[key]["acc"]
+            v = r.get(key) or {}
+            vals[h] = v.get("acc_flip_tta") if tta else v.get("acc")
         for h in heads[1:]:
             cols[h].append(None if vals[h] is None else vals[h] - vals["probe"])
         out.append([name, *("-" if vals[h] is None else f"{vals[h]:.3f}" for h in heads[1:])])
@@ -415,6 +424,12 @@ def main() -> None:
     ap.add_argument("--pairs", default="coil1>coil2,coil2>coil1")
     ap.add_argument("--rows", default="")
     ap.add_argument("--tta", action="store_true", help="also score flip test-time augmentation")
+    ap.add_argument(
+        "--reuse-probe",
+        action="store_true",
+        help="rows: take the StandardScaler probe from bench_defaults' results (the same fit on "
+        "the same features) and skip the raw-feature one (saves minutes on large rows)",
+    )
     ap.add_argument(
         "--oracle-c",
         action="store_true",
@@ -460,9 +475,16 @@ def main() -> None:
         save_json(res_file, res)
     for row in filter(None, args.rows.split(",")):
         tag = row if Path(args.defaults_out).name == "defaults" else f"{row} ({args.defaults_out})"
+        probe = None
+        if args.reuse_probe:  # bench_defaults' probe: the same pipeline on the same features
+            dres = Path(args.defaults_out) / "results.json"
+            probe = json.loads(dres.read_text())["rows"][row]["probe"]
         res.setdefault("rows", {})[tag] = score(
-            *row_features(row, args.tta, Path(args.defaults_out))
+            *row_features(row, args.tta, Path(args.defaults_out)),
+            sklearn=("sk_std", "sk_raw") if probe is None else (),
         )
+        if probe is not None:
+            res["rows"][tag]["sk_std"] = {"acc": round(probe["test/acc"], 4), "C": probe["C"]}
         res["rows"][tag]["load"] = os.getloadavg()[0]
         print(tag, json.dumps(res["rows"][tag]), flush=True)
         save_json(res_file, res)
