@@ -195,8 +195,5 @@ def check_train_config(cfg: Any) -> None:
     check_trainer(plain(cfg.trainer) or {})  # what Lightning itself checks (devices, precision)
     OPTIMIZERS.build(plain(cfg.optimizer))
     STRATEGIES.build(plain(cfg.strategy))
-    head = plain(cfg.head)
-    if isinstance(head, dict) and head.get("norm") == "auto":
-        head = {**head, "norm": "none"}  # the task resolves auto (TransferTask.build_head)
-    HEADS.build(head, in_features=8, num_classes=2)
+    HEADS.build(plain(cfg.head), in_features=8, num_classes=2)
     DATASETS.build(plain(cfg.dataset))  # the constructor checks every value; nothing is scanned

@@ -17,8 +17,9 @@ def _check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
-#: ``head.norm``: what the head does to the features before its first layer
-FEATURE_NORMS = ("none", "l2")
+#: ``head.norm``: what the head does to the features before its first layer (``auto``: the task
+#: decides, ``TransferTask.build_head``; a head built without a task reads them as they are)
+FEATURE_NORMS = ("none", "l2", "auto")
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +29,8 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def _check_norm(norm: str) -> str:
     if norm not in FEATURE_NORMS:
-        raise ValueError(f"head.norm={norm!r} must be {' or '.join(FEATURE_NORMS)}")
-    return norm
+        raise ValueError(f"head.norm={norm!r} must be none, l2 or auto")
+    return "none" if norm == "auto" else norm
 
 
 @HEADS.register("linear")
@@ -38,8 +39,9 @@ class LinearHead(nn.Sequential):
     feature vector is first scaled to unit length.
 
     ``norm``: ``none`` (the layer reads the backbone's features as they are; what a checkpoint
-    without the option means) or ``l2`` (tl's default for feature extraction on images: issue
-    24, docs/benchmarks.md). The normalisation is in the head's ``forward``, so ``tl train``'s
+    without the option means), ``l2`` (tl's default for feature extraction on images: issue
+    24, docs/benchmarks.md) or ``auto`` (configs/head/linear.yaml: the task resolves it before
+    building the head and stores the answer; a head built on its own takes ``none``). The normalisation is in the head's ``forward``, so ``tl train``'s
     cached features, ``tl eval``, ``tl predict``, the adaptation methods and ``tl export`` (ONNX,
     TorchScript) all apply it; it has no weights, so the state dict is the same either way.
     """
