@@ -271,6 +271,7 @@ def score(
     yt: np.ndarray,
     xt_flip: np.ndarray | None = None,
     sklearn: tuple[str, ...] = ("sk_std", "sk_raw"),
+    variants: tuple[str, ...] = ("tl_dim", "tl_global", "tl_l2_dim", "tl_l2_global"),
 ) -> dict:
     import torch
     from sklearn.linear_model import LogisticRegressionCV
@@ -292,6 +293,8 @@ def score(
         ("tl_l2_dim", "dim", l2),  # each image's feature vector L2-normalised first
         ("tl_l2_global", "global", l2),
     ):
+        if name not in variants:
+            continue
         xa, xb = (x, xt) if f is None else (f(x), f(xt))
         fit = fit_probe(xa, y, k, scale=scale)
         pred = (torch.as_tensor(xb) @ fit.weight.T + fit.bias).argmax(1).numpy()
@@ -431,6 +434,11 @@ def main() -> None:
         "the same features) and skip the raw-feature one (saves minutes on large rows)",
     )
     ap.add_argument(
+        "--tl-variants",
+        default="tl_dim,tl_global,tl_l2_dim,tl_l2_global",
+        help="rows: which of tl's heads to fit (each a 5-fold CV over the C grid)",
+    )
+    ap.add_argument(
         "--oracle-c",
         action="store_true",
         help="pairs: also score the target at every C of the grid (a bound: it needs its labels)",
@@ -482,6 +490,7 @@ def main() -> None:
         res.setdefault("rows", {})[tag] = score(
             *row_features(row, args.tta, Path(args.defaults_out)),
             sklearn=("sk_std", "sk_raw") if probe is None else (),
+            variants=tuple(args.tl_variants.split(",")),
         )
         if probe is not None:
             res["rows"][tag]["sk_std"] = {"acc": round(probe["test/acc"], 4), "C": probe["C"]}
