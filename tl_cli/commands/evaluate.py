@@ -21,6 +21,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise TLError("checkpoint is required: tl eval checkpoint=RUN/checkpoints/best.ckpt")
     gates = tl_gates.parse(cfg)  # fail_under.* / fail_over.*: a bad value fails before any work
     module, ckpt = load_module(cfg.checkpoint)
+    module.set_tta(cfg.get("tta", "none"))  # before any data is read: a bad value fails first
     meta = ckpt["tl"]
     dm, new_root = dataset_for(meta, cfg, cfg.checkpoint)
     module.check_classes(dm.class_names, f"dataset {getattr(dm, 'root', dm.name)}")

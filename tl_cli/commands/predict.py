@@ -65,6 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     inputs = required_key(cfg, "inputs", usage)
     batch_size = _positive_int(cfg, "batch_size", 32)
     module, ckpt = load_module(ckpt_path)
+    module.set_tta(cfg.get("tta", "none"))  # tta=flip: the mean over each image and its mirror
     meta = ckpt["tl"]
     predictor = module.predictor(modality_of(meta), meta["preprocessing"], cfg)
     items = predictor.find(inputs)

@@ -116,6 +116,7 @@ def evaluate_module(
         "split": split,
         "task": module.task_name,
         "class_names": list(module.class_names),
+        "tta": getattr(module, "tta", "none"),
         **ev.metrics,
         "num_samples": ev.num_samples,
     }

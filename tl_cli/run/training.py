@@ -578,7 +578,10 @@ def describe_defaults(d: dict[str, Any]) -> str:
     """One line for the summary."""
     h = d["head_fit"]
     head = (
-        f"head L-BFGS (C={h['C']:.3g}, {h['folds']}-fold CV)"
+        f"head L-BFGS (C={h['C']:.3g}, {h['folds']}-fold CV"
+        + (", L2-normalised features" if h.get("norm") == "l2" else "")
+        + (", one global feature scale" if h.get("scale") == "global" else "")
+        + ")"
         if h.get("method") == "lbfgs"
         else h.get("summary", "head SGD")
     )

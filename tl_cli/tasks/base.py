@@ -50,7 +50,7 @@ from tl_cli.transfer.heads import HEADS
 from tl_cli.transfer.optimizers import OPTIMIZERS
 from tl_cli.transfer.policy import TransferPolicy
 from tl_cli.transfer.schedulers import PlateauState, shape_fn, warmup_steps
-from tl_cli.transfer.strategies import STRATEGIES, TransferStrategy
+from tl_cli.transfer.strategies import AUTO, STRATEGIES, TransferStrategy
 
 
 class TaskRegistry(Registry):
@@ -283,10 +283,23 @@ class TransferTask(pl.LightningModule):
 
     def build_head(self, head: dict[str, Any]) -> torch.nn.Module:
         """The new head from its config (``HEADS``); a task whose head reads more than pooled
-        features (detection: the backbone's multi-scale maps) builds its own."""
+        features (detection: the backbone's multi-scale maps) builds its own.
+
+        ``head.norm=auto`` becomes :meth:`auto_head_norm`'s answer, and the answer is what the
+        checkpoint stores (a checkpoint never re-decides how its head reads features)."""
+        head = dict(head)
+        if head.get("norm") == AUTO:
+            head["norm"] = self.auto_head_norm()
+            self.hparams["head"] = {**dict(self.hparams["head"]), "norm": head["norm"]}
         return HEADS.build(
             head, in_features=self.backbone.num_features, num_classes=self.num_outputs
         )
+
+    def auto_head_norm(self) -> str:
+        """What ``head.norm=auto`` comes to for this task: ``none`` (features as they are)
+        unless a task measured better (``ClassificationTask``: ``l2`` for feature extraction on
+        images)."""
+        return "none"
 
     def build_extra(self) -> None:
         """Add objective-specific submodules (they train from epoch 0 unless in ``frozen``)."""
@@ -417,18 +430,31 @@ class TransferTask(pl.LightningModule):
             )
             return
         feats, labels = self.train_features()
-        self.fit_linear(linear, feats, labels)
+        self.fit_linear(linear, self.head_input(feats), labels)
+
+    def head_input(self, feats: Any) -> np.ndarray:
+        """Backbone features as the head's layers read them: L2-normalised when the head has
+        ``norm=l2`` (``LinearHead.prepare``), else as they are. The L-BFGS fit fits the head's
+        last layer on these, so the fitted head is exactly what ``forward`` runs."""
+        prepare = getattr(self.head, "prepare", None)
+        x = np.asarray(feats, dtype=np.float32)
+        if prepare is None:
+            return x
+        with torch.no_grad():
+            return prepare(torch.from_numpy(x)).numpy()
 
     def fit_linear(self, linear: torch.nn.Linear, feats: Any, labels: Any) -> None:
         """Set ``linear`` to the L-BFGS probe on ``feats`` (L2 chosen by CV; class weights when
-        ``dataset.balance`` asks), and record how it was chosen for the summary."""
+        ``dataset.balance`` asks; features scaled by ``strategy.head_scale``), and record how it
+        was chosen for the summary."""
         from tl_cli.core.console import say
         from tl_cli.transfer.probe import class_weights, fit_probe
 
         cw = None
         if getattr(self, "balance", None) in ("weights", "sampler"):
             cw = class_weights(labels, self.num_outputs)
-        fit = fit_probe(feats, labels, self.num_outputs, class_weight=cw)
+        scale = getattr(self.strategy, "head_scale", "dim")
+        fit = fit_probe(feats, labels, self.num_outputs, class_weight=cw, scale=scale)
         with torch.no_grad():
             linear.weight.copy_(fit.weight.to(linear.weight))
             linear.bias.copy_(fit.bias.to(linear.bias))
@@ -440,6 +466,8 @@ class TransferTask(pl.LightningModule):
             "cv_acc": fit.cv_acc,
             "train_acc": fit.train_acc,
             "seconds": round(fit.seconds, 2),
+            "scale": scale,
+            "norm": getattr(self.head, "norm", "none"),
         }
         say(f"[bold]head[/] fitted by L-BFGS to convergence: {fit.describe()}")
 
@@ -616,6 +644,24 @@ class TransferTask(pl.LightningModule):
 
     def predictor(self, modality: Any, prep: dict[str, Any], cfg: Any) -> Predictor:
         return self.predictor_class(self, modality, prep, cfg)
+
+    # ------------------------------------------------------------------ test-time augmentation
+    #: ``tta=`` of ``tl eval`` / ``tl predict`` (:meth:`set_tta`); never saved in a checkpoint
+    tta: str = "none"
+    #: what ``tta=`` may name for this task (``none``: the inputs as they are)
+    tta_modes: tuple[str, ...] = ("none",)
+
+    def set_tta(self, mode: Any) -> None:
+        """Test-time augmentation for ``tl eval`` and ``tl predict`` (``tta=none|flip``); a task
+        or modality that cannot average its outputs over views refuses in one line."""
+        mode = str(mode)
+        if mode not in self.tta_modes:
+            allowed = " or ".join(self.tta_modes)
+            raise TLError(
+                f"tta={mode}: a {self.task_name} model on "
+                f"{getattr(self.backbone, 'modality', 'image')} inputs takes tta={allowed}"
+            )
+        self.tta = mode
 
     def export_spec(self, modality: Any, prep: dict[str, Any]) -> ExportSpec:
         """The network ``tl export`` writes, its outputs and the task's sidecar entries."""

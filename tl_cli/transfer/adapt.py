@@ -514,10 +514,11 @@ class SelfTraining(Adapter):
                 prob = module.head(torch.as_tensor(tf, device=linear.weight.device)).softmax(1)
             conf, pseudo = (t.cpu().numpy() for t in prob.max(1))
             keep = conf >= self.threshold
-            fit = fit_probe(
-                np.concatenate([feats, tf[keep]]),
+            fit = fit_probe(  # on what the head's last layer reads (head.norm), scaled as the task
+                module.head_input(np.concatenate([feats, tf[keep]])),
                 np.concatenate([labels, pseudo[keep]]),
                 module.num_outputs,
+                scale=getattr(module.strategy, "head_scale", "dim"),
             )
             with torch.no_grad():
                 linear.weight.copy_(fit.weight.to(linear.weight))

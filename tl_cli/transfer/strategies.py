@@ -17,6 +17,8 @@ from typing import Any
 from tl_cli.core.registry import Registry
 
 NEVER = None  # unfreeze epoch of a group that never trains
+#: ``strategy.head_scale``: how ``tl_cli.transfer.probe.fit_probe`` scales features for the fit
+HEAD_SCALES = ("dim", "global")
 #: ``strategy.backbone_lr_mult=auto`` / ``head_lr_mult=auto``: the values measured for the task
 #: and modality (``TransferTask.auto_lr_mults``)
 AUTO = "auto"
@@ -49,6 +51,9 @@ class TransferStrategy:
         head_fit: ``lbfgs``: before training, fit the head to convergence on frozen backbone
             features (``tl_cli.transfer.probe``: L-BFGS, L2 chosen by cross-validation); ``sgd``: the head
             starts at random and only the optimizer trains it.
+        head_scale: how the L-BFGS fit scales the features (``tl_cli.transfer.probe.fit_probe``):
+            ``dim`` (each feature standardised on the train split) or ``global`` (centred, one
+            scale for all). Only the fit sees it: the scaling is folded into the head's weights.
     """
 
     name = "base"
@@ -61,6 +66,7 @@ class TransferStrategy:
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "sgd",
+        head_scale: str = "dim",
     ) -> None:
         #: options given as ``auto``, resolved by :meth:`resolve_auto` (name -> resolved or None)
         self.auto: dict[str, float | None] = {}
@@ -75,6 +81,9 @@ class TransferStrategy:
             raise ValueError(f"strategy.bn={bn!r} must be frozen or train")
         if head_fit not in ("lbfgs", "sgd"):
             raise ValueError(f"strategy.head_fit={head_fit!r} must be lbfgs or sgd")
+        if head_scale not in HEAD_SCALES:
+            raise ValueError(f"strategy.head_scale={head_scale!r} must be dim or global")
+        self.head_scale = head_scale
         self.bn = bn
         self.head_fit = head_fit
         if l2sp_alpha < 0:
@@ -170,8 +179,14 @@ class FeatureExtraction(TransferStrategy):
         cache_views: int = 0,
         backbone_lr_mult: float = 0.1,
         head_fit: str = "lbfgs",
+        head_scale: str = "global",
     ) -> None:
-        super().__init__(backbone_lr_mult=backbone_lr_mult, train_bn=train_bn, head_fit=head_fit)
+        super().__init__(
+            backbone_lr_mult=backbone_lr_mult,
+            train_bn=train_bn,
+            head_fit=head_fit,
+            head_scale=head_scale,
+        )
         if cache_views < 0:
             raise ValueError(f"strategy.cache_views={cache_views} must be >= 0")
         self.cache_features = bool(cache_features)
@@ -197,9 +212,12 @@ class Finetune(TransferStrategy):
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "lbfgs",
+        head_scale: str = "dim",
         head_lr_mult: float | str | None = AUTO,
     ) -> None:
-        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        super().__init__(
+            backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit, head_scale
+        )
         if head_lr_mult == AUTO:
             self.auto["head_lr_mult"] = None
             head_lr_mult = None  # 1.0 until the task resolves it
@@ -230,8 +248,11 @@ class FreezeUnfreeze(TransferStrategy):
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "sgd",
+        head_scale: str = "dim",
     ) -> None:
-        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        super().__init__(
+            backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit, head_scale
+        )
         if unfreeze_at_epoch < 0:
             raise ValueError(f"strategy.unfreeze_at_epoch={unfreeze_at_epoch} must be >= 0")
         self.unfreeze_at_epoch = int(unfreeze_at_epoch)
@@ -261,8 +282,11 @@ class GradualUnfreeze(TransferStrategy):
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "sgd",
+        head_scale: str = "dim",
     ) -> None:
-        super().__init__(backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        super().__init__(
+            backbone_lr_mult, layer_decay, train_bn, l2sp_alpha, bn, head_fit, head_scale
+        )
         ms = [int(m) for m in milestones]
         if not ms or any(m < 0 for m in ms) or ms != sorted(ms):
             raise ValueError(
@@ -302,8 +326,9 @@ class LPFT(TransferStrategy):
         l2sp_alpha: float = 0.0,
         bn: str = "frozen",
         head_fit: str = "sgd",
+        head_scale: str = "dim",
     ) -> None:
-        super().__init__(1.0, layer_decay, train_bn, l2sp_alpha, bn, head_fit)
+        super().__init__(1.0, layer_decay, train_bn, l2sp_alpha, bn, head_fit, head_scale)
         if probe_epochs < 0 or ft_lr_mult <= 0:
             raise ValueError("strategy.probe_epochs must be >= 0 and strategy.ft_lr_mult > 0")
         self.probe_epochs = int(probe_epochs)

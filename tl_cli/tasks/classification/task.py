@@ -62,6 +62,9 @@ class ClassificationPredictor(Predictor):
         self.class_names = list(module.class_names)
         self.k = min(topk, len(self.class_names))
 
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.module.tta_forward(batch)  # tta=flip: averaged with the mirror images
+
     def nonfinite(self, outputs: torch.Tensor) -> int | None:
         finite = torch.isfinite(outputs.float()).all(dim=1).cpu()
         return None if bool(finite.all()) else int((~finite).nonzero()[0])
@@ -169,6 +172,23 @@ class ClassificationTask(TransferTask):
     #: best.ckpt: the highest val/acc, ties broken by the lower val/loss (see val_score)
     monitor = ("val/score", "max")
 
+    @property
+    def tta_modes(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``flip`` (the mean of an image's and its mirror image's logits) for image models."""
+        if getattr(self.backbone, "modality", "image") == "image":
+            return ("none", "flip")
+        return ("none",)
+
+    def tta_forward(self, x: Any) -> torch.Tensor:
+        """Logits with ``tta`` applied: ``flip`` averages the logits of the images and of their
+        left-right mirror images (for a linear head, the logits of the mean feature vector).
+        Off by default: a mirror image is another class where handedness matters (text, some
+        digits, left/right anatomy); measured in docs/benchmarks.md (issue 24)."""
+        out = self(x)
+        if self.tta == "flip":
+            out = (out + self(torch.flip(x, dims=[-1]))) / 2
+        return out
+
     # ------------------------------------------------------------------ tl eval / predict / export
     predictor_class = ClassificationPredictor
 
@@ -180,7 +200,7 @@ class ClassificationTask(TransferTask):
         outs, ys = [], []
         with progress(desc, total=len(loader)) as advance:
             for x, y in loader:
-                outs.append(self(move_data_to_device(x, device)).float().cpu())
+                outs.append(self.tta_forward(move_data_to_device(x, device)).float().cpu())
                 ys.append(torch.as_tensor(y))
                 advance()
         logits, y = torch.cat(outs), torch.cat(ys)
@@ -290,6 +310,24 @@ class ClassificationTask(TransferTask):
 
     def supports_head_fit(self) -> bool:
         return True
+
+    def auto_head_norm(self) -> str:
+        """``head.norm=auto``: ``l2`` for an image backbone under feature extraction with an
+        L-BFGS head (``tl train``'s defaults), else ``none``.
+
+        Measured on every row of scripts/bench_defaults.py (docs/benchmarks.md, "Issue 24:
+        feature extraction above the probe"): unit-length features let one L2 strength suit every
+        image, where a few images with long feature vectors otherwise dominate the fit. Not
+        measured for fine-tuning (the features move), text or audio, which keep ``none``.
+        """
+        strategy = dict(self.hparams.get("strategy") or {})
+        if (
+            getattr(self.backbone, "modality", "image") == "image"
+            and strategy.get("name") == "feature_extraction"
+            and strategy.get("head_fit", "lbfgs") == "lbfgs"
+        ):
+            return "l2"
+        return "none"
 
     def auto_lr_mults(self) -> tuple[float, float, str]:
         """An image backbone under an L-BFGS head fine-tunes at ``optimizer.lr x 0.01`` (the
