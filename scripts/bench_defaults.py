@@ -321,7 +321,12 @@ def _keep(r: dict) -> dict:
         "stages",
     )
     hist = [
-        {k: v for k, v in h.items() if k in ("epoch", "train/acc", "train/loss", "val/acc")}
+        {
+            k: v
+            for k, v in h.items()
+            if k
+            in ("epoch", "train/acc", "train/loss", "val/acc", "val/loss", "val/gained", "val/lost")
+        }
         for h in m.get("history", [])
     ]
     return {
