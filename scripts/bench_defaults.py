@@ -254,11 +254,13 @@ def main() -> None:
                     r = run(
                         args, "finetune", [*common, *sargs], out / "runs" / f"{name}_finetune{sfx}"
                     )
-                    row.setdefault("finetune_seeds", {})[seed] = _keep(r)
+                    kept = {**_keep(r), **eval_last(args, out / "runs" / f"{name}_finetune{sfx}")}
+                    row.setdefault("finetune_seeds", {})[seed] = kept
                     if seed == "0":
-                        row["finetune"] = _keep(r)
+                        row["finetune"] = kept
                     print(
                         f"    test/acc {r['metrics'].get('test/acc'):.3f} "
+                        f"(last epoch {kept['last_test/acc']:.3f}) "
                         f"{collapse_check(row['finetune_seeds'][seed])}",
                         flush=True,
                     )
@@ -306,6 +308,21 @@ def run(args: argparse.Namespace, command: str, overrides: list[str], run_dir: P
     return run_tl(command, overrides, run_dir)
 
 
+def eval_last(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The fine-tune's last epoch (last.ckpt) scored on the test split by ``tl eval``: what
+    fine-tuning reached, beside what best.ckpt kept (the head alone, or a fine-tuned epoch), so
+    the checkpoint rule can be judged on test as well as on val."""
+    out = run_dir.with_name(run_dir.name + "_eval_last")
+    done = out / "eval.json"
+    if args.reuse and done.exists():
+        m = json.loads(done.read_text())
+    else:
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        m = run_tl("eval", [f"checkpoint={ckpt}", "overwrite=true"], out, result="eval.json")
+        m = m["metrics"]
+    return {"last_test/acc": m["acc"], "last_test/split": m["split"]}
+
+
 def _keep(r: dict) -> dict:
     m = r["metrics"]
     keys = (
@@ -321,7 +338,12 @@ def _keep(r: dict) -> dict:
         "stages",
     )
     hist = [
-        {k: v for k, v in h.items() if k in ("epoch", "train/acc", "train/loss", "val/acc")}
+        {
+            k: v
+            for k, v in h.items()
+            if k
+            in ("epoch", "train/acc", "train/loss", "val/acc", "val/loss", "val/gained", "val/lost")
+        }
         for h in m.get("history", [])
     ]
     return {

@@ -318,6 +318,97 @@ def test_finetune_that_gets_worse_keeps_the_head_only_weights_in_best_ckpt(tmp_p
     assert m["test/acc"] >= 0.9  # tested from best.ckpt: the head-only model
 
 
+def test_beats_head_only_needs_more_than_one_standard_deviation_of_the_paired_difference():
+    from tl_cli.tasks.classification.task import beats_head_only
+
+    # (gained, lost): val items right only after fine-tuning, right only with the head alone
+    assert not beats_head_only(0, 0)  # a tie keeps the head alone
+    assert not beats_head_only(1, 0)  # one item: 1 > sqrt(1) fails
+    assert not beats_head_only(3, 2)  # a net gain of one item, however many disagree
+    assert beats_head_only(2, 0)  # 2 > sqrt(2)
+    assert not beats_head_only(3, 1)  # 2 > sqrt(4) fails: they disagree on more items
+    assert beats_head_only(3, 0) and beats_head_only(5, 1)
+    # the margin grows with the disagreement, not with the split's size
+    assert not beats_head_only(60, 50) and beats_head_only(60, 40)  # 10 < 10.5, 20 > 10
+
+
+def scripted_val(monkeypatch, script: dict[int, list[tuple[bool, float]]]) -> None:
+    """Replace what the classifier outputs on val during fit: epoch -> per val item (right?,
+    margin of its logit). Training, the head fit and the test split see the real network."""
+    from tl_cli.tasks.classification import ClassificationTask
+
+    real = ClassificationTask._eval_step
+    seen = {"epoch": -1, "i": 0}
+
+    def eval_step(self, batch, stage):
+        if not self.trainer.validating:  # sanity check, test: the real outputs
+            return real(self, batch, stage)
+        x, y = batch
+        if seen["epoch"] != self.current_epoch:
+            seen.update(epoch=self.current_epoch, i=0)
+        rows = script[self.current_epoch][seen["i"] : seen["i"] + len(y)]
+        seen["i"] += len(y)
+        out = torch.zeros(len(y), self.num_outputs)
+        for j, (right, margin) in enumerate(rows):
+            out[j, int(y[j]) if right else 1 - int(y[j])] = margin  # two classes
+        self.log(f"{stage}/loss", self.loss(out, y, stage), on_epoch=True)
+        self.update_metrics(out, y, stage)
+
+    monkeypatch.setattr(ClassificationTask, "_eval_step", eval_step)
+
+
+def finetune_scripted(tmp_path, monkeypatch, script):
+    root = make_set(tmp_path / "data", {"a": 16, "b": 16}, test_per_class=4)
+    scripted_val(monkeypatch, script)
+    return run_tiny(
+        root,
+        tmp_path / "run",
+        "strategy=finetune",
+        "scheduler=none",
+        "dataset.val_fraction=0.25",  # 8 val images
+        "trainer.max_epochs=2",
+    )
+
+
+def test_a_finetuned_epoch_one_val_item_better_does_not_replace_the_head_only_state(
+    tmp_path, monkeypatch
+):
+    """The miss of issue 24 (CIFAR 20/class seed 2): a fine-tuned epoch one val item better (and
+    more confident: a lower val/loss) than the head alone, worse on test. best.ckpt keeps the
+    head-only weights; under val/score alone the fine-tuned epoch would have won."""
+    from .test_resume import weights
+
+    head = [(True, 1.0)] * 5 + [(False, 1.0)] * 3  # 5 of 8
+    plus_one = [(True, 9.0)] * 6 + [(False, 0.1)] * 2  # 6 of 8, gained 1, lost 0
+    net_one = [(False, 9.0)] + [(True, 9.0)] * 6 + [(False, 0.1)]  # gained 2, lost 1
+    m = finetune_scripted(tmp_path, monkeypatch, {0: head, 1: plus_one, 2: net_one})
+    head_row, tuned = m["stages"]
+    assert head_row["val/acc"] == 0.625 and tuned["val/acc"] == 0.75, m["stages"]
+    assert tuned["val/score"] > head_row["val/score"]  # what picked best.ckpt before
+    assert (tuned["val/gained"], tuned["val/lost"]) in ((1, 0), (2, 1))
+    assert m["best_epoch"] == 1 and head_row["in_best_ckpt"] and not tuned["in_best_ckpt"]
+    assert m["val/acc"] == 0.625  # the reported val metrics are best.ckpt's
+    best = weights(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    last = weights(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert any(not torch.equal(best[k], last[k]) for k in best if k.startswith("backbone."))
+
+
+def test_a_finetuned_epoch_clearly_better_replaces_the_head_only_state(tmp_path, monkeypatch):
+    from .test_resume import weights
+
+    head = [(True, 1.0)] * 5 + [(False, 1.0)] * 3  # 5 of 8
+    plus_one = [(True, 1.0)] * 6 + [(False, 1.0)] * 2  # gained 1: not enough
+    plus_three = [(True, 1.0)] * 8  # gained 3, lost 0: 3 > sqrt(3)
+    m = finetune_scripted(tmp_path, monkeypatch, {0: head, 1: plus_one, 2: plus_three})
+    head_row, tuned = m["stages"]
+    assert (tuned["epoch"], tuned["val/gained"], tuned["val/lost"]) == (3, 3, 0), m["stages"]
+    assert m["best_epoch"] == 3 and tuned["in_best_ckpt"] and not head_row["in_best_ckpt"]
+    assert m["history"][1]["val/select"] < head_row["val/select"] < m["history"][2]["val/select"]
+    best = weights(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    last = weights(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(best[k], last[k]) for k in best)  # epoch 3 is the last one
+
+
 def test_head_only_epoch_takes_no_step_and_the_schedule_starts_after_it(tiny_cfg):
     from .test_strategies import Spy
 

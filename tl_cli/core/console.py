@@ -189,12 +189,17 @@ def stage_table(rows: list[dict[str, Any]]) -> None:
     t.add_column("epoch", justify="right")
     for c in cols:
         t.add_column(c, justify="right")
+    paired = any("val/gained" in r for r in rows)
+    if paired:  # classification: val items gained / lost against the head alone
+        t.add_column("val items vs head only", justify="right")
     t.add_column("best.ckpt")
     for r in rows:
+        vs = [f"+{r['val/gained']:.0f} / -{r['val/lost']:.0f}" if "val/gained" in r else ""]
         t.add_row(
             r["stage"],
             str(r["epoch"]),
             *(fmt(r[c], c) if c in r else "-" for c in cols),
+            *(vs if paired else []),
             "yes" if r.get("in_best_ckpt") else "",
         )
     show(t)

@@ -616,7 +616,7 @@ def collect_metrics(
             "no validation epoch ran (check trainer.max_epochs and trainer.limit_val_batches)"
         )
     # ModelCheckpoint keeps the first epoch that reached the maximum of `monitor` (val/score:
-    # val/acc, ties broken by the lower val/loss); match it.
+    # val/acc, ties broken by the lower val/loss; val/select after a head-only epoch); match it.
     sign = 1.0 if mode == "max" else -1.0
     best = max(rows, key=lambda r: (sign * r[monitor], -r["epoch"]))
     return {
@@ -645,7 +645,9 @@ def stage_rows(
     """``head only`` (the L-BFGS head before fine-tuning) and ``fine-tuned`` (the best epoch after
     it), as fastai's ``fine_tune`` shows its frozen epoch; empty when there is no head-only epoch.
 
-    Each row: its best epoch (1-based), its train and val metrics, and whether best.ckpt holds it.
+    Each row: its best epoch (1-based) by the run's monitor, its train and val metrics (for a
+    classifier, val/gained and val/lost: val items right where the head alone was wrong and the
+    reverse, which decide whether a fine-tuned epoch may replace it), and whether best.ckpt holds it.
     """
     if not head_only_epochs:
         return []

@@ -152,6 +152,26 @@ def write_csv(path: Path, rows: list[dict[str, Any]], k: int, first: str = "path
             w.writerow([*cells, r["error"] or ""])
 
 
+class SelectMonitor:
+    """A classifier's ``monitor``: ``("val/score", "max")`` (the highest val/acc, ties broken by
+    the lower val/loss: `val_score`), or ``("val/select", "max")`` on a module whose run starts
+    with a head-only epoch: a fine-tuned epoch must then beat the head alone by more than the
+    noise (`beats_head_only`). Read on the class, the default; a value set on a module (domain
+    adaptation: ``val/epoch``) wins."""
+
+    default = ("val/score", "max")
+
+    def __get__(self, obj: Any, owner: type | None = None) -> tuple[str, str]:
+        if obj is None:
+            return self.default
+        if "_monitor" in obj.__dict__:
+            return obj.__dict__["_monitor"]
+        return ("val/select", "max") if obj.selects_against_head_only() else self.default
+
+    def __set__(self, obj: Any, value: tuple[str, str]) -> None:
+        obj.__dict__["_monitor"] = tuple(value)
+
+
 @TASKS.register("classification")
 class ClassificationTask(TransferTask):
     """Single-label classification: cross-entropy (label smoothing in training), accuracy, macro-F1."""
@@ -168,9 +188,17 @@ class ClassificationTask(TransferTask):
         # val: [correct, summed loss, images] for val/score; predicted-class counts per stage
         self._val_sums = torch.zeros(3, dtype=torch.float64)
         self.pred_counts: dict[str, torch.Tensor] = {}
+        # val items right (in loader order, this rank's) this epoch, and in the head-only epoch
+        self._val_right: list[torch.Tensor] = []
+        self._head_only_right: torch.Tensor | None = None
 
-    #: best.ckpt: the highest val/acc, ties broken by the lower val/loss (see val_score)
-    monitor = ("val/score", "max")
+    #: what picks best.ckpt (`SelectMonitor`): val/score, or val/select after a head-only epoch
+    monitor = SelectMonitor()
+
+    def selects_against_head_only(self) -> bool:
+        """A head-only epoch (an L-BFGS head before fine-tuning) is the reference best.ckpt
+        compares the fine-tuned epochs with."""
+        return bool(self.policy.head_only_epochs) and not self.skip_head_fit
 
     @property
     def tta_modes(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -375,12 +403,14 @@ class ClassificationTask(TransferTask):
             self._val_sums += torch.tensor(
                 [float((pred == y).sum()), float(loss), float(len(y))], dtype=torch.float64
             )
+            self._val_right.append((pred == y).cpu())
         if stage == "test":
             self.test_f1(out, y)
             self.log("test/macro_f1", self.test_f1, on_epoch=True)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64)
+        self._val_right = []
         self.pred_counts["val"] = torch.zeros(self.num_outputs, dtype=torch.long)
 
     def on_test_epoch_start(self) -> None:
@@ -395,8 +425,72 @@ class ClassificationTask(TransferTask):
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         correct, loss_sum, n = (float(v) for v in sums)
         if n > 0:
-            self.log("val/score", val_score(correct / n, loss_sum / n, int(n)))
+            score = val_score(correct / n, loss_sum / n, int(n))
+            self.log("val/score", score)
             self.log("val/pred_classes", float((counts > 0).sum()))
+            if self.selects_against_head_only():
+                self.log("val/select", self._select_score(score))
+
+    def _select_score(self, score: float) -> float:
+        """``val/select``: val/score for the head-only epoch and for a fine-tuned epoch that
+        beats it (`beats_head_only`), val/score - 2 for one that does not: below every epoch
+        that counts (val/score is in (-1, 1]), in the same order among themselves.
+
+        Both are scored on the same val items, in the loader's fixed order (each rank its own
+        shard, the same every epoch), so the comparison is paired: ``gained`` items the epoch gets
+        right that the head alone got wrong, ``lost`` the reverse (logged as val/gained and
+        val/lost). Without a head-only reference (a run resumed from a checkpoint written before
+        it was kept) the epoch is judged by val/score alone, as before.
+        """
+        right = torch.cat(self._val_right) if self._val_right else torch.zeros(0, dtype=torch.bool)
+        if self.policy.head_only(self.current_epoch):
+            if not self.trainer.sanity_checking:
+                self._head_only_right = right.clone()
+            return score
+        ref = self._head_only_right
+        if ref is None or ref.shape != right.shape:
+            return score
+        counts = torch.tensor(
+            [float((right & ~ref).sum()), float((~right & ref).sum())],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        gained, lost = (int(v) for v in counts)
+        self.log("val/gained", float(gained))
+        self.log("val/lost", float(lost))
+        return score if beats_head_only(gained, lost) else score - 2.0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._head_only_right is not None:  # a resumed fine-tune still compares with it
+            checkpoint["tl_head_only_val"] = self._head_only_right.clone()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        ref = checkpoint.get("tl_head_only_val")
+        if isinstance(ref, torch.Tensor) and ref.dtype == torch.bool and ref.dim() == 1:
+            self._head_only_right = ref.clone()
+
+
+def beats_head_only(gained: int, lost: int) -> bool:
+    """Does a fine-tuned epoch beat the head-only state on val by more than the noise?
+
+    Both are scored on the same val items: ``gained`` items the fine-tuned epoch gets right
+    that the head alone got wrong, ``lost`` the reverse. If the two were equally good, each of
+    the ``gained + lost`` items they disagree on would go either way with even odds (McNemar's
+    sign test), so ``gained - lost`` has a standard deviation of ``sqrt(gained + lost)``. The
+    fine-tuned epoch must beat the head alone by more than that one standard deviation: the
+    one-standard-error rule (Breiman et al. 1984; Hastie, Tibshirani and Friedman, *Elements of
+    Statistical Learning*, 7.10) with the head-only state as the simpler model, the one to keep
+    unless the evidence is clear. Picking the best of many fine-tuned epochs on the same val
+    items inflates the winner's score (the winner's curse), and on a small val split one item
+    is 5-12 points. So a tie or a one-item gain is never enough (1 > sqrt(1) fails), two
+    items are enough when nothing was lost (2 > sqrt(2)), and on a large split the margin
+    grows with how many items the two disagree on, not with the split's size.
+    """
+    return gained - lost > math.sqrt(gained + lost)
 
 
 def val_score(acc: float, loss: float, n: int) -> float:
