@@ -41,9 +41,10 @@ class LinearHead(nn.Sequential):
     ``norm``: ``none`` (the layer reads the backbone's features as they are; what a checkpoint
     without the option means), ``l2`` (tl's default for feature extraction on images: issue
     24, docs/benchmarks.md) or ``auto`` (configs/head/linear.yaml: the task resolves it before
-    building the head and stores the answer; a head built on its own takes ``none``). The normalisation is in the head's ``forward``, so ``tl train``'s
-    cached features, ``tl eval``, ``tl predict``, the adaptation methods and ``tl export`` (ONNX,
-    TorchScript) all apply it; it has no weights, so the state dict is the same either way.
+    building the head and stores the answer; a head built on its own takes ``none``). The
+    normalisation is in the head's ``forward``, so ``tl train``'s cached features, ``tl eval``,
+    ``tl predict``, the adaptation methods and ``tl export`` (ONNX, TorchScript) all apply it; it
+    has no weights, so the state dict is the same either way.
     """
 
     def __init__(
