@@ -15,6 +15,7 @@ from tl_cli.commands import train
 from tl_cli.run import training
 from tl_cli.run.callbacks import History
 from tl_cli.run.tuning import falling_slope
+from tl_cli.tasks.base import TransferTask
 from tl_cli.tasks.classification import val_score
 
 from .conftest import TINY, compose_cfg
@@ -190,6 +191,53 @@ def test_resume_keeps_the_lbfgs_head_and_takes_no_steps(tiny_cfg, tmp_path):
     a = weights(tmp_path / "part/checkpoints/last.ckpt")
     b = weights(tmp_path / "resumed/checkpoints/last.ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("head"))
+
+
+def test_a_finetune_resumed_after_its_head_only_epoch_refits_the_fine_tuning_head(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """Interrupted after the head-only epoch, last.ckpt holds tl train's head (head.norm=l2); the
+    resumed run switches to the raw-feature head before its first fine-tuning epoch, as an
+    uninterrupted one does (features from the pretrained backbone, which has not moved yet), and
+    a run resumed after that epoch keeps its trained head as it is."""
+    from omegaconf import open_dict
+
+    from .test_resume import StopAfter, weights
+
+    def cfg(out, ckpt=None):
+        c = tiny_cfg("strategy=finetune", "trainer.max_epochs=2", f"output_dir={out}")
+        if ckpt:
+            with open_dict(c):
+                c.ckpt_path = str(ckpt)
+        return c
+
+    def norm(ckpt):
+        return torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["head"][
+            "norm"
+        ]
+
+    train.run(cfg(tmp_path / "part"), callbacks=[StopAfter(1)])
+    assert norm(tmp_path / "part/checkpoints/last.ckpt") == "l2"
+    whole = train.run(cfg(tmp_path / "whole"))
+    resumed = train.run(cfg(tmp_path / "resumed", tmp_path / "part/checkpoints/last.ckpt"))
+    for m, run in ((whole, "whole"), (resumed, "resumed")):
+        assert m["defaults"]["head_fit"]["finetune_start"]["norm"] == "none", run
+        assert norm(tmp_path / run / "checkpoints/last.ckpt") == "none"
+    a = whole["defaults"]["head_fit"]["finetune_start"]
+    b = resumed["defaults"]["head_fit"]["finetune_start"]
+    assert a["C"] == b["C"] and a["train_acc"] == b["train_acc"]  # the same refit
+    train.run(cfg(tmp_path / "part2"), callbacks=[StopAfter(2)])  # one fine-tuning epoch done
+
+    def refit(self):
+        raise AssertionError("refitted a head that fine-tuning already trained")
+
+    monkeypatch.setattr(TransferTask, "refit_head_for_finetuning", refit)
+    done = train.run(cfg(tmp_path / "done", tmp_path / "part2/checkpoints/last.ckpt"))
+    assert done["epochs"] == 3 and norm(tmp_path / "done/checkpoints/last.ckpt") == "none"
+    assert not all(
+        torch.equal(v, weights(tmp_path / "part2/checkpoints/last.ckpt")[k])
+        for k, v in weights(tmp_path / "done/checkpoints/last.ckpt").items()
+    )  # it trained on
 
 
 # --------------------------------------------------------------------------- trainer.max_epochs=auto

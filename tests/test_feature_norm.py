@@ -83,11 +83,58 @@ def test_train_defaults_l2_head_and_global_scale_keep_a_flat_feature_from_domina
     assert accs["default"] >= 0.9 and accs["old"] < accs["default"] - 0.2, accs
 
 
-def test_norm_auto_is_none_where_it_was_not_measured():
-    """Fine-tuning keeps plain features (head.norm=auto resolves to none) and per-feature scaling."""
+def test_finetune_resolves_auto_to_the_l2_head_then_a_raw_feature_start():
+    """head.norm=auto under fine-tuning: the head-only epoch reads L2-normalised features (tl
+    train's head), fine-tuning starts from raw features scaled per dimension; an explicit norm
+    keeps one head throughout."""
     task = task_from_config("strategy=finetune")
-    assert task.head.norm == "none" and task.hparams["head"]["norm"] == "none"
-    assert task.strategy.head_scale == "dim"
+    assert task.head.norm == "l2" and task.hparams["head"]["norm"] == "l2"
+    assert task.finetune_norm == "none" and task.strategy.head_scale == "dim"
+    for norm in ("none", "l2"):
+        fixed = task_from_config("strategy=finetune", f"head.norm={norm}")
+        assert fixed.head.norm == norm and fixed.finetune_norm is None
+    assert task_from_config().finetune_norm is None  # feature extraction: nothing to switch to
+    sgd = task_from_config("strategy=finetune", "strategy.head_fit=sgd")
+    assert sgd.head.norm == "none" and sgd.finetune_norm is None
+
+
+def test_finetune_keeps_the_l2_head_as_its_head_only_candidate_and_refits_for_fine_tuning(
+    tmp_path, tiny_data
+):
+    """End to end: the head-only epoch is scored with tl train's head (l2, one global scale), the
+    first fine-tuning epoch starts from a head fitted again on raw features (none, dim). Each
+    checkpoint stores the norm its weights were fitted with: best.ckpt (the head-only state:
+    fine-tuning at LR 0.3 destroys the network) says l2, last.ckpt none; the run's test split,
+    scored from best.ckpt, gives what the reloaded best.ckpt gives (the norm was restored)."""
+    from tl_cli.commands import train
+
+    out = tmp_path / "run"
+    cfg = compose_cfg(
+        [
+            *TINY,
+            f"dataset.root={tiny_data}",
+            "strategy=finetune",
+            "strategy.backbone_lr_mult=1.0",
+            "optimizer.lr=0.3",
+            "scheduler=none",
+            "trainer.max_epochs=1",
+        ]
+    )
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    m = train.run(cfg)
+    fit = m["defaults"]["head_fit"]
+    assert (fit["norm"], fit["scale"]) == ("l2", "global"), fit
+    assert (fit["finetune_start"]["norm"], fit["finetune_start"]["scale"]) == ("none", "dim")
+    best = torch.load(out / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(out / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert m["best_epoch"] == 1  # the head-only state
+    assert best["hyper_parameters"]["head"]["norm"] == "l2"
+    assert last["hyper_parameters"]["head"]["norm"] == "none"
+    res = evaluate.run(cfg_for("eval", out / "checkpoints/best.ckpt", tmp_path / "e", "split=test"))
+    assert res["acc"] == pytest.approx(m["test/acc"]) and res["loss"] == pytest.approx(
+        m["test/loss"], rel=1e-4
+    )
 
 
 def test_bad_norm_and_scale_are_one_line_errors(tmp_path, tiny_data):

@@ -585,6 +585,12 @@ def describe_defaults(d: dict[str, Any]) -> str:
         if h.get("method") == "lbfgs"
         else h.get("summary", "head SGD")
     )
+    start = h.get("finetune_start")
+    if isinstance(start, dict) and start.get("method") == "lbfgs":
+        head += (
+            f", fine-tuning from a head fitted again on the features as they are "
+            f"(C={start['C']:.3g}, {'one global scale' if start.get('scale') == 'global' else 'per-feature scale'})"
+        )
     steps = (
         "0 optimizer steps (head at its optimum, backbone frozen)"
         if not d["optimizer_steps"]

@@ -244,8 +244,12 @@ class TransferTask(pl.LightningModule):
         extra = getattr(self.backbone, "stored_options", None)
         if extra:
             self.hparams["backbone"] = {**dict(self.hparams["backbone"]), **extra}
-        self.head = self.build_head(head)
         self.strategy: TransferStrategy = STRATEGIES.build(strategy)
+        #: ``head.norm`` fine-tuning starts from when it is not the head-only epoch's (None: one
+        #: head throughout; :meth:`auto_finetune_norm`)
+        self.finetune_norm: str | None = None
+        self._head_fit_data: tuple[Any, Any] | None = None
+        self.head = self.build_head(head)
         self.make_optimizer = OPTIMIZERS.build(optimizer)  # bad options fail here, before any work
         self.preprocessing = self.backbone.effective_preprocessing(preprocessing_overrides or {})
         self.label_smoothing = float(label_smoothing)
@@ -290,6 +294,7 @@ class TransferTask(pl.LightningModule):
         head = dict(head)
         if head.get("norm") == AUTO:
             head["norm"] = self.auto_head_norm()
+            self.finetune_norm = self.auto_finetune_norm(head["norm"])
             self.hparams["head"] = {**dict(self.hparams["head"]), "norm": head["norm"]}
         return HEADS.build(
             head, in_features=self.backbone.num_features, num_classes=self.num_outputs
@@ -300,6 +305,14 @@ class TransferTask(pl.LightningModule):
         unless a task measured better (``ClassificationTask``: ``l2`` for feature extraction on
         images)."""
         return "none"
+
+    def auto_finetune_norm(self, norm: str) -> str | None:
+        """``head.norm=auto`` when the backbone trains after an L-BFGS head: the ``head.norm``
+        fine-tuning starts from, if it is not ``norm`` (the head-only epoch's, a ``best.ckpt``
+        candidate), else None. At the first fine-tuning epoch the head is fitted again by L-BFGS,
+        on the same train features, with that norm and ``strategy.head_scale``
+        (:meth:`refit_head_for_finetuning`). None here: one head throughout."""
+        return None
 
     def build_extra(self) -> None:
         """Add objective-specific submodules (they train from epoch 0 unless in ``frozen``)."""
@@ -382,6 +395,13 @@ class TransferTask(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.policy.apply(self.current_epoch)
+        if (
+            self.finetune_norm is not None
+            and not self.skip_head_fit
+            and not self.policy.head_only(self.current_epoch)
+            and getattr(self.head, "norm", None) != self.finetune_norm
+        ):
+            self.refit_head_for_finetuning()
 
     def on_fit_start(self) -> None:
         self.policy.on_fit_start(self.trainer.world_size)
@@ -430,7 +450,47 @@ class TransferTask(pl.LightningModule):
             )
             return
         feats, labels = self.train_features()
+        if self.finetune_norm is not None:
+            # the head-only epoch scores tl train's head (one global scale); fine-tuning starts
+            # from another fitted on the same features (refit_head_for_finetuning)
+            self._head_fit_data = (feats, labels)
+            self.fit_linear(linear, self.head_input(feats), labels, scale="global")
+            return
         self.fit_linear(linear, self.head_input(feats), labels)
+
+    def refit_head_for_finetuning(self) -> None:
+        """Before the first fine-tuning epoch: switch the head to :attr:`finetune_norm` and fit it
+        again by L-BFGS on the pretrained backbone's train features (``strategy.head_scale``).
+
+        The head-only epoch's head (``head.norm=l2``, one global scale: ``tl train``'s, the best
+        head on frozen features) stays the ``best.ckpt`` candidate; fine-tuning from it degraded
+        test accuracy (CIFAR 20/class at 96 px: .60-.65 after fine-tuning against .68-.70 before),
+        while from the per-dimension head on raw features it never fell below its start
+        (docs/benchmarks.md "Fine-tuning against the new feature-extraction head"). Checkpoints
+        store the norm their weights were fitted with (the saved hyper-parameters are read at
+        every save), and loading one restores it (:meth:`on_load_checkpoint`).
+        """
+        from tl_cli.core.console import say
+
+        linear = list(self.head)[-1] if isinstance(self.head, torch.nn.Sequential) else self.head
+        data, self._head_fit_data = self._head_fit_data, None
+        feats, labels = data if data is not None else self.train_features()  # resumed run
+        before = dict(self.head_fit_info or {})
+        self.set_head_norm(str(self.finetune_norm))
+        self.fit_linear(linear, self.head_input(feats), labels)
+        after, self.head_fit_info = self.head_fit_info, before
+        self.head_fit_info["finetune_start"] = after
+        say(
+            "[bold]head[/] for fine-tuning: fitted again on the features as they are "
+            f"(head.norm={self.finetune_norm}, strategy.head_scale="
+            f"{getattr(self.strategy, 'head_scale', 'dim')}); the head-only epoch's head stays "
+            "the best.ckpt candidate"
+        )
+
+    def set_head_norm(self, norm: str) -> None:
+        """Make the head read features with ``norm`` and the saved hyper-parameters say so."""
+        self.head.norm = norm
+        self.hparams["head"] = {**dict(self.hparams["head"]), "norm": norm}
 
     def head_input(self, feats: Any) -> np.ndarray:
         """Backbone features as the head's layers read them: L2-normalised when the head has
@@ -443,17 +503,19 @@ class TransferTask(pl.LightningModule):
         with torch.no_grad():
             return prepare(torch.from_numpy(x)).numpy()
 
-    def fit_linear(self, linear: torch.nn.Linear, feats: Any, labels: Any) -> None:
+    def fit_linear(
+        self, linear: torch.nn.Linear, feats: Any, labels: Any, scale: str | None = None
+    ) -> None:
         """Set ``linear`` to the L-BFGS probe on ``feats`` (L2 chosen by CV; class weights when
-        ``dataset.balance`` asks; features scaled by ``strategy.head_scale``), and record how it
-        was chosen for the summary."""
+        ``dataset.balance`` asks; features scaled by ``scale``, default ``strategy.head_scale``),
+        and record how it was chosen for the summary."""
         from tl_cli.core.console import say
         from tl_cli.transfer.probe import class_weights, fit_probe
 
         cw = None
         if getattr(self, "balance", None) in ("weights", "sampler"):
             cw = class_weights(labels, self.num_outputs)
-        scale = getattr(self.strategy, "head_scale", "dim")
+        scale = scale or getattr(self.strategy, "head_scale", "dim")
         fit = fit_probe(feats, labels, self.num_outputs, class_weight=cw, scale=scale)
         with torch.no_grad():
             linear.weight.copy_(fit.weight.to(linear.weight))
@@ -691,6 +753,12 @@ class TransferTask(pl.LightningModule):
         if isinstance(info, dict):
             self.head_fit_info = dict(info)
             self.head_converged = not self.policy.backbone_ever_trains
+        # the norm the stored head was fitted with: a fine-tune's best.ckpt may hold the head-only
+        # epoch's head (l2) while this module already switched (refit_head_for_finetuning)
+        stored = (checkpoint.get("hyper_parameters") or {}).get("head") or {}
+        norm = stored.get("norm") if hasattr(stored, "get") else None
+        if norm in ("none", "l2") and getattr(self.head, "norm", norm) != norm:
+            self.set_head_norm(norm)
 
     @property
     def task_name(self) -> str:

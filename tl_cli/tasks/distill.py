@@ -210,6 +210,8 @@ class Student:
                 return name
         return type(self).__name__  # pragma: no cover
 
+    head_only_as_feature_extraction = False  # one head throughout (not measured for students)
+
     def auto_lr_mults(self) -> tuple[float, float, str]:
         """A student keeps the fine-tuning LRs its benchmarks were measured with (backbone
         ``x 0.1``, head ``x 1.0``; docs/distillation.md): it learns the teacher's soft targets
