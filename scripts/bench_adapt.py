@@ -251,7 +251,7 @@ def speaker_probes(src: str, tgt: str) -> list[dict]:
 
 def reference(suite: str, src: str, tgt: str, seeds: list[int], extra: list[str]) -> list[dict]:
     """The in-domain ceiling: the L-BFGS probe on the target's own labels, 5-fold CV on the
-    target's cached features (the same backbone and preprocessing as the adaptation runs)."""
+    target's cached features (the same backbone, preprocessing and head as the `none` runs)."""
     import numpy as np
     import pytorch_lightning as pl
     import torch
@@ -268,6 +268,10 @@ def reference(suite: str, src: str, tgt: str, seeds: list[int], extra: list[str]
     data.setup("fit")
     x = np.asarray(data.splits["target"][0].feats, dtype=np.float32)
     y = np.asarray([lab for _, lab in dm.splits["target"]])
+    # the head `tl train` fits for this modality: its feature normalisation (head.norm, e.g. l2
+    # for images since issue 24) and strategy.head_scale, so the ceiling uses the baseline's head
+    xh = module.head_input(x)
+    scale = getattr(module.strategy, "head_scale", "dim")
     rows = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -278,8 +282,8 @@ def reference(suite: str, src: str, tgt: str, seeds: list[int], extra: list[str]
         correct = 0
         for k in range(5):
             tr, te = fold != k, fold == k
-            fit = fit_probe(x[tr], y[tr], dm.num_classes)
-            logits = torch.as_tensor(x[te]) @ fit.weight.T.float() + fit.bias.float()
+            fit = fit_probe(xh[tr], y[tr], dm.num_classes, scale=scale)
+            logits = torch.as_tensor(xh[te]) @ fit.weight.T.float() + fit.bias.float()
             correct += int((logits.argmax(1).numpy() == y[te]).sum())
         rows.append(
             {
