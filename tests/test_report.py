@@ -214,3 +214,33 @@ def test_a_smoothed_run_records_the_comparable_train_loss(trained):
     md = (run_dir / "report.md").read_text()
     assert "`train/ce`, the plain cross-entropy, is the one comparable with `val/loss`" in md
     assert "- images: train" in md
+
+
+def test_lr_finder_of_an_image_finetune_trains_the_head_fine_tuning_starts_from(
+    tiny_cfg, monkeypatch
+):
+    """tl finetune on images scores tl train's L2 head in its head-only epoch and fine-tunes from
+    a raw-feature head: the LR range test trains the latter (head.norm=none), and the run still
+    fits the L2 head first (the finder leaves the head as it was)."""
+    from pytorch_lightning.tuner import Tuner
+
+    seen = []
+    real = Tuner.lr_find
+
+    def spy(self, model, *args, **kwargs):
+        seen.append(model.head.norm)
+        return real(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Tuner, "lr_find", spy)
+    m = train.run(
+        tiny_cfg(
+            "strategy=finetune",
+            "dataset.batch_size=4",
+            "trainer.max_epochs=1",
+            "tune_lr=true",
+            "lr_finder.num_training=20",
+        )
+    )
+    assert seen == ["none"]
+    assert m["defaults"]["head_fit"]["norm"] == "l2"
+    assert m["defaults"]["head_fit"]["finetune_start"]["norm"] == "none"

@@ -150,10 +150,17 @@ def run_finder(
     if bar is not None and not interactive():
         pl_lr_finder.tqdm = functools.partial(bar, disable=True)
     module.skip_head_fit = True  # the finder's throwaway fit must not pay for a head fit
+    # the finder trains the head fine-tuning trains (tl finetune on images: the raw-feature head,
+    # not the head-only epoch's L2 head; TransferTask.refit_head_for_finetuning)
+    norm = getattr(module.head, "norm", None)
+    if getattr(module, "finetune_norm", None) is not None:
+        module.head.norm = module.finetune_norm
     try:
         finder = Tuner(trainer).lr_find(module, datamodule=data, update_attr=False, **opts)
     finally:
         module.skip_head_fit = False
+        if norm is not None:
+            module.head.norm = norm
         if bar is not None:
             pl_lr_finder.tqdm = bar
     try:
