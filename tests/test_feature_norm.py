@@ -99,7 +99,7 @@ def test_finetune_resolves_auto_to_the_l2_head_then_a_raw_feature_start():
 
 
 def test_finetune_keeps_the_l2_head_as_its_head_only_candidate_and_refits_for_fine_tuning(
-    tmp_path, tiny_data
+    tmp_path, tiny_cfg
 ):
     """End to end: the head-only epoch is scored with tl train's head (l2, one global scale), the
     first fine-tuning epoch starts from a head fitted again on raw features (none, dim). Each
@@ -109,19 +109,14 @@ def test_finetune_keeps_the_l2_head_as_its_head_only_candidate_and_refits_for_fi
     from tl_cli.commands import train
 
     out = tmp_path / "run"
-    cfg = compose_cfg(
-        [
-            *TINY,
-            f"dataset.root={tiny_data}",
-            "strategy=finetune",
-            "strategy.backbone_lr_mult=1.0",
-            "optimizer.lr=0.3",
-            "scheduler=none",
-            "trainer.max_epochs=1",
-        ]
+    cfg = tiny_cfg(
+        "strategy=finetune",
+        "strategy.backbone_lr_mult=1.0",
+        "optimizer.lr=0.3",
+        "scheduler=none",
+        "trainer.max_epochs=1",
+        f"output_dir={out}",
     )
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
     m = train.run(cfg)
     fit = m["defaults"]["head_fit"]
     assert (fit["norm"], fit["scale"]) == ("l2", "global"), fit
