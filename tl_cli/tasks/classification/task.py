@@ -366,7 +366,7 @@ class ClassificationTask(TransferTask):
     def auto_finetune_norm(self, norm: str) -> str | None:
         """Fine-tuning starts from a head fitted on raw features, scaled per dimension
         (``head.norm=none``, ``strategy.head_scale=dim``), when the head-only epoch's is the L2
-        head: from the L2 head, fine-tuning lost 4-8 points of test accuracy on CIFAR 20/class at
+        head: from the L2 head, fine-tuning lost 5-9 points of test accuracy on CIFAR 20/class at
         96 px, from the raw-feature head it never fell below its start (12 runs, 3 seeds;
         docs/benchmarks.md "Fine-tuning against the new feature-extraction head")."""
         if norm == "l2" and self.strategy.backbone_ever_trains:
