@@ -438,7 +438,7 @@ class TransferTask(pl.LightningModule):
             return self.strategy.fit_head(self)
         from tl_cli.core.console import say
 
-        layers = list(self.head) if isinstance(self.head, torch.nn.Sequential) else [self.head]
+        layers = self._head_layers()
         linear = layers[-1]
         plain_linear = isinstance(linear, torch.nn.Linear) and all(
             isinstance(m, torch.nn.Dropout | torch.nn.Identity) for m in layers[:-1]
@@ -450,13 +450,17 @@ class TransferTask(pl.LightningModule):
             )
             return
         feats, labels = self.train_features()
+        scale = None  # strategy.head_scale
         if self.finetune_norm is not None:
             # the head-only epoch scores tl train's head (one global scale); fine-tuning starts
             # from another fitted on the same features (refit_head_for_finetuning)
             self._head_fit_data = (feats, labels)
-            self.fit_linear(linear, self.head_input(feats), labels, scale="global")
-            return
-        self.fit_linear(linear, self.head_input(feats), labels)
+            scale = "global"
+        self.fit_linear(linear, self.head_input(feats), labels, scale=scale)
+
+    def _head_layers(self) -> list[torch.nn.Module]:
+        """The head's layers in order (a one-layer head: itself); the last is what L-BFGS fits."""
+        return list(self.head) if isinstance(self.head, torch.nn.Sequential) else [self.head]
 
     def refit_head_for_finetuning(self) -> None:
         """Before the first fine-tuning epoch: switch the head to :attr:`finetune_norm` and fit it
@@ -472,7 +476,7 @@ class TransferTask(pl.LightningModule):
         """
         from tl_cli.core.console import say
 
-        linear = list(self.head)[-1] if isinstance(self.head, torch.nn.Sequential) else self.head
+        linear = self._head_layers()[-1]
         data, self._head_fit_data = self._head_fit_data, None
         feats, labels = data if data is not None else self.train_features()  # resumed run
         before = dict(self.head_fit_info or {})
